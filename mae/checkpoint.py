@@ -1,0 +1,96 @@
+"""Crash-safe checkpoints in ``RUN_DIR/checkpoints/step_<N>/``.
+
+A checkpoint is Accelerate's state (model, optimizer, RNG streams of every process) plus
+``loop_state.json``. It is written to a ``tmp-step_<N>`` folder and renamed into place only
+when complete, so a crash mid-save never leaves a folder that looks complete; leftovers are
+removed at the next start. The newest ``keep`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+LOOP_STATE = "loop_state.json"
+_COMPLETE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _COMPLETE.match(p.name)) and (p / LOOP_STATE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_partial(output_dir: str | Path) -> None:
+    """Delete folders left by a save that never finished (main process only)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.glob("tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, loop_state: dict[str, Any], keep: int) -> Path:
+    """Collective: every process must call it. Returns the completed checkpoint folder."""
+    root = checkpoint_root(output_dir)
+    final, tmp = root / f"step_{step}", root / f"tmp-step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the commit point
+        _fsync_dir(root)
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore Accelerate state from ``path``; returns its loop state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / LOOP_STATE).read_text())

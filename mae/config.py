@@ -1,0 +1,294 @@
+"""Typed run configuration: dataclass schema + YAML recipes + dotted command-line overrides.
+
+A recipe file holds only what differs from the defaults below; ``key=value`` arguments
+override it (values are parsed as YAML, so ``train.max_steps=30`` is an int and
+``data.crop_scale=[0.3,1.0]`` a list). Unknown keys, wrong types and invalid values raise
+``ConfigError`` naming the key and what is allowed, before any work starts. The resolved
+config is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so that the message alone says how to fix it."""
+
+
+# Architecture presets: name -> (patch, embed dim, depth, heads, decoder dim, decoder depth, decoder heads).
+# The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale) images.
+PRESETS: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "vit_base_patch16": (16, 768, 12, 12, 512, 8, 16),
+    "vit_large_patch16": (16, 1024, 24, 16, 512, 8, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16, 512, 8, 16),
+    "vit_small_patch4": (4, 384, 12, 6, 256, 4, 8),
+    "vit_tiny_patch4": (4, 192, 12, 3, 128, 2, 4),
+}
+PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["mae"] = "mae"  # model family in the registry (mae.models.MODELS)
+    preset: str = "vit_tiny_patch4"  # fills the architecture keys below that are left unset
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "sample"  # Hugging Face hub id | local folder (image folder or parquet shards) | sample
+    split: str = "train"
+    image_column: str | None = None  # default: the dataset's first Image feature
+    label_column: str | None = None  # default: the dataset's first ClassLabel feature
+    image_size: int = 32
+    channels: int = 3
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None  # default: ImageNet statistics for 3 channels, 0.5 otherwise
+    std: tuple[float, ...] | None = None
+    num_workers: int = 2  # DataLoader worker processes per training process
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int | None = None  # stop after this many optimizer steps; overrides epochs
+    batch_size: int = 128  # per process, per micro-batch
+    accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
+    blr: float = 1.5e-4  # base lr; lr = blr * effective batch / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None  # max global grad norm; None disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10  # optimizer steps between metric lines
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    recon_every: int = 500  # optimizer steps between reconstruction grids (one is always written at the end)
+    recon_images: int = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/mae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    return resolve(_build(Config, raw, ""))
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill preset and data-dependent defaults, then validate. Idempotent."""
+    model = cfg.model
+    if model.name == "mae":  # the only family so far; others bring their own keys
+        if model.preset not in PRESETS:
+            raise ConfigError(f"model.preset={model.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[model.preset]) if getattr(model, k) is None}
+        model = dataclasses.replace(model, **filled)
+    data = cfg.data
+    if data.mean is None or data.std is None:
+        imagenet = data.channels == 3
+        data = dataclasses.replace(
+            data,
+            mean=data.mean or ((0.485, 0.456, 0.406) if imagenet else (0.5,) * data.channels),
+            std=data.std or ((0.229, 0.224, 0.225) if imagenet else (0.5,) * data.channels),
+        )
+    cfg = dataclasses.replace(cfg, model=model, data=data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    checks = [
+        (0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "a fraction strictly between 0 and 1"),
+        (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
+        (d.image_size > 0, "data.image_size", d.image_size, "a positive integer"),
+        (d.channels > 0, "data.channels", d.channels, "a positive integer"),
+        (0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale", d.crop_scale, "[lo, hi] with 0 < lo <= hi <= 1"),
+        (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
+        (len(d.std) == d.channels and min(d.std) > 0, "data.std", d.std, f"{d.channels} positive values"),
+        (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
+        (t.epochs > 0, "train.epochs", t.epochs, "a positive integer"),
+        (t.max_steps is None or t.max_steps > 0, "train.max_steps", t.max_steps, "a positive integer or null"),
+        (t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer"),
+        (t.accum_steps > 0, "train.accum_steps", t.accum_steps, "a positive integer"),
+        (t.blr > 0, "train.blr", t.blr, "a positive number"),
+        (0 <= t.min_lr, "train.min_lr", t.min_lr, "0 or more"),
+        (t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "0 or more"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
+        (all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)"),
+        (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "a positive number or null"),
+        (t.log_every > 0, "train.log_every", t.log_every, "a positive integer"),
+        (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
+        (t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
+        (t.recon_every > 0, "train.recon_every", t.recon_every, "a positive integer"),
+        (t.recon_images > 0, "train.recon_images", t.recon_images, "a positive integer"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    if m.name == "mae":
+        for key in PRESET_KEYS:
+            if getattr(m, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer")
+        if d.image_size % m.patch_size:
+            raise ConfigError(
+                f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
+                f"choose an image size that is a multiple of {m.patch_size}"
+            )
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if getattr(m, dim) % getattr(m, heads):
+                raise ConfigError(
+                    f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
+                )
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed once from the config, the data size and the process count."""
+
+    num_processes: int
+    dataset_size: int
+    effective_batch: int  # images per optimizer step: batch_size x accum_steps x processes
+    lr: float  # blr x effective_batch / 256
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
+    t = cfg.train
+    effective = t.batch_size * t.accum_steps * num_processes
+    per_epoch = dataset_size // effective
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the dataset has {dataset_size} images, fewer than one optimizer step needs ({effective} = "
+            "train.batch_size x train.accum_steps x processes); lower train.batch_size or train.accum_steps"
+        )
+    total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+    warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
+    return Derived(num_processes, dataset_size, effective, t.blr * effective / 256, per_epoch, total, warmup)
+
+
+# ---------------------------------------------------------------------------------------------- typing
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} has the wrong type; expected {_name(kind)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is invalid; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list ({_name(kind)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must have {len(args)} values ({_name(kind)})")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind)
+    if ok is None:
+        raise TypeError(f"unsupported config type {kind} for {key}")
+    if not ok:
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_name(kind)}")
+    return float(value) if kind is float else value
+
+
+def _name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Inverse of ``to_dict`` for a resolved config (e.g. a run directory's config.yaml)."""
+    return resolve(_build(Config, raw, ""))

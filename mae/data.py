@@ -1,0 +1,181 @@
+"""Datasets -> transforms -> DataLoader. Knows nothing about models.
+
+``data.dataset`` is one of: ``sample`` (the class-balanced CIFAR-10 subset shipped in the
+package), a local directory (an image folder with class subfolders, or parquet shards laid
+out like a hub dataset repo; both read by ``datasets``), or a Hugging Face hub id.
+
+Augmentation is a pure function of (seed, epoch, index): each sample's crop and flip are
+drawn from its own seeded RNG, so data order and augmentations are identical whatever the
+number of workers or processes, and a resumed run sees exactly what an uninterrupted one
+would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from mae.config import DataConfig
+
+SAMPLE_DIR = Path(__file__).parent / "assets" / "cifar10_sample"
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured; the message says what to change."""
+
+
+def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
+    """Load one split of ``cfg.dataset`` as a map-style ``datasets.Dataset``."""
+    split = split or cfg.split
+    source = cfg.dataset
+    try:
+        if source == "sample":
+            files = {s: str(SAMPLE_DIR / f"{s}-*.parquet") for s in ("train", "test")}
+            dsd = datasets.load_dataset("parquet", data_files=files)
+        elif Path(source).is_dir():
+            dsd = datasets.load_dataset(str(Path(source).resolve()))
+        elif Path(source).exists():
+            raise DataError(f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'")
+        else:
+            dsd = datasets.load_dataset(source)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean the same thing to a user
+        raise DataError(
+            f"data.dataset={source!r} could not be loaded ({type(e).__name__}: {e}); "
+            "give a hub id, a local image folder / parquet directory, or 'sample'"
+        ) from e
+    if split not in dsd:
+        raise DataError(f"data.split={split!r} does not exist in {source!r}; available splits: {sorted(dsd)}")
+    ds = dsd[split]
+    if len(ds) == 0:
+        raise DataError(f"split {split!r} of {source!r} is empty; point data.dataset at data with images")
+    return ds
+
+
+def find_column(ds: datasets.Dataset, feature_type: type, named: str | None, key: str) -> str | None:
+    """The column named in the config (checked), else the first one of ``feature_type``, else None."""
+    if named is not None:
+        if named not in ds.column_names:
+            raise DataError(f"{key}={named!r} is not a column of the dataset; columns: {ds.column_names}")
+        return named
+    return next((name for name, f in ds.features.items() if isinstance(f, feature_type)), None)
+
+
+def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
+    col = find_column(ds, datasets.Image, cfg.image_column, "data.image_column")
+    if col is None:
+        raise DataError(
+            f"the dataset has no Image feature (columns: {ds.column_names}); name the image column "
+            "with data.image_column=NAME"
+        )
+    return col
+
+
+def label_column(ds: datasets.Dataset, cfg: DataConfig) -> str | None:
+    return find_column(ds, datasets.ClassLabel, cfg.label_column, "data.label_column")
+
+
+def pretrain_transform(cfg: DataConfig) -> v2.Compose:
+    """The paper's: RandomResizedCrop(scale, bicubic), horizontal flip, normalisation."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip() if cfg.hflip else v2.Identity(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def eval_transform(cfg: DataConfig) -> v2.Compose:
+    """Deterministic: resize the short side, centre crop, normalise."""
+    return v2.Compose(
+        [
+            v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(cfg.image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """Images (and labels when the dataset has them) with a per-sample seeded transform.
+
+    Indices are ``(epoch, i)`` pairs (see ``EpochSampler``) or plain ints (epoch 0).
+    Items are ``(image (C, H, W) float, label int or -1)``.
+    """
+
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, transform: v2.Compose, seed: int = 0) -> None:
+        self.image_col = image_column(ds, cfg)
+        self.label_col = label_column(ds, cfg)
+        self.ds = ds.select_columns([c for c in (self.image_col, self.label_col) if c is not None])
+        self.mode = _MODES.get(cfg.channels)
+        if self.mode is None:
+            raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(_MODES)}")
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = index if isinstance(index, tuple) else (0, index)
+        row = self.ds[i]
+        image: Image.Image = row[self.image_col]
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            x = self.transform(image)
+        label = row[self.label_col] if self.label_col is not None else -1
+        return x, label
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch permutation, yielding ``(epoch, index)`` and cut to ``num_samples``.
+
+    ``num_samples`` is a whole number of global optimizer steps, so every process sees the same
+    number of full micro-batches and gradient accumulation never ends on a partial step.
+    Accelerate splits the resulting batches across processes.
+    """
+
+    def __init__(self, length: int, num_samples: int, seed: int) -> None:
+        self.length, self.num_samples, self.seed, self.epoch = length, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g)[: self.num_samples].tolist()
+        return iter((self.epoch, i) for i in order)
+
+
+def pretrain_loader(ds: ImageDataset, sampler: EpochSampler, cfg: DataConfig, batch_size: int) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        # the loader's own generator, so creating an iterator never draws from the global RNG
+        # (which drives masking and must continue identically after a resume)
+        generator=torch.Generator().manual_seed(0),
+    )

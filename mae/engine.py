@@ -1,0 +1,230 @@
+"""The Accelerate training loop: step, log, checkpoint, resume, export.
+
+The engine never knows which autoencoder it trains: it calls ``model(images) -> AEOutput`` and
+back-propagates ``loss``. One optimizer step consumes ``train.accum_steps`` micro-batches on
+every process (Accelerate averages gradients across processes and accumulates locally).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from mae import checkpoint as ckpt
+from mae.config import Config, ConfigError, Derived, derive, from_dict, to_dict
+from mae.data import EpochSampler, ImageDataset, eval_transform, load_split, pretrain_loader, pretrain_transform
+from mae.export import export_encoder
+from mae.models import Autoencoder, build_model
+from mae.visualize import save_recon_grid
+
+# Keys that may change between a run and its resumption (they do not change what is learned
+# up to the resume point).
+RESUMABLE_KEYS = {
+    "output_dir",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.recon_every",
+    "train.recon_images",
+    "data.num_workers",
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume a run whose saved config differs in anything that shapes training."""
+    saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds a run with a different config ({'; '.join(diff)}); "
+            "use another output_dir, or the run's own config.yaml to resume it"
+        )
+
+
+def _optimizer(model: Autoencoder, cfg: Config, derived: Derived) -> torch.optim.Optimizer:
+    # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay,
+    # and skips frozen parameters (the fixed position embeddings).
+    t = cfg.train
+    return create_optimizer_v2(model, opt="adamw", lr=derived.lr, weight_decay=t.weight_decay, betas=t.betas)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config, derived: Derived) -> CosineLRScheduler:
+    """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=derived.total_steps - derived.warmup_steps,
+        lr_min=cfg.train.min_lr,
+        warmup_t=derived.warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params: int) -> None:
+    t = cfg.train
+    accelerator.print(
+        f"model {cfg.model.name} ({cfg.model.preset}): {params / 1e6:.2f}M trainable parameters\n"
+        f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, {derived.steps_per_epoch} steps/epoch\n"
+        f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
+        f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
+        f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
+        f"{derived.warmup_steps} warmup; mixed precision {t.mixed_precision}; device {accelerator.device}"
+    )
+
+
+def train(cfg: Config) -> Path:
+    """Pretrain (or resume) the run in ``cfg.output_dir``; returns the export directory."""
+    run_dir = Path(cfg.output_dir)
+    t = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.accum_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+    )
+    resume_from = ckpt.latest_checkpoint(run_dir)
+    if resume_from is not None:
+        check_resumable(run_dir, cfg)
+    set_seed(t.seed, device_specific=True)  # masking noise differs per process; data order does not
+
+    split = load_split(cfg.data)
+    dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), seed=t.seed)
+    derived = derive(cfg, len(dataset), accelerator.num_processes)
+    sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
+    loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
+
+    model = build_model(cfg)
+    optimizer = _optimizer(model, cfg, derived)
+    scheduler = _scheduler(optimizer, cfg, derived)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _print_setup(accelerator, cfg, derived, params)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(derived), indent=1))
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(to_dict(cfg)).items()}
+    accelerator.init_trackers("pretrain", config=hparams)
+
+    step = 0
+    if resume_from is not None:
+        step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    # fixed images for reconstruction grids: the first ones of the split, deterministic transform
+    recon_set = ImageDataset(split, cfg.data, eval_transform(cfg.data))
+    recon_images = torch.stack([recon_set[i][0] for i in range(min(t.recon_images, len(recon_set)))])
+
+    loss_sum = torch.zeros((), device=accelerator.device)
+    term_sums: dict[str, torch.Tensor] = {}
+    loss_count, tic, last_logged = 0, time.perf_counter(), step
+    bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
+    metrics_file = run_dir / "metrics.jsonl"
+
+    while step < derived.total_steps:
+        epoch, within = divmod(step, derived.steps_per_epoch)
+        sampler.set_epoch(epoch)
+        batches = loader
+        if within:  # resume mid-epoch: skip the micro-batches already consumed
+            batches = accelerator.skip_first_batches(loader, within * t.accum_steps)
+        for images, _ in batches:
+            with accelerator.accumulate(model):
+                out = model(images)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    scheduler.step_update(step)  # lr for the step being taken
+                    if t.clip_grad is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += out.loss.detach()
+            for k, v in out.terms.items():
+                term_sums[k] = term_sums.get(k, 0) + v.float()
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            done = step >= derived.total_steps
+            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
+                loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+                if not math.isfinite(loss):
+                    last = ckpt.latest_checkpoint(run_dir)
+                    raise NonFiniteLossError(
+                        f"loss became {loss} by step {step}; stopped without saving. Last good checkpoint: "
+                        f"{last or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
+                    )
+                elapsed = time.perf_counter() - tic
+                record = {
+                    "step": step,
+                    "epoch": step / derived.steps_per_epoch,
+                    "loss": loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": (step - last_logged) * derived.effective_batch / elapsed,
+                    **{f"terms/{k}": accelerator.reduce(v, reduction="mean").item() / loss_count for k, v in term_sums.items()},
+                }
+                accelerator.log(record, step=step)
+                if accelerator.is_main_process:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+                loss_sum.zero_()
+                term_sums.clear()
+                loss_count, tic, last_logged = 0, time.perf_counter(), step
+            if step % t.recon_every == 0 or done:
+                _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
+            if step % t.checkpoint_every == 0 or done:
+                ckpt.save_checkpoint(accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints)
+            if done:
+                break
+    bar.close()
+    export_dir = run_dir / "export"
+    if accelerator.is_main_process:
+        export_encoder(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, export_dir)
+        accelerator.print(f"exported encoder to {export_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export_dir
+
+
+def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, cfg: Config, path: Path) -> None:
+    """Write a reconstruction grid (main process), leaving every RNG stream untouched."""
+    if not accelerator.is_main_process:
+        return
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
+        torch.manual_seed(cfg.train.seed)  # the same masks in every grid of the run
+        images = images.to(accelerator.device)
+        save_recon_grid(path, images, net(images), cfg.data.mean, cfg.data.std)
+    net.train(was_training)

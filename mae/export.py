@@ -1,0 +1,92 @@
+"""Encoder export in timm's own format: ``model.safetensors`` + ``config.json``.
+
+``timm.create_model("local-dir:EXPORT_DIR", pretrained=True)`` builds the matching
+``VisionTransformer`` and loads the weights strictly. The export is written to a temporary
+folder and swapped in only when complete, so a failure never destroys an earlier export.
+
+Command line: ``python -m mae.export RUN_DIR [--checkpoint PATH] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+from mae.config import Config, from_dict
+
+
+def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    """Write ``model.encoder`` (a timm model) with the run's preprocessing into ``out_dir``."""
+    encoder = model.encoder
+    if not hasattr(encoder, "pretrained_cfg"):
+        raise TypeError(f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    d = cfg.data
+    save_for_hf(
+        encoder,
+        str(tmp),
+        safe_serialization=True,
+        model_config={"pretrained_cfg": {"tag": f"mae_{cfg.model.preset}", "license": None}},
+        data_config={
+            "input_size": (d.channels, d.image_size, d.image_size),
+            "mean": tuple(d.mean),
+            "std": tuple(d.std),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+        },
+    )
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Config]:
+    """Rebuild a run's model from its ``config.yaml`` and load a checkpoint's weights strictly."""
+    from mae import checkpoint as ckpt
+    from mae.models import build_model
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a run directory written by pretrain.py")
+    cfg = from_dict(yaml.safe_load(config_file.read_text()))
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint; train it first or pass --checkpoint")
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mae.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory written by pretrain.py")
+    parser.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
+    parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+    args = parser.parse_args(argv)
+    try:
+        model, cfg = load_run_model(args.run_dir, args.checkpoint)
+        out = export_encoder(model, cfg, args.out or Path(args.run_dir) / "export")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported encoder to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Model registry: every family registers a builder taking the resolved config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mae.config import Config
+from mae.models.base import AEOutput, Autoencoder
+from mae.models.mae import MaskedAutoencoder
+
+
+def _build_mae(cfg: Config) -> MaskedAutoencoder:
+    m = cfg.model
+    return MaskedAutoencoder(
+        image_size=cfg.data.image_size,
+        channels=cfg.data.channels,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        decoder_embed_dim=m.decoder_embed_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads,
+        mlp_ratio=m.mlp_ratio,
+        mask_ratio=m.mask_ratio,
+        norm_pix_loss=m.norm_pix_loss,
+    )
+
+
+MODELS: dict[str, Callable[[Config], Autoencoder]] = {"mae": _build_mae}
+
+
+def build_model(cfg: Config) -> Autoencoder:
+    return MODELS[cfg.model.name](cfg)
+
+
+__all__ = ["AEOutput", "Autoencoder", "MaskedAutoencoder", "MODELS", "build_model"]

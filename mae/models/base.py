@@ -1,0 +1,42 @@
+"""The one interface every autoencoder of the project implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AEOutput:
+    """What ``forward`` returns.
+
+    loss: the scalar the engine back-propagates. terms: detached named parts for logging.
+    recon: (B, C, H, W) reconstruction in the input's (normalised) space, or None (e.g. in
+    training mode, where nothing reads it). mask: (B, 1, H, W), 1 where the input was hidden
+    from the encoder, for models that hide parts of it; else None.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    recon: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class Autoencoder(nn.Module, abc.ABC):
+    """``forward(images) -> AEOutput``; ``encode(images) -> (B, feature_dim)``; ``encoder`` submodule.
+
+    ``encode`` is deterministic (no masking, noise or sampling). ``encoder`` is the part that is
+    exported and fine-tuned.
+    """
+
+    encoder: nn.Module
+    feature_dim: int
+
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor) -> AEOutput: ...
+
+    @abc.abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...

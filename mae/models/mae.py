@@ -1,0 +1,166 @@
+"""Masked autoencoder (He et al., 2022) on timm Vision Transformer blocks.
+
+Follows the official implementation step by step (``forward_encoder``, ``forward_decoder``,
+``forward_loss``): fixed 2-D sin-cos position embeddings added before masking, a cls token,
+the encoder seeing only visible patches, a narrow decoder with a shared mask token and its own
+position embeddings, and MSE on removed patches (optionally of per-patch normalised pixels).
+The encoder *is* a timm ``VisionTransformer`` (num_classes=0, cls-token pooling), so it exports
+as-is in timm's format.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import timm
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mae.losses import masked_mse, normalize_patches
+from mae.masking import patchify, random_masking, unpatchify
+from mae.models.base import AEOutput, Autoencoder
+
+# timm builds a VisionTransformer from any registered ViT name plus explicit arguments; every
+# architecture argument below overrides the named model's, so the name only labels the export.
+TIMM_ARCH = "vit_base_patch16_224"
+
+
+def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + H*W, dim) fixed 2-D sin-cos embedding, zeros for the cls token.
+
+    Same values as the official MAE ``get_2d_sincos_pos_embed``: first half encodes the column,
+    second half the row (hence ``reverse_coord``), each as [sin, cos].
+    """
+    emb = build_sincos2d_pos_embed(list(grid), dim, reverse_coord=True)  # (H*W, dim)
+    return torch.cat([torch.zeros(1, dim), emb], dim=0).unsqueeze(0)
+
+
+class MaskedAutoencoder(Autoencoder):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        decoder_embed_dim: int,
+        decoder_depth: int,
+        decoder_num_heads: int,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size, self.channels = patch_size, channels
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.feature_dim = embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.encoder = timm.create_model(
+            TIMM_ARCH,
+            pretrained=False,
+            num_classes=0,
+            global_pool="token",
+            img_size=image_size,
+            patch_size=patch_size,
+            in_chans=channels,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+        )
+        self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_embed_dim, self.grid), persistent=True)
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02) tokens."""
+        with torch.no_grad():
+            self.encoder.pos_embed.copy_(sincos_pos_embed(self.feature_dim, self.grid))
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (biases and norms are exempted by ndim)."""
+        return {"encoder.cls_token", "encoder.pos_embed", "mask_token"}
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward_encoder(
+        self, images: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> latent (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
+        enc = self.encoder
+        x = enc.patch_embed(images)  # (B, L, D)
+        x = x + enc.pos_embed[:, 1:]
+        x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + L_keep, D)
+        x = enc.blocks(x)
+        return enc.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + L_keep, D) -> pixel predictions (B, L, p*p*C) in patch order."""
+        x = self.decoder_embed(latent)  # (B, 1 + L_keep, Dd)
+        batch, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
+        x = self.decoder_norm(self.decoder_blocks(x))
+        return self.decoder_pred(x)[:, 1:]  # (B, L, p*p*C), cls dropped
+
+    def forward_loss(
+        self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE on removed patches. Returns (loss, pred in pixel space (B, L, p*p*C), detached)."""
+        target = patchify(images, self.patch_size)  # (B, L, p*p*C)
+        if not self.norm_pix_loss:
+            return masked_mse(pred, target, mask), pred.detach()
+        target, mean, std = normalize_patches(target)
+        return masked_mse(pred, target, mask), (pred.detach() * std + mean)
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> AEOutput:
+        """images (B, C, H, W); noise (B, L) optionally fixes the mask (see ``mae.masking``)."""
+        latent, mask, ids_restore = self.forward_encoder(images, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss, pixels = self.forward_loss(images, pred.float(), mask)
+        out = AEOutput(loss=loss, terms={"mse": loss.detach()})
+        if not self.training:
+            p, c = self.patch_size, self.channels
+            out.recon = unpatchify(pixels, p, c, self.grid)
+            out.mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p), p, 1, self.grid)
+        return out
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D): the cls token of the full (unmasked) image, after the final norm."""
+        return self.encoder(images)
