@@ -183,6 +183,8 @@ def validate(cfg: Config) -> None:
                 f"choose an image size that is a multiple of {m.patch_size}"
             )
         for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            if getattr(m, dim) % 4:
+                raise ConfigError(f"model.{dim}={getattr(m, dim)} must be divisible by 4 (2-D sin-cos position embeddings)")
             if getattr(m, dim) % getattr(m, heads):
                 raise ConfigError(
                     f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
@@ -262,6 +264,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must have {len(args)} values ({_name(kind)})")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -47,6 +47,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    export_dir: Path
+    steps: int
+    model: Autoencoder  # the trained model, unwrapped, on this process
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -98,8 +106,8 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
     )
 
 
-def train(cfg: Config) -> Path:
-    """Pretrain (or resume) the run in ``cfg.output_dir``; returns the export directory."""
+def train(cfg: Config) -> RunResult:
+    """Pretrain (or resume) the run in ``cfg.output_dir``; the encoder is exported at the end."""
     run_dir = Path(cfg.output_dir)
     t = cfg.train
     accelerator = Accelerator(
@@ -207,12 +215,13 @@ def train(cfg: Config) -> Path:
                 break
     bar.close()
     export_dir = run_dir / "export"
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        export_encoder(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, export_dir)
+        export_encoder(model, cfg, export_dir)
         accelerator.print(f"exported encoder to {export_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return export_dir
+    return RunResult(run_dir, export_dir, step, model)
 
 
 def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, cfg: Config, path: Path) -> None:

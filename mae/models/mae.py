@@ -14,7 +14,6 @@ from functools import partial
 
 import timm
 import torch
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -30,10 +29,20 @@ TIMM_ARCH = "vit_base_patch16_224"
 def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """(1, 1 + H*W, dim) fixed 2-D sin-cos embedding, zeros for the cls token.
 
-    Same values as the official MAE ``get_2d_sincos_pos_embed``: first half encodes the column,
-    second half the row (hence ``reverse_coord``), each as [sin, cos].
+    The official MAE ``get_2d_sincos_pos_embed`` layout: the first half encodes the column, the
+    second half the row, each as [sin(pos * omega), cos(pos * omega)] with
+    omega = 1 / 10000^(k / (dim/4)). (timm's ``build_sincos2d_pos_embed`` orders them differently.)
     """
-    emb = build_sincos2d_pos_embed(list(grid), dim, reverse_coord=True)  # (H*W, dim)
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+
+    def one_d(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1).double() * omega  # (H*W, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([one_d(cols), one_d(rows)], dim=1).float()  # (H*W, dim)
     return torch.cat([torch.zeros(1, dim), emb], dim=0).unsqueeze(0)
 
 

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+# A tiny MAE (2 blocks of width 32 on 16x16 images, patch 4) that trains in milliseconds.
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.decoder_embed_dim=16",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=2",
+    "data.image_size=16",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.log_every=5",
+    "train.recon_images=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """Accelerate keeps process-wide singletons; start every test from a clean slate."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20, modes=("RGB",)) -> Path:
+    """An image folder with class subfolders; images cycle through ``modes`` (RGB, L, RGBA, P...)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+            img = Image.fromarray(arr, "RGB").convert(modes[i % len(modes)])
+            img.save(d / f"{i}.png")
+    return root
+
+
+def env_without_accelerate() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}

@@ -1,0 +1,94 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from mae.config import Config, ConfigError, derive, from_dict, load_config, to_dict
+
+
+def test_defaults_resolve_preset():
+    cfg = load_config()
+    assert (cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (4, 192, 12, 3)
+    assert cfg.data.mean == (0.485, 0.456, 0.406)
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: vit_base_patch16\ndata:\n  image_size: 224\ntrain:\n  blr: 1.0e-3\n")
+    cfg = load_config(recipe, ["train.blr=2e-3", "model.depth=6", "data.crop_scale=[0.3, 1.0]", "output_dir=x"])
+    assert cfg.model.embed_dim == 768 and cfg.model.patch_size == 16  # from the preset
+    assert cfg.model.depth == 6  # explicit key beats the preset
+    assert cfg.train.blr == 2e-3 and isinstance(cfg.train.blr, float)
+    assert cfg.data.crop_scale == (0.3, 1.0)
+    assert cfg.output_dir == "x"
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config().train.blr = 1.0
+
+
+def test_round_trip_through_yaml():
+    cfg = load_config(None, ["data.channels=1", "train.max_steps=7"])
+    again = from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.max_step=3", "unknown config key 'train.max_step'"),
+        ("trian.blr=1", "unknown config key 'trian'"),
+        ("train.max_steps=abc", "train.max_steps='abc' has the wrong type"),
+        ("train.batch_size=1.5", "train.batch_size=1.5 has the wrong type; expected int"),
+        ("model.norm_pix_loss=3", "expected bool"),
+        ("model.mask_ratio=1.0", "model.mask_ratio=1.0 is invalid; it must be a fraction strictly between 0 and 1"),
+        ("model.mask_ratio=0", "model.mask_ratio"),
+        ("data.image_size=30", "data.image_size=30 is not divisible by model.patch_size=4"),
+        ("model.preset=vit_giant", "model.preset='vit_giant' is unknown; choose one of"),
+        ("model.name=vae", "model.name='vae' is invalid; choose one of ['mae']"),
+        ("train.mixed_precision=fp8", "choose one of ['no', 'bf16', 'fp16']"),
+        ("data.crop_scale=[0.5]", "data.crop_scale=[0.5] must have 2 values"),
+        ("data.mean=[0.5]", "data.mean=(0.5,) is invalid; it must be one value per channel (3)"),
+        ("model.num_heads=5", "model.embed_dim=192 is not divisible by model.num_heads=5"),
+        ("train.max_steps=0", "train.max_steps=0 is invalid"),
+        ("train.max_steps", "is not of the form dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_missing_or_bad_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert recipes, "configs/ holds no recipes"
+    for recipe in recipes:
+        assert isinstance(load_config(recipe), Config)
+
+
+def test_derived_values():
+    cfg = load_config(None, ["train.batch_size=64", "train.accum_steps=2", "train.blr=1e-4", "train.epochs=3",
+                             "train.warmup_epochs=0.5"])
+    d = derive(cfg, dataset_size=1000, num_processes=2)
+    assert d.effective_batch == 256
+    assert d.lr == pytest.approx(1e-4)
+    assert d.steps_per_epoch == 3  # 1000 // 256, whole steps only
+    assert d.total_steps == 9
+    assert d.warmup_steps == 2  # round(0.5 * 3)
+    capped = derive(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5)), 1000, 2)
+    assert capped.total_steps == 5
+    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
+        derive(cfg, dataset_size=100, num_processes=2)

@@ -1,0 +1,112 @@
+"""End-to-end behaviour of the training loop on a tiny MAE and the bundled sample."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+from mae import engine
+from mae.checkpoint import complete_checkpoints, latest_checkpoint
+from mae.config import ConfigError, load_config
+
+
+def run(tmp_path, name, *extra):
+    return engine.train(load_config(None, [*TINY, f"output_dir={tmp_path / name}", *extra]))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_loss_falls_and_run_dir_is_complete(tmp_path):
+    result = run(tmp_path, "r", "train.max_steps=30", "train.blr=1e-2", "train.checkpoint_every=10")
+    d = result.run_dir
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert all(r["images_per_s"] > 0 and "terms/mse" in r for r in lines)
+    assert [p.name for p in complete_checkpoints(d)] == ["step_20", "step_30"]  # keep_checkpoints=2
+    assert (d / "recon_30.png").is_file() and (d / "config.yaml").is_file()
+    derived = json.loads((d / "derived.json").read_text())
+    assert derived["effective_batch"] == 8 and derived["total_steps"] == 30 and derived["lr"] == pytest.approx(1e-2 * 8 / 256)
+    assert list((d / "tb").rglob("events.out.tfevents*"))
+    assert (result.export_dir / "model.safetensors").is_file()
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path):
+    result = run(tmp_path, "r", "train.max_steps=20", "train.log_every=1", "train.warmup_epochs=0.02",
+                 "train.min_lr=1e-6", "train.blr=2.56e-2")  # 3000 // 8 = 375 steps/epoch -> 8 warmup steps
+    lrs = [json.loads(x)["lr"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    peak = 2.56e-2 * 8 / 256
+    assert lrs[0] == 0.0  # step 1 uses lr(0) = 0, as the official code does
+    assert lrs[7] == pytest.approx(peak * 7 / 8)
+    assert lrs[8] == pytest.approx(peak)  # warmup done, start of the cosine
+    assert lrs[8] > lrs[13] > lrs[19] > 1e-6
+
+
+def test_exact_resume_after_crash(tmp_path, monkeypatch):
+    """A 20-step run killed after its step-10 checkpoint and relaunched ends with the same weights
+    and optimizer state as a 20-step run that was never interrupted."""
+    common = ["train.max_steps=20", "train.checkpoint_every=10", "train.blr=1e-2", "train.accum_steps=2"]
+    straight = run(tmp_path, "straight", *common)
+
+    real_save = engine.ckpt.save_checkpoint
+    calls = []
+
+    def save_then_crash(accelerator, output_dir, step, loop_state, keep):
+        path = real_save(accelerator, output_dir, step, loop_state, keep)
+        calls.append(step)
+        if step == 10:  # die a few steps after the checkpoint; those steps are lost
+            monkeypatch.setattr(engine, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        return path
+
+    monkeypatch.setattr(engine.ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path, "resumed", *common, "train.recon_every=13")
+    assert calls == [10] and latest_checkpoint(tmp_path / "resumed").name == "step_10"
+    monkeypatch.undo()
+    resumed = run(tmp_path, "resumed", *common, "train.recon_every=13")
+    assert resumed.steps == 20
+
+    a = load_file(str(straight.run_dir / "checkpoints/step_20/model.safetensors"))
+    b = load_file(str(resumed.run_dir / "checkpoints/step_20/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa = torch.load(straight.run_dir / "checkpoints/step_20/optimizer.bin", weights_only=True)
+    ob = torch.load(resumed.run_dir / "checkpoints/step_20/optimizer.bin", weights_only=True)
+    for k, s in oa["state"].items():
+        assert torch.equal(s["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    # and training did move the weights
+    init = engine.build_model(load_config(None, TINY)).state_dict()
+    assert not torch.equal(a["decoder_pred.weight"], init["decoder_pred.weight"])
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run(tmp_path, "r", "train.max_steps=2")
+    with pytest.raises(ConfigError, match=r"different config \(model.mask_ratio: 0.75 -> 0.5\)"):
+        run(tmp_path, "r", "train.max_steps=4", "model.mask_ratio=0.5")
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    run(tmp_path, "r", "train.max_steps=3")
+    result = run(tmp_path, "r", "train.max_steps=5")
+    assert result.steps == 5 and latest_checkpoint(result.run_dir).name == "step_5"
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    common = ["train.checkpoint_every=5", "train.max_steps=20"]
+    run(tmp_path, "r", *common, "train.max_steps=10")  # a good run up to step 10
+    export_before = (tmp_path / "r/export/model.safetensors").read_bytes()
+
+    import mae.models.mae as mae_model
+
+    real_mse = mae_model.masked_mse
+    calls = iter(range(10**6))
+    monkeypatch.setattr(mae_model, "masked_mse", lambda *a: real_mse(*a) * (float("nan") if next(calls) >= 2 else 1))
+    with pytest.raises(engine.NonFiniteLossError, match=r"loss became nan by step 15.*step_10"):
+        run(tmp_path, "r", *common)  # resumes at 10; the loss turns NaN at step 13
+    assert latest_checkpoint(tmp_path / "r").name == "step_10"
+    assert (tmp_path / "r/export/model.safetensors").read_bytes() == export_before

@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mae.config import load_config
+from mae.models import MODELS, AEOutput, Autoencoder, build_model
+from mae.models.mae import sincos_pos_embed
+
+TINY_ARCH = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=16",
+             "model.decoder_depth=1", "model.decoder_num_heads=2"]
+
+
+def tiny(*extra):
+    return build_model(load_config(None, [*TINY_ARCH, "data.image_size=16", *extra]))
+
+
+def official_sincos(dim, grid_size):
+    """Reference: the official MAE get_2d_sincos_pos_embed, in numpy, without the cls row."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(gh, gh), axis=0).reshape(2, 1, grid_size, grid_size)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_matches_official():
+    ours = sincos_pos_embed(64, (5, 5))
+    assert ours.shape == (1, 26, 64)
+    assert torch.all(ours[0, 0] == 0)
+    assert np.allclose(ours[0, 1:].numpy(), official_sincos(64, 5), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registry_contract(name):
+    """Every registered family honours the Autoencoder interface."""
+    model = tiny(f"model.name={name}")
+    assert isinstance(model, Autoencoder)
+    x = torch.randn(3, 3, 16, 16)
+    out = model(x)
+    assert isinstance(out, AEOutput) and out.loss.ndim == 0 and out.loss.requires_grad
+    assert all(not v.requires_grad for v in out.terms.values())
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode(x)
+        assert feats.shape == (3, model.feature_dim)
+        assert torch.equal(feats, model.encode(x))  # deterministic
+        out = model(x)
+    assert out.recon.shape == x.shape
+    assert isinstance(model.encoder, torch.nn.Module)
+
+
+@pytest.mark.parametrize("channels, size, patch", [(1, 16, 4), (4, 24, 8), (3, 14, 7)])
+def test_any_channels_size_patch(channels, size, patch):
+    model = tiny(f"data.channels={channels}", f"data.image_size={size}", f"model.patch_size={patch}")
+    x = torch.randn(2, channels, size, size)
+    model.eval()
+    out = model(x)
+    assert out.recon.shape == x.shape and out.mask.shape == (2, 1, size, size)
+    L = (size // patch) ** 2
+    assert out.mask.sum().item() == 2 * (L - int(L * 0.25)) * patch * patch
+
+
+def test_noise_fixes_mask_and_loss():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    a, b = model(x, noise=noise), model(x, noise=noise)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.loss, b.loss)
+    assert not torch.equal(model(x, noise=torch.rand(2, 16)).mask, a.mask)
+
+
+def test_loss_ignores_visible_patches():
+    """Changing a *visible* patch changes the encoder input but not the target of the loss."""
+    model = tiny("model.norm_pix_loss=false").eval()
+    x = torch.randn(1, 3, 16, 16)
+    noise = torch.arange(16, dtype=torch.float32).unsqueeze(0)  # keeps patches 0..3 (the top row)
+    latent, mask, ids_restore = model.forward_encoder(x, noise)
+    assert mask[0, :4].tolist() == [0, 0, 0, 0] and mask[0, 4:].eq(1).all()
+    pred = model.forward_decoder(latent, ids_restore)
+    y = x.clone()
+    y[:, :, :4, :4] += 10.0  # patch 0, visible: only its own term would change, and it is not counted
+    loss_x, _ = model.forward_loss(x, pred, mask)
+    loss_y, _ = model.forward_loss(y, pred, mask)
+    assert torch.equal(loss_x, loss_y)
+
+
+def test_encoder_sees_only_visible_patches():
+    model = tiny().eval()
+    latent, mask, _ = model.forward_encoder(torch.randn(2, 3, 16, 16))
+    assert latent.shape == (2, 1 + 4, 32)  # cls + 25% of 16 patches
+
+
+def test_initial_loss_is_about_one_with_norm_pix():
+    # targets are per-patch standardised, and the init predicts near zero: MSE ~ 1
+    torch.manual_seed(0)
+    loss = tiny()(torch.randn(8, 3, 16, 16)).loss.item()
+    assert 0.5 < loss < 2.5 and math.isfinite(loss)
+
+
+def test_weight_decay_exemptions():
+    from timm.optim import create_optimizer_v2
+
+    model = tiny()
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoder_pred.weight" in decayed
+    assert not any(n.endswith(".bias") or "norm" in n or "token" in n for n in decayed)
+    trainable = {names[id(p)] for g in opt.param_groups for p in g["params"]}
+    assert "encoder.pos_embed" not in trainable  # fixed sin-cos
