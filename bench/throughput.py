@@ -8,8 +8,7 @@
 3. end to end: the loader feeding the model step, as in the engine's inner loop (without Accelerate).
 
 Each is timed ``--repeats`` times over ``--steps`` batches; the table gives the median and the range.
-The first batch of each loader worker is never timed (worker start-up and first decode); its latency
-is reported separately, cold (worker processes spawned) and warm (persistent workers reused).
+The first batch of each loader worker is never timed (start-up); its latency is reported separately.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from typing import Any
 import timm
 import torch
 from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
@@ -61,14 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace, dataset: str) -> Config:
-    overrides = [
-        f"model.preset={args.preset}",
-        f"data.image_size={args.image_size}",
-        f"data.dataset={json.dumps(dataset)}",  # quoted: parsed as YAML
-        f"data.num_workers={args.workers}",
-        f"train.batch_size={args.batch}",
-    ]
-    return load_config(None, overrides)
+    data = f"data.image_size={args.image_size} data.num_workers={args.workers} train.batch_size={args.batch}"
+    # the path is quoted because override values are parsed as YAML
+    return load_config(None, [f"model.preset={args.preset}", f"data.dataset={json.dumps(dataset)}", *data.split()])
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, precision: str) -> Step:
@@ -112,19 +107,14 @@ def bench_model(step: Step, images: torch.Tensor, args: argparse.Namespace, devi
 
 
 def bench_loader(
-    loader: torch.utils.data.DataLoader,
-    sampler: EpochSampler,
-    skip: int,
-    args: argparse.Namespace,
-    epoch0: int,
-    consume: Callable[[torch.Tensor], Any],
-    device: torch.device,
+    loader: DataLoader, skip: int, epoch0: int, consume: Step | None, args: argparse.Namespace, device: torch.device
 ) -> tuple[list[float], list[float]]:
-    """Per repeat (one sampler epoch of exactly ``skip + steps`` batches): ``consume`` each batch,
-    time the last ``steps``. Returns (images/s, seconds to the end of the ``skip`` untimed batches)."""
+    """Per repeat, one sampler epoch of exactly ``skip + steps`` batches, each passed to ``consume``; the
+    last ``steps`` are timed. Returns (images/s, seconds to the end of the ``skip`` untimed batches)."""
+    consume = consume or (lambda images: images)
     rates, firsts = [], []
     for r in range(args.repeats):
-        sampler.set_epoch(epoch0 + r)
+        loader.sampler.set_epoch(epoch0 + r)
         tic = time.perf_counter()
         batches = iter(loader)
         for _ in range(skip):
@@ -150,13 +140,44 @@ def max_rss_mib(who: int) -> float:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def others_cpu_s() -> float:
+    """CPU seconds used on the machine (steal included) by everything but this process and its reaped children."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK") - sum(os.times()[:4])
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None:
+    """The table, which of model step / data loader bounds the end-to-end rate, and memory."""
+    first = results["loader_first_batches_s"]
+    notes = {
+        "model_step": f"fwd+bwd+AdamW, {args.precision}, synthetic images",
+        "data_loader": f"{args.workers} workers; first {skip} batches {first['cold']:.2f} s cold, "
+        f"{first['warm_median']:.2f} s warm",
+        "end_to_end": "loader -> model step",
+    }
+    print(f"{'measurement':<12} {'img/s':>9} {'min':>9} {'max':>9}  notes")
+    for key, note in notes.items():
+        r = results[key]
+        print(f"{key.replace('_', ' '):<12} {r['median']:>9.1f} {r['min']:>9.1f} {r['max']:>9.1f}  {note}")
+    rates = {k.replace("_", " "): results[k]["median"] for k in ("model_step", "data_loader")}
+    bound, other = sorted(rates, key=rates.get)
+    results["bound_by"] = bound
+    share = 100 * results["end_to_end"]["median"] / rates[bound]
+    print(f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); end to end: {share:.0f}% of it")
+    rss, cuda = results["peak_rss_mib"], results.get("cuda_max_memory_allocated_mib")
+    print(
+        f"peak RSS: main {rss['main']:.0f} MiB (model step alone {rss['after_model_step']:.0f}), "
+        f"largest worker {rss['largest_worker']:.0f} MiB" + (f"; CUDA max allocated {cuda:.0f} MiB" if cuda else "")
+    )
+    others, wall = results["other_processes_cpu_s"], results["wall_s"]
+    if others > 0.05 * wall * (os.cpu_count() or 1):
+        print(f"warning: other processes used {others:.0f} CPU-s during this {wall:.0f} s run; timings are disturbed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,15 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    start, others_before = time.perf_counter(), others_cpu_s()
 
     dataset = args.data if args.data != "sample" and Path(args.data).is_dir() else "sample"
     if dataset != args.data:
         print(f"note: {args.data} is not a folder; using the bundled sample")
     cfg = make_config(args, dataset)
     tic = time.perf_counter()
-    split = load_split(cfg.data)
+    data = ImageDataset(load_split(cfg.data), cfg.data, pretrain_transform(cfg.data), seed=cfg.train.seed)
     load_s = time.perf_counter() - tic
-    data = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), seed=cfg.train.seed)
     skip = max(1, args.workers)  # one untimed batch per worker: start-up and first decode
     per_epoch = (skip + args.steps) * args.batch
     if len(data) < per_epoch:
@@ -185,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg).to(device).train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step = make_step(model, cfg, device, args.precision)
-    m = cfg.model
     print(
         f"{args.preset}: {params / 1e6:.2f}M params, {args.image_size}px, batch {args.batch}, {args.precision}, "
         f"{device}, {args.threads} threads, {args.workers} workers, {os.cpu_count()} cpus ({cpu_model()}); "
@@ -196,11 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     model_rates = bench_model(step, images, args, device)
     rss_model = max_rss_mib(resource.RUSAGE_SELF)
     del images
-
-    loader_rates, loader_firsts = bench_loader(loader, sampler, skip, args, 0, lambda x: None, device)
-    e2e_rates, _ = bench_loader(
-        loader, sampler, skip, args, args.repeats, lambda x: step(x.to(device, non_blocking=True)), device
-    )
+    loader_rates, firsts = bench_loader(loader, skip, 0, None, args, device)
+    e2e_rates, _ = bench_loader(loader, skip, args.repeats, lambda x: step(x.to(device)), args, device)
     del loader  # shuts the persistent workers down, so their peak RSS is counted below
     gc.collect()
 
@@ -208,56 +225,28 @@ def main(argv: list[str] | None = None) -> int:
         "model_step": summary(model_rates),
         "data_loader": summary(loader_rates),
         "end_to_end": summary(e2e_rates),
-        "loader_first_batches_s": {"cold": loader_firsts[0], "warm_median": statistics.median(loader_firsts[1:] or [0])},
+        "loader_first_batches_s": {"cold": firsts[0], "warm_median": statistics.median(firsts[1:] or firsts)},
         "dataset_load_s": load_s,
         "peak_rss_mib": {
             "after_model_step": rss_model,
             "main": max_rss_mib(resource.RUSAGE_SELF),
             "largest_worker": max_rss_mib(resource.RUSAGE_CHILDREN),
         },
+        "wall_s": time.perf_counter() - start,
+        "other_processes_cpu_s": others_cpu_s() - others_before,
     }
     if device.type == "cuda":
         results["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    report(results, args, skip)
 
-    firsts = results["loader_first_batches_s"]
-    rows = [
-        ("model step", results["model_step"], f"fwd+bwd+AdamW, {args.precision}, synthetic images"),
-        ("data loader", results["data_loader"], f"{args.workers} workers; first {skip} batches "
-         f"{firsts['cold']:.2f} s cold, {firsts['warm_median']:.2f} s warm"),
-        ("end to end", results["end_to_end"], "loader -> model step"),
-    ]
-    print(f"{'measurement':<12} {'img/s':>9} {'min':>9} {'max':>9}  notes")
-    for name, r, note in rows:
-        print(f"{name:<12} {r['median']:>9.1f} {r['min']:>9.1f} {r['max']:>9.1f}  {note}")
-    model_med, loader_med, e2e_med = (results[k]["median"] for k in ("model_step", "data_loader", "end_to_end"))
-    bound, other = ("data loader", "model step") if loader_med < model_med else ("model step", "data loader")
-    slower = min(model_med, loader_med)
-    results["bound_by"] = bound
-    print(
-        f"bound by: {bound} ({slower:.1f} img/s vs {other} {max(model_med, loader_med):.1f}); "
-        f"end to end reaches {100 * e2e_med / slower:.0f}% of it"
-    )
-    rss = results["peak_rss_mib"]
-    cuda = results.get("cuda_max_memory_allocated_mib")
-    print(
-        f"peak RSS: main {rss['main']:.0f} MiB (model step alone {rss['after_model_step']:.0f}), "
-        f"largest worker {rss['largest_worker']:.0f} MiB" + (f"; CUDA max allocated {cuda:.0f} MiB" if cuda else "")
-    )
-
+    m = cfg.model
     settings = {
         "preset": args.preset,
         "dims": {k: getattr(m, k) for k in PRESET_KEYS} | {"mlp_ratio": m.mlp_ratio, "mask_ratio": m.mask_ratio},
         "params": params,
-        "image_size": args.image_size,
-        "batch": args.batch,
-        "threads": args.threads,
-        "workers": args.workers,
-        "precision": args.precision,
-        "device": str(device),
+        **{k: getattr(args, k) for k in ("image_size", "batch", "threads", "workers", "precision", "device")},
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "repeats": args.repeats,
-        "steps": args.steps,
-        "warmup": args.warmup,
+        **{k: getattr(args, k) for k in ("repeats", "steps", "warmup")},
         "untimed_loader_batches": skip,
         "dataset": dataset,
         "dataset_size": len(data),

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import timm
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+from mae import engine
+from mae.config import load_config
+from mae.export import main as export_main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    return engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3", "data.channels=1",
+                                           "data.mean=[0.5]", "data.std=[0.25]"]))
+
+
+def test_timm_loads_export_strictly_with_same_features(trained):
+    export = trained.export_dir
+    keys = load_file(str(export / "model.safetensors")).keys()
+    assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in keys)
+    timm_model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()  # strict load inside timm
+    assert type(timm_model).__name__ == "VisionTransformer"
+    ours = trained.model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(timm_model(x), ours.encode(x), atol=1e-6)
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["mean"] == [0.5] and cfg["pretrained_cfg"]["std"] == [0.25]
+    assert cfg["pretrained_cfg"]["input_size"] == [1, 16, 16]
+    data_cfg = timm.data.resolve_data_config({}, model=timm_model)
+    assert tuple(data_cfg["mean"]) == (0.5,) and data_cfg["interpolation"] == "bicubic"
+
+
+def test_command_line_export_matches_and_failure_keeps_old(trained, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert export_main([str(trained.run_dir), "--out", str(out)]) == 0
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(trained.export_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = (out / "model.safetensors").read_bytes()
+    assert export_main([str(tmp_path / "no_such_run"), "--out", str(out)]) == 1
+    assert "has no config.yaml" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
