@@ -239,22 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         results["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     report(results, args, skip)
 
-    m = cfg.model
+    m, keys = cfg.model, ("image_size", "batch", "threads", "workers", "precision", "device", "repeats", "steps")
     settings = {
         "preset": args.preset,
         "dims": {k: getattr(m, k) for k in PRESET_KEYS} | {"mlp_ratio": m.mlp_ratio, "mask_ratio": m.mask_ratio},
         "params": params,
-        **{k: getattr(args, k) for k in ("image_size", "batch", "threads", "workers", "precision", "device")},
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        **{k: getattr(args, k) for k in ("repeats", "steps", "warmup")},
+        **{k: getattr(args, k) for k in keys},
+        "warmup_model_steps": args.warmup,
         "untimed_loader_batches": skip,
-        "dataset": dataset,
-        "dataset_size": len(data),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": sys.version.split()[0],
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        "dataset": {"path": dataset, "images": len(data)},
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0]},
+        "cpu": {"model": cpu_model(), "count": os.cpu_count()},
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     out = Path(args.out)

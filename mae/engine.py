@@ -116,6 +116,8 @@ def train(cfg: Config) -> RunResult:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently run fp32
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
     resume_from = ckpt.latest_checkpoint(run_dir)
     if resume_from is not None:
         check_resumable(run_dir, cfg)

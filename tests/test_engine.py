@@ -110,3 +110,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         run(tmp_path, "r", *common)  # resumes at 10; the loss turns NaN at step 13
     assert latest_checkpoint(tmp_path / "r").name == "step_10"
     assert (tmp_path / "r/export/model.safetensors").read_bytes() == export_before
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, monkeypatch):
+    dtypes = []
+    real_build = engine.build_model
+
+    def build_and_watch(cfg):
+        model = real_build(cfg)
+        model.encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_and_watch)
+    result = run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=bf16")
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert result.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_refused_not_silently_fp32(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU; on CPU use train.mixed_precision=bf16"):
+        run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=fp16")
+    assert not (tmp_path / "r").exists()
