@@ -171,9 +171,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None
     share = 100 * results["end_to_end"]["median"] / rates[bound]
     print(f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); end to end: {share:.0f}% of it")
     rss, cuda = results["peak_rss_mib"], results.get("cuda_max_memory_allocated_mib")
+    worker = f", largest worker {rss['largest_worker']:.0f} MiB" if rss["largest_worker"] else ""
     print(
-        f"peak RSS: main {rss['main']:.0f} MiB (model step alone {rss['after_model_step']:.0f}), "
-        f"largest worker {rss['largest_worker']:.0f} MiB" + (f"; CUDA max allocated {cuda:.0f} MiB" if cuda else "")
+        f"peak RSS: main {rss['main']:.0f} MiB (model step alone {rss['after_model_step']:.0f}){worker}"
+        + (f"; CUDA max allocated {cuda:.0f} MiB" if cuda else "")
     )
     others, wall = results["other_processes_cpu_s"], results["wall_s"]
     if others > 0.05 * wall * (os.cpu_count() or 1):
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib": {
             "after_model_step": rss_model,
             "main": max_rss_mib(resource.RUSAGE_SELF),
-            "largest_worker": max_rss_mib(resource.RUSAGE_CHILDREN),
+            "largest_worker": max_rss_mib(resource.RUSAGE_CHILDREN) if args.workers else None,  # shares pages
         },
         "wall_s": time.perf_counter() - start,
         "other_processes_cpu_s": others_cpu_s() - others_before,

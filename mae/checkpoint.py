@@ -31,9 +31,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _COMPLETE.match(p.name)) and (p / LOOP_STATE).is_file()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _COMPLETE.match(p.name)) and (p / LOOP_STATE).is_file()
     ]
     return [p for _, p in sorted(found)]
 
@@ -67,7 +65,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, loop_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, loop_state: dict[str, Any], keep: int
+) -> Path:
     """Collective: every process must call it. Returns the completed checkpoint folder."""
     root = checkpoint_root(output_dir)
     final, tmp = root / f"step_{step}", root / f"tmp-step_{step}"

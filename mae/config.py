@@ -32,7 +32,15 @@ PRESETS: dict[str, tuple[int, int, int, int, int, int, int]] = {
     "vit_small_patch4": (4, 384, 12, 6, 256, 4, 8),
     "vit_tiny_patch4": (4, 192, 12, 3, 128, 2, 4),
 }
-PRESET_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+PRESET_KEYS = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,7 @@ def resolve(cfg: Config) -> Config:
     if model.name == "mae":  # the only family so far; others bring their own keys
         if model.preset not in PRESETS:
             raise ConfigError(f"model.preset={model.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[model.preset]) if getattr(model, k) is None}
+        filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[model.preset], strict=True) if getattr(model, k) is None}
         model = dataclasses.replace(model, **filled)
     data = cfg.data
     if data.mean is None or data.std is None:
@@ -150,7 +158,12 @@ def validate(cfg: Config) -> None:
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
         (d.image_size > 0, "data.image_size", d.image_size, "a positive integer"),
         (d.channels > 0, "data.channels", d.channels, "a positive integer"),
-        (0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale", d.crop_scale, "[lo, hi] with 0 < lo <= hi <= 1"),
+        (
+            0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
+            "data.crop_scale",
+            d.crop_scale,
+            "[lo, hi] with 0 < lo <= hi <= 1",
+        ),
         (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
         (len(d.std) == d.channels and min(d.std) > 0, "data.std", d.std, f"{d.channels} positive values"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
@@ -184,7 +197,9 @@ def validate(cfg: Config) -> None:
             )
         for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if getattr(m, dim) % 4:
-                raise ConfigError(f"model.{dim}={getattr(m, dim)} must be divisible by 4 (2-D sin-cos position embeddings)")
+                raise ConfigError(
+                    f"model.{dim}={getattr(m, dim)} must be divisible by 4 (2-D sin-cos position embeddings)"
+                )
             if getattr(m, dim) % getattr(m, heads):
                 raise ConfigError(
                     f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
@@ -251,7 +266,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} has the wrong type; expected {_name(kind)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}={value!r} has the wrong type; expected {_name(kind)}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is invalid; choose one of {list(args)}")
@@ -263,7 +280,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must have {len(args)} values ({_name(kind)})")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
         try:
             value = float(value)
@@ -288,6 +305,7 @@ def _name(kind: Any) -> str:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML/JSON."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}

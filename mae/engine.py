@@ -66,7 +66,11 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume a run whose saved config differs in anything that shapes training."""
     saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    diff = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(new)
+        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
+    ]
     if diff:
         raise ConfigError(
             f"output_dir={str(run_dir)!r} holds a run with a different config ({'; '.join(diff)}); "
@@ -98,7 +102,8 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
     t = cfg.train
     accelerator.print(
         f"model {cfg.model.name} ({cfg.model.preset}): {params / 1e6:.2f}M trainable parameters\n"
-        f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, {derived.steps_per_epoch} steps/epoch\n"
+        f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
+        f"{derived.steps_per_epoch} steps/epoch\n"
         f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
@@ -199,7 +204,10 @@ def train(cfg: Config) -> RunResult:
                     "loss": loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": (step - last_logged) * derived.effective_batch / elapsed,
-                    **{f"terms/{k}": accelerator.reduce(v, reduction="mean").item() / loss_count for k, v in term_sums.items()},
+                    **{
+                        f"terms/{k}": accelerator.reduce(v, reduction="mean").item() / loss_count
+                        for k, v in term_sums.items()
+                    },
                 }
                 accelerator.log(record, step=step)
                 if accelerator.is_main_process:
@@ -212,7 +220,9 @@ def train(cfg: Config) -> RunResult:
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:
-                ckpt.save_checkpoint(accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints)
+                ckpt.save_checkpoint(
+                    accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
+                )
             if done:
                 break
     bar.close()

@@ -80,8 +80,10 @@ def test_shipped_recipes_load():
 
 
 def test_derived_values():
-    cfg = load_config(None, ["train.batch_size=64", "train.accum_steps=2", "train.blr=1e-4", "train.epochs=3",
-                             "train.warmup_epochs=0.5"])
+    cfg = load_config(
+        None,
+        ["train.batch_size=64", "train.accum_steps=2", "train.blr=1e-4", "train.epochs=3", "train.warmup_epochs=0.5"],
+    )
     d = derive(cfg, dataset_size=1000, num_processes=2)
     assert d.effective_batch == 256
     assert d.lr == pytest.approx(1e-4)

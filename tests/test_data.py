@@ -34,8 +34,12 @@ def test_sample_ships_balanced_train_and_test():
 def test_image_folder_with_mixed_modes_becomes_configured_channels(tmp_path):
     root = write_image_folder(tmp_path / "imgs", modes=("RGB", "L", "RGBA", "P"))
     for channels in (1, 3):
-        cfg = data_cfg(f"data.dataset={root}", f"data.channels={channels}",
-                       f"data.mean={[0.5] * channels}", f"data.std={[0.5] * channels}")
+        cfg = data_cfg(
+            f"data.dataset={root}",
+            f"data.channels={channels}",
+            f"data.mean={[0.5] * channels}",
+            f"data.std={[0.5] * channels}",
+        )
         ds = load_split(cfg)
         assert len(ds) == 24 and label_column(ds, cfg) == "label"
         item = ImageDataset(ds, cfg, pretrain_transform(cfg))

@@ -14,9 +14,22 @@ pytestmark = pytest.mark.slow
 
 def test_accelerate_launch_default_recipe_30_steps(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "pretrain.py", "train.max_steps=30",
-           f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "pretrain.py",
+        "train.max_steps=30",
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch 128" in proc.stdout and "lr 7.5e-05" in proc.stdout
@@ -31,8 +44,15 @@ def test_accelerate_launch_default_recipe_30_steps(tmp_path):
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"full CIFAR-10 copy not found at {SHARED_CIFAR}")
 def test_pretrain_on_local_parquet_folder(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "pretrain.py", *TINY, f"data.dataset={SHARED_CIFAR}", "data.image_size=32",
-           "train.max_steps=5", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "pretrain.py",
+        *TINY,
+        f"data.dataset={SHARED_CIFAR}",
+        "data.image_size=32",
+        "train.max_steps=5",
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "50000 images" in proc.stdout
@@ -40,8 +60,13 @@ def test_pretrain_on_local_parquet_folder(tmp_path):
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "pretrain.py", "train.mask_ratio=0.5", f"output_dir={tmp_path / 'r'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", "train.mask_ratio=0.5", f"output_dir={tmp_path / 'r'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'train.mask_ratio'")
     assert not (tmp_path / "r").exists()

@@ -30,14 +30,25 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
     assert [p.name for p in complete_checkpoints(d)] == ["step_20", "step_30"]  # keep_checkpoints=2
     assert (d / "recon_30.png").is_file() and (d / "config.yaml").is_file()
     derived = json.loads((d / "derived.json").read_text())
-    assert derived["effective_batch"] == 8 and derived["total_steps"] == 30 and derived["lr"] == pytest.approx(1e-2 * 8 / 256)
+    assert (
+        derived["effective_batch"] == 8
+        and derived["total_steps"] == 30
+        and derived["lr"] == pytest.approx(1e-2 * 8 / 256)
+    )
     assert list((d / "tb").rglob("events.out.tfevents*"))
     assert (result.export_dir / "model.safetensors").is_file()
 
 
 def test_lr_schedule_warmup_then_cosine(tmp_path):
-    result = run(tmp_path, "r", "train.max_steps=20", "train.log_every=1", "train.warmup_epochs=0.02",
-                 "train.min_lr=1e-6", "train.blr=2.56e-2")  # 3000 // 8 = 375 steps/epoch -> 8 warmup steps
+    result = run(
+        tmp_path,
+        "r",
+        "train.max_steps=20",
+        "train.log_every=1",
+        "train.warmup_epochs=0.02",
+        "train.min_lr=1e-6",
+        "train.blr=2.56e-2",
+    )  # 3000 // 8 = 375 steps/epoch -> 8 warmup steps
     lrs = [json.loads(x)["lr"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     peak = 2.56e-2 * 8 / 256
     assert lrs[0] == 0.0  # step 1 uses lr(0) = 0, as the official code does

@@ -14,8 +14,12 @@ from mae.export import main as export_main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    return engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3", "data.channels=1",
-                                           "data.mean=[0.5]", "data.std=[0.25]"]))
+    return engine.train(
+        load_config(
+            None,
+            [*TINY, f"output_dir={out}", "train.max_steps=3", "data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"],
+        )
+    )
 
 
 def test_timm_loads_export_strictly_with_same_features(trained):

@@ -8,8 +8,14 @@ from mae.config import load_config
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.models.mae import sincos_pos_embed
 
-TINY_ARCH = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_embed_dim=16",
-             "model.decoder_depth=1", "model.decoder_num_heads=2"]
+TINY_ARCH = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.decoder_embed_dim=16",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=2",
+]
 
 
 def tiny(*extra):
@@ -18,6 +24,7 @@ def tiny(*extra):
 
 def official_sincos(dim, grid_size):
     """Reference: the official MAE get_2d_sincos_pos_embed, in numpy, without the cls row."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
