@@ -134,8 +134,10 @@ class ImageDataset(Dataset):
         image: Image.Image = row[self.image_col]
         if image.mode != self.mode:
             image = image.convert(self.mode)
+        # torchvision draws from the global CPU generator: seed it for this sample only, and leave
+        # every other stream (the caller's CPU state, CUDA) untouched
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
             x = self.transform(image)
         label = row[self.label_col] if self.label_col is not None else -1
         return x, label

@@ -216,13 +216,15 @@ def train(cfg: Config) -> RunResult:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
                 loss_sum.zero_()
                 term_sums.clear()
-                loss_count, tic, last_logged = 0, time.perf_counter(), step
+                loss_count, last_logged = 0, step
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:
                 ckpt.save_checkpoint(
                     accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
                 )
+            if last_logged == step:  # grids and checkpoints do not count against the next interval's images/s
+                tic = time.perf_counter()
             if done:
                 break
     bar.close()
