@@ -128,7 +128,8 @@ def train(cfg: Config) -> RunResult:
         check_resumable(run_dir, cfg)
     set_seed(t.seed, device_specific=True)  # masking noise differs per process; data order does not
 
-    split = load_split(cfg.data)
+    with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
+        split = load_split(cfg.data)
     dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), seed=t.seed)
     derived = derive(cfg, len(dataset), accelerator.num_processes)
     sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 # A tiny MAE (2 blocks of width 32 on 16x16 images, patch 4) that trains in milliseconds.
-TINY = [
+TINY_ARCH = [
     "model.embed_dim=32",
     "model.depth=2",
     "model.num_heads=2",
     "model.decoder_embed_dim=16",
     "model.decoder_depth=1",
     "model.decoder_num_heads=2",
+]
+TINY = [
+    *TINY_ARCH,
     "data.image_size=16",
     "data.num_workers=0",
     "train.batch_size=8",
@@ -58,3 +63,30 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
 
 def env_without_accelerate() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+
+
+def accelerate_launch(script: str, *args: str, processes: int = 1, multi: bool = False) -> list[str]:
+    """An ``accelerate launch`` command line with every launcher default spelled out (no warnings)."""
+    flags = ["--multi_gpu", "--main_process_port", str(free_port())] if multi else []
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *flags,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *args,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

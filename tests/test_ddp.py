@@ -1,47 +1,22 @@
 """Real 2-process data parallel on CPU (gloo) through the documented launch command."""
 
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from conftest import ROOT, TINY, env_without_accelerate
+from conftest import ROOT, TINY, accelerate_launch, env_without_accelerate
 from safetensors.torch import load_file
 
 from mae.config import load_config
 from mae.models import build_model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
     args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3"]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(Path(__file__).parent / "ddp_worker.py"),
-        *args,
-    ]
+    cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -7,29 +7,14 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import ROOT, SHARED_CIFAR, TINY, env_without_accelerate
+from conftest import ROOT, SHARED_CIFAR, TINY, accelerate_launch, env_without_accelerate
 
 pytestmark = pytest.mark.slow
 
 
 def test_accelerate_launch_default_recipe_30_steps(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "pretrain.py",
-        "train.max_steps=30",
-        f"output_dir={out}",
-    ]
+    cmd = accelerate_launch("pretrain.py", "train.max_steps=30", f"output_dir={out}")
     proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch 128" in proc.stdout and "lr 7.5e-05" in proc.stdout

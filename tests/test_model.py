@@ -3,19 +3,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARCH
 
 from mae.config import load_config
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.models.mae import sincos_pos_embed
-
-TINY_ARCH = [
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.decoder_embed_dim=16",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=2",
-]
 
 
 def tiny(*extra):
