@@ -8,7 +8,6 @@ import argparse
 import sys
 
 from mae.config import ConfigError, load_config
-from mae.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,12 +17,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from mae.engine import train  # heavy imports only once the config is known to be valid
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # heavy imports (torch, datasets) only once the config is known to be valid
+    from mae.data import DataError
+    from mae.engine import NonFiniteLossError, train
 
+    try:
         train(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -88,6 +88,9 @@ class TrainConfig:
     clip_grad: float | None = None  # max global grad norm; None disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
+    # torch threads per process on CPU; default: this machine's cores / processes on it
+    # (`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without GPUs, which this replaces)
+    cpu_threads: int | None = None
     log_every: int = 10  # optimizer steps between metric lines
     checkpoint_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
@@ -177,6 +180,7 @@ def validate(cfg: Config) -> None:
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
         (all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)"),
         (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "a positive number or null"),
+        (t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", t.cpu_threads, "a positive integer or null"),
         (t.log_every > 0, "train.log_every", t.log_every, "a positive integer"),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
         (t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "a positive integer"),

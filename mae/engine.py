@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
         f"{derived.warmup_steps} warmup; mixed precision {t.mixed_precision}; device {accelerator.device}"
+        + (f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else "")
     )
 
 
@@ -121,6 +123,9 @@ def train(cfg: Config) -> RunResult:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
+        torch.set_num_threads(t.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently run fp32
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
     resume_from = ckpt.latest_checkpoint(run_dir)
