@@ -1,6 +1,7 @@
 """End-to-end behaviour of the training loop on a tiny MAE and the bundled sample."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -142,3 +143,16 @@ def test_fp16_on_cpu_is_refused_not_silently_fp32(tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU; on CPU use train.mixed_precision=bf16"):
         run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=fp16")
     assert not (tmp_path / "r").exists()
+
+
+def test_cpu_threads_default_to_all_cores_despite_launcher_pin(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports on a CPU-only machine
+        torch.set_num_threads(1)
+        run(tmp_path, "a", "train.max_steps=1")
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        run(tmp_path, "b", "train.max_steps=1", "train.cpu_threads=1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
