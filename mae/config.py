@@ -92,9 +92,9 @@ class TrainConfig:
     # (`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without GPUs, which this replaces)
     cpu_threads: int | None = None
     log_every: int = 10  # optimizer steps between metric lines
-    checkpoint_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
-    recon_every: int = 500  # optimizer steps between reconstruction grids (one is always written at the end)
+    recon_every: int = 100  # optimizer steps between reconstruction grids (one is always written at the end)
     recon_images: int = 8
 
 
