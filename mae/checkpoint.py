@@ -42,11 +42,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_partial(output_dir: str | Path) -> None:
-    """Delete folders left by a save that never finished (main process only)."""
+    """Clean up after a save that never finished (main process only): delete ``tmp-`` folders; put
+    back an ``old-step_N`` whose replacement was never committed."""
     root = checkpoint_root(output_dir)
     if root.is_dir():
         for p in root.glob("tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob("old-step_*"):
+            final = root / p.name.removeprefix("old-")
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:  # the crash came between setting it aside and committing its replacement
+                os.replace(p, final)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -80,10 +87,13 @@ def save_checkpoint(
     if accelerator.is_main_process:
         (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        stale = root / f"old-step_{step}"
+        if final.exists():  # the same step saved again (e.g. after a resume): set the old one aside
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
         os.replace(tmp, final)  # the commit point
         _fsync_dir(root)
+        shutil.rmtree(stale, ignore_errors=True)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -10,6 +10,8 @@ config is frozen.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +111,54 @@ class Config:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (``no`` stays the string "no") and ``1e-4``
+    is a float (YAML 1.1 needs a dot)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no object construction
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from e
+
+
+def read_yaml(path: str | Path) -> Any:
+    return parse_yaml(Path(path).read_text(), f"config file {str(path)!r}")
+
+
+def _field_type(key: str) -> Any:
+    """The schema type at a dotted key, or None when the key does not exist."""
+    kind: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
+            return None
+        kind = typing.get_type_hints(kind)[part]
+    return kind
+
+
+def _is_text(kind: Any) -> bool:
+    """str, str | None, or a Literal of strings: an override's raw text is the value."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and args == [str]):
+        return True
+    return typing.get_origin(kind) is Literal and all(isinstance(a, str) for a in args)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated."""
     raw: dict[str, Any] = {}
@@ -116,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
     for item in overrides:
@@ -129,7 +179,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else None
+        if value in ("", "null", "~"):
+            node[leaf] = None
+        elif _is_text(_field_type(key)):  # output_dir=2024, data.split=2017 stay text
+            node[leaf] = value
+        else:
+            node[leaf] = parse_yaml(value, f"the value of {key!r}")
     return resolve(_build(Config, raw, ""))
 
 
@@ -146,8 +201,10 @@ def resolve(cfg: Config) -> Config:
         imagenet = data.channels == 3
         data = dataclasses.replace(
             data,
-            mean=data.mean or ((0.485, 0.456, 0.406) if imagenet else (0.5,) * data.channels),
-            std=data.std or ((0.229, 0.224, 0.225) if imagenet else (0.5,) * data.channels),
+            mean=data.mean
+            if data.mean is not None
+            else ((0.485, 0.456, 0.406) if imagenet else (0.5,) * data.channels),
+            std=data.std if data.std is not None else ((0.229, 0.224, 0.225) if imagenet else (0.5,) * data.channels),
         )
     cfg = dataclasses.replace(cfg, model=model, data=data)
     validate(cfg)
@@ -160,7 +217,7 @@ def validate(cfg: Config) -> None:
         (0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "a fraction strictly between 0 and 1"),
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
         (d.image_size > 0, "data.image_size", d.image_size, "a positive integer"),
-        (d.channels > 0, "data.channels", d.channels, "a positive integer"),
+        (d.channels in (1, 3, 4), "data.channels", d.channels, "1 (grayscale), 3 (RGB) or 4 (RGBA)"),
         (
             0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
             "data.crop_scale",
@@ -168,7 +225,7 @@ def validate(cfg: Config) -> None:
             "[lo, hi] with 0 < lo <= hi <= 1",
         ),
         (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
-        (len(d.std) == d.channels and min(d.std) > 0, "data.std", d.std, f"{d.channels} positive values"),
+        (len(d.std) == d.channels and all(v > 0 for v in d.std), "data.std", d.std, f"{d.channels} positive values"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (t.epochs > 0, "train.epochs", t.epochs, "a positive integer"),
         (t.max_steps is None or t.max_steps > 0, "train.max_steps", t.max_steps, "a positive integer or null"),
@@ -180,6 +237,7 @@ def validate(cfg: Config) -> None:
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
         (all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)"),
         (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "a positive number or null"),
+        (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
         (t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", t.cpu_threads, "a positive integer or null"),
         (t.log_every > 0, "train.log_every", t.log_every, "a positive integer"),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
@@ -194,6 +252,12 @@ def validate(cfg: Config) -> None:
         for key in PRESET_KEYS:
             if getattr(m, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer")
+        patches = (d.image_size // m.patch_size) ** 2
+        if not 0 < int(patches * (1 - m.mask_ratio)) < patches:
+            raise ConfigError(
+                f"model.mask_ratio={m.mask_ratio} leaves {int(patches * (1 - m.mask_ratio))} of {patches} patches "
+                "visible; choose a ratio that keeps at least one patch visible and hides at least one"
+            )
         if d.image_size % m.patch_size:
             raise ConfigError(
                 f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
@@ -234,7 +298,10 @@ def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
         )
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
     warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
-    return Derived(num_processes, dataset_size, effective, t.blr * effective / 256, per_epoch, total, warmup)
+    lr = t.blr * effective / 256
+    if t.min_lr > lr:
+        raise ConfigError(f"train.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
+    return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
 
 
 # ---------------------------------------------------------------------------------------------- typing
@@ -285,11 +352,6 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must have {len(args)} values ({_name(kind)})")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -300,7 +362,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise TypeError(f"unsupported config type {kind} for {key}")
     if not ok:
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {_name(kind)}")
-    return float(value) if kind is float else value
+    if kind is float:
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a finite number")
+        return float(value)
+    return value
 
 
 def _name(kind: Any) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -60,17 +61,21 @@ def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     return ds
 
 
-def find_column(ds: datasets.Dataset, feature_type: type, named: str | None, key: str) -> str | None:
-    """The column named in the config (checked), else the first one of ``feature_type``, else None."""
-    if named is not None:
-        if named not in ds.column_names:
-            raise DataError(f"{key}={named!r} is not a column of the dataset; columns: {ds.column_names}")
-        return named
-    return next((name for name, f in ds.features.items() if isinstance(f, feature_type)), None)
+def _named_column(ds: datasets.Dataset, key: str, name: str, accepts: Any, what: str) -> str:
+    if name not in ds.column_names:
+        raise DataError(f"{key}={name!r} is not a column of the dataset; columns: {ds.column_names}")
+    if not accepts(ds.features[name]):
+        raise DataError(f"{key}={name!r} holds {ds.features[name]}, not {what}; name another column")
+    return name
 
 
 def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
-    col = find_column(ds, datasets.Image, cfg.image_column, "data.image_column")
+    """The column named by ``data.image_column`` (checked), else the first ``Image`` feature."""
+    if cfg.image_column is not None:
+        return _named_column(
+            ds, "data.image_column", cfg.image_column, lambda f: isinstance(f, datasets.Image), "images"
+        )
+    col = next((name for name, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if col is None:
         raise DataError(
             f"the dataset has no Image feature (columns: {ds.column_names}); name the image column "
@@ -80,7 +85,16 @@ def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
 
 
 def label_column(ds: datasets.Dataset, cfg: DataConfig) -> str | None:
-    return find_column(ds, datasets.ClassLabel, cfg.label_column, "data.label_column")
+    """The column named by ``data.label_column`` (checked), else the first ``ClassLabel``, else None."""
+    if cfg.label_column is not None:
+        return _named_column(ds, "data.label_column", cfg.label_column, _is_label, "integer class labels")
+    return next((name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+
+
+def _is_label(feature: Any) -> bool:
+    return isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+    )
 
 
 def pretrain_transform(cfg: DataConfig) -> v2.Compose:

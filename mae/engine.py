@@ -23,7 +23,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
-from mae.config import Config, ConfigError, Derived, derive, from_dict, to_dict
+from mae.config import Config, ConfigError, Derived, derive, from_dict, read_yaml, to_dict
 from mae.data import EpochSampler, ImageDataset, eval_transform, load_split, pretrain_loader, pretrain_transform
 from mae.export import export_encoder
 from mae.models import Autoencoder, build_model
@@ -41,11 +41,14 @@ RESUMABLE_KEYS = {
     "train.recon_every",
     "train.recon_images",
     "data.num_workers",
+    "train.cpu_threads",
 }
+# Derived values a resumed run must share with the run it continues.
+RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or the weights stopped being finite; nothing was saved after it happened."""
 
 
 @dataclasses.dataclass
@@ -63,9 +66,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run whose saved config differs in anything that shapes training."""
-    saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+def check_resumable(run_dir: Path, cfg: Config, derived: Derived) -> None:
+    """Refuse to resume a run whose saved config or data/process layout differs in anything that
+    shapes training."""
+    saved = from_dict(read_yaml(run_dir / "config.yaml"))
     old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
     diff = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
@@ -76,6 +80,17 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
         raise ConfigError(
             f"output_dir={str(run_dir)!r} holds a run with a different config ({'; '.join(diff)}); "
             "use another output_dir, or the run's own config.yaml to resume it"
+        )
+    before = json.loads((run_dir / "derived.json").read_text())
+    changed = [
+        f"{k}: {before.get(k)} -> {getattr(derived, k)}"
+        for k in RESUME_INVARIANTS
+        if before.get(k) != getattr(derived, k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds a run made with another data/process layout ({'; '.join(changed)}); "
+            "resume it with the same number of processes and dataset, or use another output_dir"
         )
 
 
@@ -125,18 +140,22 @@ def train(cfg: Config) -> RunResult:
     )
     if accelerator.device.type == "cpu":
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
-        torch.set_num_threads(t.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently run fp32
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
+    if accelerator.is_main_process:
+        ckpt.remove_partial(run_dir)
+    accelerator.wait_for_everyone()
     resume_from = ckpt.latest_checkpoint(run_dir)
-    if resume_from is not None:
-        check_resumable(run_dir, cfg)
     set_seed(t.seed, device_specific=True)  # masking noise differs per process; data order does not
 
     with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
         split = load_split(cfg.data)
     dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), seed=t.seed)
     derived = derive(cfg, len(dataset), accelerator.num_processes)
+    if resume_from is not None:
+        check_resumable(run_dir, cfg, derived)
     sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
     loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
 
@@ -149,7 +168,6 @@ def train(cfg: Config) -> RunResult:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(derived), indent=1))
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(to_dict(cfg)).items()}
@@ -159,6 +177,9 @@ def train(cfg: Config) -> RunResult:
     if resume_from is not None:
         step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+    metrics_file = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_file, step)
 
     # fixed images for reconstruction grids: the first ones of the split, deterministic transform
     recon_set = ImageDataset(split, cfg.data, eval_transform(cfg.data))
@@ -168,11 +189,11 @@ def train(cfg: Config) -> RunResult:
     term_sums: dict[str, torch.Tensor] = {}
     loss_count, tic, last_logged = 0, time.perf_counter(), step
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
-    metrics_file = run_dir / "metrics.jsonl"
 
     while step < derived.total_steps:
         epoch, within = divmod(step, derived.steps_per_epoch)
-        sampler.set_epoch(epoch)
+        # through Accelerate's loader: it keeps its own epoch counter and passes it to the sampler
+        loader.set_epoch(epoch)
         batches = loader
         if within:  # resume mid-epoch: skip the micro-batches already consumed
             batches = accelerator.skip_first_batches(loader, within * t.accum_steps)
@@ -226,6 +247,7 @@ def train(cfg: Config) -> RunResult:
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:
+                _check_finite_weights(model, step, run_dir)
                 ckpt.save_checkpoint(
                     accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
                 )
@@ -242,6 +264,27 @@ def train(cfg: Config) -> RunResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, export_dir, step, model)
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+    """A finite loss can still come with an update that overflowed; never checkpoint such weights.
+    (Replicas are identical, so every process reaches the same verdict.)"""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        last = ckpt.latest_checkpoint(run_dir)
+        raise NonFiniteLossError(
+            f"weights became non-finite ({bad}) by step {step}; stopped without saving. Last good checkpoint: "
+            f"{last or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (logged after the checkpoint a run resumes from, or by an
+    earlier run that never checkpointed), so every step appears once."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, cfg: Config, path: Path) -> None:

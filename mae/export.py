@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
-from mae.config import Config, from_dict
+from mae.config import Config, from_dict, read_yaml
 
 
 def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -63,7 +62,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a run directory written by pretrain.py")
-    cfg = from_dict(yaml.safe_load(config_file.read_text()))
+    cfg = from_dict(read_yaml(config_file))
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint; train it first or pass --checkpoint")

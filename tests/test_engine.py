@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, write_image_folder
 from safetensors.torch import load_file
 
 from mae import engine
@@ -58,10 +58,25 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
     assert lrs[8] > lrs[13] > lrs[19] > 1e-6
 
 
-def test_exact_resume_after_crash(tmp_path, monkeypatch):
-    """A 20-step run killed after its step-10 checkpoint and relaunched ends with the same weights
-    and optimizer state as a 20-step run that was never interrupted."""
-    common = ["train.max_steps=20", "train.checkpoint_every=10", "train.blr=1e-2", "train.accum_steps=2"]
+def _steps_and_losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize(
+    "where, save_at, crash_at, extra",
+    [
+        # mid-epoch of the first epoch (sample: 375 steps/epoch), gradient accumulation
+        ("sample", 10, 13, ["train.accum_steps=2"]),
+        # a 48-image folder (6 steps/epoch): the checkpoint and the crash fall in later epochs, workers on
+        ("folder", 8, 11, ["data.num_workers=2"]),
+    ],
+)
+def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):
+    """A 20-step run killed after a checkpoint and relaunched ends with the same weights, optimizer
+    state and logged losses as a 20-step run that was never interrupted."""
+    if where == "folder":
+        extra = [*extra, f"data.dataset={write_image_folder(tmp_path / 'imgs', classes=3, per_class=16)}"]
+    common = ["train.max_steps=20", f"train.checkpoint_every={save_at}", "train.blr=1e-2", "train.log_every=1", *extra]
     straight = run(tmp_path, "straight", *common)
 
     real_save = engine.ckpt.save_checkpoint
@@ -70,16 +85,17 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch):
     def save_then_crash(accelerator, output_dir, step, loop_state, keep):
         path = real_save(accelerator, output_dir, step, loop_state, keep)
         calls.append(step)
-        if step == 10:  # die a few steps after the checkpoint; those steps are lost
+        if step == save_at:  # die a few steps after the checkpoint; those steps are lost
             monkeypatch.setattr(engine, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
         return path
 
     monkeypatch.setattr(engine.ckpt, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
-        run(tmp_path, "resumed", *common, "train.recon_every=13")
-    assert calls == [10] and latest_checkpoint(tmp_path / "resumed").name == "step_10"
+        run(tmp_path, "resumed", *common, f"train.recon_every={crash_at}")
+    assert calls == [save_at] and latest_checkpoint(tmp_path / "resumed").name == f"step_{save_at}"
+    assert _steps_and_losses(tmp_path / "resumed")[-1][0] == crash_at
     monkeypatch.undo()
-    resumed = run(tmp_path, "resumed", *common, "train.recon_every=13")
+    resumed = run(tmp_path, "resumed", *common, f"train.recon_every={crash_at}")
     assert resumed.steps == 20
 
     a = load_file(str(straight.run_dir / "checkpoints/step_20/model.safetensors"))
@@ -91,9 +107,47 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch):
     ob = torch.load(resumed.run_dir / "checkpoints/step_20/optimizer.bin", weights_only=True)
     for k, s in oa["state"].items():
         assert torch.equal(s["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    # every step logged once, with the same loss as the uninterrupted run
+    assert _steps_and_losses(resumed.run_dir) == _steps_and_losses(straight.run_dir)
+    assert [s for s, _ in _steps_and_losses(resumed.run_dir)] == list(range(1, 21))
     # and training did move the weights
     init = engine.build_model(load_config(None, TINY)).state_dict()
     assert not torch.equal(a["decoder_pred.weight"], init["decoder_pred.weight"])
+
+
+def test_resume_refuses_another_data_layout(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", classes=2, per_class=16)
+    run(tmp_path, "r", "train.max_steps=2", f"data.dataset={folder}")
+    write_image_folder(tmp_path / "imgs", classes=3, per_class=16)  # the folder grew
+    with pytest.raises(
+        ConfigError, match=r"another data/process layout \(dataset_size: 32 -> 48; steps_per_epoch: 4 -> 6\)"
+    ):
+        run(tmp_path, "r", "train.max_steps=4", f"data.dataset={folder}")
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    real = engine._optimizer
+
+    def poisoned(model, cfg, derived):
+        opt = real(model, cfg, derived)
+        step, count = opt.step, iter(range(10**6))
+
+        def step_then_poison(*a, **k):
+            out = step(*a, **k)
+            if next(count) == 3:  # the 4th update overflows; the loss of step 4 (before it) was finite
+                model.decoder_pred.bias.data.fill_(float("inf"))
+            return out
+
+        opt.step = step_then_poison
+        return opt
+
+    monkeypatch.setattr(engine, "_optimizer", poisoned)
+    with pytest.raises(
+        engine.NonFiniteLossError, match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2"
+    ):
+        run(tmp_path, "r", "train.max_steps=6", "train.checkpoint_every=2")
+    assert latest_checkpoint(tmp_path / "r").name == "step_2"
+    assert not (tmp_path / "r/export").exists()
 
 
 def test_resume_refuses_a_different_config(tmp_path):
