@@ -1,18 +1,31 @@
-"""Run by test_ddp.py under ``accelerate launch``: train, then dump this process's weights."""
+"""Run by test_ddp.py under ``accelerate launch``: train, then dump this process's weights and the
+(epoch, index) pairs it loaded."""
 
+import json
 import sys
 from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import save_file
 
+from mae import data
 from mae.config import load_config
 from mae.engine import train
 
 if __name__ == "__main__":
     cfg = load_config(None, sys.argv[1:])
+    seen = []
+    load = data.ImageDataset.__getitem__
+
+    def recording_getitem(self, index):
+        if isinstance(index, tuple):  # training samples (the grid images are plain ints)
+            seen.append(list(index))
+        return load(self, index)
+
+    data.ImageDataset.__getitem__ = recording_getitem  # data.num_workers=0: loading happens in this process
     result = train(cfg)
     state = PartialState()
     weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
-    out = Path(cfg.output_dir) / f"rank{state.process_index}_of_{state.num_processes}.safetensors"
-    save_file(weights, str(out))
+    out = Path(cfg.output_dir) / f"rank{state.process_index}_of_{state.num_processes}"
+    save_file(weights, f"{out}.safetensors")
+    Path(f"{out}.json").write_text(json.dumps(seen))

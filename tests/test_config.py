@@ -53,6 +53,16 @@ def test_round_trip_through_yaml():
         ("model.num_heads=5", "model.embed_dim=192 is not divisible by model.num_heads=5"),
         ("train.max_steps=0", "train.max_steps=0 is invalid"),
         ("train.max_steps", "is not of the form dotted.key=value"),
+        ("train.blr=.inf", "train.blr=inf is invalid; it must be a finite number"),
+        ("model.mlp_ratio=.nan", "it must be a finite number"),
+        ("data.channels=2", "data.channels=2 is invalid; it must be 1 (grayscale), 3 (RGB) or 4 (RGBA)"),
+        ("data.channels=0", "data.channels=0 is invalid"),
+        ("data.mean=[]", "data.mean=() is invalid; it must be one value per channel (3)"),
+        ("train.seed=-1", "train.seed=-1 is invalid; it must be an integer in [0, 2**31)"),
+        ("model.mask_ratio=1e-17", "leaves 64 of 64 patches visible"),
+        ("model.mask_ratio=0.999", "leaves 0 of 64 patches visible"),
+        ("data.mean=[0.5", "the value of 'data.mean' is not valid YAML"),
+        ("model.embed_dim=6", "model.embed_dim=6 must be divisible by 4"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
@@ -61,12 +71,29 @@ def test_bad_values_name_the_key(override, fragment):
     assert fragment in str(e.value)
 
 
+def test_yaml_12_scalars_and_text_fields():
+    cfg = load_config(None, ["train.mixed_precision=no", "train.blr=1e-4", "output_dir=2024", "data.split=2017"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.blr == 1e-4
+    assert cfg.output_dir == "2024" and cfg.data.split == "2017"
+    assert load_config(None, ["model.norm_pix_loss=false", "train.clip_grad=null"]).model.norm_pix_loss is False
+
+
+def test_recipe_written_the_natural_way(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n  blr: 1e-3\n")
+    cfg = load_config(recipe)
+    assert cfg.train.mixed_precision == "no" and cfg.train.blr == 1e-3
+
+
 def test_missing_or_bad_recipe(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    bad.write_text("train: {blr: [1,\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
 
 
@@ -94,3 +121,6 @@ def test_derived_values():
     assert capped.total_steps == 5
     with pytest.raises(ConfigError, match="fewer than one optimizer step"):
         derive(cfg, dataset_size=100, num_processes=2)
+    high_floor = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_lr=1.0))
+    with pytest.raises(ConfigError, match="train.min_lr=1 is above the peak lr 0.0001"):
+        derive(high_floor, 1000, 2)

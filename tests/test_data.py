@@ -70,6 +70,11 @@ def test_named_and_missing_columns(tmp_path):
     with pytest.raises(DataError, match="data.image_column='img' is not a column"):
         image_column(ds, data_cfg("data.image_column=img"))
     assert label_column(ds, cfg) is None  # a plain int column is not a ClassLabel: no labels, fine for pretraining
+    assert label_column(ds, data_cfg("data.label_column=label")) == "label"  # but it may be named
+    with pytest.raises(DataError, match="data.image_column='label' holds .* not images"):
+        image_column(ds, data_cfg("data.image_column=label"))
+    with pytest.raises(DataError, match="data.label_column='pixels' holds .* not integer class labels"):
+        label_column(ds, data_cfg("data.label_column=pixels"))
 
 
 def test_bad_split_and_dataset(tmp_path):

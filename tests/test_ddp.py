@@ -24,8 +24,11 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path):
     assert derived["num_processes"] == 2 and derived["effective_batch"] == 16
     r0 = load_file(str(out / "rank0_of_2.safetensors"))
     r1 = load_file(str(out / "rank1_of_2.safetensors"))
-    # Each process sees different images and masks (its own shard and RNG stream); only averaged
-    # gradients keep the replicas identical.
+    # Each process loads its own shard of every global batch ...
+    seen0 = [tuple(x) for x in json.loads((out / "rank0_of_2.json").read_text())]
+    seen1 = [tuple(x) for x in json.loads((out / "rank1_of_2.json").read_text())]
+    assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(seen1)  # (the loader reads ahead)
+    # ... and draws its own masks; only averaged gradients keep the replicas identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     init = build_model(load_config(None, TINY)).state_dict()

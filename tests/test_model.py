@@ -91,8 +91,33 @@ def test_loss_ignores_visible_patches():
 
 def test_encoder_sees_only_visible_patches():
     model = tiny().eval()
-    latent, mask, _ = model.forward_encoder(torch.randn(2, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    noise = torch.arange(16, dtype=torch.float32).repeat(2, 1)  # keeps patches 0..3 (the top row)
+    latent, mask, _ = model.forward_encoder(x, noise)
     assert latent.shape == (2, 1 + 4, 32)  # cls + 25% of 16 patches
+    y = x.clone()
+    y[:, :, 4:, :] = torch.randn(2, 3, 12, 16)  # every hidden patch changes ...
+    assert torch.equal(model.forward_encoder(y, noise)[0], latent)  # ... and the encoder cannot tell
+    y[:, :, :4, 4:8] += 1.0  # a visible one changes: it can
+    assert not torch.allclose(model.forward_encoder(y, noise)[0], latent)
+
+
+def test_decoder_unshuffles_to_patch_order():
+    """The decoder puts every kept token back at its own patch index (mask tokens elsewhere) before
+    adding position embeddings: compare with a sequence assembled by hand."""
+    model = tiny().eval()
+    x = torch.randn(1, 3, 16, 16)
+    noise = torch.rand(1, 16)
+    latent, mask, ids_restore = model.forward_encoder(x, noise)
+    pred = model.forward_decoder(latent, ids_restore)
+    # Reference: put tokens in patch order by hand (kept tokens at their patch index, mask tokens elsewhere)
+    tokens = model.decoder_embed(latent)
+    keep_ids = torch.argsort(noise, dim=1)[0, : latent.shape[1] - 1]
+    seq = model.mask_token.expand(1, 16, -1).clone()
+    seq[0, keep_ids] = tokens[0, 1:]
+    seq = torch.cat([tokens[:, :1], seq], dim=1) + model.decoder_pos_embed
+    ref = model.decoder_pred(model.decoder_norm(model.decoder_blocks(seq)))[:, 1:]
+    assert torch.allclose(pred, ref, atol=1e-6)
 
 
 def test_initial_loss_is_about_one_with_norm_pix():
@@ -103,10 +128,13 @@ def test_initial_loss_is_about_one_with_norm_pix():
 
 
 def test_weight_decay_exemptions():
-    from timm.optim import create_optimizer_v2
+    from mae.config import derive
+    from mae.engine import _optimizer
 
-    model = tiny()
-    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    cfg = load_config(None, [*TINY_ARCH, "data.image_size=16"])
+    model = build_model(cfg)
+    opt = _optimizer(model, cfg, derive(cfg, 1000, 1))
+    assert opt.defaults["betas"] == (0.9, 0.95)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoder_pred.weight" in decayed
