@@ -22,8 +22,15 @@ from mae.masking import patchify, random_masking, unpatchify
 from mae.models.base import AEOutput, Autoencoder
 
 # timm builds a VisionTransformer from any registered ViT name plus explicit arguments; every
-# architecture argument below overrides the named model's, so the name only labels the export.
-TIMM_ARCH = "vit_base_patch16_224"
+# architecture argument below overrides the named model's, so the name only labels the export
+# (``architecture`` in its config.json): the ViT of the same width.
+TIMM_ARCH_BY_WIDTH = {
+    192: "vit_tiny_patch16_224",
+    384: "vit_small_patch16_224",
+    768: "vit_base_patch16_224",
+    1024: "vit_large_patch16_224",
+    1280: "vit_huge_patch14_224",
+}
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -71,7 +78,7 @@ class MaskedAutoencoder(Autoencoder):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         self.encoder = timm.create_model(
-            TIMM_ARCH,
+            TIMM_ARCH_BY_WIDTH.get(embed_dim, "vit_base_patch16_224"),
             pretrained=False,
             num_classes=0,
             global_pool="token",
