@@ -26,7 +26,7 @@ from mae import checkpoint as ckpt
 from mae.config import Config, ConfigError, Derived, derive, from_dict, read_yaml, to_dict
 from mae.data import EpochSampler, ImageDataset, eval_transform, load_split, pretrain_loader, pretrain_transform
 from mae.export import export_encoder
-from mae.models import Autoencoder, build_model
+from mae.models import AEOutput, Autoencoder, build_model
 from mae.visualize import save_recon_grid
 
 # Keys that may change between a run and its resumption (they do not change what is learned
@@ -128,10 +128,8 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
     )
 
 
-def train(cfg: Config) -> RunResult:
-    """Pretrain (or resume) the run in ``cfg.output_dir``; the encoder is exported at the end."""
-    run_dir = Path(cfg.output_dir)
-    t = cfg.train
+def make_accelerator(cfg: Config) -> Accelerator:
+    t, run_dir = cfg.train, Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.accum_steps,
@@ -139,11 +137,64 @@ def train(cfg: Config) -> RunResult:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
     if accelerator.device.type == "cpu":
+        if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently run fp32
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
+    return accelerator
+
+
+class MetricLog:
+    """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, step: int, images_per_step: int) -> None:
+        self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.count, self.last_step = 0, step
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.tic = time.perf_counter()
+
+    def add(self, out: AEOutput) -> None:
+        self.loss += out.loss.detach()
+        for k, v in out.terms.items():
+            self.terms[k] = self.terms.get(k, 0) + v.float()
+        self.count += 1
+
+    def mean_loss(self) -> float:
+        """Mean loss over micro-batches and processes since the last line (collective)."""
+        return self.accelerator.reduce(self.loss, reduction="mean").item() / self.count
+
+    def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, float]:
+        """Collective: every process calls it."""
+        mean = {k: self.accelerator.reduce(v, reduction="mean").item() / self.count for k, v in self.terms.items()}
+        seconds = time.perf_counter() - self.tic
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "images_per_s": (step - self.last_step) * self.images_per_step / seconds,
+            **{f"terms/{k}": v for k, v in mean.items()},
+        }
+        self.accelerator.log(record, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.loss.zero_()
+        self.terms.clear()
+        self.count, self.last_step = 0, step
+        return record
+
+
+def train(cfg: Config) -> RunResult:
+    """Pretrain (or resume) the run in ``cfg.output_dir``; the encoder is exported at the end."""
+    run_dir = Path(cfg.output_dir)
+    t = cfg.train
+    accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         ckpt.remove_partial(run_dir)
     accelerator.wait_for_everyone()
@@ -177,17 +228,14 @@ def train(cfg: Config) -> RunResult:
     if resume_from is not None:
         step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
-    metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        _truncate_metrics(metrics_file, step)
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     # fixed images for reconstruction grids: the first ones of the split, deterministic transform
     recon_set = ImageDataset(split, cfg.data, eval_transform(cfg.data))
     recon_images = torch.stack([recon_set[i][0] for i in range(min(t.recon_images, len(recon_set)))])
 
-    loss_sum = torch.zeros((), device=accelerator.device)
-    term_sums: dict[str, torch.Tensor] = {}
-    loss_count, tic, last_logged = 0, time.perf_counter(), step
+    log = MetricLog(accelerator, run_dir / "metrics.jsonl", step, derived.effective_batch)
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
 
     while step < derived.total_steps:
@@ -207,43 +255,19 @@ def train(cfg: Config) -> RunResult:
                         accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += out.loss.detach()
-            for k, v in out.terms.items():
-                term_sums[k] = term_sums.get(k, 0) + v.float()
-            loss_count += 1
+            log.add(out)
             if not accelerator.sync_gradients:
                 continue
             step += 1
             bar.update(1)
             done = step >= derived.total_steps
             if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
-                loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+                loss = log.mean_loss()
                 if not math.isfinite(loss):
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise NonFiniteLossError(
-                        f"loss became {loss} by step {step}; stopped without saving. Last good checkpoint: "
-                        f"{last or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
-                    )
-                elapsed = time.perf_counter() - tic
-                record = {
-                    "step": step,
-                    "epoch": step / derived.steps_per_epoch,
-                    "loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": (step - last_logged) * derived.effective_batch / elapsed,
-                    **{
-                        f"terms/{k}": accelerator.reduce(v, reduction="mean").item() / loss_count
-                        for k, v in term_sums.items()
-                    },
-                }
-                accelerator.log(record, step=step)
-                if accelerator.is_main_process:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-                loss_sum.zero_()
-                term_sums.clear()
-                loss_count, last_logged = 0, step
+                    raise _non_finite(f"loss became {loss}", step, run_dir)
+                lr = optimizer.param_groups[0]["lr"]
+                log.write(step, step / derived.steps_per_epoch, loss, lr)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:
@@ -251,8 +275,8 @@ def train(cfg: Config) -> RunResult:
                 ckpt.save_checkpoint(
                     accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
                 )
-            if last_logged == step:  # grids and checkpoints do not count against the next interval's images/s
-                tic = time.perf_counter()
+            if log.last_step == step:  # grids and checkpoints do not count against the next line's images/s
+                log.restart_clock()
             if done:
                 break
     bar.close()
@@ -271,11 +295,14 @@ def _check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> N
     (Replicas are identical, so every process reaches the same verdict.)"""
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
-        last = ckpt.latest_checkpoint(run_dir)
-        raise NonFiniteLossError(
-            f"weights became non-finite ({bad}) by step {step}; stopped without saving. Last good checkpoint: "
-            f"{last or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
-        )
+        raise _non_finite(f"weights became non-finite ({bad})", step, run_dir)
+
+
+def _non_finite(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} by step {step}; stopped without saving. Last good checkpoint: "
+        f"{ckpt.latest_checkpoint(run_dir) or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
+    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
