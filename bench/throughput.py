@@ -29,14 +29,14 @@ from typing import Any
 
 import timm
 import torch
-from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from mae.config import PRESET_KEYS, PRESETS, Config, load_config  # noqa: E402
+from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa: E402
 from mae.data import EpochSampler, ImageDataset, load_split, pretrain_loader, pretrain_transform  # noqa: E402
+from mae.engine import build_optimizer  # noqa: E402
 from mae.models import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -67,10 +67,8 @@ def make_config(args: argparse.Namespace, dataset: str) -> Config:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, precision: str) -> Step:
-    """One optimizer step on a batch, optimizer built as in ``mae.engine._optimizer``; returns the loss."""
-    t = cfg.train
-    lr = t.blr * t.batch_size / 256
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=t.weight_decay, betas=t.betas)
+    """One optimizer step on a batch with the engine's optimizer (lr for one process); returns the loss."""
+    optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
 
     def autocast() -> AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()

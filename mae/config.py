@@ -181,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         if value in ("", "null", "~"):
             node[leaf] = None
-        elif _is_text(_field_type(key)):  # output_dir=2024, data.split=2017 stay text
+        elif _is_text(_field_type(key)) and not value.startswith(("'", '"')):  # output_dir=2024 stays text
             node[leaf] = value
         else:
             node[leaf] = parse_yaml(value, f"the value of {key!r}")

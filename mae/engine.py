@@ -94,14 +94,14 @@ def check_resumable(run_dir: Path, cfg: Config, derived: Derived) -> None:
         )
 
 
-def _optimizer(model: Autoencoder, cfg: Config, derived: Derived) -> torch.optim.Optimizer:
+def build_optimizer(model: Autoencoder, cfg: Config, derived: Derived) -> torch.optim.Optimizer:
     # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay,
     # and skips frozen parameters (the fixed position embeddings).
     t = cfg.train
     return create_optimizer_v2(model, opt="adamw", lr=derived.lr, weight_decay=t.weight_decay, betas=t.betas)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config, derived: Derived) -> CosineLRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, derived: Derived) -> CosineLRScheduler:
     """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step."""
     return CosineLRScheduler(
         optimizer,
@@ -211,8 +211,8 @@ def train(cfg: Config) -> RunResult:
     loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
 
     model = build_model(cfg)
-    optimizer = _optimizer(model, cfg, derived)
-    scheduler = _scheduler(optimizer, cfg, derived)
+    optimizer = build_optimizer(model, cfg, derived)
+    scheduler = build_scheduler(optimizer, cfg, derived)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params)

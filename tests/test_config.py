@@ -75,6 +75,7 @@ def test_yaml_12_scalars_and_text_fields():
     cfg = load_config(None, ["train.mixed_precision=no", "train.blr=1e-4", "output_dir=2024", "data.split=2017"])
     assert cfg.train.mixed_precision == "no" and cfg.train.blr == 1e-4
     assert cfg.output_dir == "2024" and cfg.data.split == "2017"
+    assert load_config(None, ['output_dir="runs/a b"']).output_dir == "runs/a b"  # YAML quotes still work
     assert load_config(None, ["model.norm_pix_loss=false", "train.clip_grad=null"]).model.norm_pix_loss is False
 
 

@@ -126,7 +126,7 @@ def test_resume_refuses_another_data_layout(tmp_path):
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
-    real = engine._optimizer
+    real = engine.build_optimizer
 
     def poisoned(model, cfg, derived):
         opt = real(model, cfg, derived)
@@ -141,7 +141,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
         opt.step = step_then_poison
         return opt
 
-    monkeypatch.setattr(engine, "_optimizer", poisoned)
+    monkeypatch.setattr(engine, "build_optimizer", poisoned)
     with pytest.raises(
         engine.NonFiniteLossError, match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2"
     ):
@@ -210,3 +210,17 @@ def test_cpu_threads_default_to_all_cores_despite_launcher_pin(tmp_path, monkeyp
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_gradient_clipping_is_applied(tmp_path):
+    """With a vanishing clip norm, Adam's update m / (sqrt(v) + eps) shrinks by orders of magnitude."""
+    torch.manual_seed(0)  # what train.seed=0 gives the model's initialisation
+    init = engine.build_model(load_config(None, TINY)).state_dict()["decoder_pred.weight"]
+
+    def moved(*extra):
+        result = run(
+            tmp_path, "_".join(extra) or "plain", "train.max_steps=3", "train.blr=1.0", "train.weight_decay=0", *extra
+        )
+        return (result.model.decoder_pred.weight.detach() - init).abs().max().item()
+
+    assert moved("train.clip_grad=1e-12") < 0.01 * moved()

@@ -129,11 +129,11 @@ def test_initial_loss_is_about_one_with_norm_pix():
 
 def test_weight_decay_exemptions():
     from mae.config import derive
-    from mae.engine import _optimizer
+    from mae.engine import build_optimizer
 
     cfg = load_config(None, [*TINY_ARCH, "data.image_size=16"])
     model = build_model(cfg)
-    opt = _optimizer(model, cfg, derive(cfg, 1000, 1))
+    opt = build_optimizer(model, cfg, derive(cfg, 1000, 1))
     assert opt.defaults["betas"] == (0.9, 0.95)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
