@@ -10,19 +10,24 @@ config is frozen.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased so that the message alone says how to fix it."""
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "derive",
+    "from_dict",
+    "load_config",
+    "read_yaml",
+    "to_dict",
+]
 
 
 # Architecture presets: name -> (patch, embed dim, depth, heads, decoder dim, decoder depth, decoder heads).
@@ -111,81 +116,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true/false are booleans (``no`` stays the string "no") and ``1e-4``
-    is a float (YAML 1.1 needs a dot)."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no object construction
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from e
-
-
-def read_yaml(path: str | Path) -> Any:
-    return parse_yaml(Path(path).read_text(), f"config file {str(path)!r}")
-
-
-def _field_type(key: str) -> Any:
-    """The schema type at a dotted key, or None when the key does not exist."""
-    kind: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
-            return None
-        kind = typing.get_type_hints(kind)[part]
-    return kind
-
-
-def _is_text(kind: Any) -> bool:
-    """str, str | None, or a Literal of strings: an override's raw text is the value."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and args == [str]):
-        return True
-    return typing.get_origin(kind) is Literal and all(isinstance(a, str) for a in args)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-        raw = read_yaml(path) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        if value in ("", "null", "~"):
-            node[leaf] = None
-        elif _is_text(_field_type(key)) and not value.startswith(("'", '"')):  # output_dir=2024 stays text
-            node[leaf] = value
-        else:
-            node[leaf] = parse_yaml(value, f"the value of {key!r}")
-    return resolve(_build(Config, raw, ""))
+    return resolve(load_raw(path, overrides, Config))
 
 
 def resolve(cfg: Config) -> Config:
@@ -304,86 +237,6 @@ def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
 
 
-# ---------------------------------------------------------------------------------------------- typing
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a nested mapping, checking keys and types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}; valid keys here: {sorted(names)}")
-    kwargs = {}
-    for key, value in raw.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, kind, prefix + key)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{key}={value!r} has the wrong type; expected {_name(kind)}"
-        )
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is invalid; choose one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list ({_name(kind)})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key}={value!r} must have {len(args)} values ({_name(kind)})")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(kind)
-    if ok is None:
-        raise TypeError(f"unsupported config type {kind} for {key}")
-    if not ok:
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_name(kind)}")
-    if kind is float:
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a finite number")
-        return float(value)
-    return value
-
-
-def _name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-    return plain(dataclasses.asdict(cfg))
-
-
 def from_dict(raw: dict[str, Any]) -> Config:
     """Inverse of ``to_dict`` for a resolved config (e.g. a run directory's config.yaml)."""
-    return resolve(_build(Config, raw, ""))
+    return resolve(build(Config, raw))
