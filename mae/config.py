@@ -20,11 +20,13 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ModelConfig",
     "TrainConfig",
     "derive",
     "from_dict",
     "load_config",
+    "load_eval_config",
     "read_yaml",
     "to_dict",
 ]
@@ -235,6 +237,69 @@ def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
     if t.min_lr > lr:
         raise ConfigError(f"train.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalDataConfig:
+    """Which images to evaluate on. Input size, channels and normalisation come from the encoder."""
+
+    dataset: str = "sample"  # as data.dataset of pretraining
+    split: str = "train"  # the split the probe is fitted on
+    eval_split: str | None = None  # default: test, else validation, else a stratified holdout of `split`
+    holdout_fraction: float = 0.1  # only when there is no evaluation split
+    image_column: str | None = None
+    label_column: str | None = None  # default: the first ClassLabel feature (labels are required)
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    features: Literal["default", "cls", "avg"] = "default"  # default: the pooling the encoder was made for
+    batch_size: int = 1024  # linear probe (MAE: 16384 on ImageNet)
+    epochs: int = 90
+    blr: float = 0.1  # lr = blr x batch_size / 256, LARS
+    weight_decay: float = 0.0
+    warmup_epochs: int = 10
+    k: int = 20  # kNN neighbours
+    temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
+    extract_batch_size: int = 256
+    cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    encoder: str | None = None  # export dir | run dir | timm:NAME | random:RUN_OR_EXPORT_DIR
+    mode: Literal["linear", "knn"] = "linear"
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    cfg = load_raw(path, overrides, EvalConfig)
+    d, p = cfg.data, cfg.probe
+    checks = [
+        (cfg.encoder is not None, "encoder", cfg.encoder, "an export dir, a run dir, timm:NAME or random:DIR"),
+        (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),
+        (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
+        (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),
+        (p.epochs > 0, "probe.epochs", p.epochs, "a positive integer"),
+        (p.blr > 0, "probe.blr", p.blr, "a positive number"),
+        (p.weight_decay >= 0, "probe.weight_decay", p.weight_decay, "0 or more"),
+        (0 <= p.warmup_epochs < p.epochs, "probe.warmup_epochs", p.warmup_epochs, "in [0, probe.epochs)"),
+        (p.k > 0, "probe.k", p.k, "a positive integer"),
+        (p.temperature > 0, "probe.temperature", p.temperature, "a positive number"),
+        (p.extract_batch_size > 0, "probe.extract_batch_size", p.extract_batch_size, "a positive integer"),
+        (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    return cfg
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

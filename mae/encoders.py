@@ -1,0 +1,137 @@
+"""Frozen encoders for evaluation, from wherever they come: an export, a run, timm, or random init.
+
+Sources (the ``encoder=`` key of ``finetune.py``):
+
+- ``EXPORT_DIR`` — ``model.safetensors`` + ``config.json`` in timm's format (``mae.export``);
+- ``RUN_DIR`` — a pretraining run: its ``export/``, or its newest checkpoint when it has none;
+- ``timm:NAME`` — a timm architecture with its own random initialisation (sized to nothing:
+  its default input size);
+- ``random:DIR`` — the architecture of an export or run directory with fresh weights: a run's
+  model is built as pretraining builds it (same initialisation scheme, ``seed``), an export's by
+  timm. This is the "same encoder at random init" baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import nn
+
+from mae.config import ConfigError
+
+
+@dataclass
+class FrozenEncoder:
+    """An encoder in eval mode with no gradients, and what is needed to feed and identify it."""
+
+    module: nn.Module
+    source: str
+    kind: str  # "timm": features from forward_features; "autoencoder": from the project's encode()
+    data_config: dict[str, Any]  # timm's: input_size, mean, std, interpolation, crop_pct
+    default_pool: str  # "cls" | "avg" | "encode"
+    sha256: str
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D). ``pool``: cls token, mean of patch tokens, or the model's own."""
+        if self.kind == "autoencoder":
+            return self.module.encode(images)
+        tokens = self.module.forward_features(images)
+        if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
+            return self.module.forward_head(tokens, pre_logits=True)
+        prefix = getattr(self.module, "num_prefix_tokens", 0)
+        if pool == "cls":
+            return tokens[:, 0]
+        # the mean of the *normalised* patch tokens: the pretrained final norm, no random fc_norm
+        return tokens[:, prefix:].mean(dim=1)
+
+    def pool(self, requested: str) -> str:
+        """Resolve ``probe.features``; 'default' means what the encoder was made for."""
+        if requested == "default":
+            return self.default_pool
+        if self.kind == "autoencoder":
+            raise ConfigError(
+                f"probe.features={requested!r} needs a token encoder; {self.source} gives features through its "
+                "encode(): use probe.features=default"
+            )
+        if requested == "cls" and getattr(self.module, "num_prefix_tokens", 0) == 0:
+            raise ConfigError(f"probe.features=cls: {self.source} has no cls token; use probe.features=avg")
+        return requested
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Digest of every tensor of the state dict (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _freeze(module: nn.Module, source: str, kind: str, data_config: dict, default_pool: str) -> FrozenEncoder:
+    module.eval().requires_grad_(False)
+    return FrozenEncoder(module, source, kind, data_config, default_pool, weights_sha256(module))
+
+
+def _timm_encoder(model: nn.Module, source: str) -> FrozenEncoder:
+    pool = {"token": "cls", "avg": "avg"}.get(getattr(model, "global_pool", ""), "avg")
+    return _freeze(model, source, "timm", resolve_data_config({}, model=model), pool)
+
+
+def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
+    from mae.export import load_run_model  # a run's own model (any family of the project)
+    from mae.models import build_model
+
+    if fresh:
+        from mae.config import from_dict, read_yaml
+
+        cfg = from_dict(read_yaml(run_dir / "config.yaml"))
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    else:
+        model, cfg = load_run_model(run_dir)
+    d = cfg.data  # the run's own input size and normalisation
+    data_config = {
+        "input_size": (d.channels, d.image_size, d.image_size),
+        "mean": tuple(d.mean),
+        "std": tuple(d.std),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    encoder = model.encoder
+    if hasattr(encoder, "pretrained_cfg"):  # a timm model: token features, both poolings
+        pool = {"token": "cls", "avg": "avg"}.get(encoder.global_pool, "avg")
+        return _freeze(encoder, source, "timm", data_config, pool)
+    return _freeze(model, source, "autoencoder", data_config, "encode")
+
+
+def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
+    """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder."""
+    if source.startswith("timm:"):
+        name = source.removeprefix("timm:")
+        if not timm.is_model(name):
+            raise ConfigError(f"encoder={source!r}: timm has no model {name!r}; see timm.list_models()")
+        torch.manual_seed(seed)
+        return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
+    fresh = source.startswith("random:")
+    path = Path(source.removeprefix("random:"))
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        torch.manual_seed(seed)
+        return _timm_encoder(timm.create_model(f"local-dir:{path}", pretrained=not fresh), source)
+    if (path / "config.yaml").is_file():
+        export = path / "export"
+        if not fresh and (export / "config.json").is_file():
+            return _timm_encoder(timm.create_model(f"local-dir:{export}", pretrained=True), source)
+        return _run_encoder(path, source, fresh, seed)
+    raise ConfigError(
+        f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "
+        "(config.yaml), timm:NAME or random:DIR"
+    )

@@ -1,0 +1,245 @@
+"""Frozen-feature evaluation: linear probe and kNN on features extracted once and cached.
+
+Features come from a frozen encoder (``mae.encoders``) with its own deterministic eval transform
+(timm's: resize, centre crop, normalise). They are cached on disk, keyed by the encoder's weight
+digest, the dataset and split, and the transform, so a changed encoder or transform is never
+served stale features.
+
+- Linear probe (the MAE paper's protocol on features): ``BatchNorm1d(affine=False)`` + ``Linear``,
+  LARS, lr = blr x batch / 256, linear warmup + cosine, cross-entropy.
+- kNN: cosine similarity to every training feature, the ``k`` nearest vote with weight
+  ``exp(similarity / temperature)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.data import create_transform
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mae.config import DataConfig, EvalConfig, ProbeConfig, to_dict
+from mae.data import DataError, ImageDataset, label_column, load_split
+from mae.encoders import FrozenEncoder, load_encoder
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder) -> ImageDataset:
+    """Images converted to the encoder's channels, through its eval transform; labels required."""
+    channels = encoder.data_config["input_size"][0]
+    data = DataConfig(
+        dataset=cfg.data.dataset, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
+        channels=channels,
+    )  # fmt: skip
+    if label_column(ds, data) is None:
+        raise DataError(
+            f"{cfg.data.dataset!r} has no ClassLabel column; evaluation needs labels: name one with "
+            "data.label_column=NAME"
+        )
+    return ImageDataset(ds, data, create_transform(**encoder.data_config, is_training=False))
+
+
+def cache_key(encoder: FrozenEncoder, ds: datasets.Dataset, source: str, split: str, pool: str, transform: Any) -> str:
+    where = str(Path(source).resolve()) if Path(source).exists() else source
+    parts = {
+        "encoder": encoder.sha256,
+        "dataset": where,
+        "split": split,
+        "fingerprint": ds._fingerprint,  # datasets' content digest of this split (and of any select())
+        "rows": len(ds),
+        "transform": repr(transform),
+        "pool": pool,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def extract(encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: int, workers: int) -> dict:
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc="features", leave=False):
+        feats.append(encoder.features(images, pool).float())
+        labels.append(y)
+    return {"features": torch.cat(feats), "labels": torch.cat(labels)}
+
+
+def cached_features(
+    encoder: FrozenEncoder, ds: datasets.Dataset, split: str, cfg: EvalConfig, pool: str
+) -> tuple[dict, bool]:
+    """(features (N, D) + labels (N,), whether they came from the cache)."""
+    data = image_dataset(ds, cfg, encoder)
+    key = cache_key(encoder, ds, cfg.data.dataset, split, pool, data.transform)
+    path = Path(cfg.probe.cache_dir).expanduser() / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path)), True
+    out = extract(encoder, data, pool, cfg.probe.extract_batch_size, cfg.data.num_workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(out, str(tmp))
+    os.replace(tmp, path)
+    return out, False
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of indices keeping class proportions: (fit, held out), at least one per class."""
+    rng = np.random.default_rng(seed)
+    labels_np = np.asarray(labels)
+    fit, held = [], []
+    for c in np.unique(labels_np):
+        idx = rng.permutation(np.flatnonzero(labels_np == c))
+        n = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        held.extend(idx[:n].tolist())
+        fit.extend(idx[n:].tolist())
+    return sorted(fit), sorted(held)
+
+
+def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
+    """The fitting split, the evaluation split, and a record of how the latter was chosen."""
+    d = cfg.data
+    data = DataConfig(dataset=d.dataset, split=d.split)
+    fit = load_split(data)
+    names = [d.eval_split] if d.eval_split else ["test", "validation"]
+    for name in names:
+        try:
+            return fit, load_split(data, name), {"eval_split": name}
+        except DataError:
+            if d.eval_split:
+                raise
+    col = label_column(fit, DataConfig(label_column=d.label_column))
+    if col is None:
+        raise DataError(
+            f"{d.dataset!r} has no ClassLabel column to stratify a holdout; name it: data.label_column=NAME"
+        )
+    keep, held = stratified_holdout(fit[col], d.holdout_fraction, cfg.seed)
+    record = {
+        "eval_split": f"holdout of {d.split}",
+        "holdout_fraction": d.holdout_fraction,
+        "holdout_seed": cfg.seed,
+        "holdout_size": len(held),
+        "holdout_indices_sha256": hashlib.sha256(json.dumps(held).encode()).hexdigest(),
+    }
+    return fit.select(keep), fit.select(held), record
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+
+def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed: int) -> torch.Tensor:
+    """Fit BN + Linear on cached features; returns logits (N_test, num_classes)."""
+    torch.manual_seed(seed)
+    x, y = train["features"], train["labels"].long()
+    head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-6), nn.Linear(x.shape[1], num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    batch = min(p.batch_size, len(x))
+    steps_per_epoch = len(x) // batch
+    total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
+    opt = create_optimizer_v2(head, opt="lars", lr=p.blr * batch / 256, weight_decay=p.weight_decay, momentum=0.9)
+    sched = CosineLRScheduler(
+        opt,
+        t_initial=max(1, total - warmup),
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    head.train()
+    for _ in range(p.epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            sched.step_update(step)
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        return head(test["features"])
+
+
+def knn_scores(train: dict, test: dict, num_classes: int, k: int, temperature: float, chunk: int = 512) -> torch.Tensor:
+    """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C)."""
+    bank = F.normalize(train["features"], dim=1)
+    bank_labels = train["labels"].long()
+    k = min(k, len(bank))
+    out = []
+    for q in F.normalize(test["features"], dim=1).split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (n, k)
+        votes = torch.zeros(len(q), num_classes)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """top-1 / top-5 (top-C when fewer classes) as fractions, and per-class top-1."""
+    labels = labels.long()
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit1 = top[:, 0] == labels
+    per_class = {
+        name: hit1[labels == c].float().mean().item() for c, name in enumerate(class_names) if (labels == c).any()
+    }
+    return {
+        "top1": hit1.float().mean().item(),
+        "top5": (top == labels[:, None]).any(dim=1).float().mean().item(),
+        "per_class": per_class,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
+    encoder = load_encoder(cfg.encoder, cfg.seed)
+    pool = encoder.pool(cfg.probe.features)
+    fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
+    train, train_cached = cached_features(encoder, fit_ds, cfg.data.split, cfg, pool)
+    test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
+    col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
+    feature = fit_ds.features[col]
+    num_classes = feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(train["labels"].max()) + 1
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(c) for c in range(num_classes)]
+    if cfg.mode == "linear":
+        scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
+    else:
+        scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature)
+    results = {
+        "mode": cfg.mode,
+        **accuracy(scores, test["labels"], names),
+        "features": pool,
+        "feature_dim": int(train["features"].shape[1]),
+        "train_size": len(train["labels"]),
+        "eval_size": len(test["labels"]),
+        **split_record,
+        "encoder": {"source": cfg.encoder, "kind": encoder.kind, "sha256": encoder.sha256},
+        "features_from_cache": {"train": train_cached, "eval": test_cached},
+        "config": to_dict(cfg),
+        "eval_transform": encoder.data_config,
+    }
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, out / "results.json")
+    return results
