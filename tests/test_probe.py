@@ -1,0 +1,182 @@
+"""Frozen-feature evaluation: kNN, linear probe, feature cache, encoder sources, finetune.py."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY
+from PIL import Image
+
+from mae import engine
+from mae.config import ConfigError, DataConfig, ProbeConfig, load_config, load_eval_config
+from mae.data import load_split
+from mae.encoders import load_encoder, weights_sha256
+from mae.probe import (
+    accuracy,
+    cached_features,
+    evaluate,
+    extract,
+    image_dataset,
+    knn_scores,
+    linear_probe,
+    stratified_holdout,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
+    return out
+
+
+def colour_folder(root, per_class=20, size=16):
+    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder."""
+    rng = np.random.default_rng(0)
+    for c, rgb in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def eval_cfg(tmp_path, *overrides):
+    return load_eval_config(
+        None,
+        [f"output_dir={tmp_path / 'eval'}", f"probe.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides],
+    )
+
+
+def test_knn_on_one_hot_features_is_perfect():
+    labels = torch.arange(5).repeat(4)
+    feats = torch.nn.functional.one_hot(labels, 5).float()
+    bank = {"features": feats, "labels": labels}
+    scores = knn_scores(bank, bank, 5, k=3, temperature=0.07)
+    assert accuracy(scores, labels, list("abcde"))["top1"] == 1.0
+
+
+def test_knn_votes_are_temperature_weighted():
+    bank = {"features": torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]]), "labels": torch.tensor([0, 1, 1])}
+    query = {"features": torch.tensor([[1.0, 0.0]]), "labels": torch.tensor([0])}
+    # one very close neighbour of class 0 beats two far ones of class 1 at a low temperature ...
+    assert knn_scores(bank, query, 2, k=3, temperature=0.05).argmax().item() == 0
+    # ... and loses to them when votes are nearly equal
+    assert knn_scores(bank, query, 2, k=3, temperature=100.0).argmax().item() == 1
+
+
+def test_linear_probe_separates_gaussian_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    labels = torch.arange(4).repeat_interleave(50)
+    feats = centres[labels] + torch.randn(200, 16, generator=g)
+    train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
+    logits = linear_probe(train, test, 4, ProbeConfig(batch_size=32, epochs=30, warmup_epochs=3), seed=0)
+    assert accuracy(logits, test["labels"], list("abcd"))["top1"] > 0.95
+
+
+def test_accuracy_known_answers():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    out = accuracy(scores, torch.tensor([0, 1, 1, 0]), ["x", "y", "z"])
+    assert out["top1"] == 0.5 and out["top5"] == 1.0  # top-3 here: fewer than 5 classes
+    assert out["per_class"] == {"x": 0.5, "y": 0.5}
+
+
+def test_stratified_holdout_is_seeded_and_keeps_proportions():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    fit, held = stratified_holdout(labels, 0.1, seed=3)
+    assert sorted(fit + held) == list(range(100)) and not set(fit) & set(held)
+    assert [sum(labels[i] == c for i in held) for c in range(3)] == [5, 3, 2]
+    assert stratified_holdout(labels, 0.1, seed=3) == (fit, held)
+    assert stratified_holdout(labels, 0.1, seed=4)[1] != held
+
+
+def test_cache_is_exact_and_never_stale(tmp_path, run_dir):
+    cfg = eval_cfg(tmp_path, f"encoder={run_dir}")
+    enc = load_encoder(cfg.encoder)
+
+    ds = load_split(DataConfig(), "test").select(range(40))
+    first, hit1 = cached_features(enc, ds, "test", cfg, "cls")
+    again, hit2 = cached_features(enc, ds, "test", cfg, "cls")
+    assert (hit1, hit2) == (False, True)
+    fresh = extract(enc, image_dataset(ds, cfg, enc), "cls", 16, 0)
+    assert torch.equal(again["features"], fresh["features"]) and torch.equal(again["labels"], fresh["labels"])
+    assert cached_features(enc, ds, "test", cfg, "avg")[1] is False  # another pooling
+    assert cached_features(enc, ds.select(range(30)), "test", cfg, "cls")[1] is False  # other rows
+    enc.data_config = {**enc.data_config, "mean": (0.5, 0.5, 0.5)}  # another transform
+    assert cached_features(enc, ds, "test", cfg, "cls")[1] is False
+    changed = load_encoder(cfg.encoder)
+    with torch.no_grad():
+        changed.module.blocks[0].mlp.fc1.weight[0, 0] += 1e-3
+    changed.sha256 = weights_sha256(changed.module)
+    assert changed.sha256 != enc.sha256
+    assert cached_features(changed, ds, "test", cfg, "cls")[1] is False  # another encoder
+
+
+def test_avg_features_are_the_mean_of_normalised_patch_tokens(run_dir):
+    enc = load_encoder(str(run_dir))
+    x = torch.randn(2, 3, 16, 16)
+    tokens = enc.module.forward_features(x)  # timm: final norm applied
+    assert torch.allclose(enc.features(x, "avg"), tokens[:, 1:].mean(1))
+    assert torch.allclose(enc.features(x, "cls"), enc.module(x))  # the export's own pooled output
+    assert enc.pool("default") == "cls"
+
+
+def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir):
+    folder = colour_folder(tmp_path / "colours")
+    cfg = eval_cfg(
+        tmp_path,
+        f"encoder=random:{run_dir}",
+        f"data.dataset={folder}",
+        "probe.batch_size=16",
+        "probe.epochs=30",
+        "probe.warmup_epochs=2",
+        "data.holdout_fraction=0.25",
+    )
+    before = load_encoder(cfg.encoder).sha256
+    res = evaluate(cfg)
+    assert res["top1"] > 0.9  # chance is 1/3
+    assert res["eval_split"] == "holdout of train" and res["eval_size"] == 15 and res["train_size"] == 45
+    assert set(res["per_class"]) == {"c0", "c1", "c2"}
+    saved = json.loads((tmp_path / "eval/results.json").read_text())
+    assert saved["top1"] == res["top1"] and 0 <= saved["top5"] <= 1
+    assert saved["encoder"]["sha256"] == before == load_encoder(cfg.encoder).sha256  # the encoder is untouched
+    assert saved["config"]["probe"]["epochs"] == 30 and len(saved["holdout_indices_sha256"]) == 64
+
+
+def test_command_line_knn_on_sample(tmp_path, run_dir):
+    out = tmp_path / "knn"
+    cmd = [
+        sys.executable,
+        "finetune.py",
+        f"encoder={run_dir}",
+        "mode=knn",
+        f"output_dir={out}",
+        f"probe.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith(("top1", "top5")))
+    res = json.loads((out / "results.json").read_text())
+    assert float(lines["top1"]) == pytest.approx(res["top1"], abs=1e-4)
+    assert res["eval_split"] == "test" and res["train_size"] == 3000 and res["eval_size"] == 1000
+    assert res["top1"] > 0.15  # 10 classes; even 3 steps of pretraining keep colour statistics
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "encoder=None is invalid"),
+        (["encoder=/no/such/dir"], "is not an export directory"),
+        (["encoder=timm:not_a_model"], "timm has no model 'not_a_model'"),
+        (["encoder=x", "mode=finetune"], "mode='finetune' is invalid; choose one of ['linear', 'knn']"),
+        (["encoder=x", "probe.warmup_epochs=90"], "probe.warmup_epochs=90 is invalid"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        evaluate(eval_cfg(tmp_path, *overrides))
