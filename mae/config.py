@@ -271,7 +271,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    encoder: str | None = None  # export dir | run dir | timm:NAME | random:RUN_OR_EXPORT_DIR
+    encoder: str | None = None  # export dir | run dir | timm:NAME | random:RUN_OR_EXPORT_DIR | pixels:SIZE
     mode: Literal["linear", "knn"] = "linear"
     output_dir: str = "runs/eval"
     seed: int = 0
@@ -283,7 +283,12 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
     cfg = load_raw(path, overrides, EvalConfig)
     d, p = cfg.data, cfg.probe
     checks = [
-        (cfg.encoder is not None, "encoder", cfg.encoder, "an export dir, a run dir, timm:NAME or random:DIR"),
+        (
+            cfg.encoder is not None,
+            "encoder",
+            cfg.encoder,
+            "an export dir, a run dir, timm:NAME, random:DIR or pixels:SIZE",
+        ),
         (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),

@@ -9,6 +9,8 @@ Sources (the ``encoder=`` key of ``finetune.py``):
 - ``random:DIR`` — the architecture of an export or run directory with fresh weights: a run's
   model is built as pretraining builds it (same initialisation scheme, ``seed``), an export's by
   timm. This is the "same encoder at random init" baseline.
+- ``pixels:SIZE`` — no encoder: the image resized to SIZE x SIZE (RGB), normalised and
+  flattened. The raw-pixel baseline.
 """
 
 from __future__ import annotations
@@ -113,8 +115,28 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
     return _freeze(model, source, "autoencoder", data_config, "encode")
 
 
+class Pixels(nn.Module):
+    """The identity encoder: normalised pixels, flattened (the raw-pixel baseline)."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)
+
+
 def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
     """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder."""
+    if source.startswith("pixels:"):
+        size = source.removeprefix("pixels:")
+        if not size.isdigit() or int(size) <= 0:
+            raise ConfigError(f"encoder={source!r}: give the image size in pixels, e.g. pixels:32")
+        data_config = {
+            "input_size": (3, int(size), int(size)),
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
+        return _freeze(Pixels(), source, "autoencoder", data_config, "encode")
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         if not timm.is_model(name):
@@ -133,5 +155,5 @@ def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
         return _run_encoder(path, source, fresh, seed)
     raise ConfigError(
         f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "
-        "(config.yaml), timm:NAME or random:DIR"
+        "(config.yaml), timm:NAME, random:DIR or pixels:SIZE"
     )

@@ -180,3 +180,12 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
 def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         evaluate(eval_cfg(tmp_path, *overrides))
+
+
+def test_pixel_baseline_is_the_normalised_image():
+    enc = load_encoder("pixels:8")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(enc.features(x, enc.pool("default")), x.flatten(1))
+    assert enc.data_config["input_size"] == (3, 8, 8)
+    with pytest.raises(ConfigError, match="give the image size in pixels"):
+        load_encoder("pixels:big")
