@@ -15,7 +15,9 @@ Sources (the ``encoder=`` key of ``finetune.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class FrozenEncoder:
     kind: str  # "timm": features from forward_features; "autoencoder": from the project's encode()
     data_config: dict[str, Any]  # timm's: input_size, mean, std, interpolation, crop_pct
     default_pool: str  # "cls" | "avg" | "encode"
+    arch: str  # what the weights do not say: timm name + model args, or the run's model config
     sha256: str
 
     @torch.no_grad()
@@ -47,11 +50,12 @@ class FrozenEncoder:
         tokens = self.module.forward_features(images)
         if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
             return self.module.forward_head(tokens, pre_logits=True)
-        prefix = getattr(self.module, "num_prefix_tokens", 0)
+        if pool == self.default_pool:  # the model's own pooling, with its own head norm (fc_norm, attention pool)
+            return self.module.forward_head(tokens, pre_logits=True)
         if pool == "cls":
             return tokens[:, 0]
         # the mean of the *normalised* patch tokens: the pretrained final norm, no random fc_norm
-        return tokens[:, prefix:].mean(dim=1)
+        return tokens[:, getattr(self.module, "num_prefix_tokens", 0) :].mean(dim=1)
 
     def pool(self, requested: str) -> str:
         """Resolve ``probe.features``; 'default' means what the encoder was made for."""
@@ -62,7 +66,7 @@ class FrozenEncoder:
                 f"probe.features={requested!r} needs a token encoder; {self.source} gives features through its "
                 "encode(): use probe.features=default"
             )
-        if requested == "cls" and getattr(self.module, "num_prefix_tokens", 0) == 0:
+        if requested == "cls" and getattr(self.module, "cls_token", None) is None:
             raise ConfigError(f"probe.features=cls: {self.source} has no cls token; use probe.features=avg")
         return requested
 
@@ -73,18 +77,26 @@ def weights_sha256(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def _freeze(module: nn.Module, source: str, kind: str, data_config: dict, default_pool: str) -> FrozenEncoder:
+def _freeze(
+    module: nn.Module, source: str, kind: str, data_config: dict, default_pool: str, arch: Any
+) -> FrozenEncoder:
     module.eval().requires_grad_(False)
-    return FrozenEncoder(module, source, kind, data_config, default_pool, weights_sha256(module))
+    arch_text = json.dumps(arch, sort_keys=True, default=str)
+    return FrozenEncoder(module, source, kind, data_config, default_pool, arch_text, weights_sha256(module))
+
+
+def _timm_pool(model: nn.Module) -> str:
+    return {"token": "cls", "avg": "avg"}.get(getattr(model, "global_pool", ""), "avg")
 
 
 def _timm_encoder(model: nn.Module, source: str) -> FrozenEncoder:
-    pool = {"token": "cls", "avg": "avg"}.get(getattr(model, "global_pool", ""), "avg")
-    return _freeze(model, source, "timm", resolve_data_config({}, model=model), pool)
+    arch = {"timm": model.pretrained_cfg.get("architecture"), "args": getattr(model, "pretrained_model_args", None)}
+    arch["repr"] = repr(model)  # layer structure; heads and the like sit in model_args above
+    return _freeze(model, source, "timm", resolve_data_config({}, model=model), _timm_pool(model), arch)
 
 
 def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
@@ -108,11 +120,11 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
         "crop_pct": 1.0,
         "crop_mode": "center",
     }
+    arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": d.image_size, "channels": d.channels}
     encoder = model.encoder
     if hasattr(encoder, "pretrained_cfg"):  # a timm model: token features, both poolings
-        pool = {"token": "cls", "avg": "avg"}.get(encoder.global_pool, "avg")
-        return _freeze(encoder, source, "timm", data_config, pool)
-    return _freeze(model, source, "autoencoder", data_config, "encode")
+        return _freeze(encoder, source, "timm", data_config, _timm_pool(encoder), arch)
+    return _freeze(model, source, "autoencoder", data_config, "encode", arch)
 
 
 class Pixels(nn.Module):
@@ -124,6 +136,15 @@ class Pixels(nn.Module):
 
 def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
     """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder."""
+    try:
+        return _load_encoder(source, seed)
+    except ConfigError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing files, bad configs, shape mismatches
+        raise ConfigError(f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})") from e
+
+
+def _load_encoder(source: str, seed: int) -> FrozenEncoder:
     if source.startswith("pixels:"):
         size = source.removeprefix("pixels:")
         if not size.isdigit() or int(size) <= 0:
@@ -136,7 +157,7 @@ def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
             "crop_pct": 1.0,
             "crop_mode": "center",
         }
-        return _freeze(Pixels(), source, "autoencoder", data_config, "encode")
+        return _freeze(Pixels(), source, "autoencoder", data_config, "encode", {"pixels": int(size)})
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         if not timm.is_model(name):

@@ -16,16 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform
-from timm.optim import create_optimizer_v2
+from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
@@ -53,18 +55,23 @@ def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder)
     return ImageDataset(ds, data, create_transform(**encoder.data_config, is_training=False))
 
 
-def cache_key(encoder: FrozenEncoder, ds: datasets.Dataset, source: str, split: str, pool: str, transform: Any) -> str:
+# Bump when feature extraction changes in a way the key below cannot see.
+CACHE_VERSION = 1
+
+
+def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: str, pool: str) -> str:
+    """Everything the cached features depend on: the encoder (weights and architecture), the rows,
+    columns and channel conversion, the transform, the pooling, and the code that ran them."""
     where = str(Path(source).resolve()) if Path(source).exists() else source
     parts = {
-        "encoder": encoder.sha256,
-        "dataset": where,
-        "split": split,
-        "fingerprint": ds._fingerprint,  # datasets' content digest of this split (and of any select())
-        "rows": len(ds),
-        "transform": repr(transform),
+        "version": [CACHE_VERSION, torch.__version__, timm.__version__],
+        "encoder": [encoder.sha256, encoder.arch],
+        "dataset": [where, split, len(data), data.ds._fingerprint],  # fingerprint of the selected rows/columns
+        "columns": [data.image_col, data.label_col, data.mode],
+        "transform": encoder.data_config,
         "pool": pool,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def extract(encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: int, workers: int) -> dict:
@@ -81,15 +88,24 @@ def cached_features(
 ) -> tuple[dict, bool]:
     """(features (N, D) + labels (N,), whether they came from the cache)."""
     data = image_dataset(ds, cfg, encoder)
-    key = cache_key(encoder, ds, cfg.data.dataset, split, pool, data.transform)
-    path = Path(cfg.probe.cache_dir).expanduser() / f"{key}.safetensors"
+    path = (
+        Path(cfg.probe.cache_dir).expanduser()
+        / f"{cache_key(encoder, data, cfg.data.dataset, split, pool)}.safetensors"
+    )
     if path.is_file():
-        return load_file(str(path)), True
+        try:
+            return load_file(str(path)), True
+        except Exception:  # a damaged entry (e.g. a full disk): extract again
+            path.unlink(missing_ok=True)
     out = extract(encoder, data, pool, cfg.probe.extract_batch_size, cfg.data.num_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(out, str(tmp))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(out, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return out, False
 
 
@@ -97,13 +113,14 @@ def cached_features(
 
 
 def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of indices keeping class proportions: (fit, held out), at least one per class."""
+    """Seeded split of indices keeping class proportions: (fit, held out). Every class with at least
+    two images keeps one in each part."""
     rng = np.random.default_rng(seed)
     labels_np = np.asarray(labels)
     fit, held = [], []
     for c in np.unique(labels_np):
         idx = rng.permutation(np.flatnonzero(labels_np == c))
-        n = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
         held.extend(idx[:n].tolist())
         fit.extend(idx[n:].tolist())
     return sorted(fit), sorted(held)
@@ -114,13 +131,16 @@ def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dat
     d = cfg.data
     data = DataConfig(dataset=d.dataset, split=d.split)
     fit = load_split(data)
-    names = [d.eval_split] if d.eval_split else ["test", "validation"]
-    for name in names:
+    if d.eval_split:
+        return fit, load_split(data, d.eval_split), {"eval_split": d.eval_split}
+    for name in (n for n in ("test", "validation") if n != d.split):
         try:
-            return fit, load_split(data, name), {"eval_split": name}
+            held = load_split(data, name)
         except DataError:
-            if d.eval_split:
-                raise
+            continue
+        col = label_column(held, DataConfig(label_column=d.label_column))
+        if col is not None and max(held[col]) >= 0:  # hub test splits often come without labels (-1)
+            return fit, held, {"eval_split": name}
     col = label_column(fit, DataConfig(label_column=d.label_column))
     if col is None:
         raise DataError(
@@ -150,7 +170,16 @@ def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed
     batch = min(p.batch_size, len(x))
     steps_per_epoch = len(x) // batch
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-    opt = create_optimizer_v2(head, opt="lars", lr=p.blr * batch / 256, weight_decay=p.weight_decay, momentum=0.9)
+    # LARS as in the MAE code: the trust ratio on the weight matrix, plain momentum SGD on the bias
+    # (timm's Lars adapts a group only when it has weight decay, unless always_adapt is set)
+    opt = Lars(
+        [
+            {"params": [head[1].weight], "weight_decay": p.weight_decay, "always_adapt": True},
+            {"params": [head[1].bias], "weight_decay": 0.0, "always_adapt": False},
+        ],
+        lr=p.blr * batch / 256,
+        momentum=0.9,
+    )
     sched = CosineLRScheduler(
         opt,
         t_initial=max(1, total - warmup),
@@ -184,9 +213,10 @@ def knn_scores(train: dict, test: dict, num_classes: int, k: int, temperature: f
     k = min(k, len(bank))
     out = []
     for q in F.normalize(test["features"], dim=1).split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # (n, k)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (n, k), most similar first
         votes = torch.zeros(len(q), num_classes)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        # exp((s - s_max) / T): the same ranking as exp(s / T), without overflow at small T
+        votes.scatter_add_(1, bank_labels[idx], ((sim - sim[:, :1]) / temperature).exp())
         out.append(votes)
     return torch.cat(out)
 
@@ -218,15 +248,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
     col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
     feature = fit_ds.features[col]
-    num_classes = feature.num_classes if isinstance(feature, datasets.ClassLabel) else int(train["labels"].max()) + 1
+    num_classes = (
+        feature.num_classes
+        if isinstance(feature, datasets.ClassLabel)
+        else int(max(train["labels"].max(), test["labels"].max())) + 1
+    )
     names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(c) for c in range(num_classes)]
+    for which, part in (("fit (data.split)", train), ("evaluation", test)):
+        bad = int(((part["labels"] < 0) | (part["labels"] >= num_classes)).sum())
+        if bad:
+            raise DataError(
+                f"the {which} split has {bad} images without a valid label (column {col!r}, classes "
+                f"0..{num_classes - 1}); choose a labelled split with data.split / data.eval_split"
+            )
+    settings: dict[str, Any] = {}
     if cfg.mode == "linear":
         scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
+        batch = min(cfg.probe.batch_size, len(train["labels"]))
+        settings = {"probe_batch": batch, "probe_lr": cfg.probe.blr * batch / 256}
     else:
         scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature)
     results = {
         "mode": cfg.mode,
         **accuracy(scores, test["labels"], names),
+        "top5_k": min(5, num_classes),
+        **settings,
         "features": pool,
         "feature_dim": int(train["features"].shape[1]),
         "train_size": len(train["labels"]),
@@ -239,7 +285,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     }
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out / "results.json")
     return results

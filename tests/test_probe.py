@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -53,10 +54,13 @@ def eval_cfg(tmp_path, *overrides):
 
 def test_knn_on_one_hot_features_is_perfect():
     labels = torch.arange(5).repeat(4)
-    feats = torch.nn.functional.one_hot(labels, 5).float()
-    bank = {"features": feats, "labels": labels}
-    scores = knn_scores(bank, bank, 5, k=3, temperature=0.07)
-    assert accuracy(scores, labels, list("abcde"))["top1"] == 1.0
+    bank = {"features": torch.nn.functional.one_hot(labels, 5).float(), "labels": labels}
+    queries = torch.tensor([3, 0, 4, 1, 2, 2])
+    query = {"features": torch.nn.functional.one_hot(queries, 5).float() * 2.5, "labels": queries}
+    scores = knn_scores(bank, query, 5, k=10, temperature=0.07)  # k > images per class: other classes vote too
+    assert accuracy(scores, queries, list("abcde"))["top1"] == 1.0
+    tiny_t = knn_scores(bank, query, 5, k=10, temperature=1e-4)  # no overflow to inf at a tiny temperature
+    assert torch.isfinite(tiny_t).all() and tiny_t.argmax(1).tolist() == queries.tolist()
 
 
 def test_knn_votes_are_temperature_weighted():
@@ -74,8 +78,14 @@ def test_linear_probe_separates_gaussian_clusters():
     labels = torch.arange(4).repeat_interleave(50)
     feats = centres[labels] + torch.randn(200, 16, generator=g)
     train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
-    logits = linear_probe(train, test, 4, ProbeConfig(batch_size=32, epochs=30, warmup_epochs=3), seed=0)
+    logits = linear_probe(train, test, 4, ProbeConfig(batch_size=32, epochs=100, warmup_epochs=5, blr=100.0), seed=0)
     assert accuracy(logits, test["labels"], list("abcd"))["top1"] > 0.95
+
+
+def test_top5_differs_from_top1_with_many_classes():
+    scores = torch.arange(8, dtype=torch.float32).repeat(3, 1)  # ranking 7, 6, 5, 4, 3, ...
+    out = accuracy(scores, torch.tensor([7, 4, 1]), [str(i) for i in range(8)])
+    assert out["top1"] == pytest.approx(1 / 3) and out["top5"] == pytest.approx(2 / 3)
 
 
 def test_accuracy_known_answers():
@@ -92,6 +102,9 @@ def test_stratified_holdout_is_seeded_and_keeps_proportions():
     assert [sum(labels[i] == c for i in held) for c in range(3)] == [5, 3, 2]
     assert stratified_holdout(labels, 0.1, seed=3) == (fit, held)
     assert stratified_holdout(labels, 0.1, seed=4)[1] != held
+    small = [0, 0, 1, 1, 1, 2]
+    fit, held = stratified_holdout(small, 0.75, seed=0)  # a big fraction still leaves every class a fit image
+    assert {small[i] for i in fit} == {0, 1, 2} and {small[i] for i in held} == {0, 1}
 
 
 def test_cache_is_exact_and_never_stale(tmp_path, run_dir):
@@ -125,26 +138,80 @@ def test_avg_features_are_the_mean_of_normalised_patch_tokens(run_dir):
     assert enc.pool("default") == "cls"
 
 
-def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir):
+def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir, monkeypatch):
     folder = colour_folder(tmp_path / "colours")
     cfg = eval_cfg(
         tmp_path,
         f"encoder=random:{run_dir}",
         f"data.dataset={folder}",
         "probe.batch_size=16",
-        "probe.epochs=30",
+        "probe.epochs=100",
+        "probe.blr=100",
         "probe.warmup_epochs=2",
         "data.holdout_fraction=0.25",
     )
-    before = load_encoder(cfg.encoder).sha256
+    encoder = load_encoder(cfg.encoder)
+    weights = {k: v.clone() for k, v in encoder.module.state_dict().items()}
+    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed: encoder)  # the very instance evaluated
     res = evaluate(cfg)
     assert res["top1"] > 0.9  # chance is 1/3
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == 15 and res["train_size"] == 45
-    assert set(res["per_class"]) == {"c0", "c1", "c2"}
+    assert set(res["per_class"]) == {"c0", "c1", "c2"} and res["top5_k"] == 3
+    assert res["probe_batch"] == 16 and res["probe_lr"] == 100 * 16 / 256
     saved = json.loads((tmp_path / "eval/results.json").read_text())
     assert saved["top1"] == res["top1"] and 0 <= saved["top5"] <= 1
-    assert saved["encoder"]["sha256"] == before == load_encoder(cfg.encoder).sha256  # the encoder is untouched
-    assert saved["config"]["probe"]["epochs"] == 30 and len(saved["holdout_indices_sha256"]) == 64
+    assert saved["config"]["probe"]["epochs"] == 100 and len(saved["holdout_indices_sha256"]) == 64
+    # the probe never touched the encoder
+    assert all(torch.equal(v, encoder.module.state_dict()[k]) for k, v in weights.items())
+    assert not any(p.requires_grad for p in encoder.module.parameters())
+    assert saved["encoder"]["sha256"] == weights_sha256(encoder.module)
+
+
+def test_cache_follows_the_label_column(tmp_path, run_dir):
+    rows = {
+        "img": [np.full((16, 16, 3), 40 * i, np.uint8) for i in range(6)],
+        "fine": [0, 1, 2, 0, 1, 2],
+        "coarse": [1, 1, 0, 0, 1, 0],
+    }
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine": datasets.ClassLabel(num_classes=3),
+            "coarse": datasets.ClassLabel(num_classes=2),
+        }
+    )
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    enc = load_encoder(str(run_dir))
+    fine, _ = cached_features(enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=fine"), "cls")
+    coarse, hit = cached_features(enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=coarse"), "cls")
+    assert not hit and coarse["labels"].tolist() == [1, 1, 0, 0, 1, 0] and fine["labels"].tolist() == [0, 1, 2] * 2
+
+
+def test_cnn_encoders_work_too(tmp_path):
+    enc = load_encoder("timm:resnet10t")  # BatchNorm buffers (0-d tensors) in the digest, timm's own pooling
+    assert len(enc.sha256) == 64 and enc.default_pool == "avg"
+    assert enc.features(torch.randn(2, 3, 32, 32), "avg").shape == (2, 512)
+
+
+def test_unlabelled_evaluation_split_is_refused(tmp_path, run_dir):
+    from mae.data import DataError
+
+    rows = {"image": [np.zeros((8, 8, 3), np.uint8)] * 4, "label": [0, 1, 0, 1]}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    (tmp_path / "d").mkdir()
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(tmp_path / "d/train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict({**rows, "label": [-1] * 4}, features=feats).to_parquet(
+        tmp_path / "d/test-00000-of-00001.parquet"
+    )
+    with pytest.raises(DataError, match="evaluation split has 4 images without a valid label"):
+        evaluate(eval_cfg(tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "data.eval_split=test"))
+    # by default an unlabelled test split is passed over for a holdout
+    res = evaluate(
+        eval_cfg(
+            tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "mode=knn", "data.holdout_fraction=0.5"
+        )
+    )
+    assert res["eval_split"] == "holdout of train" and res["eval_size"] == 2
 
 
 def test_command_line_knn_on_sample(tmp_path, run_dir):
@@ -175,6 +242,7 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
         (["encoder=timm:not_a_model"], "timm has no model 'not_a_model'"),
         (["encoder=x", "mode=finetune"], "mode='finetune' is invalid; choose one of ['linear', 'knn']"),
         (["encoder=x", "probe.warmup_epochs=90"], "probe.warmup_epochs=90 is invalid"),
+        (["encoder=x", "data.eval_split=train"], "data.eval_split='train' is invalid; it must be another split"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
