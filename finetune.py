@@ -2,8 +2,8 @@
 
 ``mode=linear`` (default) fits a linear probe on frozen features, ``mode=knn`` a kNN classifier;
 both write ``results.json`` (top-1, top-5, per-class accuracy, config, encoder digest) into
-``output_dir`` and print one line per metric. SOURCE: an export dir, a run dir, timm:NAME, or
-random:DIR (the same architecture at random init). See README.md.
+``output_dir`` and print one line per metric. SOURCE: an export dir, a run dir, timm:NAME,
+random:DIR (the same architecture at random init) or pixels:SIZE (raw pixels). See README.md.
 """
 
 import argparse
