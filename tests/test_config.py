@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from mae.config import Config, ConfigError, derive, from_dict, load_config, to_dict
+from mae.config import Config, ConfigError, EvalConfig, derive, from_dict, load_config, load_eval_config, to_dict
 
 
 def test_defaults_resolve_preset():
@@ -101,10 +101,13 @@ def test_missing_or_bad_recipe(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert recipes, "configs/ holds no recipes"
+    configs = Path(__file__).parents[1] / "configs"
+    recipes, evals = sorted(configs.glob("*.yaml")), sorted((configs / "eval").glob("*.yaml"))
+    assert recipes and evals, "configs/ holds no recipes"
     for recipe in recipes:
         assert isinstance(load_config(recipe), Config)
+    for recipe in evals:
+        assert isinstance(load_eval_config(recipe, ["encoder=x"]), EvalConfig)
 
 
 def test_derived_values():
