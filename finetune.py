@@ -6,36 +6,20 @@ both write ``results.json`` (top-1, top-5, per-class accuracy, config, encoder d
 random:DIR (the same architecture at random init) or pixels:SIZE (raw pixels). See README.md.
 """
 
-import argparse
 import sys
 
-from mae.config import ConfigError, load_eval_config
+from mae.cli import main
+from mae.config import EvalConfig, load_eval_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML recipe holding only what differs from the defaults")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. encoder=runs/mae mode=knn")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_eval_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # heavy imports (torch, datasets) only once the config is known to be valid
-    from mae.data import DataError
-    from mae.probe import evaluate
+def probe(cfg: EvalConfig) -> None:
+    from mae.probe import evaluate  # torch, datasets: only once the config is known to be valid
 
-    try:
-        results = evaluate(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate(cfg)
     for key in ("top1", "top5"):
         print(f"{key}: {results[key]:.4f}")
     print(f"results: {cfg.output_dir}/results.json")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, probe, sys.argv[1:]))

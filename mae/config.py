@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 # Architecture presets: name -> (patch, embed dim, depth, heads, decoder dim, decoder depth, decoder heads).
 # The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale) images.
 PRESETS: dict[str, tuple[int, int, int, int, int, int, int]] = {
@@ -136,10 +138,8 @@ def resolve(cfg: Config) -> Config:
         imagenet = data.channels == 3
         data = dataclasses.replace(
             data,
-            mean=data.mean
-            if data.mean is not None
-            else ((0.485, 0.456, 0.406) if imagenet else (0.5,) * data.channels),
-            std=data.std if data.std is not None else ((0.229, 0.224, 0.225) if imagenet else (0.5,) * data.channels),
+            mean=data.mean if data.mean is not None else (IMAGENET_MEAN if imagenet else (0.5,) * data.channels),
+            std=data.std if data.std is not None else (IMAGENET_STD if imagenet else (0.5,) * data.channels),
         )
     cfg = dataclasses.replace(cfg, model=model, data=data)
     validate(cfg)

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mae.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, phrased so that the message alone says how to fix it."""
 
 

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from mae.config import DataConfig
+from mae.errors import UserError
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "cifar10_sample"
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used as configured; the message says what to change."""
 
 
@@ -95,6 +96,18 @@ def _is_label(feature: Any) -> bool:
     return isinstance(feature, datasets.ClassLabel) or (
         isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
     )
+
+
+def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
+    """This preprocessing in timm's terms: what an export records and evaluation feeds the encoder."""
+    return {
+        "input_size": (cfg.channels, cfg.image_size, cfg.image_size),
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
 
 
 def pretrain_transform(cfg: DataConfig) -> v2.Compose:

@@ -27,7 +27,8 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from mae.config import ConfigError
+from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig
+from mae.data import timm_data_config
 
 
 @dataclass
@@ -111,15 +112,8 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
         model = build_model(cfg)
     else:
         model, cfg = load_run_model(run_dir)
-    d = cfg.data  # the run's own input size and normalisation
-    data_config = {
-        "input_size": (d.channels, d.image_size, d.image_size),
-        "mean": tuple(d.mean),
-        "std": tuple(d.std),
-        "interpolation": "bicubic",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-    }
+    d = cfg.data
+    data_config = timm_data_config(d)  # the run's own input size and normalisation
     arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": d.image_size, "channels": d.channels}
     encoder = model.encoder
     if hasattr(encoder, "pretrained_cfg"):  # a timm model: token features, both poolings
@@ -149,15 +143,8 @@ def _load_encoder(source: str, seed: int) -> FrozenEncoder:
         size = source.removeprefix("pixels:")
         if not size.isdigit() or int(size) <= 0:
             raise ConfigError(f"encoder={source!r}: give the image size in pixels, e.g. pixels:32")
-        data_config = {
-            "input_size": (3, int(size), int(size)),
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-        }
-        return _freeze(Pixels(), source, "autoencoder", data_config, "encode", {"pixels": int(size)})
+        data = DataConfig(image_size=int(size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return _freeze(Pixels(), source, "autoencoder", timm_data_config(data), "encode", {"pixels": int(size)})
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         if not timm.is_model(name):

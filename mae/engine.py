@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from mae import checkpoint as ckpt
 from mae.config import Config, ConfigError, Derived, derive, from_dict, read_yaml, to_dict
 from mae.data import EpochSampler, ImageDataset, eval_transform, load_split, pretrain_loader, pretrain_transform
+from mae.errors import UserError
 from mae.export import export_encoder
 from mae.models import AEOutput, Autoencoder, build_model
 from mae.visualize import save_recon_grid
@@ -47,8 +48,10 @@ RESUMABLE_KEYS = {
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the weights stopped being finite; nothing was saved after it happened."""
+
+    exit_code = 1
 
 
 @dataclasses.dataclass

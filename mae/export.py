@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from mae.config import Config, from_dict, read_yaml
+from mae.data import timm_data_config
 
 
 def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -30,19 +31,12 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    d = cfg.data
     save_for_hf(
         encoder,
         str(tmp),
         safe_serialization=True,
         model_config={"pretrained_cfg": {"tag": f"mae_{cfg.model.preset}", "license": None}},
-        data_config={
-            "input_size": (d.channels, d.image_size, d.image_size),
-            "mean": tuple(d.mean),
-            "std": tuple(d.std),
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-        },
+        data_config=timm_data_config(cfg.data),
     )
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

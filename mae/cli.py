@@ -1,0 +1,25 @@
+"""The shape every entry script shares: ``[--config FILE] [dotted.key=value ...]`` -> config -> run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mae.errors import UserError
+
+
+def main(description: str, load: Callable[..., Any], run: Callable[[Any], None], argv: Sequence[str] | None) -> int:
+    """Load the config (no heavy imports before it is known to be valid), then run it. A ``UserError``
+    becomes one ``error: ...`` line on stderr and its exit code."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML recipe holding only what differs from the defaults")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/x")
+    args = parser.parse_args(argv)
+    try:
+        run(load(args.config, args.overrides))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
