@@ -107,6 +107,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     recon_every: int = 100  # optimizer steps between reconstruction grids (one is always written at the end)
     recon_images: int = 8
+    online_probe: bool = False  # train a linear head on each step's detached features (needs labels)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import datasets
 import torch
 import yaml
 from accelerate import Accelerator
@@ -24,10 +25,19 @@ from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
 from mae.config import Config, ConfigError, Derived, derive, from_dict, read_yaml, to_dict
-from mae.data import EpochSampler, ImageDataset, eval_transform, load_split, pretrain_loader, pretrain_transform
+from mae.data import (
+    DataError,
+    EpochSampler,
+    ImageDataset,
+    eval_transform,
+    load_split,
+    pretrain_loader,
+    pretrain_transform,
+)
 from mae.errors import UserError
 from mae.export import export_encoder
 from mae.models import AEOutput, Autoencoder, build_model
+from mae.online_probe import OnlineProbe
 from mae.visualize import save_recon_grid
 
 # Keys that may change between a run and its resumption (they do not change what is learned
@@ -217,6 +227,8 @@ def train(cfg: Config) -> RunResult:
     optimizer = build_optimizer(model, cfg, derived)
     scheduler = build_scheduler(optimizer, cfg, derived)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    probe, probe_optimizer = _online_probe(accelerator, cfg, dataset, model)
+    nets = [model] if probe is None else [model, probe]
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params)
 
@@ -248,16 +260,24 @@ def train(cfg: Config) -> RunResult:
         batches = loader
         if within:  # resume mid-epoch: skip the micro-batches already consumed
             batches = accelerator.skip_first_batches(loader, within * t.accum_steps)
-        for images, _ in batches:
-            with accelerator.accumulate(model):
+        for images, labels in batches:
+            with accelerator.accumulate(*nets):
                 out = model(images)
-                accelerator.backward(out.loss)
+                loss = out.loss
+                if probe is not None:
+                    probe_loss, probe_acc = probe(out.features, labels)
+                    out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
+                    loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     scheduler.step_update(step)  # lr for the step being taken
                     if t.clip_grad is not None:
                         accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if probe_optimizer is not None:
+                    probe_optimizer.step()
+                    probe_optimizer.zero_grad(set_to_none=True)
             log.add(out)
             if not accelerator.sync_gradients:
                 continue
@@ -291,6 +311,21 @@ def train(cfg: Config) -> RunResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, export_dir, step, model)
+
+
+def _online_probe(
+    accelerator: Accelerator, cfg: Config, dataset: ImageDataset, model: torch.nn.Module
+) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+    if not cfg.train.online_probe:
+        return None, None
+    feature = dataset.ds.features.get(dataset.label_col) if dataset.label_col else None
+    if not isinstance(feature, datasets.ClassLabel):
+        raise DataError(
+            "train.online_probe=true needs class labels, and the dataset has no ClassLabel column; name it with "
+            "data.label_column=NAME or set train.online_probe=false"
+        )
+    probe = OnlineProbe(accelerator.unwrap_model(model).feature_dim, feature.num_classes)
+    return accelerator.prepare(probe, probe.optimizer())
 
 
 def _check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:

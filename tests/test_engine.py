@@ -67,8 +67,9 @@ def _steps_and_losses(run_dir):
     [
         # mid-epoch of the first epoch (sample: 375 steps/epoch), gradient accumulation
         ("sample", 10, 13, ["train.accum_steps=2"]),
-        # a 48-image folder (6 steps/epoch): the checkpoint and the crash fall in later epochs, workers on
-        ("folder", 8, 11, ["data.num_workers=2"]),
+        # a 48-image folder (6 steps/epoch): the checkpoint and the crash fall in later epochs, workers on,
+        # and the online probe (a second model and optimizer in the checkpoint)
+        ("folder", 8, 11, ["data.num_workers=2", "train.online_probe=true"]),
     ],
 )
 def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):
@@ -103,6 +104,10 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if where == "folder":  # the probe's state resumed too
+        pa = load_file(str(straight.run_dir / "checkpoints/step_20/model_1.safetensors"))
+        pb = load_file(str(resumed.run_dir / "checkpoints/step_20/model_1.safetensors"))
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
     oa = torch.load(straight.run_dir / "checkpoints/step_20/optimizer.bin", weights_only=True)
     ob = torch.load(resumed.run_dir / "checkpoints/step_20/optimizer.bin", weights_only=True)
     for k, s in oa["state"].items():
@@ -224,3 +229,33 @@ def test_gradient_clipping_is_applied(tmp_path):
         return (result.model.decoder_pred.weight.detach() - init).abs().max().item()
 
     assert moved("train.clip_grad=1e-12") < 0.01 * moved()
+
+
+def test_online_probe_learns_and_never_touches_the_autoencoder(tmp_path):
+    from test_probe import colour_folder
+
+    folder = colour_folder(tmp_path / "colours", per_class=16)
+    common = [f"data.dataset={folder}", "train.max_steps=30", "train.blr=1e-2", "train.log_every=10"]
+    plain = run(tmp_path, "plain", *common)
+    probed = run(tmp_path, "probed", *common, "train.online_probe=true")
+    a = load_file(str(plain.run_dir / "checkpoints/step_30/model.safetensors"))
+    b = load_file(str(probed.run_dir / "checkpoints/step_30/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical pretraining with the probe on
+    lines = [json.loads(x) for x in (probed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["terms/probe_acc"] > 0.6 and lines[-1]["terms/probe_loss"] < lines[0]["terms/probe_loss"]
+    assert "terms/probe_acc" not in json.loads((plain.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_online_probe_needs_labels(tmp_path):
+    import datasets
+    import numpy as np
+
+    (tmp_path / "d").mkdir()
+    rows = {"image": [np.zeros((16, 16, 3), np.uint8)] * 16}
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        tmp_path / "d/train-00000-of-00001.parquet"
+    )
+    from mae.data import DataError
+
+    with pytest.raises(DataError, match="train.online_probe=true needs class labels"):
+        run(tmp_path, "r", f"data.dataset={tmp_path / 'd'}", "train.max_steps=2", "train.online_probe=true")

@@ -16,13 +16,15 @@ class AEOutput:
     loss: the scalar the engine back-propagates. terms: detached named parts for logging.
     recon: (B, C, H, W) reconstruction in the input's (normalised) space, or None (e.g. in
     training mode, where nothing reads it). mask: (B, 1, H, W), 1 where the input was hidden
-    from the encoder, for models that hide parts of it; else None.
+    from the encoder, for models that hide parts of it; else None. features: (B, D) detached
+    representation computed by this forward (for the online probe), or None.
     """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     recon: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
 
 class Autoencoder(nn.Module, abc.ABC):

@@ -170,7 +170,8 @@ class MaskedAutoencoder(Autoencoder):
         latent, mask, ids_restore = self.forward_encoder(images, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss, pixels = self.forward_loss(images, pred.float(), mask)
-        out = AEOutput(loss=loss, terms={"mse": loss.detach()})
+        # features: the cls token of the visible patches (what this step's encoder saw)
+        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=latent[:, 0].detach())
         if not self.training:
             p, c = self.patch_size, self.channels
             out.recon = unpatchify(pixels, p, c, self.grid)
