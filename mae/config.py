@@ -266,6 +266,9 @@ class ProbeConfig:
     warmup_epochs: int = 10
     k: int = 20  # kNN neighbours
     temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
+    # true: fit on features extracted once (fast; no augmentation). false: the paper's protocol, each
+    # epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per image per epoch)
+    cached: bool = True
     extract_batch_size: int = 256
     cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae.config import DataConfig, EvalConfig, ProbeConfig, to_dict
-from mae.data import DataError, ImageDataset, label_column, load_split
+from mae.data import DataError, EpochSampler, ImageDataset, label_column, load_split, pretrain_transform
 from mae.encoders import FrozenEncoder, load_encoder
 
 # ---------------------------------------------------------------------------------------------- features
@@ -160,15 +161,17 @@ def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dat
 # ---------------------------------------------------------------------------------------------- heads
 
 
-def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed: int) -> torch.Tensor:
-    """Fit BN + Linear on cached features; returns logits (N_test, num_classes)."""
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features, labels) batches
+
+
+def fit_linear_head(
+    batches: Batches, steps_per_epoch: int, batch: int, dim: int, num_classes: int, p: ProbeConfig, seed: int
+) -> nn.Module:
+    """The MAE paper's probe head, BN(affine=False) + Linear, fitted with LARS and warmup + cosine."""
     torch.manual_seed(seed)
-    x, y = train["features"], train["labels"].long()
-    head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False, eps=1e-6), nn.Linear(x.shape[1], num_classes))
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
-    batch = min(p.batch_size, len(x))
-    steps_per_epoch = len(x) // batch
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
     # LARS as in the MAE code: the trust ratio on the weight matrix, plain momentum SGD on the bias
     # (timm's Lars adapts a group only when it has weight decay, unless always_adapt is set)
@@ -188,20 +191,62 @@ def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    g = torch.Generator().manual_seed(seed)
     step = 0
     head.train()
-    for _ in range(p.epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch : (i + 1) * batch]
+    for epoch in range(p.epochs):
+        for x, y in batches(epoch):
             sched.step_update(step)
-            loss = F.cross_entropy(head(x[idx]), y[idx])
+            loss = F.cross_entropy(head(x), y.long())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-    head.eval()
+    return head.eval()
+
+
+def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed: int) -> torch.Tensor:
+    """Fit the head on cached features; returns logits (N_test, num_classes)."""
+    x, y = train["features"], train["labels"]
+    batch = min(p.batch_size, len(x))
+    steps = len(x) // batch
+    g = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(x), generator=g)
+        for i in range(steps):
+            idx = order[i * batch : (i + 1) * batch]
+            yield x[idx], y[idx]
+
+    head = fit_linear_head(batches, steps, batch, x.shape[1], num_classes, p, seed)
+    with torch.no_grad():
+        return head(test["features"])
+
+
+def augmented_linear_probe(
+    encoder: FrozenEncoder, ds: datasets.Dataset, cfg: EvalConfig, pool: str, test: dict, num_classes: int
+) -> torch.Tensor:
+    """The paper's protocol: every epoch the training images pass, freshly cropped and flipped
+    (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head."""
+    p = cfg.probe
+    c, h, _ = encoder.data_config["input_size"]
+    data_cfg = DataConfig(
+        image_size=h, channels=c, crop_scale=(0.08, 1.0), mean=tuple(encoder.data_config["mean"]),
+        std=tuple(encoder.data_config["std"]), image_column=cfg.data.image_column,
+        label_column=cfg.data.label_column,
+    )  # fmt: skip
+    data = ImageDataset(ds, data_cfg, pretrain_transform(data_cfg), seed=cfg.seed)
+    batch = min(p.batch_size, len(data))
+    steps = len(data) // batch
+    sampler = EpochSampler(len(data), steps * batch, seed=cfg.seed)
+    loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            yield encoder.features(images, pool).float(), labels
+
+    dim = int(test["features"].shape[1])
+    head = fit_linear_head(batches, steps, batch, dim, num_classes, p, cfg.seed)
     with torch.no_grad():
         return head(test["features"])
 
@@ -244,38 +289,45 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     encoder = load_encoder(cfg.encoder, cfg.seed)
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
-    train, train_cached = cached_features(encoder, fit_ds, cfg.data.split, cfg, pool)
-    test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
     col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
+    if col is None:
+        raise DataError(f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME")
+    test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
+    fit_labels = torch.as_tensor(fit_ds[col])
     feature = fit_ds.features[col]
-    num_classes = (
-        feature.num_classes
-        if isinstance(feature, datasets.ClassLabel)
-        else int(max(train["labels"].max(), test["labels"].max())) + 1
-    )
-    names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(c) for c in range(num_classes)]
-    for which, part in (("fit (data.split)", train), ("evaluation", test)):
-        bad = int(((part["labels"] < 0) | (part["labels"] >= num_classes)).sum())
+    if isinstance(feature, datasets.ClassLabel):
+        num_classes, names = feature.num_classes, feature.names
+    else:
+        num_classes = int(max(fit_labels.max(), test["labels"].max())) + 1
+        names = [str(c) for c in range(num_classes)]
+    for which, labels in (("fit (data.split)", fit_labels), ("evaluation", test["labels"])):
+        bad = int(((labels < 0) | (labels >= num_classes)).sum())
         if bad:
             raise DataError(
                 f"the {which} split has {bad} images without a valid label (column {col!r}, classes "
                 f"0..{num_classes - 1}); choose a labelled split with data.split / data.eval_split"
             )
+    batch = min(cfg.probe.batch_size, len(fit_labels))
     settings: dict[str, Any] = {}
     if cfg.mode == "linear":
-        scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
-        batch = min(cfg.probe.batch_size, len(train["labels"]))
-        settings = {"probe_batch": batch, "probe_lr": cfg.probe.blr * batch / 256}
+        settings = {"probe_batch": batch, "probe_lr": cfg.probe.blr * batch / 256, "cached": cfg.probe.cached}
+    if cfg.mode == "linear" and not cfg.probe.cached:  # no training features to extract: fresh every epoch
+        scores = augmented_linear_probe(encoder, fit_ds, cfg, pool, test, num_classes)
+        train_cached = None
     else:
-        scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature)
+        train, train_cached = cached_features(encoder, fit_ds, cfg.data.split, cfg, pool)
+        if cfg.mode == "linear":
+            scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
+        else:
+            scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature)
     results = {
         "mode": cfg.mode,
         **accuracy(scores, test["labels"], names),
         "top5_k": min(5, num_classes),
         **settings,
         "features": pool,
-        "feature_dim": int(train["features"].shape[1]),
-        "train_size": len(train["labels"]),
+        "feature_dim": int(test["features"].shape[1]),
+        "train_size": len(fit_labels),
         "eval_size": len(test["labels"]),
         **split_record,
         "encoder": {"source": cfg.encoder, "kind": encoder.kind, "sha256": encoder.sha256},

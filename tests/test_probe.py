@@ -257,3 +257,21 @@ def test_pixel_baseline_is_the_normalised_image():
     assert enc.data_config["input_size"] == (3, 8, 8)
     with pytest.raises(ConfigError, match="give the image size in pixels"):
         load_encoder("pixels:big")
+
+
+def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monkeypatch):
+    """probe.cached=false: no training features are cached; every epoch the crops pass the encoder."""
+    folder = colour_folder(tmp_path / "colours")
+    cfg = eval_cfg(tmp_path, f"encoder=random:{run_dir}", f"data.dataset={folder}", "probe.cached=false",
+                   "probe.batch_size=16", "probe.epochs=60", "probe.blr=100", "probe.warmup_epochs=2",
+                   "data.holdout_fraction=0.25")  # fmt: skip
+    encoder = load_encoder(cfg.encoder)
+    calls = []
+    real = encoder.features
+    monkeypatch.setattr(encoder, "features", lambda x, pool: calls.append(len(x)) or real(x, pool))
+    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed: encoder)
+    res = evaluate(cfg)
+    assert res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
+    # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15 held out
+    assert sum(calls) == 60 * 2 * 16 + 15
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # only the evaluation features
