@@ -265,6 +265,8 @@ def train(cfg: Config) -> RunResult:
                 out = model(images)
                 loss = out.loss
                 if probe is not None:
+                    if out.features is None:
+                        raise ConfigError(f"train.online_probe=true: model.name={cfg.model.name!r} returns no features")
                     probe_loss, probe_acc = probe(out.features, labels)
                     out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
                     loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
@@ -321,8 +323,8 @@ def _online_probe(
     feature = dataset.ds.features.get(dataset.label_col) if dataset.label_col else None
     if not isinstance(feature, datasets.ClassLabel):
         raise DataError(
-            "train.online_probe=true needs class labels, and the dataset has no ClassLabel column; name it with "
-            "data.label_column=NAME or set train.online_probe=false"
+            "train.online_probe=true needs a ClassLabel column (it gives the number of classes) and the dataset "
+            "has none; name one with data.label_column=NAME or set train.online_probe=false"
         )
     probe = OnlineProbe(accelerator.unwrap_model(model).feature_dim, feature.num_classes)
     return accelerator.prepare(probe, probe.optimizer())

@@ -257,5 +257,5 @@ def test_online_probe_needs_labels(tmp_path):
     )
     from mae.data import DataError
 
-    with pytest.raises(DataError, match="train.online_probe=true needs class labels"):
+    with pytest.raises(DataError, match="train.online_probe=true needs a ClassLabel column"):
         run(tmp_path, "r", f"data.dataset={tmp_path / 'd'}", "train.max_steps=2", "train.online_probe=true")
