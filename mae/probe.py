@@ -42,17 +42,13 @@ from mae.encoders import FrozenEncoder, load_encoder
 
 
 def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder) -> ImageDataset:
-    """Images converted to the encoder's channels, through its eval transform; labels required."""
+    """Images converted to the encoder's channels, through its eval transform (labels: -1 when the
+    split has none, which ``evaluate`` refuses)."""
     channels = encoder.data_config["input_size"][0]
     data = DataConfig(
         dataset=cfg.data.dataset, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
         channels=channels,
     )  # fmt: skip
-    if label_column(ds, data) is None:
-        raise DataError(
-            f"{cfg.data.dataset!r} has no ClassLabel column; evaluation needs labels: name one with "
-            "data.label_column=NAME"
-        )
     return ImageDataset(ds, data, create_transform(**encoder.data_config, is_training=False))
 
 
