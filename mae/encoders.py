@@ -42,10 +42,20 @@ class FrozenEncoder:
     default_pool: str  # "cls" | "avg" | "encode"
     arch: str  # what the weights do not say: timm name + model args, or the run's model config
     sha256: str
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    def to(self, device: torch.device) -> FrozenEncoder:
+        self.module.to(device)
+        self.device = device
+        return self
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D). ``pool``: cls token, mean of patch tokens, or the model's own."""
+        """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or the
+        model's own."""
+        return self._features(images.to(self.device), pool).float().cpu()
+
+    def _features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         if self.kind == "autoencoder":
             return self.module.encode(images)
         tokens = self.module.forward_features(images)

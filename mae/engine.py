@@ -320,6 +320,9 @@ def _online_probe(
 ) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
     if not cfg.train.online_probe:
         return None, None
+    if cfg.train.mixed_precision == "fp16":
+        # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
+        raise ConfigError("train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no")
     feature = dataset.ds.features.get(dataset.label_col) if dataset.label_col else None
     if not isinstance(feature, datasets.ClassLabel):
         raise DataError(

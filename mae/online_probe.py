@@ -21,9 +21,15 @@ class OnlineProbe(nn.Module):
             self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, D) detached; labels (B,). Returns (cross-entropy, top-1 accuracy, detached)."""
+        """features (B, D) detached; labels (B,), -1 for unlabelled rows (ignored). Returns
+        (cross-entropy, top-1 accuracy over labelled rows, detached)."""
         logits = self.head(features.detach().float())
-        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean().detach()
+        labelled = labels >= 0
+        hits = (logits.argmax(1) == labels)[labelled].float()
+        acc = hits.mean() if hits.numel() else torch.zeros((), device=logits.device)
+        if not labelled.any():  # keep the graph (and DDP's reducer) alive with a zero loss
+            return logits.sum() * 0.0, acc.detach()
+        return F.cross_entropy(logits, labels, ignore_index=-1), acc.detach()
 
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.0)

@@ -75,7 +75,7 @@ def extract(encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: i
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="features", leave=False):
-        feats.append(encoder.features(images, pool).float())
+        feats.append(encoder.features(images, pool))
         labels.append(y)
     return {"features": torch.cat(feats), "labels": torch.cat(labels)}
 
@@ -239,7 +239,8 @@ def augmented_linear_probe(
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler.set_epoch(epoch)
         for images, labels in loader:
-            yield encoder.features(images, pool).float(), labels
+            chunks = images.split(p.extract_batch_size)
+            yield torch.cat([encoder.features(chunk, pool) for chunk in chunks]), labels
 
     dim = int(test["features"].shape[1])
     head = fit_linear_head(batches, steps, batch, dim, num_classes, p, cfg.seed)
@@ -282,7 +283,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
-    encoder = load_encoder(cfg.encoder, cfg.seed)
+    encoder = load_encoder(cfg.encoder, cfg.seed).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))

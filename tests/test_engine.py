@@ -259,3 +259,17 @@ def test_online_probe_needs_labels(tmp_path):
 
     with pytest.raises(DataError, match="train.online_probe=true needs a ClassLabel column"):
         run(tmp_path, "r", f"data.dataset={tmp_path / 'd'}", "train.max_steps=2", "train.online_probe=true")
+
+
+def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
+    from mae.online_probe import OnlineProbe
+
+    probe = OnlineProbe(4, 3)
+    feats = torch.randn(4, 4)
+    loss, acc = probe(feats, torch.tensor([0, -1, 2, -1]))
+    assert torch.isfinite(loss) and 0 <= acc.item() <= 1
+    loss, acc = probe(feats, torch.full((4,), -1))
+    assert loss.item() == 0.0 and loss.requires_grad
+    cfg = load_config(None, [*TINY, "train.online_probe=true", "train.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="online_probe=true does not work with train.mixed_precision=fp16"):
+        engine._online_probe(None, cfg, None, None)
