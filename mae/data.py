@@ -35,7 +35,11 @@ class DataError(UserError, ValueError):
 
 def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     """Load one split of ``cfg.dataset`` as a map-style ``datasets.Dataset``."""
-    split = split or cfg.split
+    return pick_split(load_splits(cfg), cfg, split or cfg.split)
+
+
+def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
+    """Every split of ``cfg.dataset``."""
     source = cfg.dataset
     try:
         if source == "sample":
@@ -54,11 +58,16 @@ def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
             f"data.dataset={source!r} could not be loaded ({type(e).__name__}: {e}); "
             "give a hub id, a local image folder / parquet directory, or 'sample'"
         ) from e
+    return dsd
+
+
+def pick_split(dsd: datasets.DatasetDict, cfg: DataConfig, split: str, key: str = "data.split") -> datasets.Dataset:
+    """One non-empty split of ``dsd``; ``key`` names the setting that asked for it."""
     if split not in dsd:
-        raise DataError(f"data.split={split!r} does not exist in {source!r}; available splits: {sorted(dsd)}")
+        raise DataError(f"{key}={split!r} does not exist in {cfg.dataset!r}; available splits: {sorted(dsd)}")
     ds = dsd[split]
     if len(ds) == 0:
-        raise DataError(f"split {split!r} of {source!r} is empty; point data.dataset at data with images")
+        raise DataError(f"split {split!r} of {cfg.dataset!r} is empty; point data.dataset at data with images")
     return ds
 
 

@@ -27,7 +27,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig
+from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig, from_dict, read_yaml
 from mae.data import timm_data_config
 
 
@@ -115,8 +115,6 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
     from mae.models import build_model
 
     if fresh:
-        from mae.config import from_dict, read_yaml
-
         cfg = from_dict(read_yaml(run_dir / "config.yaml"))
         torch.manual_seed(seed)
         model = build_model(cfg)

@@ -2,11 +2,12 @@
 
 Features come from a frozen encoder (``mae.encoders``) with its own deterministic eval transform
 (timm's: resize, centre crop, normalise). They are cached on disk, keyed by the encoder's weight
-digest, the dataset and split, and the transform, so a changed encoder or transform is never
-served stale features.
+digest and architecture, the dataset's rows and columns, the transform's values, the pooling and
+the torch/timm versions, so a change to any of them extracts the features again.
 
-- Linear probe (the MAE paper's protocol on features): ``BatchNorm1d(affine=False)`` + ``Linear``,
-  LARS, lr = blr x batch / 256, linear warmup + cosine, cross-entropy.
+- Linear probe (the MAE paper's head): ``BatchNorm1d(affine=False)`` + ``Linear``, LARS, lr = blr x
+  batch / 256, linear warmup + cosine, cross-entropy; on cached features, or (``probe.cached=false``)
+  on freshly augmented images passed through the frozen encoder every epoch.
 - kNN: cosine similarity to every training feature, the ``k`` nearest vote with weight
   ``exp(similarity / temperature)``.
 """
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae.config import DataConfig, EvalConfig, ProbeConfig, to_dict
-from mae.data import DataError, EpochSampler, ImageDataset, label_column, load_split, pretrain_transform
+from mae.data import DataError, EpochSampler, ImageDataset, label_column, load_splits, pick_split, pretrain_transform
 from mae.encoders import FrozenEncoder, load_encoder
 
 # ---------------------------------------------------------------------------------------------- features
@@ -127,14 +128,12 @@ def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dat
     """The fitting split, the evaluation split, and a record of how the latter was chosen."""
     d = cfg.data
     data = DataConfig(dataset=d.dataset, split=d.split)
-    fit = load_split(data)
+    splits = load_splits(data)  # once: a hub id would be resolved again for every split
+    fit = pick_split(splits, data, d.split)
     if d.eval_split:
-        return fit, load_split(data, d.eval_split), {"eval_split": d.eval_split}
-    for name in (n for n in ("test", "validation") if n != d.split):
-        try:
-            held = load_split(data, name)
-        except DataError:
-            continue
+        return fit, pick_split(splits, data, d.eval_split, "data.eval_split"), {"eval_split": d.eval_split}
+    for name in (n for n in ("test", "validation") if n != d.split and n in splits):
+        held = pick_split(splits, data, name)
         col = label_column(held, DataConfig(label_column=d.label_column))
         if col is not None and max(held[col]) >= 0:  # hub test splits often come without labels (-1)
             return fit, held, {"eval_split": name}
