@@ -1,9 +1,11 @@
-"""Evaluate an encoder: ``python finetune.py [--config FILE] encoder=SOURCE [dotted.key=value ...]``.
+"""Evaluate an encoder: ``[accelerate launch] finetune.py [--config FILE] encoder=SOURCE [dotted.key=value ...]``.
 
-``mode=linear`` (default) fits a linear probe on frozen features, ``mode=knn`` a kNN classifier;
-both write ``results.json`` (top-1, top-5, per-class accuracy, config, encoder digest) into
-``output_dir`` and print one line per metric. SOURCE: an export dir, a run dir, timm:NAME,
-random:DIR (the same architecture at random init) or pixels:SIZE (raw pixels). See README.md.
+``mode=linear`` (default) fits a linear probe on frozen features, ``mode=knn`` a kNN classifier,
+``mode=finetune`` trains the whole network with a classifier head (the MAE paper's recipe; use
+``accelerate launch`` for several processes). Each writes ``results.json`` (top-1, top-5, per-class
+accuracy, config, encoder digest) into ``output_dir`` and prints one line per metric. SOURCE: an
+export dir, a run dir, timm:NAME, random:DIR (the same architecture at random init) or pixels:SIZE
+(raw pixels; probes only). See README.md.
 """
 
 import sys
@@ -12,14 +14,23 @@ from mae.cli import main
 from mae.config import EvalConfig, load_eval_config
 
 
-def probe(cfg: EvalConfig) -> None:
-    from mae.probe import evaluate  # torch, datasets: only once the config is known to be valid
+def evaluate(cfg: EvalConfig) -> None:
+    # torch, datasets: only once the config is known to be valid
+    if cfg.mode == "finetune":
+        from mae.finetune import finetune
 
-    results = evaluate(cfg)
-    for key in ("top1", "top5"):
-        print(f"{key}: {results[key]:.4f}")
-    print(f"results: {cfg.output_dir}/results.json")
+        results = finetune(cfg)
+    else:
+        from mae.probe import evaluate as probe
+
+        results = probe(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for key in ("top1", "top5"):
+            print(f"{key}: {results[key]:.4f}")
+        print(f"results: {cfg.output_dir}/results.json")
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, probe, sys.argv[1:]))
+    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, evaluate, sys.argv[1:]))

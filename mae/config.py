@@ -21,9 +21,11 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "ModelConfig",
     "TrainConfig",
     "derive",
+    "derive_schedule",
     "from_dict",
     "load_config",
     "load_eval_config",
@@ -224,19 +226,23 @@ class Derived:
 
 
 def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
-    t = cfg.train
+    return derive_schedule(cfg.train, dataset_size, num_processes, "train")
+
+
+def derive_schedule(t: TrainConfig | FinetuneConfig, dataset_size: int, num_processes: int, key: str) -> Derived:
+    """Batch, lr and step counts of a training section (``key`` names it in errors)."""
     effective = t.batch_size * t.accum_steps * num_processes
     per_epoch = dataset_size // effective
     if per_epoch == 0:
         raise ConfigError(
             f"the dataset has {dataset_size} images, fewer than one optimizer step needs ({effective} = "
-            "train.batch_size x train.accum_steps x processes); lower train.batch_size or train.accum_steps"
+            f"{key}.batch_size x {key}.accum_steps x processes); lower {key}.batch_size or {key}.accum_steps"
         )
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
     warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
     lr = t.blr * effective / 256
     if t.min_lr > lr:
-        raise ConfigError(f"train.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
+        raise ConfigError(f"{key}.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
 
 
@@ -274,13 +280,50 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Whole-network fine-tuning; defaults are the MAE paper's ViT-B recipe (its batch 1024 is
+    batch_size x accum_steps x processes)."""
+
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps; overrides epochs
+    batch_size: int = 128  # per process, per micro-batch
+    accum_steps: int = 1
+    blr: float = 5e-4  # lr = blr x effective batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
+    drop_path: float = 0.1  # stochastic depth rate of the last block
+    clip_grad: float | None = None
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
+    image_size: int | None = None  # default: the encoder's; another size resamples the position embeddings
+    # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing, mixup/cutmix
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # a timm auto-augment spec; null disables it
+    reprob: float = 0.25  # random erasing probability
+    mixup: float = 0.8  # mixup alpha (0 disables)
+    cutmix: float = 1.0  # cutmix alpha (0 disables)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    smoothing: float = 0.1  # label smoothing
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu_threads: int | None = None  # as train.cpu_threads
+    eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
+    log_every: int = 10  # optimizer steps between metric lines
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     encoder: str | None = None  # export dir | run dir | timm:NAME | random:RUN_OR_EXPORT_DIR | pixels:SIZE
-    mode: Literal["linear", "knn"] = "linear"
+    mode: Literal["linear", "knn", "finetune"] = "linear"
     output_dir: str = "runs/eval"
     seed: int = 0
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
@@ -306,9 +349,46 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
         (p.extract_batch_size > 0, "probe.extract_batch_size", p.extract_batch_size, "a positive integer"),
         (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
     ]
+    f = cfg.finetune
+    checks += [
+        (f.epochs > 0, "finetune.epochs", f.epochs, "a positive integer"),
+        (f.max_steps is None or f.max_steps > 0, "finetune.max_steps", f.max_steps, "a positive integer or null"),
+        (f.batch_size > 0, "finetune.batch_size", f.batch_size, "a positive integer"),
+        (f.accum_steps > 0, "finetune.accum_steps", f.accum_steps, "a positive integer"),
+        (f.blr > 0, "finetune.blr", f.blr, "a positive number"),
+        (f.min_lr >= 0, "finetune.min_lr", f.min_lr, "0 or more"),
+        (f.warmup_epochs >= 0, "finetune.warmup_epochs", f.warmup_epochs, "0 or more"),
+        (f.weight_decay >= 0, "finetune.weight_decay", f.weight_decay, "0 or more"),
+        (all(0 <= b < 1 for b in f.betas), "finetune.betas", f.betas, "two values in [0, 1)"),
+        (0 < f.layer_decay <= 1, "finetune.layer_decay", f.layer_decay, "in (0, 1]; 1 disables it"),
+        (0 <= f.drop_path < 1, "finetune.drop_path", f.drop_path, "in [0, 1)"),
+        (f.clip_grad is None or f.clip_grad > 0, "finetune.clip_grad", f.clip_grad, "a positive number or null"),
+        (f.image_size is None or f.image_size > 0, "finetune.image_size", f.image_size, "a positive integer or null"),
+        (
+            0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0,
+            "finetune.crop_scale",
+            f.crop_scale,
+            "[lo, hi] with 0 < lo <= hi <= 1",
+        ),
+        (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
+        (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),
+        (f.cutmix >= 0, "finetune.cutmix", f.cutmix, "0 (off) or a positive alpha"),
+        (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, "a probability in [0, 1]"),
+        (0 <= f.mixup_switch_prob <= 1, "finetune.mixup_switch_prob", f.mixup_switch_prob, "a probability in [0, 1]"),
+        (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
+        (f.cpu_threads is None or f.cpu_threads > 0, "finetune.cpu_threads", f.cpu_threads, "a positive integer"),
+        (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
+        (f.log_every > 0, "finetune.log_every", f.log_every, "a positive integer"),
+        (f.keep_checkpoints > 0, "finetune.keep_checkpoints", f.keep_checkpoints, "a positive integer"),
+    ]
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    if cfg.mode == "finetune" and (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0 and f.batch_size % 2:
+        raise ConfigError(
+            f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images within a batch); "
+            "choose an even batch size or set finetune.mixup=0 finetune.cutmix=0"
+        )
     return cfg
 
 

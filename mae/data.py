@@ -12,14 +12,17 @@ would have.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from mae.config import DataConfig
@@ -145,6 +148,26 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     )
 
 
+@contextlib.contextmanager
+def _sample_rng(seed: int) -> Iterator[None]:
+    """Seed the global generators transforms draw from (torch: torchvision; Python and NumPy: timm's
+    RandAugment, random erasing, crops) for one sample. Outside DataLoader workers every stream is
+    put back afterwards (the caller's own draws, e.g. mixup, must not depend on the data); inside
+    them nothing else reads the state, so saving it (~0.1 ms) is skipped."""
+    in_worker = get_worker_info() is not None
+    saved = None if in_worker else (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFF_FFFF)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+
 class ImageDataset(Dataset):
     """Images (and labels when the dataset has them) with a per-sample seeded transform.
 
@@ -170,10 +193,7 @@ class ImageDataset(Dataset):
         image: Image.Image = row[self.image_col]
         if image.mode != self.mode:
             image = image.convert(self.mode)
-        # torchvision draws from the global CPU generator: seed it for this sample only, and leave
-        # every other stream (the caller's CPU state, CUDA) untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+        with _sample_rng(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF):
             x = self.transform(image)
         label = row[self.label_col] if self.label_col is not None else -1
         return x, label

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -24,7 +25,17 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
-from mae.config import Config, ConfigError, Derived, derive, from_dict, read_yaml, to_dict
+from mae.config import (
+    Config,
+    ConfigError,
+    Derived,
+    FinetuneConfig,
+    TrainConfig,
+    derive,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
 from mae.data import (
     DataError,
     EpochSampler,
@@ -72,10 +83,10 @@ class RunResult:
     model: Autoencoder  # the trained model, unwrapped, on this process
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -83,11 +94,14 @@ def check_resumable(run_dir: Path, cfg: Config, derived: Derived) -> None:
     """Refuse to resume a run whose saved config or data/process layout differs in anything that
     shapes training."""
     saved = from_dict(read_yaml(run_dir / "config.yaml"))
-    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    check_same_run(run_dir, to_dict(saved), to_dict(cfg), RESUMABLE_KEYS, derived)
+
+
+def check_same_run(run_dir: Path, old_cfg: dict, new_cfg: dict, resumable: set[str], derived: Derived) -> None:
+    """The saved config (as a dict) and ``derived.json`` of ``run_dir`` against the ones about to run."""
+    old, new = flat(old_cfg), flat(new_cfg)
     diff = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(new)
-        if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if k not in resumable and old.get(k) != new.get(k)
     ]
     if diff:
         raise ConfigError(
@@ -115,11 +129,16 @@ def build_optimizer(model: Autoencoder, cfg: Config, derived: Derived) -> torch.
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, derived: Derived) -> CosineLRScheduler:
-    """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step."""
+    return cosine_schedule(optimizer, derived, cfg.train.min_lr)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: float) -> CosineLRScheduler:
+    """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step
+    (times each group's ``lr_scale``, e.g. from layer decay)."""
     return CosineLRScheduler(
         optimizer,
         t_initial=derived.total_steps - derived.warmup_steps,
-        lr_min=cfg.train.min_lr,
+        lr_min=min_lr,
         warmup_t=derived.warmup_steps,
         warmup_lr_init=0.0,
         warmup_prefix=True,
@@ -142,7 +161,12 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    t, run_dir = cfg.train, Path(cfg.output_dir)
+    return accelerator_for(cfg.train, Path(cfg.output_dir), "train")
+
+
+def accelerator_for(t: TrainConfig | FinetuneConfig, run_dir: Path, key: str) -> Accelerator:
+    """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
+    the torch threads split between the processes of this machine."""
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.accum_steps,
@@ -151,11 +175,21 @@ def make_accelerator(cfg: Config) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
-            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 or no")
+            raise ConfigError(f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no")
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
     return accelerator
+
+
+def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str) -> None:
+    """Write ``config.yaml`` and ``derived.json`` (main process) and start the trackers."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(derived), indent=1))
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
+    accelerator.init_trackers(name, config=hparams)
 
 
 class MetricLog:
@@ -232,19 +266,14 @@ def train(cfg: Config) -> RunResult:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params)
 
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(derived), indent=1))
-    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(to_dict(cfg)).items()}
-    accelerator.init_trackers("pretrain", config=hparams)
+    start_run(accelerator, run_dir, cfg, derived, "pretrain")
 
     step = 0
     if resume_from is not None:
         step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
 
     # fixed images for reconstruction grids: the first ones of the split, deterministic transform
     recon_set = ImageDataset(split, cfg.data, eval_transform(cfg.data))
@@ -289,14 +318,14 @@ def train(cfg: Config) -> RunResult:
             if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
                 loss = log.mean_loss()
                 if not math.isfinite(loss):
-                    raise _non_finite(f"loss became {loss}", step, run_dir)
+                    raise non_finite_error(f"loss became {loss}", step, run_dir)
                 lr = optimizer.param_groups[0]["lr"]
                 log.write(step, step / derived.steps_per_epoch, loss, lr)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:
-                _check_finite_weights(model, step, run_dir)
+                check_finite_weights(model, step, run_dir)
                 ckpt.save_checkpoint(
                     accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
                 )
@@ -333,22 +362,22 @@ def _online_probe(
     return accelerator.prepare(probe, probe.optimizer())
 
 
-def _check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+def check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
     """A finite loss can still come with an update that overflowed; never checkpoint such weights.
     (Replicas are identical, so every process reaches the same verdict.)"""
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
-        raise _non_finite(f"weights became non-finite ({bad})", step, run_dir)
+        raise non_finite_error(f"weights became non-finite ({bad})", step, run_dir)
 
 
-def _non_finite(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
+def non_finite_error(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
     return NonFiniteLossError(
         f"{what} by step {step}; stopped without saving. Last good checkpoint: "
         f"{ckpt.latest_checkpoint(run_dir) or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
     )
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (logged after the checkpoint a run resumes from, or by an
     earlier run that never checkpointed), so every step appears once."""
     if not path.is_file():

@@ -28,15 +28,20 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
     encoder = model.encoder
     if not hasattr(encoder, "pretrained_cfg"):
         raise TypeError(f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format")
+    return save_timm(encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset}")
+
+
+def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, tag: str) -> Path:
+    """``save_for_hf`` into a temporary folder, swapped in for ``out_dir`` only once complete."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_for_hf(
-        encoder,
+        model,
         str(tmp),
         safe_serialization=True,
-        model_config={"pretrained_cfg": {"tag": f"mae_{cfg.model.preset}", "license": None}},
-        data_config=timm_data_config(cfg.data),
+        model_config={"pretrained_cfg": {"tag": tag, "license": None}},
+        data_config=data_config,
     )
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

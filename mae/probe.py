@@ -153,6 +153,28 @@ def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dat
     return fit.select(keep), fit.select(held), record
 
 
+def class_info(fit_ds: datasets.Dataset, eval_ds: datasets.Dataset, cfg: EvalConfig) -> tuple[int, list[str]]:
+    """(number of classes, class names); every image of both splits must carry a valid label."""
+    col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
+    if col is None:
+        raise DataError(f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME")
+    fit_labels, eval_labels = torch.as_tensor(fit_ds[col]), torch.as_tensor(eval_ds[col])
+    feature = fit_ds.features[col]
+    if isinstance(feature, datasets.ClassLabel):
+        num_classes, names = feature.num_classes, feature.names
+    else:
+        num_classes = int(max(fit_labels.max(), eval_labels.max())) + 1
+        names = [str(c) for c in range(num_classes)]
+    for which, labels in (("fit (data.split)", fit_labels), ("evaluation", eval_labels)):
+        bad = int(((labels < 0) | (labels >= num_classes)).sum())
+        if bad:
+            raise DataError(
+                f"the {which} split has {bad} images without a valid label (column {col!r}, classes "
+                f"0..{num_classes - 1}); choose a labelled split with data.split / data.eval_split"
+            )
+    return num_classes, names
+
+
 # ---------------------------------------------------------------------------------------------- heads
 
 
@@ -285,25 +307,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     encoder = load_encoder(cfg.encoder, cfg.seed).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
-    col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
-    if col is None:
-        raise DataError(f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME")
+    num_classes, names = class_info(fit_ds, eval_ds, cfg)
     test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
-    fit_labels = torch.as_tensor(fit_ds[col])
-    feature = fit_ds.features[col]
-    if isinstance(feature, datasets.ClassLabel):
-        num_classes, names = feature.num_classes, feature.names
-    else:
-        num_classes = int(max(fit_labels.max(), test["labels"].max())) + 1
-        names = [str(c) for c in range(num_classes)]
-    for which, labels in (("fit (data.split)", fit_labels), ("evaluation", test["labels"])):
-        bad = int(((labels < 0) | (labels >= num_classes)).sum())
-        if bad:
-            raise DataError(
-                f"the {which} split has {bad} images without a valid label (column {col!r}, classes "
-                f"0..{num_classes - 1}); choose a labelled split with data.split / data.eval_split"
-            )
-    batch = min(cfg.probe.batch_size, len(fit_labels))
+    batch = min(cfg.probe.batch_size, len(fit_ds))
     settings: dict[str, Any] = {}
     if cfg.mode == "linear":
         settings = {"probe_batch": batch, "probe_lr": cfg.probe.blr * batch / 256, "cached": cfg.probe.cached}
@@ -323,7 +329,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         **settings,
         "features": pool,
         "feature_dim": int(test["features"].shape[1]),
-        "train_size": len(fit_labels),
+        "train_size": len(fit_ds),
         "eval_size": len(test["labels"]),
         **split_record,
         "encoder": {"source": cfg.encoder, "kind": encoder.kind, "sha256": encoder.sha256},
@@ -331,10 +337,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
         "eval_transform": encoder.data_config,
     }
-    out = Path(cfg.output_dir)
+    write_results(Path(cfg.output_dir), results)
+    return results
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """``out/results.json``, replaced only once completely written."""
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out / "results.json")
-    return results

@@ -61,6 +61,17 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
     return root
 
 
+def colour_folder(root, per_class=20, size=16):
+    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder."""
+    rng = np.random.default_rng(0)
+    for c, rgb in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
 def env_without_accelerate() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
 

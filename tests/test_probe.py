@@ -8,8 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY
-from PIL import Image
+from conftest import ROOT, TINY, colour_folder
 
 from mae import engine
 from mae.config import ConfigError, DataConfig, ProbeConfig, load_config, load_eval_config
@@ -32,17 +31,6 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
     engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
     return out
-
-
-def colour_folder(root, per_class=20, size=16):
-    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder."""
-    rng = np.random.default_rng(0)
-    for c, rgb in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
-    return root
 
 
 def eval_cfg(tmp_path, *overrides):
@@ -240,7 +228,7 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
         ([], "encoder=None is invalid"),
         (["encoder=/no/such/dir"], "is not an export directory"),
         (["encoder=timm:not_a_model"], "timm has no model 'not_a_model'"),
-        (["encoder=x", "mode=finetune"], "mode='finetune' is invalid; choose one of ['linear', 'knn']"),
+        (["encoder=x", "mode=lin"], "mode='lin' is invalid; choose one of ['linear', 'knn', 'finetune']"),
         (["encoder=x", "probe.warmup_epochs=90"], "probe.warmup_epochs=90 is invalid"),
         (["encoder=x", "data.eval_split=train"], "data.eval_split='train' is invalid; it must be another split"),
     ],
