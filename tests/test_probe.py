@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, colour_folder
 
-from mae import engine
+from mae import engine, report
 from mae.config import ConfigError, DataConfig, ProbeConfig, load_config, load_eval_config
 from mae.data import load_split
 from mae.encoders import load_encoder, weights_sha256
@@ -220,6 +220,16 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
     assert float(lines["top1"]) == pytest.approx(res["top1"], abs=1e-4)
     assert res["eval_split"] == "test" and res["train_size"] == 3000 and res["eval_size"] == 1000
     assert res["top1"] > 0.15  # 10 classes; even 3 steps of pretraining keep colour statistics
+
+    # the report gathers it into a table
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report/table")]) == 0
+    table = (tmp_path / "report/table.md").read_text().splitlines()
+    assert len(table) == 3 and f"| {run_dir} | knn | {100 * res['top1']:.2f}% |" in table[2]
+    rows = json.loads((tmp_path / "report/table.json").read_text())
+    assert rows[0]["top5"] == res["top5"] and rows[0]["details"] == "k 20, T 0.07"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/results.json").write_text("{}")
+    assert report.main([str(tmp_path / "bad")]) == 2
 
 
 @pytest.mark.parametrize(
