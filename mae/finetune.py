@@ -95,9 +95,12 @@ def build_classifier(cfg: EvalConfig, num_classes: int) -> Classifier:
         model = timm.create_model(src.pretrained_cfg["architecture"], pretrained=False, **args)
     except TypeError as e:  # an architecture without drop path or pooling options
         raise ConfigError(f"mode=finetune cannot rebuild {cfg.encoder!r} as a classifier ({e})") from e
-    state = {k: v for k, v in src.state_dict().items() if not k.startswith("head.")}
+    names = model.pretrained_cfg.get("classifier") or "head"
+    head = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))  # "head.", "fc.", "head.fc."
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith(_FRESH)] + [k for k in unexpected if not k.startswith(_DROPPED)]
+    fresh, dropped = (*head, *_FRESH), (*head, *_DROPPED)
+    bad = [k for k in missing if not k.startswith(fresh)] + [k for k in unexpected if not k.startswith(dropped)]
     if bad:
         raise ConfigError(f"{cfg.encoder!r} does not match its classifier: parameters {bad} are missing or unexpected")
     if isinstance(model.get_classifier(), nn.Linear):  # the paper's head init

@@ -41,6 +41,10 @@ def _offline(monkeypatch):
 def _reset_accelerate():
     """Accelerate keeps process-wide singletons; start every test from a clean slate."""
     yield
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, accelerate_launch, colour_folder, env_without_accelerate
+from conftest import ROOT, TINY, accelerate_launch, colour_folder, env_without_accelerate, reset_accelerate
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,6 +22,7 @@ from mae.encoders import load_encoder
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
     engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
+    reset_accelerate()  # the first test to use it may want another precision
     return out
 
 
@@ -228,3 +229,21 @@ def test_two_cpu_processes_fine_tune_and_evaluate_every_image_once(tmp_path, run
     assert derived["num_processes"] == 2 and derived["effective_batch"] == 8 and res["steps"] == 2 * 5
     # 15 held-out images, 8 per process with padding: gathered without duplicates
     assert res["eval_size"] == 15 and res["scored"] == 15
+
+
+def test_cnn_encoders_get_their_own_classifier(tmp_path):
+    clf = ft.build_classifier(ft_cfg(tmp_path, "encoder=timm:test_resnet"), num_classes=5)
+    assert clf.init["fresh"] == ["fc.bias", "fc.weight"] and clf.init["dropped"] == []
+    assert clf.model(torch.randn(2, *clf.data_config["input_size"])).shape == (2, 5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_fine_tuning_runs_on_cpu_and_fp16_is_refused(tmp_path, run_dir, colours, precision):
+    args = [f"encoder={run_dir}", f"data.dataset={colours}", "finetune.max_steps=3", "finetune.batch_size=8"]
+    cfg = ft_cfg(tmp_path, *args, f"finetune.mixed_precision={precision}")
+    if precision == "fp16":
+        with pytest.raises(ConfigError, match="finetune.mixed_precision=fp16 needs a GPU"):
+            ft.finetune(cfg)
+        return
+    res = ft.finetune(cfg)
+    assert res["steps"] == 3 and len(res["history"]) == 1 and 0 <= res["top1"] <= 1
