@@ -58,7 +58,9 @@ PRESET_KEYS = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["mae"] = "mae"  # model family in the registry (mae.models.MODELS)
+    # model family in the registry (mae.models.MODELS): mae, or a classic autoencoder:
+    # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational)
+    name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae"] = "mae"
     preset: str = "vit_tiny_patch4"  # fills the architecture keys below that are left unset
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -70,6 +72,22 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
+    # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
+    arch: Literal["conv", "mlp"] = "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
+    widths: tuple[int, ...] = (32, 64, 128)  # conv channels per stride-2 stage, or mlp hidden sizes
+    latent_dim: int = 128  # the code (bottleneck) size: what encode() returns
+    loss: Literal["mse", "bce"] = "mse"  # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
+    corruption: Literal["gaussian", "masking", "salt_pepper"] = "gaussian"  # dae: applied to the input only
+    noise_level: float = 0.3  # dae: Gaussian std (in [0, 1] pixel units) or the fraction of pixels/patches hit
+    corruption_patch: int = 1  # dae masking: side of the zeroed squares (1: single pixels)
+    sparsity: Literal["l1", "kl"] = "kl"  # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
+    sparsity_weight: float = 1e-3
+    sparsity_target: float = 0.05  # rho, for sparsity=kl
+    contractive_weight: float = 1e-4  # cae: weight of the squared Frobenius norm of d code / d input
+    contractive_projections: int = 1  # cae (deep encoders): random projections per step of the estimate
+    likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # vae decoder
+    beta: float = 1.0  # vae: KL weight
+    beta_warmup_steps: int = 0  # vae: KL weight ramps linearly from 0 over these optimizer steps
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,39 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
                 )
+    else:
+        _validate_classic(m, d)
+
+
+def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
+    fraction = m.corruption in ("masking", "salt_pepper")
+    checks = [
+        (all(w > 0 for w in m.widths), "model.widths", m.widths, "positive integers"),
+        (m.arch == "mlp" or len(m.widths) > 0, "model.widths", m.widths, "at least one conv stage for arch=conv"),
+        (m.latent_dim > 0, "model.latent_dim", m.latent_dim, "a positive integer"),
+        (
+            m.noise_level >= 0 and (m.noise_level <= 1 or not fraction),
+            "model.noise_level",
+            m.noise_level,
+            "a fraction in [0, 1] for masking/salt_pepper, a std >= 0 for gaussian",
+        ),
+        (m.corruption_patch > 0, "model.corruption_patch", m.corruption_patch, "a positive integer"),
+        (m.sparsity_weight >= 0, "model.sparsity_weight", m.sparsity_weight, "0 or more"),
+        (0 < m.sparsity_target < 1, "model.sparsity_target", m.sparsity_target, "in (0, 1)"),
+        (m.contractive_weight >= 0, "model.contractive_weight", m.contractive_weight, "0 or more"),
+        (m.contractive_projections > 0, "model.contractive_projections", m.contractive_projections, "1 or more"),
+        (m.beta >= 0, "model.beta", m.beta, "0 or more"),
+        (m.beta_warmup_steps >= 0, "model.beta_warmup_steps", m.beta_warmup_steps, "0 or more"),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    stride = 2 ** len(m.widths)
+    if m.arch == "conv" and d.image_size % stride:
+        raise ConfigError(
+            f"data.image_size={d.image_size} is not divisible by {stride} (model.widths has {len(m.widths)} stride-2 "
+            f"stages); choose a multiple of {stride} or fewer model.widths"
+        )
 
 
 @dataclass(frozen=True)

@@ -164,10 +164,12 @@ def _load_encoder(source: str, seed: int) -> FrozenEncoder:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         torch.manual_seed(seed)
         return _timm_encoder(timm.create_model(f"local-dir:{path}", pretrained=not fresh), source)
-    if (path / "config.yaml").is_file():
+    if (path / "config.yaml").is_file():  # a run, or a project export (config.yaml + model.safetensors)
         export = path / "export"
         if not fresh and (export / "config.json").is_file():
             return _timm_encoder(timm.create_model(f"local-dir:{export}", pretrained=True), source)
+        if not fresh and (export / "model.safetensors").is_file():
+            return _run_encoder(export, source, fresh, seed)
         return _run_encoder(path, source, fresh, seed)
     raise ConfigError(
         f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
@@ -46,10 +47,10 @@ from mae.data import (
     pretrain_transform,
 )
 from mae.errors import UserError
-from mae.export import export_encoder
+from mae.export import export_model
 from mae.models import AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
-from mae.visualize import save_recon_grid
+from mae.visualize import denormalize, save_recon_grid
 
 # Keys that may change between a run and its resumption (they do not change what is learned
 # up to the resume point).
@@ -263,6 +264,7 @@ def train(cfg: Config) -> RunResult:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     probe, probe_optimizer = _online_probe(accelerator, cfg, dataset, model)
     nets = [model] if probe is None else [model, probe]
+    net = accelerator.unwrap_model(model)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params)
 
@@ -290,6 +292,7 @@ def train(cfg: Config) -> RunResult:
         if within:  # resume mid-epoch: skip the micro-batches already consumed
             batches = accelerator.skip_first_batches(loader, within * t.accum_steps)
         for images, labels in batches:
+            net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
             with accelerator.accumulate(*nets):
                 out = model(images)
                 loss = out.loss
@@ -337,8 +340,8 @@ def train(cfg: Config) -> RunResult:
     export_dir = run_dir / "export"
     model = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        export_encoder(model, cfg, export_dir)
-        accelerator.print(f"exported encoder to {export_dir}")
+        export_model(model, cfg, export_dir)
+        accelerator.print(f"exported to {export_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, export_dir, step, model)
@@ -398,4 +401,8 @@ def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tenso
         torch.manual_seed(cfg.train.seed)  # the same masks in every grid of the run
         images = images.to(accelerator.device)
         save_recon_grid(path, images, net(images), cfg.data.mean, cfg.data.std)
+        if hasattr(net, "sample"):  # a generative model: a grid of prior samples beside it
+            samples = net.sample(len(images) * 4).float().cpu()
+            save_image(denormalize(samples, cfg.data.mean, cfg.data.std), str(path.with_name(
+                path.name.replace("recon_", "samples_"))), nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip
     net.train(was_training)

@@ -13,13 +13,15 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import yaml
+from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
-from mae.config import Config, from_dict, read_yaml
+from mae.config import Config, from_dict, read_yaml, to_dict
 from mae.data import timm_data_config
 
 
@@ -31,18 +33,42 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
     return save_timm(encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset}")
 
 
+def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    """A run's export: timm's format when the encoder is a timm model (MAE); otherwise the project's
+    own — the whole autoencoder's weights (``model.safetensors``, decoder included) beside the run's
+    ``config.yaml`` — which ``finetune.py encoder=`` and ``mae.export.load_run_model`` read."""
+    if hasattr(model.encoder, "pretrained_cfg"):
+        return export_encoder(model, cfg, out_dir)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    return _replace_dir(Path(out_dir), write)
+
+
 def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, tag: str) -> Path:
     """``save_for_hf`` into a temporary folder, swapped in for ``out_dir`` only once complete."""
-    out_dir = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        save_for_hf(
+            model,
+            str(tmp),
+            safe_serialization=True,
+            model_config={"pretrained_cfg": {"tag": tag, "license": None}},
+            data_config=data_config,
+        )
+
+    return _replace_dir(Path(out_dir), write)
+
+
+def _replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` a temporary sibling folder, then swap it in: an earlier ``out_dir`` survives any failure."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(
-        model,
-        str(tmp),
-        safe_serialization=True,
-        model_config={"pretrained_cfg": {"tag": tag, "license": None}},
-        data_config=data_config,
-    )
+    write(tmp)
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -53,7 +79,8 @@ def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, ta
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Config]:
-    """Rebuild a run's model from its ``config.yaml`` and load a checkpoint's weights strictly."""
+    """Rebuild a run's model from its ``config.yaml`` and load weights strictly: from ``checkpoint``,
+    else the folder's own ``model.safetensors`` (a project export), else the newest checkpoint."""
     from mae import checkpoint as ckpt
     from mae.models import build_model
 
@@ -62,7 +89,12 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a run directory written by pretrain.py")
     cfg = from_dict(read_yaml(config_file))
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if checkpoint:
+        path = Path(checkpoint)
+    elif (run_dir / "model.safetensors").is_file():  # a project export (config.yaml + model.safetensors)
+        path = run_dir
+    else:
+        path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint; train it first or pass --checkpoint")
     model = build_model(cfg)
@@ -78,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, cfg = load_run_model(args.run_dir, args.checkpoint)
-        out = export_encoder(model, cfg, args.out or Path(args.run_dir) / "export")
+        out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Reconstruction grids: one row per image, (masked input | reconstruction | original)."""
+"""Reconstruction grids: one row per image, (masked or corrupted input | reconstruction | original)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
     if out.recon is None:
         raise ValueError("the model returned no reconstruction; call it in eval mode")
     recon = out.recon.float()
+    if out.corrupted is not None:  # denoising: noisy input | restored | clean
+        return [out.corrupted.float(), recon, images]
     if out.mask is None:
         return [recon, images]
     keep = 1 - out.mask

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mae.config import Config
+from mae.models.ae import VanillaAutoencoder
 from mae.models.base import AEOutput, Autoencoder
+from mae.models.cae import ContractiveAutoencoder
+from mae.models.dae import DenoisingAutoencoder
 from mae.models.mae import MaskedAutoencoder
+from mae.models.sparse import SparseAutoencoder
+from mae.models.vae import VariationalAutoencoder
 
 
 def _build_mae(cfg: Config) -> MaskedAutoencoder:
@@ -27,11 +32,29 @@ def _build_mae(cfg: Config) -> MaskedAutoencoder:
     )
 
 
-MODELS: dict[str, Callable[[Config], Autoencoder]] = {"mae": _build_mae}
+MODELS: dict[str, Callable[[Config], Autoencoder]] = {
+    "mae": _build_mae,
+    "ae": VanillaAutoencoder,
+    "dae": DenoisingAutoencoder,
+    "sparse_ae": SparseAutoencoder,
+    "cae": ContractiveAutoencoder,
+    "vae": VariationalAutoencoder,
+}
 
 
 def build_model(cfg: Config) -> Autoencoder:
     return MODELS[cfg.model.name](cfg)
 
 
-__all__ = ["AEOutput", "Autoencoder", "MaskedAutoencoder", "MODELS", "build_model"]
+__all__ = [
+    "AEOutput",
+    "Autoencoder",
+    "ContractiveAutoencoder",
+    "DenoisingAutoencoder",
+    "MaskedAutoencoder",
+    "MODELS",
+    "SparseAutoencoder",
+    "VanillaAutoencoder",
+    "VariationalAutoencoder",
+    "build_model",
+]

@@ -17,7 +17,8 @@ class AEOutput:
     recon: (B, C, H, W) reconstruction in the input's (normalised) space, or None (e.g. in
     training mode, where nothing reads it). mask: (B, 1, H, W), 1 where the input was hidden
     from the encoder, for models that hide parts of it; else None. features: (B, D) detached
-    representation computed by this forward (for the online probe), or None.
+    representation computed by this forward (for the online probe), or None. corrupted: (B, C, H, W)
+    the corrupted input of a denoising model, else None.
     """
 
     loss: torch.Tensor
@@ -25,6 +26,7 @@ class AEOutput:
     recon: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    corrupted: torch.Tensor | None = None  # the input the encoder saw, when the model corrupts it (denoising)
 
 
 class Autoencoder(nn.Module, abc.ABC):
@@ -42,3 +44,7 @@ class Autoencoder(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def set_step(self, step: int) -> None:
+        """Called by the engine before each optimizer step's forward passes with the number of
+        optimizer steps taken so far (for schedules inside the model, e.g. a KL warm-up)."""

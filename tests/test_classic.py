@@ -1,0 +1,184 @@
+"""The classic autoencoders: the model contract over the registry, closed forms, end to end."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+
+from mae import engine
+from mae.config import ConfigError, load_config
+from mae.encoders import load_encoder
+from mae.losses import bernoulli_kl, kl_diag_gaussians, kl_to_standard_normal
+from mae.models import MODELS, build_model
+from mae.models.dae import corrupt_pixels
+
+CLASSIC = [n for n in MODELS if n != "mae"]
+SMALL = ["data.image_size=16", "model.widths=[8,16]", "model.latent_dim=12"]
+
+
+def small(name, *extra):
+    torch.manual_seed(0)
+    return build_model(load_config(None, [f"model.name={name}", *SMALL, *extra]))
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [("mae", TINY[:6]), *[(n, []) for n in CLASSIC], ("ae", ["model.arch=mlp"]), ("vae", ["data.channels=1"])],
+)
+def test_every_model_keeps_the_contract(name, extra):
+    cfg = load_config(None, [f"model.name={name}", *(SMALL if name != "mae" else ["data.image_size=16"]), *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randn(4, cfg.data.channels, 16, 16)
+    out = model(x)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert all(torch.isfinite(v).all() for v in out.terms.values())
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing
+    model.eval()
+    a, b = model.encode(x), model.encode(x)
+    assert a.shape == (4, model.feature_dim) and torch.equal(a, b)  # deterministic: no noise, mask or sampling
+    assert torch.allclose(model.encode(x[:1]), a[:1], atol=1e-5)  # a code depends on its own image only
+    recon = model(x).recon
+    assert recon.shape == x.shape
+
+
+def test_kl_of_diagonal_gaussians_matches_the_closed_form():
+    mu_q, mu_p = torch.tensor([[0.3, -1.0]]), torch.tensor([[1.0, 0.5]])
+    var_q, var_p = torch.tensor([[0.5, 2.0]]), torch.tensor([[1.5, 0.25]])
+    expected = sum(
+        math.log(math.sqrt(vp) / math.sqrt(vq)) + (vq + (mq - mp) ** 2) / (2 * vp) - 0.5
+        for mq, mp, vq, vp in zip(mu_q[0].tolist(), mu_p[0].tolist(), var_q[0].tolist(), var_p[0].tolist(), strict=True)
+    )
+    got = kl_diag_gaussians(mu_q, var_q.log(), mu_p, var_p.log())
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # the prior special case, and torch's own implementation
+    assert torch.allclose(
+        kl_to_standard_normal(mu_q, var_q.log()), kl_diag_gaussians(mu_q, var_q.log(), 0 * mu_q, 0 * mu_q)
+    )
+    q = torch.distributions.Normal(mu_q, var_q.sqrt())
+    p = torch.distributions.Normal(mu_p, var_p.sqrt())
+    assert got.item() == pytest.approx(torch.distributions.kl_divergence(q, p).sum().item(), rel=1e-6)
+
+
+def test_sparsity_kl_matches_the_bernoulli_formula():
+    rho, rho_hat = 0.05, torch.tensor([0.05, 0.2, 0.5])
+    expected = sum(rho * math.log(rho / r) + (1 - rho) * math.log((1 - rho) / (1 - r)) for r in rho_hat.tolist())
+    assert bernoulli_kl(rho, rho_hat).item() == pytest.approx(expected, rel=1e-5)
+    assert bernoulli_kl(rho, torch.full((4,), rho)).item() == pytest.approx(0, abs=1e-7)
+    model = small("sparse_ae", "model.sparsity_weight=2.0")
+    x = torch.randn(8, 3, 16, 16)
+    code = model.encode(x)
+    assert ((code > 0) & (code < 1)).all()  # sigmoid code
+    assert model.penalty(x, code)["sparsity"].item() == pytest.approx(2 * bernoulli_kl(0.05, code.mean(0)).item())
+    l1 = small("sparse_ae", "model.sparsity=l1")
+    code = l1.encode(x)
+    assert (code >= 0).all() and l1.stats(code)["density"] == (code > 0).float().mean()
+
+
+def exact_jacobian_norm(model, x):
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: model.code(v[None])[0], xi).pow(2).sum() for xi in x]
+    )
+
+
+def test_contractive_penalty_exact_for_one_sigmoid_layer():
+    model = small("cae", "model.arch=mlp", "model.widths=[]", "data.image_size=8")
+    assert model.exact
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(model.jacobian_norm(x), exact_jacobian_norm(model, x), rtol=1e-5)
+
+
+def test_contractive_estimate_is_unbiased_for_deep_encoders():
+    model = small("cae", "model.contractive_projections=4")
+    assert not model.exact
+    x = torch.randn(2, 3, 16, 16)
+    exact = exact_jacobian_norm(model, x)
+    torch.manual_seed(0)
+    estimates = torch.stack([model.jacobian_norm(x) for _ in range(200)])  # 800 projections
+    assert torch.allclose(estimates.mean(0), exact, rtol=0.05)
+    # and it trains: the penalty's gradient reaches the encoder
+    model.zero_grad()
+    model.penalty(x, model.code(x))["contractive"].backward()
+    assert model.encoder.fc.weight.grad.abs().sum() > 0
+
+
+def test_denoising_target_is_the_clean_image():
+    model = small("dae", "model.noise_level=0.5")
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    noisy = model.corrupt(x)
+    assert not torch.allclose(noisy, x)
+    decoded = model.decoder(model.code(noisy)).float()
+    assert out.loss.item() == pytest.approx(torch.nn.functional.mse_loss(decoded, x).item(), rel=1e-5)
+    model.eval()
+    assert torch.equal(model.encode(x), model.code(x))  # encode sees the clean image
+
+
+@pytest.mark.parametrize("kind", ["masking", "salt_pepper"])
+def test_corruption_levels(kind):
+    torch.manual_seed(0)
+    pixels = torch.full((8, 3, 32, 32), 0.5)
+    noisy = corrupt_pixels(pixels, kind, 0.3, patch=4 if kind == "masking" else 1)
+    hit = (noisy != 0.5).all(dim=1)  # every channel of a location alike
+    assert ((noisy != 0.5).any(dim=1) == hit).all()
+    assert hit.float().mean().item() == pytest.approx(0.3, abs=0.03)
+    if kind == "masking":
+        assert (noisy[noisy != 0.5] == 0).all()
+        blocks = hit.view(8, 8, 4, 8, 4).float().mean(dim=(2, 4))
+        assert ((blocks == 0) | (blocks == 1)).all()  # whole 4x4 squares
+    else:
+        assert set(noisy[noisy != 0.5].unique().tolist()) == {0.0, 1.0}
+    gauss = corrupt_pixels(pixels, "gaussian", 0.2)
+    assert (gauss - pixels).std().item() == pytest.approx(0.2, rel=0.05)
+
+
+def test_vae_terms_warmup_and_samples():
+    model = small("vae", "model.likelihood=bernoulli", "model.beta=4", "model.beta_warmup_steps=10")
+    x = torch.randn(4, 3, 16, 16)
+    model.set_step(5)
+    out = model(x)
+    assert out.terms["beta"].item() == 2.0
+    assert out.terms["elbo"].item() == pytest.approx(-(out.terms["recon_nll"] + out.terms["kl"]).item(), rel=1e-5)
+    dims = 3 * 16 * 16
+    assert out.terms["bits_per_dim"].item() == pytest.approx(-out.terms["elbo"].item() / (dims * math.log(2)), rel=1e-5)
+    model.set_step(50)
+    assert model(x).terms["beta"].item() == 4.0
+    samples = model.sample(6, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (6, 3, 16, 16) and torch.isfinite(samples).all()
+    mu, _ = model.posterior(x)
+    assert torch.equal(model.encode(x), mu)
+
+
+def test_bad_classic_configs_are_refused():
+    with pytest.raises(ConfigError, match="data.image_size=20 is not divisible by 8"):
+        load_config(None, ["model.name=ae", "data.image_size=20"])
+    with pytest.raises(ConfigError, match="model.noise_level=1.5"):
+        load_config(None, ["model.name=dae", "model.corruption=masking", "model.noise_level=1.5"])
+    with pytest.raises(ConfigError, match="model.widths"):
+        load_config(None, ["model.name=ae", "model.widths=[]"])
+
+
+@pytest.mark.parametrize("name", ["vae", "dae"])
+def test_pretrain_export_and_probe_end_to_end(tmp_path, name):
+    out = tmp_path / name
+    cfg = load_config(
+        None,
+        [f"model.name={name}", *SMALL, "data.num_workers=0", "train.batch_size=8", "train.max_steps=4",
+         "train.recon_images=2", f"output_dir={out}", "train.blr=1e-2"],
+    )  # fmt: skip
+    result = engine.train(cfg)
+    assert (out / "recon_4.png").is_file()
+    assert (out / "samples_4.png").is_file() == (name == "vae")
+    assert (out / "export/model.safetensors").is_file() and (out / "export/config.yaml").is_file()
+    encoder = load_encoder(str(out))
+    assert encoder.kind == "autoencoder" and encoder.default_pool == "encode"
+    x = torch.randn(2, 3, 16, 16)
+    result.model.eval()
+    assert torch.allclose(encoder.features(x, "encode"), result.model.encode(x))
+    fresh = load_encoder(f"random:{out}")
+    assert fresh.sha256 != encoder.sha256
