@@ -59,8 +59,8 @@ PRESET_KEYS = (
 @dataclass(frozen=True)
 class ModelConfig:
     # model family in the registry (mae.models.MODELS): mae, or a classic autoencoder:
-    # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational)
-    name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae"] = "mae"
+    # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational), stacked_ae
+    name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"] = "mae"
     preset: str = "vit_tiny_patch4"  # fills the architecture keys below that are left unset
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -88,6 +88,8 @@ class ModelConfig:
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # vae decoder
     beta: float = 1.0  # vae: KL weight
     beta_warmup_steps: int = 0  # vae: KL weight ramps linearly from 0 over these optimizer steps
+    stage_steps: int = 100  # stacked_ae: optimizer steps per greedy layer stage; the rest trains end to end
+    stack_denoising: bool = False  # stacked_ae: each layer a denoising autoencoder (model.corruption, noise_level)
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
         (m.contractive_projections > 0, "model.contractive_projections", m.contractive_projections, "1 or more"),
         (m.beta >= 0, "model.beta", m.beta, "0 or more"),
         (m.beta_warmup_steps >= 0, "model.beta_warmup_steps", m.beta_warmup_steps, "0 or more"),
+        (m.stage_steps > 0, "model.stage_steps", m.stage_steps, "a positive integer"),
     ]
     for ok, key, value, allowed in checks:
         if not ok:

@@ -19,7 +19,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchvision.utils import save_image
@@ -48,7 +48,7 @@ from mae.data import (
 )
 from mae.errors import UserError
 from mae.export import export_model
-from mae.models import AEOutput, Autoencoder, build_model
+from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.visualize import denormalize, save_recon_grid
 
@@ -162,10 +162,13 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    return accelerator_for(cfg.train, Path(cfg.output_dir), "train")
+    idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
+    return accelerator_for(cfg.train, Path(cfg.output_dir), "train", find_unused_parameters=idle)
 
 
-def accelerator_for(t: TrainConfig | FinetuneConfig, run_dir: Path, key: str) -> Accelerator:
+def accelerator_for(
+    t: TrainConfig | FinetuneConfig, run_dir: Path, key: str, find_unused_parameters: bool = False
+) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
     accelerator = Accelerator(
@@ -173,6 +176,7 @@ def accelerator_for(t: TrainConfig | FinetuneConfig, run_dir: Path, key: str) ->
         gradient_accumulation_steps=t.accum_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     if accelerator.device.type == "cpu":
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, reset_accelerate
 
 from mae import engine
 from mae.config import ConfigError, load_config
@@ -24,12 +24,19 @@ def small(name, *extra):
 
 @pytest.mark.parametrize(
     "name, extra",
-    [("mae", TINY[:6]), *[(n, []) for n in CLASSIC], ("ae", ["model.arch=mlp"]), ("vae", ["data.channels=1"])],
+    [
+        ("mae", TINY[:6]),
+        *[(n, []) for n in CLASSIC],
+        ("ae", ["model.arch=mlp"]),
+        ("vae", ["data.channels=1"]),
+        ("stacked_ae", ["model.arch=mlp", "data.channels=1"]),
+    ],
 )
 def test_every_model_keeps_the_contract(name, extra):
     cfg = load_config(None, [f"model.name={name}", *(SMALL if name != "mae" else ["data.image_size=16"]), *extra])
     torch.manual_seed(0)
     model = build_model(cfg)
+    model.set_step(10**6)  # past any warm-up or greedy stage: every parameter is trained
     x = torch.randn(4, cfg.data.channels, 16, 16)
     out = model(x)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -182,3 +189,46 @@ def test_pretrain_export_and_probe_end_to_end(tmp_path, name):
     assert torch.allclose(encoder.features(x, "encode"), result.model.encode(x))
     fresh = load_encoder(f"random:{out}")
     assert fresh.sha256 != encoder.sha256
+
+
+@pytest.mark.parametrize("arch", [[], ["model.arch=mlp", "model.widths=[64,32]"]])
+def test_stacked_stages_train_one_layer_at_a_time(arch):
+    model = small("stacked_ae", "model.stage_steps=3", "model.stack_denoising=true", *arch)
+    x = torch.randn(4, 3, 16, 16)
+    layers = model.stages
+    assert len(layers) == 3
+    for step, trained in [(0, [layers[0]]), (4, [layers[1]]), (8, [layers[2]]), (9, layers), (50, layers)]:
+        model.set_step(step)
+        model.zero_grad()
+        out = model(x)
+        out.loss.backward()
+        got = sorted({int(n.split(".")[1]) for n, p in model.named_parameters() if p.grad is not None})
+        assert got == trained and out.terms["stage"].item() == min(step // 3, 3)
+        # the encoder layers below the one trained are frozen, those above unused
+    model.eval()
+    assert model(x).recon.shape == x.shape and model.encode(x).shape == (4, 12)
+
+
+def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
+    common = [
+        "model.name=stacked_ae", *SMALL, "model.stage_steps=4", "model.stack_denoising=true", "data.num_workers=0",
+        "train.batch_size=8", "train.max_steps=14", "train.checkpoint_every=6", "train.log_every=1", "train.blr=1e-2",
+    ]  # fmt: skip
+    straight = engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'a'}"]))
+    reset_accelerate()
+    real_write = engine.MetricLog.write
+
+    def write_then_crash(self, step, *args):
+        if step == 9:  # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
+            raise RuntimeError("killed")
+        return real_write(self, step, *args)
+
+    monkeypatch.setattr(engine.MetricLog, "write", write_then_crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
+    monkeypatch.undo()
+    reset_accelerate()
+    resumed = engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.model.stage() == 3  # ended in the end-to-end stage

@@ -46,7 +46,10 @@ def test_round_trip_through_yaml():
         ("model.mask_ratio=0", "model.mask_ratio"),
         ("data.image_size=30", "data.image_size=30 is not divisible by model.patch_size=4"),
         ("model.preset=vit_giant", "model.preset='vit_giant' is unknown; choose one of"),
-        ("model.name=gan", "model.name='gan' is invalid; choose one of ['mae', 'ae', 'dae', 'sparse_ae', 'cae', 'vae']"),
+        (
+            "model.name=gan",
+            "model.name='gan' is invalid; choose one of ['mae', 'ae', 'dae', 'sparse_ae', 'cae', 'vae', 'stacked_ae']",
+        ),
         ("train.mixed_precision=fp8", "choose one of ['no', 'bf16', 'fp16']"),
         ("data.crop_scale=[0.5]", "data.crop_scale=[0.5] must have 2 values"),
         ("data.mean=[0.5]", "data.mean=(0.5,) is invalid; it must be one value per channel (3)"),

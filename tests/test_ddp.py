@@ -35,3 +35,20 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path):
     assert not torch.equal(r0["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
     final = load_file(str(out / "checkpoints/step_6/model.safetensors"))
     assert all(torch.equal(final[k], r0[k]) for k in final)
+
+
+def test_greedy_stages_run_data_parallel(tmp_path):
+    """A stacked autoencoder leaves most parameters idle in each stage; DDP must expect that."""
+    out = tmp_path / "stacked"
+    args = [
+        "model.name=stacked_ae", "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=12",
+        "model.stage_steps=2", "data.num_workers=0", "train.batch_size=8", "train.max_steps=7",
+        f"output_dir={out}",
+    ]  # fmt: skip
+    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = load_file(str(out / "rank0_of_2.safetensors"))
+    r1 = load_file(str(out / "rank1_of_2.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)

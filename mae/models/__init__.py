@@ -11,6 +11,7 @@ from mae.models.cae import ContractiveAutoencoder
 from mae.models.dae import DenoisingAutoencoder
 from mae.models.mae import MaskedAutoencoder
 from mae.models.sparse import SparseAutoencoder
+from mae.models.stacked import StackedAutoencoder
 from mae.models.vae import VariationalAutoencoder
 
 
@@ -39,6 +40,7 @@ MODELS: dict[str, Callable[[Config], Autoencoder]] = {
     "sparse_ae": SparseAutoencoder,
     "cae": ContractiveAutoencoder,
     "vae": VariationalAutoencoder,
+    "stacked_ae": StackedAutoencoder,
 }
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "MaskedAutoencoder",
     "MODELS",
     "SparseAutoencoder",
+    "StackedAutoencoder",
     "VanillaAutoencoder",
     "VariationalAutoencoder",
     "build_model",

@@ -87,12 +87,14 @@ class ClassicAutoencoder(Autoencoder):
 
     code_activation: str = "identity"  # identity | relu | sigmoid
 
-    def __init__(self, cfg: Config, encoder_out: int | None = None) -> None:
+    def __init__(self, cfg: Config, encoder_out: int | None = None, nets: bool = True) -> None:
+        """``nets=False``: the subclass builds its own encoder and decoder."""
         super().__init__()
         m, d = cfg.model, cfg.data
-        enc, dec = (ConvEncoder, ConvDecoder) if m.arch == "conv" else (MLPEncoder, MLPDecoder)
-        self.encoder = enc(d.channels, d.image_size, m.widths, encoder_out or m.latent_dim)
-        self.decoder = dec(d.channels, d.image_size, m.widths, m.latent_dim)
+        if nets:
+            enc, dec = (ConvEncoder, ConvDecoder) if m.arch == "conv" else (MLPEncoder, MLPDecoder)
+            self.encoder = enc(d.channels, d.image_size, m.widths, encoder_out or m.latent_dim)
+            self.decoder = dec(d.channels, d.image_size, m.widths, m.latent_dim)
         self.feature_dim, self.loss_kind = m.latent_dim, m.loss
         self.register_buffer("mean", torch.tensor(d.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(d.std).view(1, -1, 1, 1), persistent=False)

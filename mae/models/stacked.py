@@ -1,0 +1,118 @@
+"""Stacked autoencoder (Bengio et al. 2007; Vincent et al. 2010): greedy layer-wise pretraining,
+then optional end-to-end fine-tuning of the stack.
+
+The encoder is a stack of layers (``arch=conv``: one stride-2 conv + GELU per width, then a linear
+map to the code; ``arch=mlp``: one linear + GELU per width, then the code), each with its own
+decoder layer mapping its output back to its input. Stage k (optimizer steps
+[k x ``stage_steps``, (k + 1) x ``stage_steps``)) trains layer k and its decoder to reconstruct
+the codes of the frozen layers below (stage 0: the image, with the model's loss); with
+``stack_denoising`` each layer is a denoising autoencoder (stage 0: ``model.corruption``; above:
+masking noise on the codes at ``noise_level``). After the last layer's stage, the rest of the run
+trains the whole stack end to end (encoder, then the decoders in reverse) on the image. Logged:
+``recon`` (the stage's reconstruction error: of the image, or of the codes below) and ``stage``. The
+stage is a function of the optimizer step, so checkpoints and resume work across stage
+boundaries. Evaluation mode always runs the whole stack.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mae.config import Config
+from mae.models.base import AEOutput
+from mae.models.conv import ClassicAutoencoder
+from mae.models.dae import corrupt_pixels
+
+
+def _layers(m, channels: int, image_size: int) -> tuple[list[nn.Module], list[nn.Module]]:
+    enc: list[nn.Module] = []
+    dec: list[nn.Module] = []
+    if m.arch == "conv":
+        c, side = channels, image_size
+        for w in m.widths:
+            enc.append(nn.Sequential(nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GELU()))
+            dec.append(nn.ConvTranspose2d(w, c, 4, stride=2, padding=1))
+            c, side = w, side // 2
+        enc.append(nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, m.latent_dim)))
+        dec.append(nn.Sequential(nn.Linear(m.latent_dim, c * side * side), nn.Unflatten(1, (c, side, side))))
+    else:
+        d = channels * image_size * image_size
+        enc.append(nn.Flatten())  # no parameters: not a stage
+        dec.append(nn.Unflatten(1, (channels, image_size, image_size)))
+        for w in m.widths:
+            enc.append(nn.Sequential(nn.Linear(d, w), nn.GELU()))
+            dec.append(nn.Linear(w, d))
+            d = w
+        enc.append(nn.Linear(d, m.latent_dim))
+        dec.append(nn.Linear(m.latent_dim, d))
+    return enc, dec
+
+
+class StackedAutoencoder(ClassicAutoencoder):
+    code_activation = "identity"
+    has_unused_parameters = True  # a greedy stage trains one layer: data parallel must expect idle ones
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg, nets=False)
+        m, d = cfg.model, cfg.data
+        enc, dec = _layers(m, d.channels, d.image_size)
+        self.encoder = nn.Sequential(*enc)
+        self.decoders = nn.ModuleList(dec)  # one decoder layer per encoder layer
+        # the stages: layers with parameters (an mlp's leading Flatten has none)
+        self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
+        self.stage_steps, self.denoising = m.stage_steps, m.stack_denoising
+        self.corruption, self.noise_level, self.corruption_patch = m.corruption, m.noise_level, m.corruption_patch
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def stage(self) -> int:
+        """Index into ``stages`` of the greedy stage now trained; ``len(stages)``: end to end."""
+        return min(self.step // self.stage_steps, len(self.stages))
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.decoders):
+            code = layer(code)
+        return code
+
+    def _corrupt_input(self, h: torch.Tensor, first: bool) -> torch.Tensor:
+        if not self.denoising:
+            return h
+        if first:  # the image: the configured pixel corruption
+            noisy = corrupt_pixels(h * self.std + self.mean, self.corruption, self.noise_level, self.corruption_patch)
+            return (noisy - self.mean) / self.std
+        return h * (torch.rand_like(h) >= self.noise_level)  # codes: masking noise
+
+    def forward(self, images: torch.Tensor) -> AEOutput:
+        stage = self.stage() if self.training else len(self.stages)
+        if stage < len(self.stages):
+            index = self.stages[stage]
+            first = index == self.stages[0]
+            if first:  # the image (an mlp's parameter-free Flatten comes first)
+                x = self.encoder[:index](self._corrupt_input(images, True))
+            else:
+                with torch.no_grad():  # the frozen layers below
+                    h = self.encoder[:index](images)
+                x = self._corrupt_input(h, False)
+            out = self.decoders[index](self.encoder[index](x)).float()
+            if first:
+                for layer in reversed(self.decoders[:index]):  # back to image shape (an mlp's Unflatten)
+                    out = layer(out)
+                loss = self.reconstruction_loss(out, images)
+            else:
+                loss = F.mse_loss(out, h.float())
+            return AEOutput(loss=loss, terms={"recon": loss.detach(), "stage": torch.tensor(float(stage))})
+        code = self.encoder(images)
+        out = self.decode(code).float()
+        loss = self.reconstruction_loss(out, images)
+        terms = {"recon": loss.detach(), "stage": torch.tensor(float(stage))}
+        result = AEOutput(loss=loss, terms=terms, features=code.detach())
+        if not self.training:
+            result.recon = self.to_image(out.detach())
+        return result
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
