@@ -83,7 +83,7 @@ class ModelConfig:
     sparsity: Literal["l1", "kl"] = "kl"  # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
     sparsity_weight: float = 1e-3
     sparsity_target: float = 0.05  # rho, for sparsity=kl
-    contractive_weight: float = 1e-4  # cae: weight of the squared Frobenius norm of d code / d input
+    contractive_weight: float = 0.1  # cae: weight of the squared Frobenius norm of d code / d input
     contractive_projections: int = 1  # cae (deep encoders): random projections per step of the estimate
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # vae decoder
     beta: float = 1.0  # vae: KL weight

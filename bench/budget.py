@@ -1,0 +1,144 @@
+"""Every method of the project on a fixed CPU budget: pretrain, then linear probe and kNN.
+
+For each method's recipe (``configs/<method>_cifar10_budget.yaml``; MAE:
+``configs/mae_vit_tiny_cifar10_budget.yaml``):
+
+1. calibrate: a short run measures the optimizer steps per second of this recipe on this machine
+   (median of its logged rates, start-up excluded);
+2. pretrain for ``--budget`` seconds' worth of steps (``train.max_steps`` = budget x rate; a
+   stacked autoencoder gives each greedy stage a sixth of them), and time the whole run;
+3. probe the export with ``finetune.py`` (linear, then kNN on the same cached features) on the
+   full train/test split, and the same architecture at random init (``random:RUN``) the same way;
+   raw pixels once.
+
+Prints one Markdown table (method, steps, images seen, pretraining wall time, linear and kNN
+top-1 of the pretrained and the random-init encoder) and writes it with every number to
+``--out`` (``table.md``, ``results.json``). Finished steps are reused when the script is run again
+with the same settings (delete ``--out`` to start over).
+
+    python bench/budget.py --budget 600                 # all methods, ~1.5 h on 2 cores
+    python bench/budget.py --budget 300 --methods ae,dae
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
+
+
+def recipe(method: str) -> Path:
+    name = "mae_vit_tiny" if method == "mae" else method
+    return ROOT / "configs" / f"{name}_cifar10_budget.yaml"
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` from the repository root, output to ``log``; returns the wall time. Fails loudly."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    tic = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - tic
+
+
+def steps_per_second(method: str, data: str, work: Path) -> float:
+    out = work / f"calibrate_{method}"
+    args = [f"output_dir={out}", f"data.dataset={data}", "train.max_steps=30", "train.log_every=5"]
+    args += ["train.checkpoint_every=1000", "train.recon_every=1000"]
+    run([sys.executable, "pretrain.py", "--config", str(recipe(method)), *args], work / f"calibrate_{method}.log")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    batch = json.loads((out / "derived.json").read_text())["effective_batch"]
+    return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up
+
+
+def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
+    if not (out / "results.json").is_file():
+        args = [f"encoder={encoder}", f"output_dir={out}", f"data.dataset={data}"]
+        run([sys.executable, "finetune.py", "--config", str(ROOT / f"configs/eval/{mode}_cifar10.yaml"), *args], log)
+    return json.loads((out / "results.json").read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=600, help="pretraining seconds per method")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/budget"))
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: unknown methods {unknown}; choose from {','.join(METHODS)}")
+    if not Path(args.data).is_dir():
+        sys.exit(f"error: --data {args.data} is not a folder; point it at the CIFAR-10 parquet copy")
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = work / "results.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("budget") not in (None, args.budget):
+        sys.exit(f"error: {work} holds results for another --budget; use another --out")
+    record["budget"] = args.budget
+    rows = record.setdefault("methods", {})
+
+    pixels = {
+        m: probe("pixels:32", m, args.data, work / f"eval/pixels_{m}", work / f"pixels_{m}.log")
+        for m in ("linear", "knn")
+    }
+    record["pixels"] = {m: pixels[m]["top1"] for m in pixels}
+    for method in methods:
+        row = rows.get(method, {})
+        run_dir = work / "runs" / method
+        if not (run_dir / "export").is_dir():
+            rate = steps_per_second(method, args.data, work)
+            steps = max(1, int(args.budget * rate))
+            extra = [f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
+            if method == "stacked_ae":
+                extra.append(f"model.stage_steps={max(1, steps // 6)}")
+            seconds = run(
+                [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra], work / f"{method}.log"
+            )
+            derived = json.loads((run_dir / "derived.json").read_text())
+            row = {"steps": steps, "images": steps * derived["effective_batch"], "steps_per_s": rate, "wall_s": seconds}
+        for mode in ("linear", "knn"):
+            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
+                res = probe(
+                    source, mode, args.data, work / f"eval/{method}_{kind}_{mode}", work / f"{method}_{kind}_{mode}.log"
+                )
+                row[f"{kind}_{mode}"] = res["top1"]
+        rows[method] = row
+        record_path.write_text(json.dumps(record, indent=1))
+        print(f"{method}: {row}", flush=True)
+
+    lines = [
+        f"Budget: {args.budget:g} s of pretraining per method (steps from the measured rate). Raw pixels: "
+        f"linear {100 * record['pixels']['linear']:.1f}%, kNN {100 * record['pixels']['knn']:.1f}%.",
+        "",
+        "| method | steps | images seen | pretraining wall | linear | kNN | random-init linear | random-init kNN |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, r in rows.items():
+        lines.append(
+            f"| {method} | {r['steps']} | {r['images']:,} | {r['wall_s']:.0f} s | "
+            + " | ".join(
+                f"{100 * r[k]:.1f}%" for k in ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn")
+            )
+            + " |"
+        )
+    table = "\n".join(lines) + "\n"
+    (work / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
