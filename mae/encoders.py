@@ -2,7 +2,8 @@
 
 Sources (the ``encoder=`` key of ``finetune.py``):
 
-- ``EXPORT_DIR`` — ``model.safetensors`` + ``config.json`` in timm's format (``mae.export``);
+- ``EXPORT_DIR`` — ``model.safetensors`` + ``config.json`` in timm's format (an MAE export), or
+  ``model.safetensors`` + ``config.yaml`` (the project's format: a classic autoencoder's export);
 - ``RUN_DIR`` — a pretraining run: its ``export/``, or its newest checkpoint when it has none;
 - ``timm:NAME`` — a timm architecture with its own random initialisation (sized to nothing:
   its default input size);
