@@ -215,12 +215,12 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
         ckpt.remove_partial(run_dir)
     accelerator.wait_for_everyone()
     resume_from = ckpt.latest_checkpoint(run_dir)
-    set_seed(cfg.seed, device_specific=True)  # drop path and mixup differ per process; data order does not
 
     with accelerator.local_main_process_first():
         fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
-    clf = build_classifier(cfg, num_classes)
+    clf = build_classifier(cfg, num_classes)  # the same initial weights on every process
+    set_seed(cfg.seed, device_specific=True)  # drop path and mixup differ per process; data order does not
     channels = clf.data_config["input_size"][0]
     d = cfg.data
     data_cfg = DataConfig(
