@@ -232,6 +232,11 @@ def validate(cfg: Config) -> None:
                 )
     else:
         _validate_classic(m, d)
+    if t.online_probe and m.name == "stacked_ae":
+        raise ConfigError(
+            "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "
+            "code of the whole stack); set train.online_probe=false"
+        )
 
 
 def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
@@ -258,6 +263,11 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    if m.name == "stacked_ae" and m.stack_denoising and m.noise_level > 1:
+        raise ConfigError(
+            f"model.noise_level={m.noise_level} is invalid with model.stack_denoising=true: above the first layer it "
+            "is the fraction of code units zeroed; choose a value in [0, 1]"
+        )
     stride = 2 ** len(m.widths)
     if m.arch == "conv" and d.image_size % stride:
         raise ConfigError(

@@ -213,7 +213,7 @@ class MetricLog:
     def add(self, out: AEOutput) -> None:
         self.loss += out.loss.detach()
         for k, v in out.terms.items():
-            self.terms[k] = self.terms.get(k, 0) + v.float()
+            self.terms[k] = self.terms.get(k, 0) + v.float().to(self.loss.device)  # reduced across processes
         self.count += 1
 
     def mean_loss(self) -> float:

@@ -66,10 +66,11 @@ def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, ta
 
 def _replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """``write`` a temporary sibling folder, then swap it in: an earlier ``out_dir`` survives any failure."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    if not out_dir.exists() and old.exists():  # an earlier swap died between its two renames
+        os.replace(old, out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         os.replace(out_dir, old)

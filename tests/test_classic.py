@@ -168,6 +168,10 @@ def test_bad_classic_configs_are_refused():
         load_config(None, ["model.name=dae", "model.corruption=masking", "model.noise_level=1.5"])
     with pytest.raises(ConfigError, match="model.widths"):
         load_config(None, ["model.name=ae", "model.widths=[]"])
+    with pytest.raises(ConfigError, match="fraction of code units zeroed"):
+        load_config(None, ["model.name=stacked_ae", "model.stack_denoising=true", "model.noise_level=2"])
+    with pytest.raises(ConfigError, match="train.online_probe=true does not work with model.name=stacked_ae"):
+        load_config(None, ["model.name=stacked_ae", "train.online_probe=true"])
 
 
 @pytest.mark.parametrize("name", ["vae", "dae"])
@@ -207,6 +211,10 @@ def test_stacked_stages_train_one_layer_at_a_time(arch):
         # the encoder layers below the one trained are frozen, those above unused
     model.eval()
     assert model(x).recon.shape == x.shape and model.encode(x).shape == (4, 12)
+    # decoders of hidden codes end with the codes' own non-linearity; the image decoder does not
+    assert [isinstance(d, torch.nn.Sequential) and isinstance(d[-1], torch.nn.GELU) for d in model.decoders] == [
+        i > layers[0] for i in range(len(model.decoders))
+    ]
 
 
 def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):

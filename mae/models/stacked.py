@@ -7,7 +7,7 @@ decoder layer mapping its output back to its input. Stage k (optimizer steps
 [k x ``stage_steps``, (k + 1) x ``stage_steps``)) trains layer k and its decoder to reconstruct
 the codes of the frozen layers below (stage 0: the image, with the model's loss); with
 ``stack_denoising`` each layer is a denoising autoencoder (stage 0: ``model.corruption``; above:
-masking noise on the codes at ``noise_level``). After the last layer's stage, the rest of the run
+masking noise zeroing a fraction ``noise_level`` of the code units). After the last layer's stage, the rest of the run
 trains the whole stack end to end (encoder, then the decoders in reverse) on the image. Logged:
 ``recon`` (the stage's reconstruction error: of the image, or of the codes below) and ``stage``. The
 stage is a function of the optimizer step, so checkpoints and resume work across stage
@@ -58,10 +58,13 @@ class StackedAutoencoder(ClassicAutoencoder):
         super().__init__(cfg, nets=False)
         m, d = cfg.model, cfg.data
         enc, dec = _layers(m, d.channels, d.image_size)
-        self.encoder = nn.Sequential(*enc)
-        self.decoders = nn.ModuleList(dec)  # one decoder layer per encoder layer
         # the stages: layers with parameters (an mlp's leading Flatten has none)
         self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
+        # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too, which
+        # also makes the whole decoder non-linear; the first stage's decoder outputs the image
+        dec = [nn.Sequential(layer, nn.GELU()) if i > self.stages[0] else layer for i, layer in enumerate(dec)]
+        self.encoder = nn.Sequential(*enc)
+        self.decoders = nn.ModuleList(dec)  # one decoder layer per encoder layer
         self.stage_steps, self.denoising = m.stage_steps, m.stack_denoising
         self.corruption, self.noise_level, self.corruption_patch = m.corruption, m.noise_level, m.corruption_patch
         self.step = 0
@@ -104,11 +107,11 @@ class StackedAutoencoder(ClassicAutoencoder):
                 loss = self.reconstruction_loss(out, images)
             else:
                 loss = F.mse_loss(out, h.float())
-            return AEOutput(loss=loss, terms={"recon": loss.detach(), "stage": torch.tensor(float(stage))})
+            return AEOutput(loss=loss, terms={"recon": loss.detach(), "stage": loss.new_tensor(float(stage)).detach()})
         code = self.encoder(images)
         out = self.decode(code).float()
         loss = self.reconstruction_loss(out, images)
-        terms = {"recon": loss.detach(), "stage": torch.tensor(float(stage))}
+        terms = {"recon": loss.detach(), "stage": loss.new_tensor(float(stage)).detach()}
         result = AEOutput(loss=loss, terms=terms, features=code.detach())
         if not self.training:
             result.recon = self.to_image(out.detach())

@@ -78,7 +78,7 @@ class VariationalAutoencoder(ClassicAutoencoder):
             "recon_nll": nll.detach().mean(),
             "kl": kl.detach().mean(),
             "bits_per_dim": bpd,
-            "beta": torch.tensor(beta),
+            "beta": loss.new_tensor(beta).detach(),
         }
         result = AEOutput(loss=loss, terms=terms, features=mu.detach())
         if not self.training:
