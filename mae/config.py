@@ -105,6 +105,7 @@ class DataConfig:
     mean: tuple[float, ...] | None = None  # default: ImageNet statistics for 3 channels, 0.5 otherwise
     std: tuple[float, ...] | None = None
     num_workers: int = 2  # DataLoader worker processes per training process
+    classes: tuple[int, ...] | None = None  # train on images of these label ids only (e.g. anomaly detection)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,21 @@ class DataError(UserError, ValueError):
 
 
 def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
-    """Load one split of ``cfg.dataset`` as a map-style ``datasets.Dataset``."""
-    return pick_split(load_splits(cfg), cfg, split or cfg.split)
+    """Load one split of ``cfg.dataset`` as a map-style ``datasets.Dataset`` (only the images of
+    ``cfg.classes`` when set)."""
+    ds = pick_split(load_splits(cfg), cfg, split or cfg.split)
+    return ds if cfg.classes is None else select_classes(ds, cfg)
+
+
+def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    col = label_column(ds, cfg)
+    if col is None:
+        raise DataError("data.classes needs labels and the dataset has none; name them with data.label_column=NAME")
+    keep = set(cfg.classes)
+    ds = ds.filter(lambda labels: [y in keep for y in labels], input_columns=col, batched=True)
+    if len(ds) == 0:
+        raise DataError(f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids it has")
+    return ds
 
 
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:

@@ -45,6 +45,15 @@ class Autoencoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the model's reconstruction in the same normalised space, deterministic
+        but for the model's own masking (no corruption, no sampling). Call in eval mode."""
+        out = self.forward(images)
+        if out.recon is None:
+            raise ValueError(f"{type(self).__name__} returned no reconstruction; call it in eval mode")
+        return out.recon
+
     def set_step(self, step: int) -> None:
         """Called by the engine before each optimizer step's forward passes with the number of
         optimizer steps taken so far (for schedules inside the model, e.g. a KL warm-up)."""

@@ -129,6 +129,10 @@ class ClassicAutoencoder(Autoencoder):
         """Decoder output -> a reconstruction in the normalised space of the data."""
         return self.from_unit(torch.sigmoid(out)) if self.loss_kind == "bce" else out
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.decoder(self.code(images)).float())
+
     # --- hooks
     def corrupt(self, images: torch.Tensor) -> torch.Tensor:
         return images

@@ -178,6 +178,12 @@ class MaskedAutoencoder(Autoencoder):
             out.mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p), p, 1, self.grid)
         return out
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """The visible patches as they are, the hidden ones (``mask_ratio``, global RNG) predicted."""
+        out = self.forward(images)
+        return images * (1 - out.mask) + out.recon * out.mask
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D): the cls token of the full (unmasked) image, after the final norm."""
         return self.encoder(images)

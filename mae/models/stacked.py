@@ -119,3 +119,7 @@ class StackedAutoencoder(ClassicAutoencoder):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.decode(self.encoder(images)).float())

@@ -86,8 +86,17 @@ class VariationalAutoencoder(ClassicAutoencoder):
         return result
 
     @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded from the posterior mean."""
+        return self.to_image(self.decoder(self.encode(images)).float())
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes (n, latent_dim) -> images in the data's normalised space."""
+        return self.to_image(self.decoder(z).float())
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images decoded from prior draws, in the data's normalised space: (n, C, H, W)."""
         device = self.mean.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.to_image(self.decoder(z).float())
+        return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))

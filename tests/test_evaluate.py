@@ -1,0 +1,98 @@
+"""python -m mae.evaluate: known answers for the metrics, and every task end to end on tiny data."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import colour_folder, reset_accelerate
+
+from mae import engine
+from mae.config import load_config
+from mae.data import DataError, load_split
+from mae.evaluate import detection_scores, image_metrics, main, pca_fit, psnr_summary
+
+
+def test_psnr_of_identical_images_is_infinite_and_handled():
+    assert psnr_summary(torch.zeros(3)) == {"mse": 0.0, "psnr_db": "inf", "psnr_db_mean": "inf", "identical": 3}
+    mixed = psnr_summary(torch.tensor([0.0, 0.01, 0.0001]))
+    assert mixed["identical"] == 1 and mixed["psnr_db_mean"] == pytest.approx(30.0)  # (20 + 40) / 2
+    assert mixed["psnr_db"] == pytest.approx(-10 * math.log10(0.0101 / 3))
+    x = torch.rand(2, 3, 16, 16)
+    m = image_metrics(x, x)
+    assert torch.equal(m["mse"], torch.zeros(2)) and torch.allclose(m["ssim"], torch.ones(2))
+    assert (image_metrics(torch.rand(2, 3, 8, 8), x[:, :, :8, :8])["ssim"] < 0.5).all()  # an 8x8 window fits too
+
+
+def test_perfectly_separated_scores_give_auroc_and_aupr_one():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    scores = torch.tensor([0.1, 0.2, 0.15, 0.9, 0.8, 0.7, 0.95, 0.75])
+    out = detection_scores(scores, labels, normal=[0])
+    assert out["all"] == {"auroc": 1.0, "aupr": 1.0, "count": 5}
+    assert set(out["per_class"]) == {"1", "2"} and out["per_class"]["1"]["auroc"] == 1.0
+    flipped = detection_scores(-scores, labels, normal=[0])
+    assert flipped["all"]["auroc"] == 0.0
+
+
+def test_pca_reconstruction_error_is_the_sum_of_the_discarded_eigenvalues():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    mean, comps = pca_fit(x, 2)
+    recon = ((x - mean) @ comps.T) @ comps + mean
+    eig = torch.linalg.eigvalsh(torch.cov(x.T, correction=0)).flip(0)  # descending
+    assert ((x - recon).pow(2).sum(1).mean()).item() == pytest.approx(eig[2:].sum().item(), rel=1e-9)
+    assert torch.allclose(comps @ comps.T, torch.eye(2, dtype=torch.float64), atol=1e-10)
+
+
+def test_data_classes_keeps_only_those_labels():
+    ds = load_split(load_config(None, ["data.classes=[2,7]"]).data)
+    assert set(ds["label"]) == {2, 7} and len(ds) == 600  # 300 per class in the sample
+    with pytest.raises(DataError, match="selects no image"):
+        load_split(load_config(None, ["data.classes=[42]"]).data)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    folder = colour_folder(root / "colours")
+    out = root / "vae"
+    args = [
+        "model.name=vae", "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=8", f"data.dataset={folder}",
+        "data.num_workers=0", "train.batch_size=8", "train.max_steps=6", "train.recon_images=2", f"output_dir={out}",
+    ]  # fmt: skip
+    engine.train(load_config(None, args))
+    reset_accelerate()
+    return out
+
+
+def run_task(tmp_path, run, task, *args):
+    out = tmp_path / task
+    assert main([task, "--run", str(run), "--split", "train", "--out", str(out), *args]) == 0
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def test_every_task_end_to_end(tmp_path, vae_run):
+    rec, out = run_task(tmp_path, vae_run, "reconstruct")
+    assert rec["images"] == 60 and 0 < rec["mse"] < 1 and -1 <= rec["ssim"] <= 1 and (out / "reconstruct.png").is_file()
+    den, out = run_task(tmp_path, vae_run, "denoise", "--corruption", "salt_pepper", "--level", "0.3")
+    assert den["noisy"]["mse"] > 0 and den["restored"]["psnr_db"] != "inf" and (out / "denoise.png").is_file()
+    ano, out = run_task(tmp_path, vae_run, "anomaly", "--normal", "0")
+    assert set(ano["per_class"]) == {"1", "2"} and 0 <= ano["all"]["auroc"] <= 1
+    assert (out / "anomaly_scores.png").is_file()
+    red, out = run_task(tmp_path, vae_run, "reduce", "--fit-split", "train")
+    assert red["dims"] == 8 and set(red["linear"]) == {"encoder", "pca"} and set(red["knn"]) == {"encoder", "pca"}
+    assert red["reconstruction"]["pca"]["mse"] < 0.2 and (out / "codes_pca.png").is_file()
+    smp, out = run_task(tmp_path, vae_run, "sample", "-n", "9")
+    assert (smp["samples"], smp["interpolations"], smp["steps"], smp["task"]) == (9, 4, 8, "sample")
+    assert (out / "samples.png").is_file() and (out / "interpolations.png").is_file()
+
+
+def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
+    assert (
+        main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "0,1,2", "--out", str(tmp_path)]) == 2
+    )
+    assert "not all" in capsys.readouterr().err
+    assert main(["reconstruct", "--run", str(vae_run), "--mask-ratio", "0.5", "--out", str(tmp_path)]) == 2
+    assert "applies to MAE runs" in capsys.readouterr().err
+    assert main(["reconstruct", "--run", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
