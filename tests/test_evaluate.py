@@ -96,3 +96,29 @@ def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
     assert "applies to MAE runs" in capsys.readouterr().err
     assert main(["reconstruct", "--run", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
+    from mae.config import load_eval_config
+    from mae.probe import evaluate
+
+    assert main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0
+    assert main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "1"]) == 0
+    folder = json.loads((vae_run / "evaluate/reconstruct/metrics.json").read_text())["dataset"]
+    for source in (str(vae_run), f"random:{vae_run}"):
+        name = "random" if source.startswith("random") else "run"
+        overrides = [f"encoder={source}", "mode=knn", f"data.dataset={folder}", "data.num_workers=0"]
+        overrides += [f"output_dir={tmp_path / 'probes' / name}", f"probe.cache_dir={tmp_path / 'cache'}"]
+        evaluate(load_eval_config(None, overrides))
+    reset_accelerate()
+    out = tmp_path / "report"
+    assert main(["report", "--run", str(vae_run), "--results", str(tmp_path / "probes"), "--out", str(out)]) == 0
+    rows = json.loads((out / "report.json").read_text())["runs"]
+    knn = json.loads((tmp_path / "probes/run/results.json").read_text())["top1"]
+    rec = json.loads((vae_run / "evaluate/reconstruct/metrics.json").read_text())
+    assert rows[0]["method"] == "vae" and rows[0]["knn"] == knn and "random_knn" in rows[0]
+    assert rows[0]["reconstruct_psnr"] == rec["psnr_db"] and 0 <= rows[0]["anomaly_auroc"] <= 1
+    table = (out / "report.md").read_text()
+    assert f"| vae | 6 | – | {100 * knn:.1f}% |" in table
+    assert all((out / f).is_file() for f in rows[0]["figures"]) and len(rows[0]["figures"]) == 2
+    assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 2  # not a run
