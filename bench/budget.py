@@ -76,6 +76,11 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/budget"))
+    parser.add_argument(
+        "--report",
+        help="also run python -m mae.evaluate (reconstruct, denoise, anomaly, reduce; sample for the VAE) on every "
+        "run and write the report of all methods (table + figures) into this folder",
+    )
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -139,7 +144,42 @@ def main() -> int:
     table = "\n".join(lines) + "\n"
     (work / "table.md").write_text(table)
     print(table)
+    if args.report:
+        write_report(work, list(rows), args.data, Path(args.report), table)
     return 0
+
+
+TASKS = {
+    "reconstruct": [],
+    "denoise": ["--corruption", "gaussian", "--level", "0.2"],
+    "anomaly": ["--normal", "0"],
+    "reduce": [],
+}
+
+
+def write_report(work: Path, methods: list[str], data: str, out: Path, table: str) -> None:
+    """Every evaluate task on every run (skipping finished ones), then one report across them."""
+    runs = [work / "runs" / m for m in methods]
+    for run_dir in runs:
+        tasks = dict(TASKS) | ({"sample": ["-n", "64"]} if run_dir.name == "vae" else {})
+        for task, extra in tasks.items():
+            if not (run_dir / "evaluate" / task / "metrics.json").is_file():
+                cmd = [sys.executable, "-m", "mae.evaluate", task, "--run", str(run_dir), "--dataset", data, *extra]
+                run(cmd, work / f"{run_dir.name}_evaluate_{task}.log")
+    cmd = [sys.executable, "-m", "mae.evaluate", "report", "--results", str(work / "eval"), "--out", str(out)]
+    run(cmd + [a for r in runs for a in ("--run", str(r))], work / "report.log")
+    body = (out / "report.md").read_text().replace(str(work) + "/", "")  # run paths relative to the bench output
+    budget = json.loads((work / "results.json").read_text())["budget"]
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    (out / "report.md").write_text(
+        "# Every method on CIFAR-10 at the same CPU budget\n\n"
+        f"Produced by `python bench/budget.py --budget {budget:g} --report {shown}`"
+        " on a 2-core CPU; the evaluate tasks use the first 2,000 test images (anomaly: class 0 normal, scored by "
+        "the model trained on all classes; denoise: Gaussian noise of std 0.2).\n\n## Pretraining and probes\n\n"
+        + table
+        + "\n## Evaluate tasks\n\n"
+        + body
+    )
 
 
 if __name__ == "__main__":
