@@ -136,6 +136,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/mae"
+    # start from these weights (model.name=mae): an official MAE .pth ({"model": ...}, encoder-only or
+    # _full), a timm ViT export folder or .safetensors, or a checkpoint folder (see mae.interop)
+    init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -233,6 +236,8 @@ def validate(cfg: Config) -> None:
                 )
     else:
         _validate_classic(m, d)
+    if cfg.init is not None and m.name != "mae":
+        raise ConfigError(f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}")
     if t.online_probe and m.name == "stacked_ae":
         raise ConfigError(
             "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "

@@ -48,6 +48,7 @@ from mae.data import (
 )
 from mae.errors import UserError
 from mae.export import export_model
+from mae.interop import load_into, load_weights
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.visualize import denormalize, save_recon_grid
@@ -263,6 +264,17 @@ def train(cfg: Config) -> RunResult:
     loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
 
     model = build_model(cfg)
+    if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
+        done = load_into(model, load_weights(cfg.init), cfg.init)
+        accelerator.print(
+            f"init from {cfg.init}: {done['loaded']} tensors"
+            + (f"; fresh: {len(done['fresh'])} decoder tensors" if done["fresh"] else "")
+            + (
+                f"; position embeddings for the new grid: {sorted(done['pos_embed_regrid'])}"
+                if done["pos_embed_regrid"]
+                else ""
+            )
+        )
     optimizer = build_optimizer(model, cfg, derived)
     scheduler = build_scheduler(optimizer, cfg, derived)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

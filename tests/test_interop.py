@@ -1,0 +1,111 @@
+"""Weights in: official MAE checkpoints, timm ViTs and the project's own, loaded strictly."""
+
+import os
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file, save_file
+
+from mae import engine
+from mae.config import ConfigError, load_config
+from mae.interop import WeightsError, load_into, load_weights
+from mae.models import build_model
+
+
+def tiny(seed, *extra):
+    torch.manual_seed(seed)
+    return build_model(load_config(None, [*TINY, *extra]))
+
+
+def official(model):
+    """The model's weights under the official facebookresearch/mae names."""
+    return {k.removeprefix("encoder."): v.clone() for k, v in model.state_dict().items()}
+
+
+def test_an_official_full_checkpoint_gives_the_same_model(tmp_path):
+    source = tiny(1)
+    path = tmp_path / "mae_pretrain_full.pth"
+    torch.save({"model": official(source), "epoch": 799}, path)
+    target = tiny(2)
+    done = load_into(target, load_weights(path), str(path))
+    assert done["fresh"] == [] and done["pos_embed_regrid"] == {}
+    a, b = source.state_dict(), target.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    source.eval()
+    target.eval()
+    assert torch.equal(source(x, noise=noise).loss, target(x, noise=noise).loss)
+
+
+def test_an_encoder_only_checkpoint_leaves_a_fresh_decoder(tmp_path):
+    source, target = tiny(1), tiny(2)
+    fresh_decoder = {k: v.clone() for k, v in target.state_dict().items() if not k.startswith("encoder.")}
+    encoder_only = {k: v for k, v in official(source).items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": encoder_only}, tmp_path / "mae_pretrain.pth")
+    done = load_into(target, load_weights(tmp_path / "mae_pretrain.pth"), "x")
+    assert set(done["fresh"]) == set(fresh_decoder)
+    state = target.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in fresh_decoder.items())
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if k.startswith("encoder."))
+
+
+def test_a_timm_export_loads_as_the_encoder(tmp_path):
+    source = tiny(1)
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, tmp_path / "model.safetensors")
+    target = tiny(2)
+    done = load_into(target, load_weights(tmp_path), "x")
+    assert done["fresh"] and all(not k.startswith("encoder.") for k in done["fresh"])
+    assert torch.equal(target.encoder.blocks[0].attn.qkv.weight, source.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_another_grid_keeps_the_models_own_sincos(tmp_path):
+    source, target = tiny(1), tiny(2, "data.image_size=24")
+    torch.save({"model": official(source)}, tmp_path / "a.pth")
+    done = load_into(target, load_weights(tmp_path / "a.pth"), "x")
+    assert done["pos_embed_regrid"]["encoder.pos_embed"] == [[1, 17, 32], [1, 37, 32]]
+    assert torch.equal(target.encoder.patch_embed.proj.weight, source.encoder.patch_embed.proj.weight)
+
+
+def test_wrong_shapes_and_foreign_keys_name_the_key(tmp_path):
+    torch.save({"model": official(tiny(1, "model.embed_dim=48", "model.num_heads=2"))}, tmp_path / "wide.pth")
+    with pytest.raises(WeightsError, match=r"encoder.cls_token has shape \(1, 1, 48\) in the file and \(1, 1, 32\)"):
+        load_into(tiny(2), load_weights(tmp_path / "wide.pth"), "wide.pth")
+    torch.save({"model": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
+    with pytest.raises(WeightsError, match="no counterpart"):
+        load_into(tiny(2), load_weights(tmp_path / "resnet.pth"), "resnet.pth")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mae_interop_pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": RunsCode()}, path)
+    if os.path.exists("/tmp/mae_interop_pwned"):
+        os.remove("/tmp/mae_interop_pwned")
+    with pytest.raises(WeightsError, match="never done"):
+        load_weights(path)
+    assert not os.path.exists("/tmp/mae_interop_pwned")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a readable checkpoint|never done"):
+        load_weights(tmp_path / "junk.pth")
+
+
+def test_pretraining_starts_from_init(tmp_path):
+    source = tiny(1)
+    torch.save({"model": official(source)}, tmp_path / "start.pth")
+    out = tmp_path / "run"
+    cfg = load_config(None, [*TINY, f"output_dir={out}", f"init={tmp_path / 'start.pth'}", "train.max_steps=1"])
+    result = engine.train(cfg)
+    trained = load_file(str(out / "checkpoints/step_1/model.safetensors"))
+    init = source.state_dict()
+    # one small step away from the given weights, far from a fresh initialisation
+    delta = (trained["encoder.blocks.0.attn.qkv.weight"] - init["encoder.blocks.0.attn.qkv.weight"]).abs().max()
+    fresh = tiny(0).state_dict()["encoder.blocks.0.attn.qkv.weight"]
+    assert delta < 1e-3 < (trained["encoder.blocks.0.attn.qkv.weight"] - fresh).abs().max()
+    assert result.steps == 1
+    with pytest.raises(ConfigError, match="needs model.name=mae"):
+        load_config(None, ["model.name=ae", "init=x.pth"])
