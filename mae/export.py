@@ -107,11 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run directory written by pretrain.py")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
-    parser.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+    parser.add_argument("--out", help="export folder (default: RUN_DIR/export, or RUN_DIR/export_hf for --format hf)")
+    parser.add_argument(
+        "--format",
+        choices=("timm", "hf"),
+        default="timm",
+        help="timm: the encoder in timm's format (classic autoencoders: the project's); "
+        "hf: an MAE as a Hugging Face ViTMAEForPreTraining folder (save_pretrained), decoder included",
+    )
     args = parser.parse_args(argv)
     try:
         model, cfg = load_run_model(args.run_dir, args.checkpoint)
-        out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
+        if args.format == "hf":
+            if cfg.model.name != "mae":
+                raise ValueError(f"--format hf needs an MAE run; {args.run_dir} is model.name={cfg.model.name}")
+            from mae.interop import to_hf
+
+            out = Path(args.out or Path(args.run_dir) / "export_hf")
+            _replace_dir(out, lambda tmp: to_hf(model, cfg).save_pretrained(str(tmp)))
+        else:
+            out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

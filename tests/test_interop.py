@@ -109,3 +109,56 @@ def test_pretraining_starts_from_init(tmp_path):
     assert result.steps == 1
     with pytest.raises(ConfigError, match="needs model.name=mae"):
         load_config(None, ["model.name=ae", "init=x.pth"])
+
+
+transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is needed for the HF tests")
+
+
+def hf_equal(ours, hf, x, noise):
+    """Our loss, predictions and mask against HF's for the same images and noise."""
+    ours.eval()
+    latent, mask, ids_restore = ours.forward_encoder(x, noise)
+    pred = ours.forward_decoder(latent, ids_restore)
+    loss, _ = ours.forward_loss(x, pred, mask)
+    with torch.no_grad():
+        out = hf(pixel_values=x, noise=noise)
+    assert torch.equal(out.mask, mask)
+    assert torch.allclose(out.logits, pred, atol=1e-5)
+    assert torch.allclose(out.loss, loss, atol=1e-5)
+
+
+def test_hugging_face_vitmae_converts_both_ways_with_equal_outputs(tmp_path):
+    from transformers import ViTMAEForPreTraining
+
+    from mae.interop import from_hf, hf_config, to_hf
+
+    cfg = load_config(None, [*TINY])
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    # HF (random weights) -> ours
+    torch.manual_seed(3)
+    hf = ViTMAEForPreTraining(hf_config(cfg)).eval()
+    ours, got = from_hf(hf)
+    assert (got.model.embed_dim, got.model.depth, got.model.num_heads, got.data.image_size) == (32, 2, 2, 16)
+    hf_equal(ours, hf, x, noise)
+    # ours (random weights) -> HF, through save_pretrained / from_pretrained
+    mine = tiny(4)
+    to_hf(mine, cfg).save_pretrained(tmp_path / "hf")
+    back = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    hf_equal(mine, back, x, noise)
+    again, _ = from_hf(tmp_path / "hf")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in mine.state_dict().items())
+
+
+def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
+    from transformers import ViTMAEForPreTraining
+
+    from mae.export import main as export_main
+
+    run = tmp_path / "run"
+    first = engine.train(load_config(None, [*TINY, f"output_dir={run}", "train.max_steps=2"]))
+    assert export_main([str(run), "--format", "hf"]) == 0
+    hf = ViTMAEForPreTraining.from_pretrained(run / "export_hf").eval()
+    x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    hf_equal(first.model, hf, x, noise)
+    state = load_weights(run / "export_hf")  # init=HF_FOLDER reads it back
+    assert all(torch.equal(v, state[k]) for k, v in first.model.state_dict().items())
