@@ -3,7 +3,8 @@
 Sources (the ``encoder=`` key of ``finetune.py``):
 
 - ``EXPORT_DIR`` — ``model.safetensors`` + ``config.json`` in timm's format (an MAE export), or
-  ``model.safetensors`` + ``config.yaml`` (the project's format: a classic autoencoder's export);
+  ``model.safetensors`` + ``config.yaml`` (the project's format: a classic autoencoder's export),
+  or a Hugging Face ViTMAE ``save_pretrained`` folder (converted by ``mae.interop.from_hf``);
 - ``RUN_DIR`` — a pretraining run: its ``export/``, or its newest checkpoint when it has none;
 - ``timm:NAME`` — a timm architecture with its own random initialisation (sized to nothing:
   its default input size);
@@ -130,6 +131,20 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
     return _freeze(model, source, "autoencoder", data_config, "encode", arch)
 
 
+def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
+    """A Hugging Face ViTMAE folder: converted to the project's MAE (``mae.interop.from_hf``); its timm
+    encoder is what is probed or fine-tuned (``random:``: the same architecture at MAE's init)."""
+    from mae.interop import from_hf
+    from mae.models import build_model
+
+    model, cfg = from_hf(path)
+    if fresh:
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size, "hf": True}
+    return _freeze(model.encoder, source, "timm", timm_data_config(cfg.data), _timm_pool(model.encoder), arch)
+
+
 class Pixels(nn.Module):
     """The identity encoder: normalised pixels, flattened (the raw-pixel baseline)."""
 
@@ -162,6 +177,8 @@ def _load_encoder(source: str, seed: int) -> FrozenEncoder:
         return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
     fresh = source.startswith("random:")
     path = Path(source.removeprefix("random:"))
+    if (path / "config.json").is_file() and '"vit_mae"' in (path / "config.json").read_text():
+        return _hf_encoder(path, source, fresh, seed)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         torch.manual_seed(seed)
         return _timm_encoder(timm.create_model(f"local-dir:{path}", pretrained=not fresh), source)

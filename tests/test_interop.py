@@ -162,3 +162,21 @@ def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
     hf_equal(first.model, hf, x, noise)
     state = load_weights(run / "export_hf")  # init=HF_FOLDER reads it back
     assert all(torch.equal(v, state[k]) for k, v in first.model.state_dict().items())
+
+
+def test_a_hugging_face_folder_is_an_encoder_source_for_probes_and_fine_tuning(tmp_path):
+    from mae.config import load_eval_config
+    from mae.encoders import load_encoder
+    from mae.finetune import build_classifier
+    from mae.interop import to_hf
+
+    mine = tiny(5)
+    to_hf(mine, load_config(None, [*TINY])).save_pretrained(tmp_path / "hf")
+    encoder = load_encoder(str(tmp_path / "hf"))
+    x = torch.randn(2, 3, 16, 16)
+    mine.eval()
+    assert encoder.kind == "timm" and torch.allclose(encoder.features(x, "cls"), mine.encode(x), atol=1e-6)
+    assert load_encoder(f"random:{tmp_path / 'hf'}").sha256 != encoder.sha256
+    cfg = load_eval_config(None, [f"encoder={tmp_path / 'hf'}", "mode=finetune"])
+    clf = build_classifier(cfg, num_classes=4)
+    assert torch.equal(clf.model.blocks[1].attn.qkv.weight, mine.encoder.blocks[1].attn.qkv.weight)
