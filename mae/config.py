@@ -173,6 +173,38 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+Check = tuple[bool, str, Any, str]  # (valid?, key, value, what is allowed)
+
+
+def raise_first_invalid(checks: list[Check]) -> None:
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+
+
+def schedule_checks(t: TrainConfig | FinetuneConfig, key: str) -> list[Check]:
+    """The checks a training section (``train`` or ``finetune``) shares: length, batch, lr, optimizer."""
+    return [
+        (t.epochs > 0, f"{key}.epochs", t.epochs, "a positive integer"),
+        (t.max_steps is None or t.max_steps > 0, f"{key}.max_steps", t.max_steps, "a positive integer or null"),
+        (t.batch_size > 0, f"{key}.batch_size", t.batch_size, "a positive integer"),
+        (t.accum_steps > 0, f"{key}.accum_steps", t.accum_steps, "a positive integer"),
+        (t.blr > 0, f"{key}.blr", t.blr, "a positive number"),
+        (t.min_lr >= 0, f"{key}.min_lr", t.min_lr, "0 or more"),
+        (t.warmup_epochs >= 0, f"{key}.warmup_epochs", t.warmup_epochs, "0 or more"),
+        (t.weight_decay >= 0, f"{key}.weight_decay", t.weight_decay, "0 or more"),
+        (all(0 <= b < 1 for b in t.betas), f"{key}.betas", t.betas, "two values in [0, 1)"),
+        (t.clip_grad is None or t.clip_grad > 0, f"{key}.clip_grad", t.clip_grad, "a positive number or null"),
+        (t.cpu_threads is None or t.cpu_threads > 0, f"{key}.cpu_threads", t.cpu_threads, "a positive integer or null"),
+        (t.log_every > 0, f"{key}.log_every", t.log_every, "a positive integer"),
+        (t.keep_checkpoints > 0, f"{key}.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
+    ]
+
+
+def crop_scale_check(scale: tuple[float, float], key: str) -> Check:
+    return (0.0 < scale[0] <= scale[1] <= 1.0, key, scale, "[lo, hi] with 0 < lo <= hi <= 1")
+
+
 def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     checks = [
@@ -180,36 +212,17 @@ def validate(cfg: Config) -> None:
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
         (d.image_size > 0, "data.image_size", d.image_size, "a positive integer"),
         (d.channels in (1, 3, 4), "data.channels", d.channels, "1 (grayscale), 3 (RGB) or 4 (RGBA)"),
-        (
-            0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0,
-            "data.crop_scale",
-            d.crop_scale,
-            "[lo, hi] with 0 < lo <= hi <= 1",
-        ),
+        crop_scale_check(d.crop_scale, "data.crop_scale"),
         (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
         (len(d.std) == d.channels and all(v > 0 for v in d.std), "data.std", d.std, f"{d.channels} positive values"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
-        (t.epochs > 0, "train.epochs", t.epochs, "a positive integer"),
-        (t.max_steps is None or t.max_steps > 0, "train.max_steps", t.max_steps, "a positive integer or null"),
-        (t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer"),
-        (t.accum_steps > 0, "train.accum_steps", t.accum_steps, "a positive integer"),
-        (t.blr > 0, "train.blr", t.blr, "a positive number"),
-        (0 <= t.min_lr, "train.min_lr", t.min_lr, "0 or more"),
-        (t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, "0 or more"),
-        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more"),
-        (all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)"),
-        (t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "a positive number or null"),
+        *schedule_checks(t, "train"),
         (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
-        (t.cpu_threads is None or t.cpu_threads > 0, "train.cpu_threads", t.cpu_threads, "a positive integer or null"),
-        (t.log_every > 0, "train.log_every", t.log_every, "a positive integer"),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
-        (t.keep_checkpoints > 0, "train.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
         (t.recon_every > 0, "train.recon_every", t.recon_every, "a positive integer"),
         (t.recon_images > 0, "train.recon_images", t.recon_images, "a positive integer"),
     ]
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    raise_first_invalid(checks)
     if m.name == "mae":
         for key in PRESET_KEYS:
             if getattr(m, key) <= 0:
@@ -266,9 +279,7 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
         (m.beta_warmup_steps >= 0, "model.beta_warmup_steps", m.beta_warmup_steps, "0 or more"),
         (m.stage_steps > 0, "model.stage_steps", m.stage_steps, "a positive integer"),
     ]
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    raise_first_invalid(checks)
     if m.name == "stacked_ae" and m.stack_denoising and m.noise_level > 1:
         raise ConfigError(
             f"model.noise_level={m.noise_level} is invalid with model.stack_denoising=true: above the first layer it "
@@ -421,39 +432,20 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
     ]
     f = cfg.finetune
     checks += [
-        (f.epochs > 0, "finetune.epochs", f.epochs, "a positive integer"),
-        (f.max_steps is None or f.max_steps > 0, "finetune.max_steps", f.max_steps, "a positive integer or null"),
-        (f.batch_size > 0, "finetune.batch_size", f.batch_size, "a positive integer"),
-        (f.accum_steps > 0, "finetune.accum_steps", f.accum_steps, "a positive integer"),
-        (f.blr > 0, "finetune.blr", f.blr, "a positive number"),
-        (f.min_lr >= 0, "finetune.min_lr", f.min_lr, "0 or more"),
-        (f.warmup_epochs >= 0, "finetune.warmup_epochs", f.warmup_epochs, "0 or more"),
-        (f.weight_decay >= 0, "finetune.weight_decay", f.weight_decay, "0 or more"),
-        (all(0 <= b < 1 for b in f.betas), "finetune.betas", f.betas, "two values in [0, 1)"),
+        *schedule_checks(f, "finetune"),
         (0 < f.layer_decay <= 1, "finetune.layer_decay", f.layer_decay, "in (0, 1]; 1 disables it"),
         (0 <= f.drop_path < 1, "finetune.drop_path", f.drop_path, "in [0, 1)"),
-        (f.clip_grad is None or f.clip_grad > 0, "finetune.clip_grad", f.clip_grad, "a positive number or null"),
         (f.image_size is None or f.image_size > 0, "finetune.image_size", f.image_size, "a positive integer or null"),
-        (
-            0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0,
-            "finetune.crop_scale",
-            f.crop_scale,
-            "[lo, hi] with 0 < lo <= hi <= 1",
-        ),
+        crop_scale_check(f.crop_scale, "finetune.crop_scale"),
         (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
         (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),
         (f.cutmix >= 0, "finetune.cutmix", f.cutmix, "0 (off) or a positive alpha"),
         (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, "a probability in [0, 1]"),
         (0 <= f.mixup_switch_prob <= 1, "finetune.mixup_switch_prob", f.mixup_switch_prob, "a probability in [0, 1]"),
         (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
-        (f.cpu_threads is None or f.cpu_threads > 0, "finetune.cpu_threads", f.cpu_threads, "a positive integer"),
         (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
-        (f.log_every > 0, "finetune.log_every", f.log_every, "a positive integer"),
-        (f.keep_checkpoints > 0, "finetune.keep_checkpoints", f.keep_checkpoints, "a positive integer"),
     ]
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
+    raise_first_invalid(checks)
     if cfg.mode == "finetune" and (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0 and f.batch_size % 2:
         raise ConfigError(
             f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images within a batch); "
