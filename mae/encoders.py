@@ -122,6 +122,11 @@ def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEn
         model = build_model(cfg)
     else:
         model, cfg = load_run_model(run_dir)
+    return _model_encoder(model, cfg, source)
+
+
+def _model_encoder(model: nn.Module, cfg: Any, source: str) -> FrozenEncoder:
+    """A project model's encoder, fed as its config preprocesses images."""
     d = cfg.data
     data_config = timm_data_config(d)  # the run's own input size and normalisation
     arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": d.image_size, "channels": d.channels}
@@ -141,8 +146,7 @@ def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncode
     if fresh:
         torch.manual_seed(seed)
         model = build_model(cfg)
-    arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size, "hf": True}
-    return _freeze(model.encoder, source, "timm", timm_data_config(cfg.data), _timm_pool(model.encoder), arch)
+    return _model_encoder(model, cfg, source)
 
 
 class Pixels(nn.Module):

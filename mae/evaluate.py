@@ -73,9 +73,14 @@ def psnr_summary(mse: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def pixel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error of (B, ...) tensors: (B,)."""
+    return (a - b).pow(2).flatten(1).mean(dim=1)
+
+
 def image_metrics(pixels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image MSE and SSIM of (B, C, H, W) pixels in [0, 1]."""
-    mse = (pixels - target).pow(2).flatten(1).mean(dim=1)
+    mse = pixel_mse(pixels, target)
     side = min(target.shape[-2:])
     size = 11 if side >= 11 else side - (side + 1) % 2  # the usual 11x11 window, or the largest odd one that fits
     ssim = structural_similarity_index_measure(
@@ -152,6 +157,16 @@ class Evaluation:
         save_image(stacked, str(path), nrow=len(panels), padding=2, pad_value=1.0)
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported only by the tasks that plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 # ---------------------------------------------------------------------------------------------- tasks
 
 
@@ -194,8 +209,8 @@ def denoise(ev: Evaluation, out: Path, corruption: str, level: float, patch: int
         clean = ev.to_pixels(images)
         noisy = corrupt_pixels(clean, corruption, level, patch).clamp(0, 1)
         restored = ev.to_pixels(ev.model.reconstruct(ev.from_pixels(noisy)))
-        before.append((noisy - clean).pow(2).flatten(1).mean(dim=1))
-        after.append((restored - clean).pow(2).flatten(1).mean(dim=1))
+        before.append(pixel_mse(noisy, clean))
+        after.append(pixel_mse(restored, clean))
         if first is None:
             first = [noisy, restored, clean]
     ev.grid(out / "denoise.png", first)
@@ -209,11 +224,7 @@ def denoise(ev: Evaluation, out: Path, corruption: str, level: float, patch: int
 
 
 def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     data = ev.images()
     if data.label_col is None:
         raise EvaluateError("anomaly needs class labels; the split has no ClassLabel column")
@@ -221,7 +232,7 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
     scores, labels = [], []
     for images, y in ev.batches(data):
         recon = ev.model.reconstruct(images)
-        scores.append((ev.to_pixels(recon) - ev.to_pixels(images)).pow(2).flatten(1).mean(dim=1))
+        scores.append(pixel_mse(ev.to_pixels(recon), ev.to_pixels(images)))
         labels.append(y)
     s, y = torch.cat(scores), torch.cat(labels)
     present = set(y.unique().tolist())
@@ -246,10 +257,7 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
 
 
 def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     def codes_and_pixels(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         codes, flat, recon_mse, labels = [], [], [], []
@@ -258,7 +266,7 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
             codes.append(ev.model.encode(images).float())
             flat.append(images.flatten(1))
             recon = ev.model.reconstruct(images)
-            recon_mse.append((ev.to_pixels(recon) - ev.to_pixels(images)).pow(2).flatten(1).mean(dim=1))
+            recon_mse.append(pixel_mse(ev.to_pixels(recon), ev.to_pixels(images)))
             labels.append(y)
         return torch.cat(codes), torch.cat(flat), torch.cat(recon_mse), torch.cat(labels)
 
@@ -274,7 +282,7 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
     pca_fit_codes, pca_codes = (fit_flat - mean) @ comps.T, (flat - mean) @ comps.T
     pca_recon = (pca_codes @ comps + mean).view(-1, ev.data.channels, ev.data.image_size, ev.data.image_size)
     target = ev.to_pixels(flat.view_as(pca_recon))
-    pca_mse = (ev.to_pixels(pca_recon) - target).pow(2).flatten(1).mean(dim=1)
+    pca_mse = pixel_mse(ev.to_pixels(pca_recon), target)
     result: dict[str, Any] = {"dims": dims, "fit_images": len(fit_flat), "images": len(flat)}
     result["reconstruction"] = {"encoder": psnr_summary(ae_mse), "pca": psnr_summary(pca_mse)}
     if (labels >= 0).all() and (fit_labels >= 0).all():
