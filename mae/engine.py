@@ -198,6 +198,16 @@ def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derive
     accelerator.init_trackers(name, config=hparams)
 
 
+def epoch_batches(accelerator: Accelerator, loader: Any, step: int, derived: Derived, accum_steps: int) -> Any:
+    """The micro-batches of the epoch holding optimizer step ``step``, from that step on."""
+    epoch, within = divmod(step, derived.steps_per_epoch)
+    # through Accelerate's loader: it keeps its own epoch counter and passes it to the sampler
+    loader.set_epoch(epoch)
+    if within:  # resume mid-epoch: skip the micro-batches already consumed
+        return accelerator.skip_first_batches(loader, within * accum_steps)
+    return loader
+
+
 class MetricLog:
     """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
 
@@ -220,6 +230,16 @@ class MetricLog:
     def mean_loss(self) -> float:
         """Mean loss over micro-batches and processes since the last line (collective)."""
         return self.accelerator.reduce(self.loss, reduction="mean").item() / self.count
+
+    def line(self, step: int, derived: Derived, optimizer: torch.optim.Optimizer, bar: tqdm, run_dir: Path) -> None:
+        """Collective: the mean loss since the last line (stopping the run if it is not finite), written
+        with the lr (the largest group's: layer decay scales the others) and shown on the bar."""
+        loss = self.mean_loss()
+        if not math.isfinite(loss):
+            raise non_finite_error(f"loss became {loss}", step, run_dir)
+        lr = max(g["lr"] for g in optimizer.param_groups)
+        self.write(step, step / derived.steps_per_epoch, loss, lr)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, float]:
         """Collective: every process calls it."""
@@ -301,13 +321,7 @@ def train(cfg: Config) -> RunResult:
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
 
     while step < derived.total_steps:
-        epoch, within = divmod(step, derived.steps_per_epoch)
-        # through Accelerate's loader: it keeps its own epoch counter and passes it to the sampler
-        loader.set_epoch(epoch)
-        batches = loader
-        if within:  # resume mid-epoch: skip the micro-batches already consumed
-            batches = accelerator.skip_first_batches(loader, within * t.accum_steps)
-        for images, labels in batches:
+        for images, labels in epoch_batches(accelerator, loader, step, derived, t.accum_steps):
             net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
             with accelerator.accumulate(*nets):
                 out = model(images)
@@ -335,12 +349,7 @@ def train(cfg: Config) -> RunResult:
             bar.update(1)
             done = step >= derived.total_steps
             if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
-                loss = log.mean_loss()
-                if not math.isfinite(loss):
-                    raise non_finite_error(f"loss became {loss}", step, run_dir)
-                lr = optimizer.param_groups[0]["lr"]
-                log.write(step, step / derived.steps_per_epoch, loss, lr)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                log.line(step, derived, optimizer, bar, run_dir)
             if step % t.recon_every == 0 or done:
                 _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
             if step % t.checkpoint_every == 0 or done:

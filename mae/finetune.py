@@ -14,7 +14,6 @@ accumulation). Every ``eval_every`` epochs: accuracy on the evaluation split, a 
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from mae.engine import (
     check_finite_weights,
     check_same_run,
     cosine_schedule,
-    non_finite_error,
+    epoch_batches,
     start_run,
     truncate_metrics,
 )
@@ -258,10 +257,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="finetune")
     last_eval: dict[str, Any] | None = None
     while step < derived.total_steps:
-        epoch, within = divmod(step, derived.steps_per_epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, within * f.accum_steps) if within else loader
-        for images, labels in batches:
+        for images, labels in epoch_batches(accelerator, loader, step, derived, f.accum_steps):
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
@@ -281,12 +277,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
             bar.update(1)
             done = step >= derived.total_steps
             if step % f.log_every == 0 or done:
-                mean = log.mean_loss()
-                if not math.isfinite(mean):
-                    raise non_finite_error(f"loss became {mean}", step, run_dir)
-                lr = max(g["lr"] for g in optimizer.param_groups)
-                log.write(step, step / derived.steps_per_epoch, mean, lr)
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                log.line(step, derived, optimizer, bar, run_dir)
             epochs_done = step / derived.steps_per_epoch
             if done or (step % derived.steps_per_epoch == 0 and round(epochs_done) % f.eval_every == 0):
                 check_finite_weights(model, step, run_dir)
