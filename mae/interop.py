@@ -44,9 +44,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if p.is_dir() and (p / "config.json").is_file() and '"vit_mae"' in (p / "config.json").read_text():
         return from_hf(p)[0].state_dict()  # a Hugging Face ViTMAE save_pretrained folder
     if p.is_dir():
-        for name in ("model.safetensors",):
-            if (p / name).is_file():
-                return _to_ours(load_file(str(p / name)))
+        if (p / "model.safetensors").is_file():
+            return _to_ours(load_file(str(p / "model.safetensors")))
         raise WeightsError(f"init={path}: the folder holds no model.safetensors (an export or a checkpoint folder)")
     if not p.is_file():
         raise WeightsError(f"init={path} does not exist; give a checkpoint file or folder")
