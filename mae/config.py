@@ -45,6 +45,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int, int, int]] = {
     "vit_small_patch4": (4, 384, 12, 6, 256, 4, 8),
     "vit_tiny_patch4": (4, 192, 12, 3, 128, 2, 4),
 }
+DEFAULT_PRESET = "vit_tiny_patch4"
 PRESET_KEYS = (
     "patch_size",
     "embed_dim",
@@ -61,7 +62,9 @@ class ModelConfig:
     # model family in the registry (mae.models.MODELS): mae, or a classic autoencoder:
     # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational), stacked_ae
     name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"] = "mae"
-    preset: str = "vit_tiny_patch4"  # fills the architecture keys below that are left unset
+    # fills the architecture keys below that are left unset (default vit_tiny_patch4; with init=, the
+    # checkpoint's own architecture fills them instead)
+    preset: str | None = None
     patch_size: int | None = None
     embed_dim: int | None = None
     depth: int | None = None
@@ -69,7 +72,7 @@ class ModelConfig:
     decoder_embed_dim: int | None = None
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
-    mlp_ratio: float = 4.0
+    mlp_ratio: float | None = None  # MLP hidden size / width (default 4; with init=, the checkpoint's)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
@@ -148,18 +151,52 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated."""
-    return resolve(load_raw(path, overrides, Config))
+    """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated. With
+    ``init=`` (MAE), the architecture keys the recipe leaves unset come from the checkpoint."""
+    cfg = load_raw(path, overrides, Config)
+    if cfg.init is not None and cfg.model.name == "mae":
+        cfg = architecture_from_init(cfg)
+    return resolve(cfg)
+
+
+def architecture_from_init(cfg: Config) -> Config:
+    """Fill ``model.*`` architecture keys from ``cfg.init`` (``mae.interop.infer_architecture``);
+    a key the recipe names (itself or through ``model.preset``) must agree with the checkpoint."""
+    from mae.interop import infer_architecture  # torch: only when there is a checkpoint to read
+
+    m = cfg.model
+    if m.preset is not None and m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    preset = dict(zip(PRESET_KEYS, PRESETS[m.preset], strict=True)) if m.preset else {}
+    arch = infer_architecture(cfg.init)
+    fill = {}
+    for key, value in arch.model.items():
+        named, where = getattr(m, key), f"model.{key}={getattr(m, key)}"
+        if named is None and key in preset:
+            named, where = preset[key], f"model.preset={m.preset} ({key}={preset[key]})"
+        if named is None:
+            fill[key] = value
+        elif key not in arch.guessed and abs(named - value) > 1e-6:
+            raise ConfigError(
+                f"init={cfg.init} has {key}={value:g} (from its {arch.origin}) but the recipe names {where}; "
+                "leave it out to take the checkpoint's architecture, or give weights of that architecture"
+            )
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
 
 
 def resolve(cfg: Config) -> Config:
     """Fill preset and data-dependent defaults, then validate. Idempotent."""
     model = cfg.model
-    if model.name == "mae":  # the only family so far; others bring their own keys
-        if model.preset not in PRESETS:
+    if model.name == "mae":  # classic autoencoders bring their own keys
+        if model.preset is not None and model.preset not in PRESETS:
             raise ConfigError(f"model.preset={model.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[model.preset], strict=True) if getattr(model, k) is None}
-        model = dataclasses.replace(model, **filled)
+        if any(getattr(model, k) is None for k in PRESET_KEYS):
+            name = model.preset or DEFAULT_PRESET
+            filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[name], strict=True) if getattr(model, k) is None}
+            whole = len(filled) == len(PRESET_KEYS)  # a label only where the preset gave every key
+            model = dataclasses.replace(model, preset=name if whole else model.preset, **filled)
+    if model.mlp_ratio is None:
+        model = dataclasses.replace(model, mlp_ratio=4.0)
     data = cfg.data
     if data.mean is None or data.std is None:
         imagenet = data.channels == 3
@@ -398,7 +435,13 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    encoder: str | None = None  # export dir | run dir | timm:NAME | random:RUN_OR_EXPORT_DIR | pixels:SIZE
+    # export dir | run dir | weights file or checkpoint folder (official MAE .pth, .safetensors) |
+    # Hugging Face ViTMAE folder | timm:NAME | random:SOURCE | pixels:SIZE
+    encoder: str | None = None
+    init: str | None = None  # the same as encoder= (the key pretrain.py uses for starting weights)
+    # heads per block of a weights-file encoder: files do not record it (default: its preset's, else 64
+    # channels per head)
+    num_heads: int | None = None
     mode: Literal["linear", "knn", "finetune"] = "linear"
     output_dir: str = "runs/eval"
     seed: int = 0
@@ -409,17 +452,22 @@ class EvalConfig:
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     cfg = load_raw(path, overrides, EvalConfig)
+    if cfg.init is not None:
+        if cfg.encoder is not None and cfg.encoder != cfg.init:
+            raise ConfigError(f"encoder={cfg.encoder!r} and init={cfg.init!r} name two encoders; give one of them")
+        cfg = dataclasses.replace(cfg, encoder=cfg.init)
     d, p = cfg.data, cfg.probe
     checks = [
         (
             cfg.encoder is not None,
             "encoder",
             cfg.encoder,
-            "an export dir, a run dir, timm:NAME, random:DIR or pixels:SIZE",
+            "an export dir, a run dir, a weights file, timm:NAME, random:SOURCE or pixels:SIZE",
         ),
         (d.eval_split != d.split, "data.eval_split", d.eval_split, f"another split than data.split={d.split!r}"),
         (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
+        (cfg.num_heads is None or cfg.num_heads > 0, "num_heads", cfg.num_heads, "a positive integer or null"),
         (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),
         (p.epochs > 0, "probe.epochs", p.epochs, "a positive integer"),
         (p.blr > 0, "probe.blr", p.blr, "a positive number"),

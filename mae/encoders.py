@@ -6,6 +6,10 @@ Sources (the ``encoder=`` key of ``finetune.py``):
   ``model.safetensors`` + ``config.yaml`` (the project's format: a classic autoencoder's export),
   or a Hugging Face ViTMAE ``save_pretrained`` folder (converted by ``mae.interop.from_hf``);
 - ``RUN_DIR`` — a pretraining run: its ``export/``, or its newest checkpoint when it has none;
+- ``WEIGHTS`` — an official MAE ``.pth`` (``{"model": state_dict}``, read with
+  ``weights_only=True``), a ViT ``.safetensors`` file or a checkpoint folder: built as the project's
+  MAE with the architecture read off the file (``mae.interop.infer_architecture``) and loaded
+  strictly; its input size is the one its position embeddings were made for;
 - ``timm:NAME`` — a timm architecture with its own random initialisation (sized to nothing:
   its default input size);
 - ``random:DIR`` — the architecture of an export or run directory with fresh weights: a run's
@@ -149,6 +153,28 @@ def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncode
     return _model_encoder(model, cfg, source)
 
 
+def _weights_encoder(path: Path, source: str, fresh: bool, seed: int, num_heads: int | None) -> FrozenEncoder:
+    """A weights file or checkpoint folder (``mae.interop``): the project's MAE of its architecture."""
+    from mae.config import load_config
+    from mae.interop import infer_architecture, load_into, load_weights
+    from mae.models import build_model
+
+    state = load_weights(path)
+    arch = infer_architecture(path, state)
+    if num_heads is not None:
+        arch.model["num_heads"] = num_heads
+    overrides = ["model.name=mae", *(f"model.{k}={v}" for k, v in arch.model.items())]
+    overrides.append(f"data.channels={arch.channels}")
+    if arch.image_size is not None:
+        overrides.append(f"data.image_size={arch.image_size}")
+    cfg = load_config(None, overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    if not fresh:
+        load_into(model, state, str(path))
+    return _model_encoder(model, cfg, source)
+
+
 class Pixels(nn.Module):
     """The identity encoder: normalised pixels, flattened (the raw-pixel baseline)."""
 
@@ -156,17 +182,31 @@ class Pixels(nn.Module):
         return images.flatten(1)
 
 
-def load_encoder(source: str, seed: int = 0) -> FrozenEncoder:
-    """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder."""
+def load_encoder(source: str, seed: int = 0, num_heads: int | None = None) -> FrozenEncoder:
+    """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder. ``num_heads``:
+    the head count of a WEIGHTS source, when it is not the one ``infer_architecture`` assumes."""
+    if num_heads is not None and not _is_weights(Path(source.removeprefix("random:"))):
+        raise ConfigError(
+            f"num_heads={num_heads} applies to weights files only (they do not record it); {source!r} records its "
+            "own: leave num_heads out"
+        )
     try:
-        return _load_encoder(source, seed)
+        return _load_encoder(source, seed, num_heads)
     except ConfigError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing files, bad configs, shape mismatches
         raise ConfigError(f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})") from e
 
 
-def _load_encoder(source: str, seed: int) -> FrozenEncoder:
+def _is_weights(path: Path) -> bool:
+    """A weights file, or a folder of weights alone (a checkpoint folder: no config beside them)."""
+    if path.is_file():
+        return True
+    configs = (path / "config.json").is_file() or (path / "config.yaml").is_file()
+    return (path / "model.safetensors").is_file() and not configs
+
+
+def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncoder:
     if source.startswith("pixels:"):
         size = source.removeprefix("pixels:")
         if not size.isdigit() or int(size) <= 0:
@@ -193,7 +233,10 @@ def _load_encoder(source: str, seed: int) -> FrozenEncoder:
         if not fresh and (export / "model.safetensors").is_file():
             return _run_encoder(export, source, fresh, seed)
         return _run_encoder(path, source, fresh, seed)
+    if _is_weights(path):  # an official .pth, a .safetensors file, a checkpoint folder
+        return _weights_encoder(path, source, fresh, seed, num_heads)
     raise ConfigError(
         f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "
-        "(config.yaml), timm:NAME, random:DIR or pixels:SIZE"
+        "(config.yaml), a weights file (.pth, .safetensors) or checkpoint folder, timm:NAME, random:SOURCE or "
+        "pixels:SIZE"
     )

@@ -48,7 +48,7 @@ from mae.data import (
 )
 from mae.errors import UserError
 from mae.export import export_model
-from mae.interop import load_into, load_weights
+from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.visualize import denormalize, save_recon_grid
@@ -148,10 +148,18 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: 
     )
 
 
+def _describe(m: Any) -> str:
+    if m.name != "mae":
+        return m.name
+    return f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, decoder {m.decoder_embed_dim}x{m.decoder_depth}" + (
+        f" ({m.preset})" if m.preset else ""
+    )
+
+
 def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params: int) -> None:
     t = cfg.train
     accelerator.print(
-        f"model {cfg.model.name} ({cfg.model.preset}): {params / 1e6:.2f}M trainable parameters\n"
+        f"model {_describe(cfg.model)}: {params / 1e6:.2f}M trainable parameters\n"
         f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
         f"{derived.steps_per_epoch} steps/epoch\n"
         f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
@@ -285,9 +293,13 @@ def train(cfg: Config) -> RunResult:
 
     model = build_model(cfg)
     if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
-        done = load_into(model, load_weights(cfg.init), cfg.init)
+        state = load_weights(cfg.init)
+        done = load_into(model, state, cfg.init)
+        guessed = [k for k in infer_architecture(cfg.init, state).guessed if k.endswith("heads")]
+        heads = ", ".join(f"model.{k}={getattr(cfg.model, k)}" for k in guessed)
         accelerator.print(
             f"init from {cfg.init}: {done['loaded']} tensors"
+            + (f"; head counts are not recorded in the file, used {heads}" if guessed else "")
             + (f"; fresh: {len(done['fresh'])} decoder tensors" if done["fresh"] else "")
             + (
                 f"; position embeddings for the new grid: {sorted(done['pos_embed_regrid'])}"

@@ -30,7 +30,7 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
     encoder = model.encoder
     if not hasattr(encoder, "pretrained_cfg"):
         raise TypeError(f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format")
-    return save_timm(encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset}")
+    return save_timm(encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset or 'custom'}")
 
 
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:

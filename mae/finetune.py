@@ -78,7 +78,7 @@ def build_classifier(cfg: EvalConfig, num_classes: int) -> Classifier:
     """The encoder of ``cfg.encoder`` rebuilt as a classifier, its weights loaded strictly except for
     the fresh head (and ``fc_norm``) and a final norm that average pooling replaces."""
     f = cfg.finetune
-    encoder = load_encoder(cfg.encoder, cfg.seed)
+    encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads)
     src = encoder.module
     if encoder.kind != "timm":
         raise ConfigError(

@@ -16,11 +16,20 @@ the patch grid differs, the position embeddings (fixed 2-D sin-cos in MAE) are t
 its grid (reported); an unknown key or a shape that cannot be
 fixed is an error naming the key and both shapes; a missing decoder is left at its fresh
 initialisation and reported. ``pretrain.py init=PATH`` uses both before the first step.
+
+``infer_architecture(path)`` reads the architecture off a weights file: from its config where it
+has one (a timm export's ``model_args``, a Hugging Face ``config.json``), else from the tensor
+shapes. Head counts leave no trace in the shapes; without a config they follow the presets
+(or 64 channels per encoder head, 32 per decoder head) and are reported as guessed.
+``load_config`` fills the architecture keys a recipe leaves unset from it and refuses a conflict.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +73,75 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"init={path} holds no state dict of tensors (expected {{'model': state_dict}})")
     return _to_ours(state)
+
+
+@dataclass
+class Architecture:
+    """What a weights file says about its model: ``model.*`` keys, its input, and what was guessed."""
+
+    model: dict[str, Any]  # model.* keys (the decoder's only when the file holds a decoder)
+    image_size: int | None  # the position embeddings' grid x patch size (None without position embeddings)
+    channels: int
+    guessed: list[str] = field(default_factory=list)  # keys the file does not record (head counts)
+    origin: str = "tensor shapes"
+
+
+def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Architecture:
+    """The MAE / ViT architecture of the weights at ``path`` (see the module docstring)."""
+    from mae.config import PRESETS
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and '"vit_mae"' in (p / "config.json").read_text():
+        _, cfg = from_hf(p)
+        m = cfg.model
+        keys = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth")
+        model = {k: getattr(m, k) for k in (*keys, "decoder_num_heads", "mlp_ratio")}
+        return Architecture(model, cfg.data.image_size, cfg.data.channels, [], "Hugging Face config.json")
+    state = load_weights(p) if state is None else state
+    if "encoder.patch_embed.proj.weight" not in state:
+        raise WeightsError(f"init={path}: no encoder.patch_embed.proj.weight, so no ViT architecture to read")
+    dim, channels, patch, _ = state["encoder.patch_embed.proj.weight"].shape
+    depth = _count(state, "encoder.blocks")
+    hidden = state["encoder.blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
+    model: dict[str, Any] = {"patch_size": patch, "embed_dim": dim, "depth": depth, "mlp_ratio": hidden / dim}
+    image_size = None
+    if "encoder.pos_embed" in state:
+        tokens = state["encoder.pos_embed"].shape[1] - ("encoder.cls_token" in state)
+        grid = round(tokens**0.5)
+        image_size = grid * patch if grid * grid == tokens else None
+    known = {(v[1], v[2]): v for v in PRESETS.values()}  # (embed dim, depth) -> preset
+    preset = known.get((dim, depth))
+    model["num_heads"] = preset[3] if preset else _heads(dim, 64)
+    guessed = ["num_heads"]
+    if "decoder_embed.weight" in state:
+        ddim = state["decoder_embed.weight"].shape[0]
+        ddepth = _count(state, "decoder_blocks")
+        model |= {"decoder_embed_dim": ddim, "decoder_depth": ddepth}
+        dpreset = next((v for v in PRESETS.values() if (v[4], v[5]) == (ddim, ddepth)), None)
+        model["decoder_num_heads"] = dpreset[6] if dpreset else _heads(ddim, 32)
+        guessed.append("decoder_num_heads")
+        if ddepth and state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != round(model["mlp_ratio"] * ddim):
+            raise WeightsError(f"init={path}: the encoder and decoder MLP ratios differ; model.mlp_ratio is one value")
+    elif preset:  # an encoder-only file of a known size: that preset's decoder
+        model |= {"decoder_embed_dim": preset[4], "decoder_depth": preset[5], "decoder_num_heads": preset[6]}
+        guessed += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
+    config = p / "config.json" if p.is_dir() else None
+    if config is not None and config.is_file():  # a timm export: its model_args record the heads
+        args = json.loads(config.read_text()).get("model_args", {})
+        if "num_heads" in args:
+            model["num_heads"] = args["num_heads"]
+            guessed.remove("num_heads")
+            return Architecture(model, image_size, channels, guessed, "timm config.json and tensor shapes")
+    return Architecture(model, image_size, channels, guessed)
+
+
+def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def _heads(dim: int, head_dim: int) -> int:
+    return dim // head_dim if dim % head_dim == 0 else 1
 
 
 def _to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -304,7 +304,9 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
-    encoder = load_encoder(cfg.encoder, cfg.seed).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads).to(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)

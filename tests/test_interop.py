@@ -180,3 +180,84 @@ def test_a_hugging_face_folder_is_an_encoder_source_for_probes_and_fine_tuning(t
     cfg = load_eval_config(None, [f"encoder={tmp_path / 'hf'}", "mode=finetune"])
     clf = build_classifier(cfg, num_classes=4)
     assert torch.equal(clf.model.blocks[1].attn.qkv.weight, mine.encoder.blocks[1].attn.qkv.weight)
+
+
+ODD = ["model.embed_dim=48", "model.depth=3", "model.num_heads=4", "model.mlp_ratio=2"]
+ODD += ["model.decoder_embed_dim=24", "model.decoder_depth=1", "model.decoder_num_heads=3", "data.image_size=16"]
+
+
+def test_the_architecture_is_read_off_the_checkpoint_and_conflicts_name_both(tmp_path):
+    from mae.interop import infer_architecture
+
+    source = tiny(1, *ODD)
+    path = tmp_path / "mae_pretrain_full.pth"
+    torch.save({"model": official(source)}, path)
+    arch = infer_architecture(path)
+    assert arch.image_size == 16 and arch.channels == 3 and arch.guessed == ["num_heads", "decoder_num_heads"]
+    want = {"patch_size": 4, "embed_dim": 48, "depth": 3, "mlp_ratio": 2.0, "decoder_embed_dim": 24}
+    assert {k: arch.model[k] for k in want} == want and arch.model["decoder_depth"] == 1
+    # a recipe that names no architecture takes the checkpoint's; the weights then load strictly
+    cfg = load_config(None, [f"init={path}", "data.image_size=16"])
+    m = cfg.model
+    assert (m.embed_dim, m.depth, m.mlp_ratio, m.decoder_embed_dim, m.decoder_depth) == (48, 3, 2.0, 24, 1)
+    assert m.preset is None and (m.num_heads, m.decoder_num_heads) == (1, 1)  # 48 / 64, 24 / 32: one head each
+    target = build_model(cfg)
+    assert load_into(target, load_weights(path), str(path))["fresh"] == []
+    # head counts are the recipe's when it names them (shapes cannot contradict them)
+    assert load_config(None, [f"init={path}", "model.num_heads=4"]).model.num_heads == 4
+    with pytest.raises(
+        ConfigError, match=r"has embed_dim=48 \(from its tensor shapes\) but the recipe names model.embed_dim=32"
+    ):
+        load_config(None, [f"init={path}", "model.embed_dim=32"])
+    with pytest.raises(ConfigError, match=r"has patch_size=4 .* model.preset=vit_base_patch16 \(patch_size=16\)"):
+        load_config(None, [f"init={path}", "model.preset=vit_base_patch16"])
+    with pytest.raises(ConfigError, match=r"has mlp_ratio=2 .* model.mlp_ratio=4"):
+        load_config(None, [f"init={path}", "model.mlp_ratio=4"])
+
+
+def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decoder(tmp_path):
+    from mae.config import PRESETS
+    from mae.interop import infer_architecture
+
+    # the key layout and shapes of mae_pretrain_vit_large.pth (encoder only), on the meta device: no values
+    with torch.device("meta"):
+        ref = build_model(load_config(None, ["model.preset=vit_large_patch16", "data.image_size=224"]))
+    state = {k: v for k, v in ref.state_dict().items() if k.startswith("encoder.")}
+    arch = infer_architecture("mae_pretrain_vit_large.pth", state)
+    _, dim, depth, heads, ddim, ddepth, dheads = PRESETS["vit_large_patch16"]
+    assert arch.image_size == 224 and arch.model["num_heads"] == heads == 16
+    assert (arch.model["decoder_embed_dim"], arch.model["decoder_depth"], arch.model["decoder_num_heads"]) == (
+        ddim,
+        ddepth,
+        dheads,
+    )
+    assert set(arch.guessed) == {"num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
+
+
+def test_official_weights_are_an_encoder_source_and_finetune_takes_init(tmp_path):
+    from mae.config import load_eval_config
+    from mae.encoders import load_encoder
+    from mae.finetune import build_classifier
+
+    source = tiny(4, *ODD)
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": {k: v for k, v in official(source).items() if not k.startswith(_DEC)}}, path)
+    guessed = load_encoder(str(path))  # 48 channels: one head, as the file does not say 4
+    assert guessed.module.blocks[0].attn.num_heads == 1
+    encoder = load_encoder(str(path), num_heads=4)
+    x = torch.randn(2, 3, 16, 16)
+    source.eval()
+    assert encoder.kind == "timm" and encoder.data_config["input_size"] == (3, 16, 16)
+    assert torch.allclose(encoder.features(x, "cls"), source.encode(x), atol=1e-6)
+    assert load_encoder(f"random:{path}").sha256 != encoder.sha256
+    cfg = load_eval_config(None, [f"init={path}", "mode=finetune", "num_heads=4"])
+    assert cfg.encoder == str(path)
+    clf = build_classifier(cfg, num_classes=3)
+    assert torch.equal(clf.model.blocks[2].mlp.fc1.weight, source.encoder.blocks[2].mlp.fc1.weight)
+    with pytest.raises(ConfigError, match="name two encoders"):
+        load_eval_config(None, [f"init={path}", "encoder=timm:vit_tiny_patch16_224"])
+    with pytest.raises(ConfigError, match="applies to weights files only"):
+        load_encoder("timm:vit_tiny_patch16_224", num_heads=4)
+
+
+_DEC = ("decoder_", "mask_token")

@@ -140,7 +140,7 @@ def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir, monk
     )
     encoder = load_encoder(cfg.encoder)
     weights = {k: v.clone() for k, v in encoder.module.state_dict().items()}
-    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed: encoder)  # the very instance evaluated
+    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)  # the very instance evaluated
     res = evaluate(cfg)
     assert res["top1"] > 0.9  # chance is 1/3
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == 15 and res["train_size"] == 45
@@ -267,7 +267,7 @@ def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monk
     calls = []
     real = encoder.features
     monkeypatch.setattr(encoder, "features", lambda x, pool: calls.append(len(x)) or real(x, pool))
-    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed: encoder)
+    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)
     res = evaluate(cfg)
     assert res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
     # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15 held out
