@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa: E402
 from mae.data import EpochSampler, ImageDataset, load_split, pretrain_loader, pretrain_transform  # noqa: E402
 from mae.engine import build_optimizer  # noqa: E402
+from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
 from mae.models import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -49,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast around the forward")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="bf16: autocast around the forward; auto: what train.mixed_precision=auto picks on this device",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--repeats", type=int, default=5)
@@ -69,6 +75,7 @@ def make_config(args: argparse.Namespace, dataset: str) -> Config:
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, precision: str) -> Step:
     """One optimizer step on a batch with the engine's optimizer (lr for one process); returns the loss."""
     optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
+    set_attention(model, resolve_attention(cfg.train.attention, device, "bf16" if precision == "bf16" else "no"))
 
     def autocast() -> AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no GPU is visible")
     device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start, others_before = time.perf_counter(), others_cpu_s()

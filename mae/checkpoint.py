@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils.other import load as accelerate_load
+
+from mae.errors import UserError
 
 LOOP_STATE = "loop_state.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(UserError, OSError):
+    """A checkpoint could not be written; the earlier ones are untouched."""
+
+    exit_code = 1
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -78,15 +88,26 @@ def save_checkpoint(
     """Collective: every process must call it. Returns the completed checkpoint folder."""
     root = checkpoint_root(output_dir)
     final, tmp = root / f"step_{step}", root / f"tmp-step_{step}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
+            _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions: complete checkpoints stay as they are
+        if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch.save reports a failed write so
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        last = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} in {root} ({e}); the newest complete one is "
+            f"{last or 'none'}: free space (or fix the folder) and launch again to resume from it"
+        ) from e
     if accelerator.is_main_process:
-        (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
-        _fsync_tree(tmp)
         stale = root / f"old-step_{step}"
         if final.exists():  # the same step saved again (e.g. after a resume): set the old one aside
             shutil.rmtree(stale, ignore_errors=True)
@@ -101,6 +122,24 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore Accelerate state from ``path``; returns its loop state."""
-    accelerator.load_state(str(path))
+    """Restore Accelerate state from ``path``; returns its loop state.
+
+    Accelerate reads every pickled file with ``weights_only=True`` (no code runs), but a random-state
+    file that fails to load is skipped with a log line, which would make the resume silently inexact:
+    those files are read first here, and a failure stops the run naming the file."""
+    for f in sorted(path.glob("random_states_*.pkl")):
+        try:
+            accelerate_load(f, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
+            raise CheckpointError(
+                f"{f} cannot be read as plain data ({type(e).__name__}); it is never unpickled in full (that could "
+                f"run code): delete {path} to resume from the checkpoint before it, or start in a new output_dir"
+            ) from e
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as e:  # weights_only refused an object: a file that would run code
+        raise CheckpointError(
+            f"{path} holds a file that cannot be read as plain data ({e.__class__.__name__}); it is never unpickled "
+            f"in full (that could run code): delete {path} to resume from the checkpoint before it"
+        ) from e
     return json.loads((path / LOOP_STATE).read_text())

@@ -109,6 +109,9 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     num_workers: int = 2  # DataLoader worker processes per training process
     classes: tuple[int, ...] | None = None  # train on images of these label ids only (e.g. anomaly detection)
+    # pretraining replaces an image that cannot be decoded by the next one and lists it in
+    # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
+    max_bad_images: int = 100
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,12 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = None  # max global grad norm; None disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
+    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
+    # auto: math on CPU under bf16, where it is faster, else fused
+    attention: Literal["auto", "fused", "math"] = "auto"
     seed: int = 0
     # torch threads per process on CPU; default: this machine's cores / processes on it
     # (`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without GPUs, which this replaces)
@@ -253,6 +261,7 @@ def validate(cfg: Config) -> None:
         (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
         (len(d.std) == d.channels and all(v > 0 for v in d.std), "data.std", d.std, f"{d.channels} positive values"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
+        (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
         *schedule_checks(t, "train"),
         (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
@@ -426,7 +435,12 @@ class FinetuneConfig:
     mixup_prob: float = 1.0  # probability of mixing a batch
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     smoothing: float = 0.1  # label smoothing
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
+    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
+    # auto: math on CPU under bf16, where it is faster, else fused
+    attention: Literal["auto", "fused", "math"] = "auto"
     cpu_threads: int | None = None  # as train.cpu_threads
     eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
     log_every: int = 10  # optimizer steps between metric lines

@@ -13,6 +13,7 @@ would have.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from torchvision.transforms import v2
 
 from mae.config import DataConfig
 from mae.errors import UserError
+from mae.preemption import ignore_in_worker
 
 SAMPLE_DIR = Path(__file__).parent / "assets" / "cifar10_sample"
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -185,31 +187,98 @@ class ImageDataset(Dataset):
     """Images (and labels when the dataset has them) with a per-sample seeded transform.
 
     Indices are ``(epoch, i)`` pairs (see ``EpochSampler``) or plain ints (epoch 0).
-    Items are ``(image (C, H, W) float, label int or -1)``.
+    Items are ``(image (C, H, W) float, label int or -1)``, plus ``noise (noise_length,)`` uniform in
+    [0, 1) when ``noise_length`` is given: MAE's masking noise, drawn from the sample's own RNG after its
+    transform, so a sample's mask, like its crop, is the same whatever the processes and workers.
+
+    An image that cannot be decoded (corrupt, truncated, empty, not an image, over Pillow's
+    decompression-bomb limit) raises ``DataError`` naming it; with ``bad_log`` set it is replaced by
+    the next decodable image instead and recorded as one JSON line in ``bad_log`` (which
+    ``count_bad_images`` reads). 16-bit and 32-bit grayscale images are scaled to 8 bits; every mode
+    is converted to ``data.channels``.
     """
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, transform: v2.Compose, seed: int = 0) -> None:
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        transform: v2.Compose,
+        seed: int = 0,
+        noise_length: int | None = None,
+        bad_log: Path | None = None,
+    ) -> None:
         self.image_col = image_column(ds, cfg)
         self.label_col = label_column(ds, cfg)
         self.ds = ds.select_columns([c for c in (self.image_col, self.label_col) if c is not None])
         self.mode = _MODES.get(cfg.channels)
         if self.mode is None:
             raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(_MODES)}")
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.noise_length, self.bad_log = transform, seed, noise_length, bad_log
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        row = self.ds[i]
-        image: Image.Image = row[self.image_col]
-        if image.mode != self.mode:
-            image = image.convert(self.mode)
+        row, image = self._decodable(i)
         with _sample_rng(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF):
             x = self.transform(image)
+            noise = torch.rand(self.noise_length) if self.noise_length else None
         label = row[self.label_col] if self.label_col is not None else -1
-        return x, label
+        return (x, label) if noise is None else (x, label, noise)
+
+    def _decodable(self, i: int) -> tuple[dict[str, Any], Image.Image]:
+        """Row ``i`` and its image in ``self.mode``; past an undecodable one, the next decodable row."""
+        for attempt in range(min(len(self.ds), 1000)):
+            j = (i + attempt) % len(self.ds)
+            try:
+                row = self.ds[j]
+                return row, to_mode(row[self.image_col], self.mode)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises
+                where = self._source(j)
+                if self.bad_log is None:
+                    raise DataError(
+                        f"image {j} of the dataset ({where}) cannot be decoded ({type(e).__name__}: {e}); remove or "
+                        "replace it"
+                    ) from e
+                record = {"index": j, "source": where, "error": f"{type(e).__name__}: {e}"[:300]}
+                self.bad_log.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.bad_log, "a") as f:  # one short append per line: whole lines from every worker
+                    f.write(json.dumps(record) + "\n")
+        raise DataError(f"no decodable image among 1000 rows from row {i} of the dataset; check the data")
+
+    def _source(self, j: int) -> str:
+        """The file an image came from, when the dataset knows it."""
+        try:
+            raw = self.ds.cast_column(self.image_col, datasets.Image(decode=False))[j][self.image_col]
+            return raw.get("path") or "embedded bytes"
+        except Exception:  # noqa: BLE001 - only for the error message
+            return "unknown source"
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` (L, RGB, RGBA). 16/32-bit integer and float grayscale are scaled to 8 bits
+    first (Pillow's own conversion would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        peak = float(a.max(initial=0))
+        if image.mode == "F":  # floats: [0, 1] as they are, anything larger by its maximum
+            top = 1.0 if peak <= 1 else peak
+        else:  # integers: the 16-bit range, unless values go beyond it
+            top = 65535.0 if peak <= 65535 else peak
+        image = Image.fromarray((np.clip(a / top, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def count_bad_images(bad_log: Path) -> int:
+    """Distinct dataset rows recorded in ``bad_log`` (a row hit again after a resume counts once)."""
+    if not bad_log.is_file():
+        return 0
+    rows = set()
+    for line in bad_log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.add(json.loads(line)["index"])
+    return len(rows)
 
 
 class EpochSampler(Sampler):
@@ -243,6 +312,7 @@ def pretrain_loader(ds: ImageDataset, sampler: EpochSampler, cfg: DataConfig, ba
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_in_worker,  # a SIGTERM to the process group is the main process's to handle
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,

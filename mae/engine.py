@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchvision.utils import save_image
@@ -41,6 +43,7 @@ from mae.data import (
     DataError,
     EpochSampler,
     ImageDataset,
+    count_bad_images,
     eval_transform,
     load_split,
     pretrain_loader,
@@ -48,9 +51,11 @@ from mae.data import (
 )
 from mae.errors import UserError
 from mae.export import export_model
+from mae.hardware import resolve_attention, resolve_precision, set_attention
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
+from mae.preemption import Preempted, StopSignals
 from mae.visualize import denormalize, save_recon_grid
 
 # Keys that may change between a run and its resumption (they do not change what is learned
@@ -156,7 +161,7 @@ def _describe(m: Any) -> str:
     )
 
 
-def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params: int) -> None:
+def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params: int, attention: str) -> None:
     t = cfg.train
     accelerator.print(
         f"model {_describe(cfg.model)}: {params / 1e6:.2f}M trainable parameters\n"
@@ -165,7 +170,8 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
         f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
-        f"{derived.warmup_steps} warmup; mixed precision {t.mixed_precision}; device {accelerator.device}"
+        f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}; "
+        f"device {accelerator.device}"
         + (f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else "")
     )
 
@@ -175,13 +181,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator_for(cfg.train, Path(cfg.output_dir), "train", find_unused_parameters=idle)
 
 
+def _accelerate_device() -> torch.device:
+    """The device type Accelerate will pick, known before it starts (it fixes the precision at start)."""
+    gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return torch.device("cuda" if gpu else "cpu")
+
+
 def accelerator_for(
     t: TrainConfig | FinetuneConfig, run_dir: Path, key: str, find_unused_parameters: bool = False
 ) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
         gradient_accumulation_steps=t.accum_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
@@ -194,6 +206,13 @@ def accelerator_for(
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
     return accelerator
+
+
+def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested: str) -> str:
+    """Set the attention core of ``model``'s timm blocks for this device and precision (``mae.hardware``);
+    returns what was chosen, or 'none' for a model without attention."""
+    kind = resolve_attention(requested, accelerator.device, accelerator.mixed_precision)
+    return kind if set_attention(model, kind) else "none"
 
 
 def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str) -> None:
@@ -216,6 +235,9 @@ def epoch_batches(accelerator: Accelerator, loader: Any, step: int, derived: Der
     return loader
 
 
+BAD_IMAGES = "bad_images.jsonl"
+
+
 class MetricLog:
     """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
 
@@ -223,7 +245,7 @@ class MetricLog:
         self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
         self.loss = torch.zeros((), device=accelerator.device)
         self.terms: dict[str, torch.Tensor] = {}
-        self.count, self.last_step = 0, step
+        self.count, self.last_step, self.bad_images = 0, step, 0
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -248,6 +270,21 @@ class MetricLog:
         lr = max(g["lr"] for g in optimizer.param_groups)
         self.write(step, step / derived.steps_per_epoch, loss, lr)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def check_bad_images(self, bad_log: Path, limit: int) -> None:
+        """Collective: the main process's count of distinct undecodable images, the same on every
+        process; past ``limit`` the run stops (before any later checkpoint), else a new count is reported."""
+        acc = self.accelerator
+        seen = count_bad_images(bad_log) if acc.is_main_process else 0
+        count = int(acc.reduce(torch.tensor(seen, device=acc.device), reduction="sum").item())
+        if count > limit:
+            raise BadImagesError(
+                f"{count} images could not be decoded (data.max_bad_images={limit}); they are listed in {bad_log}: "
+                "fix or remove them, or raise data.max_bad_images, and launch again to resume"
+            )
+        if count != self.bad_images:
+            self.bad_images = count
+            acc.print(f"\n{count} undecodable images skipped so far (each replaced by the next one; see {bad_log})")
 
     def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, float]:
         """Collective: every process calls it."""
@@ -280,11 +317,13 @@ def train(cfg: Config) -> RunResult:
         ckpt.remove_partial(run_dir)
     accelerator.wait_for_everyone()
     resume_from = ckpt.latest_checkpoint(run_dir)
-    set_seed(t.seed, device_specific=True)  # masking noise differs per process; data order does not
+    set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 
     with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
         split = load_split(cfg.data)
-    dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), seed=t.seed)
+    bad_log = run_dir / BAD_IMAGES
+    noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
+    dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), t.seed, noise, bad_log)
     derived = derive(cfg, len(dataset), accelerator.num_processes)
     if resume_from is not None:
         check_resumable(run_dir, cfg, derived)
@@ -314,7 +353,7 @@ def train(cfg: Config) -> RunResult:
     nets = [model] if probe is None else [model, probe]
     net = accelerator.unwrap_model(model)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _print_setup(accelerator, cfg, derived, params)
+    _print_setup(accelerator, cfg, derived, params, choose_attention(accelerator, net, t.attention))
 
     start_run(accelerator, run_dir, cfg, derived, "pretrain")
 
@@ -332,48 +371,57 @@ def train(cfg: Config) -> RunResult:
     log = MetricLog(accelerator, run_dir / "metrics.jsonl", step, derived.effective_batch)
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="pretrain")
 
-    while step < derived.total_steps:
-        for images, labels in epoch_batches(accelerator, loader, step, derived, t.accum_steps):
-            net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
-            with accelerator.accumulate(*nets):
-                out = model(images)
-                loss = out.loss
-                if probe is not None:
-                    if out.features is None:
-                        raise ConfigError(f"train.online_probe=true: model.name={cfg.model.name!r} returns no features")
-                    probe_loss, probe_acc = probe(out.features, labels)
-                    out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
-                    loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(step)  # lr for the step being taken
-                    if t.clip_grad is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if probe_optimizer is not None:
-                    probe_optimizer.step()
-                    probe_optimizer.zero_grad(set_to_none=True)
-            log.add(out)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            done = step >= derived.total_steps
-            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
-                log.line(step, derived, optimizer, bar, run_dir)
-            if step % t.recon_every == 0 or done:
-                _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
-            if step % t.checkpoint_every == 0 or done:
-                check_finite_weights(model, step, run_dir)
-                ckpt.save_checkpoint(
-                    accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints
-                )
-            if log.last_step == step:  # grids and checkpoints do not count against the next line's images/s
-                log.restart_clock()
-            if done:
-                break
-    bar.close()
+    def save(step: int) -> None:
+        check_finite_weights(model, step, run_dir)
+        ckpt.save_checkpoint(accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints)
+
+    with StopSignals() as stop, bar:  # SIGTERM/SIGINT: a checkpoint at the end of the step, then exit
+        while step < derived.total_steps:
+            for images, labels, *noise in epoch_batches(accelerator, loader, step, derived, t.accum_steps):
+                net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
+                with accelerator.accumulate(*nets):
+                    out = model(images, noise=noise[0]) if noise else model(images)  # MAE: each sample's own mask
+                    loss = out.loss
+                    if probe is not None:
+                        if out.features is None:
+                            raise ConfigError(
+                                f"train.online_probe=true: model.name={cfg.model.name!r} returns no features"
+                            )
+                        probe_loss, probe_acc = probe(out.features, labels)
+                        out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
+                        loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        scheduler.step_update(step)  # lr for the step being taken
+                        if t.clip_grad is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if probe_optimizer is not None:
+                        probe_optimizer.step()
+                        probe_optimizer.zero_grad(set_to_none=True)
+                log.add(out)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                bar.update(1)
+                done = step >= derived.total_steps
+                if step % t.log_every == 0 or step % t.checkpoint_every == 0 or done:
+                    log.line(step, derived, optimizer, bar, run_dir)
+                    log.check_bad_images(bad_log, cfg.data.max_bad_images)
+                if step % t.recon_every == 0 or done:
+                    _recon(accelerator, model, recon_images, cfg, run_dir / f"recon_{step}.png")
+
+                saved = step % t.checkpoint_every == 0 or done
+                if saved:
+                    save(step)
+                signum = None if done else stop.requested(accelerator)
+                if signum is not None:
+                    stop_for_signal(accelerator, step, derived.total_steps, run_dir, signum, None if saved else save)
+                if log.last_step == step:  # grids and checkpoints do not count against the next line's images/s
+                    log.restart_clock()
+                if done:
+                    break
     export_dir = run_dir / "export"
     model = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
@@ -400,6 +448,26 @@ def _online_probe(
         )
     probe = OnlineProbe(accelerator.unwrap_model(model).feature_dim, feature.num_classes)
     return accelerator.prepare(probe, probe.optimizer())
+
+
+def stop_for_signal(
+    accelerator: Accelerator, step: int, total: int, run_dir: Path, signum: int, save: Callable[[int], None] | None
+) -> None:
+    """Collective: ``save`` the checkpoint of ``step`` (None: it was just written), then ``Preempted``."""
+    if save is not None:
+        save(step)
+    accelerator.end_training()
+    raise Preempted(
+        f"stopped by {signal.Signals(signum).name} after step {step} of {total}; checkpoint "
+        f"{run_dir}/checkpoints/step_{step} written: launch the same command again to resume",
+        signum,
+    )
+
+
+class BadImagesError(UserError, RuntimeError):
+    """More undecodable images than ``data.max_bad_images``; checkpoints up to here are kept."""
+
+    exit_code = 1
 
 
 def check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:

@@ -41,13 +41,16 @@ from mae.engine import (
     accelerator_for,
     check_finite_weights,
     check_same_run,
+    choose_attention,
     cosine_schedule,
     epoch_batches,
     start_run,
+    stop_for_signal,
     truncate_metrics,
 )
 from mae.export import save_timm
 from mae.models import AEOutput
+from mae.preemption import StopSignals
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 
 # Keys that may change between a fine-tuning run and its resumption.
@@ -237,12 +240,13 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     eval_loader = DataLoader(eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers)
 
     model = clf.model
+    attention = choose_attention(accelerator, model, f.attention)
     optimizer = build_optimizer(model, f, derived)
     scheduler = cosine_schedule(optimizer, derived, f.min_lr)
     mixup = build_mixup(f, num_classes)
     criterion = _criterion(f, mixup)
     model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
-    _print_setup(accelerator, cfg, clf, derived, len(eval_set), num_classes)
+    _print_setup(accelerator, cfg, clf, derived, len(eval_set), num_classes, attention)
 
     start_run(accelerator, run_dir, cfg, derived, "finetune")
 
@@ -256,54 +260,64 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     log = MetricLog(accelerator, run_dir / "metrics.jsonl", step, derived.effective_batch)
     bar = tqdm(total=derived.total_steps, initial=step, disable=not accelerator.is_main_process, desc="finetune")
     last_eval: dict[str, Any] | None = None
-    while step < derived.total_steps:
-        for images, labels in epoch_batches(accelerator, loader, step, derived, f.accum_steps):
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            with accelerator.accumulate(model):
-                loss = criterion(model(images).float(), targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(step)
-                    if f.clip_grad is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), f.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            log.add(AEOutput(loss=loss.detach()))
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            done = step >= derived.total_steps
-            if step % f.log_every == 0 or done:
-                log.line(step, derived, optimizer, bar, run_dir)
-            epochs_done = step / derived.steps_per_epoch
-            if done or (step % derived.steps_per_epoch == 0 and round(epochs_done) % f.eval_every == 0):
-                check_finite_weights(model, step, run_dir)
-                scores, eval_loss = evaluate_model(accelerator, model, eval_loader, names)
-                last_eval = scores
-                entry = {"epoch": epochs_done, "step": step, "top1": scores["top1"], "top5": scores["top5"]}
-                history.append(entry | {"loss": eval_loss})
-                accelerator.log(
-                    {"eval/top1": scores["top1"], "eval/top5": scores["top5"], "eval/loss": eval_loss}, step
-                )
-                accelerator.print(f"epoch {epochs_done:.2f}: top1 {scores['top1']:.4f} top5 {scores['top5']:.4f}")
-                improved = best is None or scores["top1"] > best["top1"]
-                if improved:
-                    best = entry
-                if accelerator.is_main_process:
-                    net = accelerator.unwrap_model(model, keep_torch_compile=False)
-                    tag = f"finetuned_{num_classes}cls"
-                    save_timm(net, run_dir / "last", clf.data_config, tag)
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(accelerator, run_dir, step, {"history": history, "best": best}, f.keep_checkpoints)
+
+    with StopSignals() as stop, bar:  # SIGTERM/SIGINT: a checkpoint at the end of the step, then exit
+        while step < derived.total_steps:
+            for images, labels in epoch_batches(accelerator, loader, step, derived, f.accum_steps):
+                targets = labels
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                with accelerator.accumulate(model):
+                    loss = criterion(model(images).float(), targets)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        scheduler.step_update(step)
+                        if f.clip_grad is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), f.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                log.add(AEOutput(loss=loss.detach()))
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                bar.update(1)
+                done = step >= derived.total_steps
+                if step % f.log_every == 0 or done:
+                    log.line(step, derived, optimizer, bar, run_dir)
+                epochs_done = step / derived.steps_per_epoch
+                evaluated = done or (step % derived.steps_per_epoch == 0 and round(epochs_done) % f.eval_every == 0)
+                if evaluated:
+                    check_finite_weights(model, step, run_dir)
+                    scores, eval_loss = evaluate_model(accelerator, model, eval_loader, names)
+                    last_eval = scores
+                    entry = {"epoch": epochs_done, "step": step, "top1": scores["top1"], "top5": scores["top5"]}
+                    history.append(entry | {"loss": eval_loss})
+                    accelerator.log(
+                        {"eval/top1": scores["top1"], "eval/top5": scores["top5"], "eval/loss": eval_loss}, step
+                    )
+                    accelerator.print(f"epoch {epochs_done:.2f}: top1 {scores['top1']:.4f} top5 {scores['top5']:.4f}")
+                    improved = best is None or scores["top1"] > best["top1"]
                     if improved:
-                        save_timm(net, run_dir / "best", clf.data_config, tag)
-                ckpt.save_checkpoint(accelerator, run_dir, step, {"history": history, "best": best}, f.keep_checkpoints)
-            if log.last_step == step:  # evaluation and checkpoints do not count against the next line's images/s
-                log.restart_clock()
-            if done:
-                break
-    bar.close()
+                        best = entry
+                    if accelerator.is_main_process:
+                        net = accelerator.unwrap_model(model, keep_torch_compile=False)
+                        tag = f"finetuned_{num_classes}cls"
+                        save_timm(net, run_dir / "last", clf.data_config, tag)
+                        if improved:
+                            save_timm(net, run_dir / "best", clf.data_config, tag)
+                    save(step)
+                signum = None if done else stop.requested(accelerator)
+                if signum is not None:
+                    stop_for_signal(
+                        accelerator, step, derived.total_steps, run_dir, signum, None if evaluated else save
+                    )
+                if log.last_step == step:  # evaluation and checkpoints do not count against the next line's images/s
+                    log.restart_clock()
+                if done:
+                    break
     if last_eval is None:  # resumed at the very end: evaluate what was trained
         last_eval, _ = evaluate_model(accelerator, model, eval_loader, names)
     results = {
@@ -332,7 +346,13 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _print_setup(
-    accelerator: Accelerator, cfg: EvalConfig, clf: Classifier, derived: Derived, eval_size: int, classes: int
+    accelerator: Accelerator,
+    cfg: EvalConfig,
+    clf: Classifier,
+    derived: Derived,
+    eval_size: int,
+    classes: int,
+    attention: str,
 ) -> None:
     f = cfg.finetune
     params = sum(p.numel() for p in clf.model.parameters() if p.requires_grad)
@@ -349,6 +369,6 @@ def _print_setup(
         f"{derived.steps_per_epoch} steps/epoch\n"
         f"effective batch {derived.effective_batch}; lr {derived.lr:.3g} = blr {f.blr:g} x {derived.effective_batch} "
         f"/ 256; layer decay {f.layer_decay}; {derived.total_steps} steps, {derived.warmup_steps} warmup; "
-        f"mixed precision {f.mixed_precision}; device {accelerator.device}"
+        f"mixed precision {accelerator.mixed_precision}; attention {attention}; device {accelerator.device}"
         + (f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else "")
     )

@@ -50,7 +50,7 @@ def test_round_trip_through_yaml():
             "model.name=gan",
             "model.name='gan' is invalid; choose one of ['mae', 'ae', 'dae', 'sparse_ae', 'cae', 'vae', 'stacked_ae']",
         ),
-        ("train.mixed_precision=fp8", "choose one of ['no', 'bf16', 'fp16']"),
+        ("train.mixed_precision=fp8", "choose one of ['auto', 'no', 'bf16', 'fp16']"),
         ("data.crop_scale=[0.5]", "data.crop_scale=[0.5] must have 2 values"),
         ("data.mean=[0.5]", "data.mean=(0.5,) is invalid; it must be one value per channel (3)"),
         ("model.num_heads=5", "model.embed_dim=192 is not divisible by model.num_heads=5"),

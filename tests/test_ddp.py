@@ -28,7 +28,7 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path):
     seen0 = [tuple(x) for x in json.loads((out / "rank0_of_2.json").read_text())]
     seen1 = [tuple(x) for x in json.loads((out / "rank1_of_2.json").read_text())]
     assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(seen1)  # (the loader reads ahead)
-    # ... and draws its own masks; only averaged gradients keep the replicas identical.
+    # ... and computes its own gradients; only averaging them keeps the replicas identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     init = build_model(load_config(None, TINY)).state_dict()

@@ -1,6 +1,8 @@
 """Whole-network fine-tuning: classifier construction, layer decay, augmentation, training, resume."""
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from mae import finetune as ft
 from mae.config import ConfigError, FinetuneConfig, derive_schedule, load_config, load_eval_config
 from mae.data import DataConfig, ImageDataset, load_split
 from mae.encoders import load_encoder
+from mae.preemption import Preempted
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,23 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     # a different recipe in the same output_dir is refused
     with pytest.raises(ConfigError, match="finetune.blr"):
         ft.finetune(ft_cfg(tmp_path / "b", *common[:-2], "finetune.blr=1e-3"))
+
+    # SIGTERM mid-epoch: the step ends, a checkpoint of it is written, the relaunch ends identically
+    def write_then_sigterm(self, step, *args):
+        out = real_write(self, step, *args)
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(ft.MetricLog, "write", write_then_sigterm)
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 10 of 18") as stopped:
+        ft.finetune(ft_cfg(tmp_path / "c", *common))
+    monkeypatch.undo()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert [p.name for p in (tmp_path / "c/ft/checkpoints").iterdir()] == ["step_10"]
+    resumed = ft.finetune(ft_cfg(tmp_path / "c", *common))
+    c = load_file(str(tmp_path / "c/ft/last/model.safetensors"))
+    assert resumed["history"] == straight["history"] and all(torch.equal(a[k], c[k]) for k in a)
 
 
 @pytest.mark.parametrize(

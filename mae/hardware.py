@@ -1,0 +1,76 @@
+"""What runs fast on this machine: the precision ``auto`` picks, and the attention kernel.
+
+- ``mixed_precision=auto`` is bf16 autocast where the device computes bf16 natively (a CUDA GPU
+  with bf16; a CPU with AVX512-BF16 or AMX-BF16), fp32 elsewhere (emulated bf16 is slower than fp32).
+- ``attention=auto`` picks per device and precision. PyTorch's fused CPU attention kernel is slow
+  in bf16 for the short sequences of MAE (17 and 65 tokens for ViT-Tiny/4 at 32 px), so on CPU under
+  bf16 the attention core is written out (``MathAttention``: bf16 matmuls, softmax in fp32 as CUDA
+  autocast does); everywhere else timm's ``F.scaled_dot_product_attention`` (flash on GPU).
+  ``python bench/vs_hf.py`` measures both; parameters and state dicts do not change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from torch import nn
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo`` (Linux; elsewhere: no)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return False
+    flags = next((line for line in info.read_text().splitlines() if line.startswith("flags")), "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where ``device`` computes it natively, else ``no``; others unchanged."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "no"
+    return "no"
+
+
+def resolve_attention(requested: str, device: torch.device, precision: str) -> str:
+    """``auto`` -> ``math`` on CPU under bf16, else ``fused``; others unchanged."""
+    if requested != "auto":
+        return requested
+    return "math" if device.type == "cpu" and precision == "bf16" else "fused"
+
+
+class MathAttention(Attention):
+    """timm's ``Attention`` with the core written out: q k^T and (softmax) v in the autocast dtype,
+    the softmax in fp32. Same parameters; swapped in and out by ``set_attention``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(n, attn, attn_mask, is_causal))
+        attn = self.attn_drop(attn.float().softmax(dim=-1).to(v.dtype))
+        x = self.norm((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+def set_attention(model: nn.Module, kind: str) -> int:
+    """Every timm ``Attention`` of ``model`` computes with ``kind`` (``fused`` | ``math``); returns how
+    many modules there are. Only the class changes: parameters, buffers and state dict stay."""
+    count = 0
+    for module in model.modules():
+        if type(module) in (Attention, MathAttention):
+            module.__class__ = MathAttention if kind == "math" else Attention
+            module.fused_attn = kind == "fused"
+            count += 1
+    return count

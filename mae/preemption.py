@@ -1,0 +1,71 @@
+"""SIGTERM / SIGINT: finish the optimizer step, write a checkpoint, exit.
+
+Schedulers announce preemption with SIGTERM (SLURM at the time limit or on preemption, Kubernetes,
+``torchrun`` forwarding its own), and Ctrl-C sends SIGINT. ``StopSignals`` turns the first one
+into a request that the training loop polls between optimizer steps; every process then agrees
+(``requested`` is collective when there are several) so they all stop at the same step and write
+the same checkpoint. A second signal of the same kind ends the process at once (the usual way).
+DataLoader workers ignore both (``ignore_in_worker``): a signal sent to the whole process group
+must not kill the workers the final checkpoint still needs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType, TracebackType
+
+import torch
+from accelerate import Accelerator
+
+from mae.errors import UserError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(UserError):
+    """Stopped by a signal after writing a checkpoint; the exit code is the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM/SIGINT only set ``signum`` (main thread only; elsewhere
+    signals keep their handlers)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum == signum:  # the second one: stop now, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, accelerator: Accelerator) -> int | None:
+        """The signal to stop for, agreed by every process (collective with several processes)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        mine = torch.tensor(self.signum or 0, device=accelerator.device)
+        agreed = int(accelerator.reduce(mine, reduction="max").item())
+        return agreed or None
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the main process."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

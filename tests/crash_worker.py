@@ -1,0 +1,30 @@
+"""Run by test_resilience.py as a real process: ``pretrain.py`` with slow-downs that leave room to
+kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to every micro-batch,
+``SAVE_SLEEP`` seconds inside every checkpoint write (after the files, before the rename that
+commits it), ``SAVE_MARK`` a file created when such a write begins. Neither changes what is computed."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from mae import checkpoint, engine
+from mae.cli import main
+from mae.config import load_config
+
+if __name__ == "__main__":
+    step_sleep, save_sleep = float(os.environ.get("STEP_SLEEP", 0)), float(os.environ.get("SAVE_SLEEP", 0))
+    add, fsync = engine.MetricLog.add, checkpoint._fsync_tree
+
+    def slow_add(self, out):
+        time.sleep(step_sleep)
+        add(self, out)
+
+    def slow_fsync(path):
+        if os.environ.get("SAVE_MARK"):
+            Path(os.environ["SAVE_MARK"]).write_text(str(path))
+        time.sleep(save_sleep)
+        fsync(path)
+
+    engine.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
+    sys.exit(main("pretrain under test", load_config, engine.train, sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Precision and attention choices: what ``auto`` picks, and that the written-out attention is the same
+computation as the fused one."""
+
+import pytest
+import torch
+from conftest import TINY
+from timm.layers.attention import Attention
+
+from mae import hardware
+from mae.config import load_config
+from mae.hardware import MathAttention, resolve_attention, resolve_precision, set_attention
+from mae.models import build_model
+
+CPU = torch.device("cpu")
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", CPU) == "no"
+    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("no", CPU) == "no"
+    assert resolve_attention("auto", CPU, "bf16") == "math"
+    assert resolve_attention("auto", CPU, "no") == "fused"
+    assert resolve_attention("auto", torch.device("cuda"), "bf16") == "fused"
+    assert resolve_attention("fused", CPU, "bf16") == "fused"
+
+
+def grads(model, images, noise, precision):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(images, noise=noise).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 5e-2)])
+def test_the_written_out_attention_computes_what_the_fused_one_does(precision, tol):
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    images, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    assert set_attention(model, "fused") == 3  # two encoder blocks and one decoder block
+    loss_f, grads_f = grads(model, images, noise, precision)
+    set_attention(model, "math")
+    assert all(type(m) is MathAttention for m in model.modules() if isinstance(m, Attention))
+    loss_m, grads_m = grads(model, images, noise, precision)
+    assert torch.allclose(loss_f, loss_m, rtol=tol, atol=tol)
+    for name, g in grads_f.items():
+        assert torch.allclose(g, grads_m[name], rtol=tol, atol=tol * g.abs().max()), name
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # only the class changed
+    set_attention(model, "fused")
+    assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
+
+
+def test_bf16_softmax_runs_in_fp32():
+    """Under bf16 autocast the written-out core takes the softmax in fp32 (as CUDA autocast does)."""
+    torch.manual_seed(0)
+    attn = MathAttention(32, num_heads=2, qkv_bias=True)
+    seen = {}
+    original = torch.Tensor.softmax
+
+    def spy(t, *a, **k):
+        seen["dtype"] = t.dtype
+        return original(t, *a, **k)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "softmax", spy)
+        out = attn(torch.randn(2, 17, 32))
+    assert seen["dtype"] == torch.float32 and out.dtype == torch.bfloat16

@@ -1,0 +1,275 @@
+"""Scale and survive: process-layout equivalence, preemption, kill -9 at random points, bad input.
+
+Real processes are started and killed here; each test says what it injects and what must hold."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, accelerate_launch, env_without_accelerate, reset_accelerate
+from PIL import Image
+from safetensors.torch import load_file
+
+from mae import checkpoint, engine
+from mae.config import load_config
+
+pytestmark = pytest.mark.slow
+WORKER = str(Path(__file__).parent / "crash_worker.py")
+EXACT = [*TINY, "train.mixed_precision=no", "train.log_every=1"]
+
+
+def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"checkpoints/step_{step}/model.safetensors"))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``: 'unchanged byte for byte'."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def launch(out: Path, *args: str, **env: str) -> subprocess.Popen:
+    """``pretrain.py`` in its own process (group), through ``crash_worker.py``."""
+    environ = {**env_without_accelerate(), "OMP_NUM_THREADS": "2", **env}
+    cmd = [sys.executable, WORKER, *EXACT, f"output_dir={out}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    proc = launch(out, *args, **env)
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path):
+    """2 processes x batch 4 (gloo) against 1 process x batch 8: the same samples per step, the same
+    crops and masks per sample (drawn from each sample's own seed), averaged gradients."""
+    args = [*EXACT, "train.max_steps=4", "train.blr=1e-2", "train.checkpoint_every=4"]
+    one = run(tmp_path / "one", *args[len(EXACT) :], "train.batch_size=8")
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = accelerate_launch(str(ROOT / "pretrain.py"), *args, "train.batch_size=4", f"output_dir={tmp_path / 'two'}",
+                            processes=2, multi=True)  # fmt: skip
+    two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two/derived.json").read_text())["num_processes"] == 2
+    a, b = final_weights(tmp_path / "one", 4), final_weights(tmp_path / "two", 4)
+    lr = 1e-2 * 8 / 256
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias shifts every logit of a query equally, so softmax makes its gradient exactly 0;
+            # in floats it is rounding noise, which Adam scales to steps of up to lr. Bounded, not equal.
+            dim = x.shape[0] // 3
+            assert (x[dim : 2 * dim] - y[dim : 2 * dim]).abs().max() <= 4 * lr, k
+            x, y = torch.cat([x[:dim], x[2 * dim :]]), torch.cat([y[:dim], y[2 * dim :]])
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in
+              (tmp_path / "one", tmp_path / "two")]  # fmt: skip
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert len(losses[0]) == 4 and losses[0][0] != losses[0][-1]  # four steps that did train
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: 12 steps, a checkpoint every 3."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = run(out, "train.max_steps=12", "train.checkpoint_every=3", "data.num_workers=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return final_weights(out, 12)
+
+
+def assert_same(weights, reference):
+    assert weights.keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(weights[k], v), k
+
+
+def test_sigterm_writes_a_checkpoint_and_the_relaunch_ends_identically(tmp_path, reference):
+    out = tmp_path / "run"
+    args = ("train.max_steps=12", "train.checkpoint_every=3", "data.num_workers=1")
+    proc = launch(out, *args, STEP_SLEEP="0.3")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as schedulers do: the loader worker too
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: stopped by SIGTERM after step ") and "launch the same command again" in line
+    step = int(line.split("after step ")[1].split()[0])
+    assert 4 <= step < 12 and (out / f"checkpoints/step_{step}/loop_state.json").is_file()
+    again = run(out, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"at step {step}" in again.stdout
+    assert_same(final_weights(out, 12), reference)
+
+
+def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, reference):
+    """SIGKILL at seeded random times (start-up, mid-step, mid-checkpoint), then once exactly inside a
+    checkpoint write; every complete checkpoint must stay loadable, and the last relaunch must end
+    with the uninterrupted run's weights, bit for bit."""
+    out, mark = tmp_path / "run", tmp_path / "saving"
+    args = ("train.max_steps=12", "train.checkpoint_every=3", "data.num_workers=1")
+    rng = random.Random(7)
+    kills = []
+    for attempt in range(6):
+        if attempt == 3:  # exactly inside a checkpoint write, after its files and before the commit
+            mark.unlink(missing_ok=True)
+            proc = launch(out, *args, STEP_SLEEP="0.2", SAVE_SLEEP="5", SAVE_MARK=str(mark))
+            deadline = time.time() + 120
+            while not mark.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            assert mark.exists()
+            kills.append(("in checkpoint write", mark.read_text()))
+        else:
+            proc = launch(out, *args, STEP_SLEEP="0.2")
+            delay = rng.uniform(1.0, 9.0)
+            time.sleep(delay)
+            kills.append((f"after {delay:.1f} s", None))
+        if proc.poll() is not None:  # finished before the kill came
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        for folder in checkpoint.complete_checkpoints(out):  # never a complete-looking broken checkpoint
+            load_file(str(folder / "model.safetensors"))
+            json.loads((folder / checkpoint.LOOP_STATE).read_text())
+    print("kills:", kills, "checkpoints:", [p.name for p in checkpoint.complete_checkpoints(out)])
+    assert any(k[1] for k in kills), kills
+    done = run(out, *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list((out / "checkpoints").glob("tmp-*"))
+    assert_same(final_weights(out, 12), reference)
+
+
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the second checkpoint's write (a partial file already out)."""
+    out = tmp_path / "run"
+    cfg = load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=6", "train.checkpoint_every=2"])
+    save, seen = checkpoint.Accelerator.save_state, {}
+
+    def full_disk(self, path, *a, **k):
+        if "step_4" not in str(path):
+            return save(self, path, *a, **k)
+        seen["step_2"] = digests(out / "checkpoints/step_2")
+        Path(path, "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.Accelerator, "save_state", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint of step 4.*No space left"):
+        engine.train(cfg)
+    assert digests(out / "checkpoints/step_2") == seen["step_2"]
+    assert not (out / "checkpoints/step_4").exists() and not list((out / "checkpoints").glob("tmp-*"))
+    assert checkpoint.latest_checkpoint(out) == out / "checkpoints/step_2"
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mae_resilience_pwned",))
+
+
+@pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, victim):
+    out = tmp_path / "run"
+    engine.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2"]))
+    reset_accelerate()
+    torch.save({"state": RunsCode()}, out / "checkpoints/step_2" / victim)
+    before = digests(out / "checkpoints")
+    Path("/tmp/mae_resilience_pwned").unlink(missing_ok=True)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read as plain data"):
+        engine.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=4"]))
+    assert not Path("/tmp/mae_resilience_pwned").exists() and digests(out / "checkpoints") == before
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def bad_folder(root: Path) -> Path:
+    """Good images, and what real folders hold: a zero-byte file, a truncated JPEG, text named .jpg,
+    a 16-bit PNG, a 1x1 image, a CMYK JPEG, a palette PNG, and a non-image file."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}/{i}.png")
+    (root / "c0/empty.png").write_bytes(b"")
+    jpeg = root / "c0/truncated.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (root / "c1/notes.jpg").write_text("not an image")
+    Image.fromarray((rng.integers(0, 65536, (20, 20))).astype(np.uint16)).save(root / "c1/deep.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "c1/dot.png")
+    Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(root / "c0/cmyk.jpg")
+    Image.new("P", (20, 20), 3).save(root / "c0/palette.png")
+    (root / "c0/README.txt").write_text("a file that is not an image at all")
+    return root
+
+
+def test_undecodable_images_are_skipped_counted_and_listed(tmp_path):
+    data = bad_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    done = run(out, f"data.dataset={data}", "train.max_steps=8", "train.batch_size=4", "data.max_bad_images=3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = {Path(json.loads(x)["source"]).name for x in (out / engine.BAD_IMAGES).read_text().splitlines()}
+    assert listed == {"empty.png", "truncated.jpg", "notes.jpg"}
+    assert "3 undecodable images skipped so far" in done.stdout
+
+
+def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_path):
+    data = bad_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = (f"data.dataset={data}", "train.batch_size=4", "data.max_bad_images=1", "train.log_every=6")
+    first = run(out, *args, "train.max_steps=2", "train.checkpoint_every=2")  # before any bad image is met
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = digests(out / "checkpoints/step_2")
+    stopped = run(out, *args, "train.max_steps=12", "train.checkpoint_every=2")
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines()[-1].startswith("error: ") and "data.max_bad_images=1" in stopped.stderr
+    assert digests(out / "checkpoints/step_2") == before
+
+
+def test_other_modes_and_depths_become_the_configured_channels():
+    from mae.data import to_mode
+
+    deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert np.asarray(to_mode(deep, "RGB")).min() == 255
+    mid = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert abs(int(np.asarray(to_mode(mid, "L"))[0, 0]) - 128) <= 1  # Pillow alone would clip it to 255
+    assert to_mode(Image.new("CMYK", (2, 2)), "RGB").mode == "RGB"
+    assert to_mode(Image.new("RGBA", (2, 2)), "L").mode == "L"
+    floats = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))
+    assert abs(int(np.asarray(to_mode(floats, "L"))[0, 0]) - 128) <= 1
+
+
+def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypatch):
+    from mae.config import DataConfig
+    from mae.data import DataError, ImageDataset, eval_transform, load_split
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(data / "a/big.png")
+    Image.new("RGB", (8, 8)).save(data / "a/small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: a "bomb"
+    cfg = DataConfig(dataset=str(data), image_size=8, num_workers=0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = load_split(cfg)
+    paths = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    big = next(i for i, p in enumerate(paths) if p["path"].endswith("big.png"))
+    with pytest.raises(DataError, match=r"big.png.*cannot be decoded.*DecompressionBombError"):
+        ImageDataset(ds, cfg, eval_transform(cfg))[big]
+    log = tmp_path / "bad.jsonl"
+    x, _ = ImageDataset(ds, cfg, eval_transform(cfg), bad_log=log)[big]
+    assert x.shape == (3, 8, 8) and "DecompressionBombError" in log.read_text()
