@@ -199,6 +199,13 @@ def accelerator_for(
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # N copies of one run, each alone: N times the same work
+        raise ConfigError(
+            f"{launched} processes were launched but they do not form one group ({accelerator.num_processes} "
+            "seen by Accelerate); without a GPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "(or configs/accelerate/cpu_ddp.yaml)"
+        )
     if accelerator.device.type == "cpu":
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
             raise ConfigError(f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no")

@@ -68,3 +68,16 @@ def test_bf16_softmax_runs_in_fp32():
         mp.setattr(torch.Tensor, "softmax", spy)
         out = attn(torch.randn(2, 17, 32))
     assert seen["dtype"] == torch.float32 and out.dtype == torch.bfloat16
+
+
+def test_long_sequences_take_the_fused_path():
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, qkv_bias=True)
+    x = torch.randn(2, hardware.MATH_MAX_TOKENS + 1, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = attn(x)
+        set_attention(attn, "math")
+        assert type(attn) is MathAttention and torch.equal(attn(x), fused)  # the same kernel, the same bits
+        short = attn(x[:, :17])
+        set_attention(attn, "fused")
+        assert not torch.equal(attn(x[:, :17]), short)  # the written-out core: close, not the same bits

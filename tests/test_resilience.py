@@ -83,6 +83,14 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
     assert len(losses[0]) == 4 and losses[0][0] != losses[0][-1]  # four steps that did train
 
 
+def test_processes_that_do_not_form_a_group_are_refused(tmp_path, monkeypatch):
+    """A launcher that starts 2 processes which never join one group would train the same run twice."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(engine.ConfigError, match="2 processes were launched but they do not form one group"):
+        engine.train(load_config(None, [*EXACT, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run: 12 steps, a checkpoint every 3."""
@@ -273,3 +281,24 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
     log = tmp_path / "bad.jsonl"
     x, _ = ImageDataset(ds, cfg, eval_transform(cfg), bad_log=log)[big]
     assert x.shape == (3, 8, 8) and "DecompressionBombError" in log.read_text()
+
+
+def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys):
+    from mae.cli import main
+    from mae.config import load_eval_config
+    from mae.probe import evaluate
+
+    (tmp_path / "empty/a").mkdir(parents=True)
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"flat/{i}.png")
+    code = main(
+        "pretrain", load_config, engine.train, [f"data.dataset={tmp_path / 'empty'}", f"output_dir={tmp_path / 'r'}"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "doesn't contain any data files" in err[0]
+    assert not (tmp_path / "r").exists()
+    code = main("probe", load_eval_config, evaluate, ["encoder=pixels:8", f"data.dataset={tmp_path / 'flat'}",
+                                                       f"output_dir={tmp_path / 'p'}"])  # fmt: skip
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Generating")]  # datasets
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "has no ClassLabel column" in err[0]
