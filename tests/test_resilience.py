@@ -127,6 +127,29 @@ def test_sigterm_writes_a_checkpoint_and_the_relaunch_ends_identically(tmp_path,
     assert_same(final_weights(out, 12), reference)
 
 
+def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
+    """2 gloo processes: the signal reaches them at different moments, the checkpoint is still one."""
+    out = tmp_path / "run"
+    args = [*EXACT, f"output_dir={out}", "train.batch_size=4", "train.max_steps=30", "train.checkpoint_every=100"]
+    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "STEP_SLEEP": "0.3"}
+    cmd = accelerate_launch(WORKER, *args, processes=2, multi=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    metrics, deadline = out / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    stops = sorted({line.split("after step ")[1].split()[0] for line in stderr.splitlines() if "stopped by" in line})
+    assert proc.returncode != 0 and len(stops) == 1, stderr[-3000:]
+    step = int(stops[0])
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == [f"step_{step}"] and 3 <= step < 30
+    env.pop("STEP_SLEEP")
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(out) == out / "checkpoints/step_30"
+
+
 def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, reference):
     """SIGKILL at seeded random times (start-up, mid-step, mid-checkpoint), then once exactly inside a
     checkpoint write; every complete checkpoint must stay loadable, and the last relaunch must end
