@@ -18,6 +18,7 @@ with the same settings (delete ``--out`` to start over).
 
     python bench/budget.py --budget 600                 # all methods, ~1.5 h on 2 cores
     python bench/budget.py --budget 300 --methods ae,dae
+    python bench/budget.py --budget 600 --methods mae --finetune   # + fine-tuning: pretrained vs random init
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def steps_per_second(method: str, data: str, work: Path) -> float:
 
 
 def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
+    """``finetune.py`` with ``configs/eval/<mode>_cifar10.yaml`` (linear, knn or finetune), reused when done."""
     if not (out / "results.json").is_file():
         args = [f"encoder={encoder}", f"output_dir={out}", f"data.dataset={data}"]
         run([sys.executable, "finetune.py", "--config", str(ROOT / f"configs/eval/{mode}_cifar10.yaml"), *args], log)
@@ -80,6 +82,12 @@ def main() -> int:
         "--report",
         help="also run python -m mae.evaluate (reconstruct, denoise, anomaly, reduce; sample for the VAE) on every "
         "run and write the report of all methods (table + figures) into this folder",
+    )
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also fine-tune each token encoder (MAE) and its random init with configs/eval/finetune_cifar10.yaml "
+        "(the same steps for both) and add their test top-1 to the table",
     )
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -122,6 +130,12 @@ def main() -> int:
                     source, mode, args.data, work / f"eval/{method}_{kind}_{mode}", work / f"{method}_{kind}_{mode}.log"
                 )
                 row[f"{kind}_{mode}"] = res["top1"]
+        if args.finetune and method == "mae":  # classic encoders are not timm models: probes only
+            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
+                out = work / f"eval/{method}_{kind}_finetune"
+                res = probe(source, "finetune", args.data, out, work / f"{method}_{kind}_finetune.log")
+                row[f"{kind}_finetune"] = res["top1"]
+                row["finetune_steps"] = res["steps"]
         rows[method] = row
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{method}: {row}", flush=True)
@@ -141,6 +155,18 @@ def main() -> int:
             )
             + " |"
         )
+    tuned = {m: r for m, r in rows.items() if "pretrained_finetune" in r}
+    if tuned:
+        lines += ["", "Fine-tuning at equal budget (`configs/eval/finetune_cifar10.yaml`, test top-1):", ""]
+        lines += [
+            "| method | fine-tuning steps | from the pretrained encoder | from random init |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for method, r in tuned.items():
+            lines.append(
+                f"| {method} | {r['finetune_steps']} | {100 * r['pretrained_finetune']:.1f}% | "
+                f"{100 * r['random_finetune']:.1f}% |"
+            )
     table = "\n".join(lines) + "\n"
     (work / "table.md").write_text(table)
     print(table)
