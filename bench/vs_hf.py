@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from throughput import sync  # noqa: E402  (bench/ is the script's own folder)
+
 from mae.config import Config, derive, load_config  # noqa: E402
 from mae.engine import build_optimizer  # noqa: E402
 from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
@@ -168,11 +170,6 @@ def gpu_peak(device: torch.device, precision: str) -> float | None:
     name = torch.cuda.get_device_name(device)
     match = next((v for k, v in GPU_PEAK.items() if k in name), None)
     return None if match is None else match[0 if precision == "bf16" else 1]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def memory_of(args: argparse.Namespace, device: torch.device) -> None:

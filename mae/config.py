@@ -173,9 +173,7 @@ def architecture_from_init(cfg: Config) -> Config:
     from mae.interop import infer_architecture  # torch: only when there is a checkpoint to read
 
     m = cfg.model
-    if m.preset is not None and m.preset not in PRESETS:
-        raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    preset = dict(zip(PRESET_KEYS, PRESETS[m.preset], strict=True)) if m.preset else {}
+    preset = preset_values(m.preset) if m.preset else {}
     arch = infer_architecture(cfg.init)
     fill = {}
     for key, value in arch.model.items():
@@ -192,15 +190,21 @@ def architecture_from_init(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
 
 
+def preset_values(name: str) -> dict[str, int]:
+    """``model.*`` architecture keys of preset ``name`` (an unknown name is a ConfigError)."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return dict(zip(PRESET_KEYS, PRESETS[name], strict=True))
+
+
 def resolve(cfg: Config) -> Config:
     """Fill preset and data-dependent defaults, then validate. Idempotent."""
     model = cfg.model
     if model.name == "mae":  # classic autoencoders bring their own keys
-        if model.preset is not None and model.preset not in PRESETS:
-            raise ConfigError(f"model.preset={model.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        name = model.preset or DEFAULT_PRESET
+        values = preset_values(name)
         if any(getattr(model, k) is None for k in PRESET_KEYS):
-            name = model.preset or DEFAULT_PRESET
-            filled = {k: v for k, v in zip(PRESET_KEYS, PRESETS[name], strict=True) if getattr(model, k) is None}
+            filled = {k: v for k, v in values.items() if getattr(model, k) is None}
             whole = len(filled) == len(PRESET_KEYS)  # a label only where the preset gave every key
             model = dataclasses.replace(model, preset=name if whole else model.preset, **filled)
     if model.mlp_ratio is None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig, from_dict, read_yaml
 from mae.data import timm_data_config
+from mae.interop import is_hf_folder
 
 
 @dataclass
@@ -221,7 +222,7 @@ def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncode
         return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
     fresh = source.startswith("random:")
     path = Path(source.removeprefix("random:"))
-    if (path / "config.json").is_file() and '"vit_mae"' in (path / "config.json").read_text():
+    if is_hf_folder(path):
         return _hf_encoder(path, source, fresh, seed)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         torch.manual_seed(seed)

@@ -50,8 +50,8 @@ class WeightsError(UserError, ValueError):
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict in the project's MAE naming, from any supported file or folder."""
     p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and '"vit_mae"' in (p / "config.json").read_text():
-        return from_hf(p)[0].state_dict()  # a Hugging Face ViTMAE save_pretrained folder
+    if is_hf_folder(p):
+        return from_hf(p)[0].state_dict()
     if p.is_dir():
         if (p / "model.safetensors").is_file():
             return _to_ours(load_file(str(p / "model.safetensors")))
@@ -91,12 +91,15 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
     from mae.config import PRESETS
 
     p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and '"vit_mae"' in (p / "config.json").read_text():
-        _, cfg = from_hf(p)
-        m = cfg.model
-        keys = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth")
-        model = {k: getattr(m, k) for k in (*keys, "decoder_num_heads", "mlp_ratio")}
-        return Architecture(model, cfg.data.image_size, cfg.data.channels, [], "Hugging Face config.json")
+    if is_hf_folder(p):  # its config.json says everything; no weights need loading
+        from transformers import ViTMAEConfig
+
+        try:
+            return _hf_architecture(ViTMAEConfig.from_pretrained(str(p)))
+        except (OSError, ValueError) as e:
+            if isinstance(e, WeightsError):
+                raise
+            raise WeightsError(f"{p} is not a Hugging Face ViTMAE folder ({e})") from e
     state = load_weights(p) if state is None else state
     if "encoder.patch_embed.proj.weight" not in state:
         raise WeightsError(f"init={path}: no encoder.patch_embed.proj.weight, so no ViT architecture to read")
@@ -133,6 +136,29 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
             guessed.remove("num_heads")
             return Architecture(model, image_size, channels, guessed, "timm config.json and tensor shapes")
     return Architecture(model, image_size, channels, guessed)
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face ViTMAE ``save_pretrained`` folder."""
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and '"vit_mae"' in config.read_text()
+
+
+def _hf_architecture(c: Any) -> Architecture:
+    """The architecture a ``ViTMAEConfig`` describes (refusing what has no counterpart here)."""
+    if c.hidden_act != "gelu" or not c.qkv_bias:
+        raise WeightsError(f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} has no counterpart here")
+    model = {
+        "patch_size": c.patch_size,
+        "embed_dim": c.hidden_size,
+        "depth": c.num_hidden_layers,
+        "num_heads": c.num_attention_heads,
+        "mlp_ratio": c.intermediate_size / c.hidden_size,
+        "decoder_embed_dim": c.decoder_hidden_size,
+        "decoder_depth": c.decoder_num_hidden_layers,
+        "decoder_num_heads": c.decoder_num_attention_heads,
+    }
+    return Architecture(model, c.image_size, c.num_channels, [], "Hugging Face config.json")
 
 
 def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
@@ -276,23 +302,10 @@ def from_hf(source: Any) -> tuple[nn.Module, Any]:
         except (OSError, ValueError) as e:
             raise WeightsError(f"{source} is not a Hugging Face ViTMAE folder ({e})") from e
     c = source.config
-    if c.hidden_act != "gelu" or not c.qkv_bias:
-        raise WeightsError(f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} has no counterpart here")
-    overrides = [
-        "model.name=mae",
-        f"model.embed_dim={c.hidden_size}",
-        f"model.depth={c.num_hidden_layers}",
-        f"model.num_heads={c.num_attention_heads}",
-        f"model.mlp_ratio={c.intermediate_size / c.hidden_size}",
-        f"model.decoder_embed_dim={c.decoder_hidden_size}",
-        f"model.decoder_depth={c.decoder_num_hidden_layers}",
-        f"model.decoder_num_heads={c.decoder_num_attention_heads}",
-        f"model.patch_size={c.patch_size}",
-        f"model.mask_ratio={c.mask_ratio}",
-        f"model.norm_pix_loss={str(c.norm_pix_loss).lower()}",
-        f"data.image_size={c.image_size}",
-        f"data.channels={c.num_channels}",
-    ]
+    arch = _hf_architecture(c)
+    overrides = ["model.name=mae", *(f"model.{k}={v}" for k, v in arch.model.items())]
+    overrides += [f"model.mask_ratio={c.mask_ratio}", f"model.norm_pix_loss={str(c.norm_pix_loss).lower()}"]
+    overrides += [f"data.image_size={arch.image_size}", f"data.channels={arch.channels}"]
     cfg = load_config(None, overrides)
     model = build_model(cfg)
     theirs = source.state_dict()
