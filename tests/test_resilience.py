@@ -159,13 +159,15 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
     rng = random.Random(7)
     kills = []
     for attempt in range(6):
-        if attempt == 3:  # exactly inside a checkpoint write, after its files and before the commit
-            mark.unlink(missing_ok=True)
+        if attempt == 0:  # exactly inside a checkpoint write, after its files and before the commit; first,
+            # so that a checkpoint is still to come however fast the machine runs the random attempts
             proc = launch(out, *args, STEP_SLEEP="0.2", SAVE_SLEEP="5", SAVE_MARK=str(mark))
-            deadline = time.time() + 120
+            deadline = time.time() + 300
             while not mark.exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.02)
-            assert mark.exists()
+            if not mark.exists():
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"no checkpoint write began (exit {proc.poll()}): {proc.communicate()[1][-2000:]}")
             kills.append(("in checkpoint write", mark.read_text()))
         else:
             proc = launch(out, *args, STEP_SLEEP="0.2")
