@@ -407,6 +407,9 @@ class ProbeConfig:
     # epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per image per epoch)
     cached: bool = True
     extract_batch_size: int = 256
+    # features under bf16 autocast (auto: where the device computes bf16 natively, as for training; the
+    # official linear probe also runs under autocast) or fp32 (no)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig, from_dict, read_yaml
 from mae.data import timm_data_config
+from mae.hardware import resolve_attention, resolve_precision, set_attention
 from mae.interop import is_hf_folder
 
 
@@ -50,17 +51,26 @@ class FrozenEncoder:
     arch: str  # what the weights do not say: timm name + model args, or the run's model config
     sha256: str
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "no"  # "no" (fp32) | "bf16" (autocast), as ``set_precision`` resolved it
 
     def to(self, device: torch.device) -> FrozenEncoder:
         self.module.to(device)
         self.device = device
         return self
 
+    def set_precision(self, requested: str) -> str:
+        """Compute features in ``requested`` precision (``auto``: bf16 where this device computes it
+        natively, as for training; ``mae.hardware``), with the attention core that is fast for it."""
+        self.precision = resolve_precision(requested, self.device)
+        set_attention(self.module, resolve_attention("auto", self.device, self.precision))
+        return self.precision
+
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or the
         model's own."""
-        return self._features(images.to(self.device), pool).float().cpu()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self._features(images.to(self.device), pool).float().cpu()
 
     def _features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         if self.kind == "autoencoder":

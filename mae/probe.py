@@ -68,6 +68,7 @@ def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: st
         "columns": [data.image_col, data.label_col, data.mode],
         "transform": encoder.data_config,
         "pool": pool,
+        "precision": encoder.precision,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -307,6 +308,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads).to(
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
+    encoder.set_precision(cfg.probe.mixed_precision)
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
@@ -330,6 +332,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "top5_k": min(5, num_classes),
         **settings,
         "features": pool,
+        "precision": encoder.precision,
         "feature_dim": int(test["features"].shape[1]),
         "train_size": len(fit_ds),
         "eval_size": len(test["labels"]),

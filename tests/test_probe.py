@@ -117,6 +117,23 @@ def test_cache_is_exact_and_never_stale(tmp_path, run_dir):
     assert cached_features(changed, ds, "test", cfg, "cls")[1] is False  # another encoder
 
 
+def test_bf16_features_are_close_to_fp32_and_cached_apart(tmp_path, run_dir):
+    """probe.mixed_precision=bf16: autocast features (written-out attention on CPU) within bf16 rounding
+    of fp32, under their own cache entry."""
+    cfg = eval_cfg(tmp_path, f"encoder={run_dir}")
+    ds = load_split(DataConfig(), "test").select(range(32))
+    full, half = load_encoder(cfg.encoder), load_encoder(cfg.encoder)
+    assert (full.set_precision("no"), half.set_precision("bf16")) == ("no", "bf16")
+    assert type(half.module.blocks[0].attn).__name__ == "MathAttention"
+    a, hit_a = cached_features(full, ds, "test", cfg, "cls")
+    b, hit_b = cached_features(half, ds, "test", cfg, "cls")
+    assert (hit_a, hit_b) == (False, False)  # one entry each
+    assert not torch.equal(a["features"], b["features"])  # really computed in bf16
+    cos = torch.nn.functional.cosine_similarity(a["features"], b["features"])
+    assert cos.min() > 0.999, cos.min()
+    assert cached_features(half, ds, "test", cfg, "cls")[1] is True
+
+
 def test_avg_features_are_the_mean_of_normalised_patch_tokens(run_dir):
     enc = load_encoder(str(run_dir))
     x = torch.randn(2, 3, 16, 16)
