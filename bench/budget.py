@@ -52,13 +52,15 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - tic
 
 
-def steps_per_second(method: str, data: str, work: Path) -> float:
-    out = work / f"calibrate_{method}"
-    args = [f"output_dir={out}", f"data.dataset={data}", "train.max_steps=30", "train.log_every=5"]
+def steps_per_second(method: str, data: str, work: Path, overrides: tuple[str, ...] = (), name: str = "") -> float:
+    """Optimizer steps per second of ``method``'s recipe (plus ``overrides``) on this machine."""
+    name = name or method
+    out = work / f"calibrate_{name}"
+    args = [*overrides, f"output_dir={out}", f"data.dataset={data}", "train.max_steps=30", "train.log_every=5"]
     args += ["train.checkpoint_every=1000", "train.recon_every=1000"]
     if method == "stacked_ae":  # time the whole stack (the slowest stage), not the first layer alone
         args.append("model.stage_steps=1")
-    run([sys.executable, "pretrain.py", "--config", str(recipe(method)), *args], work / f"calibrate_{method}.log")
+    run([sys.executable, "pretrain.py", "--config", str(recipe(method)), *args], work / f"calibrate_{name}.log")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     batch = json.loads((out / "derived.json").read_text())["effective_batch"]
     return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up

@@ -1,0 +1,121 @@
+"""Sweep a method's budget recipe: each variant pretrains for the same wall-clock budget, then is probed.
+
+Every variant is the method's recipe (``configs/<method>_cifar10_budget.yaml``, as in ``budget.py``)
+plus a few ``key=value`` overrides. Like ``budget.py``, each one is first calibrated (its own steps
+per second on this machine, so a slower variant gets fewer steps), pretrained for ``--budget``
+seconds' worth of steps, then probed with ``finetune.py`` (linear, and kNN on the same cached
+features) on the full CIFAR-10 train/test split, next to the same architecture at random init.
+Finished variants are reused when the script runs again with the same ``--out``.
+
+    python bench/sweep.py --budget 300 --out bench/results/sweep_mae \\
+        --variant base --variant blr5e-4 train.blr=5e-4 --variant mask0.6 model.mask_ratio=0.6
+
+Writes ``table.md`` and ``results.json`` into ``--out`` and prints the table (``--doc FILE``: also
+there, with the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from budget import METHODS, ROOT, probe, recipe, run, steps_per_second
+
+
+def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
+    """``--variant NAME [KEY=VALUE ...]`` (no overrides: the recipe unchanged)."""
+    out = []
+    for name, *overrides in given:
+        bad = [o for o in overrides if "=" not in o]
+        if "=" in name or "/" in name or bad:
+            sys.exit(f"error: --variant {' '.join([name, *overrides])}: write --variant NAME [KEY=VALUE ...]")
+        out.append((name, overrides))
+    if len({n for n, _ in out}) != len(out):
+        sys.exit("error: two --variant options have the same NAME")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="mae", choices=[m for m in METHODS if m != "stacked_ae"])
+    parser.add_argument("--budget", type=float, default=300, help="pretraining seconds per variant")
+    parser.add_argument(
+        "--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE", help="repeat"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="the same optimizer steps for every variant instead of calibrating each (an equal-"
+        "compute sweep of settings that do not change the step's cost, unaffected by other load on the machine)",
+    )
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
+    parser.add_argument("--doc", help="also write the table, with this command line, to this Markdown file")
+    args = parser.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"error: --data {args.data} is not a folder; point it at the CIFAR-10 parquet copy")
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = work / "results.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("budget", args.budget) != args.budget or record.get("method", args.method) != args.method:
+        sys.exit(f"error: {work} holds a sweep of another --method or --budget; use another --out")
+    record |= {"budget": args.budget, "method": args.method}
+    rows = record.setdefault("variants", {})
+    for name, overrides in parse_variants(args.variant):
+        row = rows.get(name, {})
+        if row and row.get("overrides") != overrides:
+            sys.exit(f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name")
+        run_dir = work / "runs" / name
+        if not (run_dir / "export").is_dir():
+            if args.steps:
+                rate, steps = args.steps / args.budget, args.steps
+            else:
+                rate = steps_per_second(args.method, args.data, work, tuple(overrides), name)
+                steps = max(1, int(args.budget * rate))
+            extra = [*overrides, f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
+            extra += [f"train.checkpoint_every={steps}", f"train.recon_every={steps}"]
+            cmd = [sys.executable, "pretrain.py", "--config", str(recipe(args.method)), *extra]
+            seconds = run(cmd, work / f"{name}.log")
+            derived = json.loads((run_dir / "derived.json").read_text())
+            row = {"overrides": overrides, "steps": steps, "images": steps * derived["effective_batch"],
+                   "steps_per_s": rate, "wall_s": seconds}  # fmt: skip
+        for mode in ("linear", "knn"):
+            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
+                out = work / f"eval/{name}_{kind}_{mode}"
+                row[f"{kind}_{mode}"] = probe(source, mode, args.data, out, work / f"{name}_{kind}_{mode}.log")["top1"]
+        rows[name] = row
+        record_path.write_text(json.dumps(record, indent=1))
+        print(f"{name}: {row}", flush=True)
+
+    lines = [
+        f"{args.method}, {args.budget:g} s of pretraining per variant ("
+        + (
+            f"{args.steps} steps each, the recipe's rate on an idle machine"
+            if args.steps
+            else "steps from each variant's measured rate"
+        )
+        + "), "
+        f"recipe `{recipe(args.method).relative_to(ROOT)}` plus the overrides shown.",
+        "",
+        "| variant | overrides | steps | images seen | linear | kNN | random-init linear | random-init kNN |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        cells = (f"{100 * r[k]:.1f}%" for k in ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn"))
+        shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"
+        lines.append(f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (work / "table.md").write_text(table)
+    print(table)
+    if args.doc:
+        command = "python bench/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        Path(args.doc).write_text(f"Measured with `{command}` on a 2-core CPU.\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
