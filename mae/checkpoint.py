@@ -22,6 +22,7 @@ from accelerate.utils.other import load as accelerate_load
 from mae.errors import UserError
 
 LOOP_STATE = "loop_state.json"
+PROCESS_STATE = "process_{rank}.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
 
 
@@ -83,9 +84,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, loop_state: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    loop_state: dict[str, Any],
+    keep: int,
+    process_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every process must call it. Returns the completed checkpoint folder."""
+    """Collective: every process must call it. Returns the completed checkpoint folder.
+    ``process_state``: this process's own plain data (e.g. where its data stream stands), kept as
+    ``process_{rank}.json`` and read back by ``read_process_state``."""
     root = checkpoint_root(output_dir)
     final, tmp = root / f"step_{step}", root / f"tmp-step_{step}"
     try:
@@ -94,6 +102,8 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if process_state is not None:
+            (tmp / PROCESS_STATE.format(rank=accelerator.process_index)).write_text(json.dumps(process_state))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
@@ -143,3 +153,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
             f"in full (that could run code): delete {path} to resume from the checkpoint before it"
         ) from e
     return json.loads((path / LOOP_STATE).read_text())
+
+
+def read_process_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """What process ``rank`` gave ``save_checkpoint`` as ``process_state`` (None: nothing)."""
+    f = path / PROCESS_STATE.format(rank=rank)
+    return json.loads(f.read_text()) if f.is_file() else None

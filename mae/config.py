@@ -112,6 +112,10 @@ class DataConfig:
     # pretraining replaces an image that cannot be decoded by the next one and lists it in
     # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
     max_bad_images: int = 100
+    # pretraining reads the split as a stream (datasets streaming mode: never stored whole; mae.streaming)
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # streaming: examples shuffled together (files are shuffled too)
+    stream_size: int | None = None  # streaming: images per epoch, when the dataset's metadata does not say
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,8 @@ def validate(cfg: Config) -> None:
         (len(d.std) == d.channels and all(v > 0 for v in d.std), "data.std", d.std, f"{d.channels} positive values"),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
+        (d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "a positive integer"),
+        (d.stream_size is None or d.stream_size > 0, "data.stream_size", d.stream_size, "a positive integer or null"),
         *schedule_checks(t, "train"),
         (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
         (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),

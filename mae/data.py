@@ -56,19 +56,19 @@ def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
     return ds
 
 
-def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
-    """Every split of ``cfg.dataset``."""
+def load_splits(cfg: DataConfig, streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Every split of ``cfg.dataset`` (``streaming``: as ``datasets`` streams, nothing loaded)."""
     source = cfg.dataset
     try:
         if source == "sample":
             files = {s: str(SAMPLE_DIR / f"{s}-*.parquet") for s in ("train", "test")}
-            dsd = datasets.load_dataset("parquet", data_files=files)
+            dsd = datasets.load_dataset("parquet", data_files=files, streaming=streaming)
         elif Path(source).is_dir():
-            dsd = datasets.load_dataset(str(Path(source).resolve()))
+            dsd = datasets.load_dataset(str(Path(source).resolve()), streaming=streaming)
         elif Path(source).exists():
             raise DataError(f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'")
         else:
-            dsd = datasets.load_dataset(source)
+            dsd = datasets.load_dataset(source, streaming=streaming)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; all mean the same thing to a user
@@ -84,7 +84,7 @@ def pick_split(dsd: datasets.DatasetDict, cfg: DataConfig, split: str, key: str 
     if split not in dsd:
         raise DataError(f"{key}={split!r} does not exist in {cfg.dataset!r}; available splits: {sorted(dsd)}")
     ds = dsd[split]
-    if len(ds) == 0:
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:  # a stream's size is not known before reading it
         raise DataError(f"split {split!r} of {cfg.dataset!r} is empty; point data.dataset at data with images")
     return ds
 

@@ -56,6 +56,7 @@ from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.preemption import Preempted, StopSignals
+from mae.streaming import ImageStream, StreamBatches, load_stream, stream_size
 from mae.visualize import denormalize, save_recon_grid
 
 # Keys that may change between a run and its resumption (they do not change what is learned
@@ -242,6 +243,12 @@ def epoch_batches(accelerator: Accelerator, loader: Any, step: int, derived: Der
     return loader
 
 
+def on_device(batches: Any, device: torch.device) -> Any:
+    """A stream's batches (read by this process itself) moved to ``device``."""
+    for batch in batches:
+        yield tuple(x.to(device, non_blocking=True) for x in batch)
+
+
 BAD_IMAGES = "bad_images.jsonl"
 
 
@@ -326,16 +333,26 @@ def train(cfg: Config) -> RunResult:
     resume_from = ckpt.latest_checkpoint(run_dir)
     set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 
+    streaming = cfg.data.streaming
     with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
-        split = load_split(cfg.data)
+        split = load_stream(cfg.data) if streaming else load_split(cfg.data)
     bad_log = run_dir / BAD_IMAGES
     noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
-    dataset = ImageDataset(split, cfg.data, pretrain_transform(cfg.data), t.seed, noise, bad_log)
-    derived = derive(cfg, len(dataset), accelerator.num_processes)
+    transform = pretrain_transform(cfg.data)
+    if streaming:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        dataset = ImageStream(split, cfg.data, transform, t.seed, rank, world, noise, bad_log)
+        derived = derive(cfg, stream_size(split, cfg.data, cfg.data.split), world)
+    else:
+        dataset = ImageDataset(split, cfg.data, transform, t.seed, noise, bad_log)
+        derived = derive(cfg, len(dataset), accelerator.num_processes)
     if resume_from is not None:
         check_resumable(run_dir, cfg, derived)
-    sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
-    loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
+    if streaming:
+        loader = StreamBatches(dataset, cfg.data, t.batch_size, accelerator.num_processes)
+    else:
+        sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
+        loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
 
     model = build_model(cfg)
     if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
@@ -355,7 +372,10 @@ def train(cfg: Config) -> RunResult:
         )
     optimizer = build_optimizer(model, cfg, derived)
     scheduler = build_scheduler(optimizer, cfg, derived)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if streaming:  # each process reads its own part of the stream (mae.streaming), not through Accelerate
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     probe, probe_optimizer = _online_probe(accelerator, cfg, dataset, model)
     nets = [model] if probe is None else [model, probe]
     net = accelerator.unwrap_model(model)
@@ -367,12 +387,23 @@ def train(cfg: Config) -> RunResult:
     step = 0
     if resume_from is not None:
         step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
+        if streaming:
+            position = ckpt.read_process_state(resume_from, accelerator.process_index)
+            if position is None:
+                raise ConfigError(
+                    f"{resume_from} holds no stream position (it was written with data.streaming=false); resume "
+                    "with data.streaming=false or use another output_dir"
+                )
+            loader.load_state_dict(position, str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
     # fixed images for reconstruction grids: the first ones of the split, deterministic transform
-    recon_set = ImageDataset(split, cfg.data, eval_transform(cfg.data))
+    shown = (
+        datasets.Dataset.from_list(list(split.take(t.recon_images)), features=split.features) if streaming else split
+    )
+    recon_set = ImageDataset(shown, cfg.data, eval_transform(cfg.data))
     recon_images = torch.stack([recon_set[i][0] for i in range(min(t.recon_images, len(recon_set)))])
 
     log = MetricLog(accelerator, run_dir / "metrics.jsonl", step, derived.effective_batch)
@@ -380,11 +411,18 @@ def train(cfg: Config) -> RunResult:
 
     def save(step: int) -> None:
         check_finite_weights(model, step, run_dir)
-        ckpt.save_checkpoint(accelerator, run_dir, step, {"epoch": step / derived.steps_per_epoch}, t.keep_checkpoints)
+        position = loader.state_dict() if streaming else None  # where this process's stream stands
+        loop = {"epoch": step / derived.steps_per_epoch}
+        ckpt.save_checkpoint(accelerator, run_dir, step, loop, t.keep_checkpoints, process_state=position)
 
     with StopSignals() as stop, bar:  # SIGTERM/SIGINT: a checkpoint at the end of the step, then exit
         while step < derived.total_steps:
-            for images, labels, *noise in epoch_batches(accelerator, loader, step, derived, t.accum_steps):
+            batches = (
+                on_device(loader, accelerator.device)
+                if streaming
+                else epoch_batches(accelerator, loader, step, derived, t.accum_steps)
+            )
+            for images, labels, *noise in batches:
                 net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
                 with accelerator.accumulate(*nets):
                     out = model(images, noise=noise[0]) if noise else model(images)  # MAE: each sample's own mask

@@ -83,8 +83,8 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
     real_save = engine.ckpt.save_checkpoint
     calls = []
 
-    def save_then_crash(accelerator, output_dir, step, loop_state, keep):
-        path = real_save(accelerator, output_dir, step, loop_state, keep)
+    def save_then_crash(accelerator, output_dir, step, loop_state, keep, **kwargs):
+        path = real_save(accelerator, output_dir, step, loop_state, keep, **kwargs)
         calls.append(step)
         if step == save_at:  # die a few steps after the checkpoint; those steps are lost
             monkeypatch.setattr(engine, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))

@@ -83,6 +83,32 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
     assert len(losses[0]) == 4 and losses[0][0] != losses[0][-1]  # four steps that did train
 
 
+def test_two_processes_stream_disjoint_parts_and_resume_from_their_own_positions(tmp_path):
+    """data.streaming=true under 2 gloo processes x 2 workers: each process checkpoints its own stream
+    position; a relaunch for more steps resumes both and finishes."""
+    from test_streaming import parquet_stream
+
+    data = parquet_stream(tmp_path / "data", shards=4, per_shard=16)
+    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    common = [*EXACT, "data.streaming=true", f"data.dataset={data}", "data.label_column=label", "data.stream_size=64",
+              "data.num_workers=2", "train.batch_size=4", "train.checkpoint_every=3",
+              f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+
+    def launch_two(steps):
+        cmd = accelerate_launch(str(ROOT / "pretrain.py"), *common, f"train.max_steps={steps}", processes=2, multi=True)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    first = launch_two(3)
+    assert first.returncode == 0, first.stderr[-3000:]
+    states = [json.loads((tmp_path / f"run/checkpoints/step_3/process_{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["batches"] == 3 and s["num_processes"] == 2 for s in states)
+    again = launch_two(6)
+    assert again.returncode == 0 and "at step 3" in again.stdout, again.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run/checkpoints/step_6"
+    assert [json.loads((tmp_path / f"run/checkpoints/step_6/process_{r}.json").read_text())["batches"]
+            for r in (0, 1)] == [6, 6]  # fmt: skip
+
+
 def test_processes_that_do_not_form_a_group_are_refused(tmp_path, monkeypatch):
     """A launcher that starts 2 processes which never join one group would train the same run twice."""
     monkeypatch.setenv("WORLD_SIZE", "2")

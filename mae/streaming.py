@@ -1,0 +1,212 @@
+"""Streaming (iterable) datasets for pretraining: data read while it is trained on, never stored whole.
+
+``data.streaming=true`` opens the training split with ``datasets.load_dataset(..., streaming=True)``
+(a hub id, or local parquet / image folders), so a dataset larger than the disk can be trained on.
+
+- **Sharding.** Each process takes its part with ``datasets.distributed.split_dataset_by_node``
+  (whole files when their number divides by the processes, else every n-th example); within a
+  process, ``datasets`` hands each DataLoader worker its own files. Workers beyond the number of
+  files get nothing (``datasets`` warns); use more files or fewer workers.
+- **Order.** Files and a buffer of ``data.shuffle_buffer`` examples are shuffled with
+  ``train.seed`` + epoch. Every worker loops over epochs on its own, so no process ever waits for
+  another's epoch to end; an epoch is ``data.stream_size`` images (or the size the dataset's metadata
+  gives) for the schedule's sake.
+- **Augmentation.** Each example's crop, flip and MAE mask come from its own seed (process, worker,
+  epoch, position in the worker's stream), as for map-style data.
+- **Resuming exactly.** Every checkpoint stores, per process, the position (epoch, examples read) of
+  each worker's stream and how many batches were taken (``process_{rank}.json``). A relaunch starts
+  every worker at its position (reading past the examples it already gave in that epoch, without
+  decoding them) and takes batches in the original worker order. That needs the same number of
+  processes and of workers; another layout is refused. Examples are not stored: skipping costs
+  reading up to one epoch of a worker's files again.
+- **Bad images** are skipped and logged as for map-style data (``bad_images.jsonl``,
+  ``data.max_bad_images``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from mae.config import DataConfig
+from mae.data import _MODES, DataError, _sample_rng, image_column, label_column, load_splits, pick_split, to_mode
+from mae.preemption import ignore_in_worker
+
+
+def load_stream(cfg: DataConfig, split: str | None = None) -> datasets.IterableDataset:
+    """One split of ``cfg.dataset`` as a ``datasets`` stream (only ``cfg.classes`` when set)."""
+    split = split or cfg.split
+    ds = pick_split(load_splits(cfg, streaming=True), cfg, split)
+    if ds.features is None:
+        raise DataError(
+            f"data.dataset={cfg.dataset!r} does not say its columns' types when streamed; use data.streaming=false or "
+            "a dataset with features (parquet, image folders, most hub datasets)"
+        )
+    if cfg.classes is not None:
+        col = label_column(ds, cfg)
+        if col is None:
+            raise DataError("data.classes needs labels and the dataset has none; name them with data.label_column=NAME")
+        keep = set(cfg.classes)
+        ds = ds.filter(lambda y: y in keep, input_columns=col)
+    return ds
+
+
+def stream_size(ds: datasets.IterableDataset, cfg: DataConfig, split: str) -> int:
+    """Images in one epoch: ``data.stream_size``, else the dataset's own metadata."""
+    if cfg.stream_size is not None:
+        return cfg.stream_size
+    known = ds.info.splits.get(split) if ds.info.splits and cfg.classes is None else None
+    if known is None or not known.num_examples:
+        raise DataError(
+            f"data.streaming=true: {cfg.dataset!r} does not record how many images split {split!r} holds (needed "
+            "for epochs, warm-up and the schedule); give it as data.stream_size=N"
+        )
+    return known.num_examples
+
+
+class ImageStream(IterableDataset):
+    """This process's part of a stream as ``(image, label or -1[, noise], tag)`` items; ``tag`` is
+    ``(worker, epoch, examples read)`` for ``StreamBatches``. Endless: each worker loops over epochs."""
+
+    def __init__(
+        self,
+        stream: datasets.IterableDataset,
+        cfg: DataConfig,
+        transform: v2.Compose,
+        seed: int,
+        rank: int,
+        num_processes: int,
+        noise_length: int | None = None,
+        bad_log: Path | None = None,
+    ) -> None:
+        self.image_col = image_column(stream, cfg)
+        self.label_col = label_column(stream, cfg)
+        self.mode = _MODES.get(cfg.channels)
+        if self.mode is None:
+            raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(_MODES)}")
+        stream = stream.select_columns([c for c in (self.image_col, self.label_col) if c is not None])
+        stream = stream.cast_column(self.image_col, datasets.Image(decode=False))  # decode only what is used
+        stream = stream.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+        self.ds = split_dataset_by_node(stream, rank=rank, world_size=num_processes)
+        self.features = stream.features
+        self.transform, self.seed, self.rank = transform, seed, rank
+        self.noise_length, self.bad_log = noise_length, bad_log
+        self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, examples read), from a checkpoint
+
+    def active_workers(self, num_workers: int) -> int:
+        """Workers that get files from ``datasets`` (it stops the others)."""
+        return max(1, min(num_workers, self.ds.num_shards)) if num_workers else 1
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch, skip = self.start.get(worker, (0, 0))
+        while True:
+            self.ds.set_epoch(epoch)
+            read = -1
+            for read, row in enumerate(self.ds):
+                if read < skip:
+                    continue
+                item = self._item(row, worker, epoch, read)
+                if item is not None:
+                    yield item
+            if read < 0:  # no files for this worker (or an empty stream): nothing, ever
+                return
+            epoch, skip = epoch + 1, 0
+
+    def _item(self, row: dict[str, Any], worker: int, epoch: int, read: int) -> tuple[Any, ...] | None:
+        raw = row[self.image_col]
+        try:
+            image = to_mode(datasets.Image().decode_example(raw), self.mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises
+            where = (raw or {}).get("path") or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
+            if self.bad_log is None:
+                raise DataError(f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})") from e
+            record = {
+                "index": f"{self.rank}:{worker}:{read}",
+                "source": where,
+                "error": f"{type(e).__name__}: {e}"[:300],
+            }
+            self.bad_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.bad_log, "a") as f:  # one short append per line: whole lines from every worker
+                f.write(json.dumps(record) + "\n")
+            return None
+        with _sample_rng(hash((self.seed, self.rank, worker, epoch, read)) & 0x7FFF_FFFF_FFFF_FFFF):
+            x = self.transform(image)
+            noise = torch.rand(self.noise_length) if self.noise_length else None
+        label = row[self.label_col] if self.label_col is not None else -1
+        tag = torch.tensor([worker, epoch, read + 1])
+        return (x, label, tag) if noise is None else (x, label, noise, tag)
+
+
+class StreamBatches:
+    """The batches of an ``ImageStream`` DataLoader in a fixed worker order (round robin over the active
+    workers, as an uninterrupted DataLoader gives them), recording where each worker's stream stands.
+
+    ``state_dict`` / ``load_state_dict`` are what a checkpoint keeps; load before iterating."""
+
+    def __init__(self, stream: ImageStream, cfg: DataConfig, batch_size: int, num_processes: int) -> None:
+        self.stream, self.num_workers, self.num_processes = stream, cfg.num_workers, num_processes
+        self.active = stream.active_workers(cfg.num_workers)
+        self.batches = 0  # micro-batches taken by the training loop
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.loader = DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=cfg.num_workers,
+            worker_init_fn=ignore_in_worker,  # a SIGTERM to the process group is the main process's to handle
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        self._it: Iterator[Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "workers": {str(w): list(p) for w, p in sorted(self.positions.items())},
+            "num_workers": self.num_workers,
+            "num_processes": self.num_processes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], where: str) -> None:
+        layout = (state["num_processes"], state["num_workers"])
+        if layout != (self.num_processes, self.num_workers):
+            raise DataError(
+                f"{where} was written by {layout[0]} processes x data.num_workers={layout[1]} reading the stream; "
+                f"this launch has {self.num_processes} x {self.num_workers}. A stream resumes exactly only with the "
+                f"same layout: launch with {layout[0]} processes and data.num_workers={layout[1]}"
+            )
+        self.batches = state["batches"]
+        self.positions = {int(w): (p[0], p[1]) for w, p in state["workers"].items()}
+        self.stream.start = dict(self.positions)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        held: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        while True:
+            want = self.batches % self.active
+            while not held[want]:
+                try:
+                    batch = next(self._it)
+                except StopIteration:
+                    raise DataError(
+                        "the stream gave no images (every worker's part is empty); check data.dataset and data.split"
+                    ) from None
+                held[int(batch[-1][0, 0])].append(batch)
+            *batch, tags = held[want].popleft()
+            last = tags[-1]
+            self.positions[int(last[0])] = (int(last[1]), int(last[2]))
+            self.batches += 1
+            yield tuple(batch)
