@@ -21,7 +21,13 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchvision.utils import save_image
@@ -468,13 +474,28 @@ def train(cfg: Config) -> RunResult:
                 if done:
                     break
     export_dir = run_dir / "export"
-    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    model = gathered(accelerator, model, lambda: build_model(cfg))
     if accelerator.is_main_process:
         export_model(model, cfg, export_dir)
         accelerator.print(f"exported to {export_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, export_dir, step, model)
+
+
+def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The trained model as a plain module, to write files from. Under FSDP its shards are gathered
+    (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh copy from
+    ``build`` on the main process; elsewhere it is the unwrapped model itself."""
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return net
+    state = accelerator.get_state_dict(model)  # full tensors on the main process
+    if not accelerator.is_main_process:
+        return net
+    full = build()
+    full.load_state_dict(state)
+    return full
 
 
 def _online_probe(
@@ -540,8 +561,10 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, cfg: Config, path: Path) -> None:
-    """Write a reconstruction grid (main process), leaving every RNG stream untouched."""
-    if not accelerator.is_main_process:
+    """Write a reconstruction grid (main process), leaving every RNG stream untouched. Under FSDP
+    every process runs the forward (it gathers the shards: a collective); only the main one writes."""
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if not (accelerator.is_main_process or sharded):
         return
     net = accelerator.unwrap_model(model)
     was_training = net.training
@@ -550,8 +573,12 @@ def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tenso
     with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
         torch.manual_seed(cfg.train.seed)  # the same masks in every grid of the run
         images = images.to(accelerator.device)
-        save_recon_grid(path, images, net(images), cfg.data.mean, cfg.data.std)
-        if hasattr(net, "sample"):  # a generative model: a grid of prior samples beside it
+        out = net(images)
+        if not accelerator.is_main_process:
+            net.train(was_training)
+            return
+        save_recon_grid(path, images, out, cfg.data.mean, cfg.data.std)
+        if hasattr(net, "sample") and not sharded:  # a generative model: a grid of prior samples beside it
             samples = net.sample(len(images) * 4).float().cpu()
             save_image(denormalize(samples, cfg.data.mean, cfg.data.std), str(path.with_name(
                 path.name.replace("recon_", "samples_"))), nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip

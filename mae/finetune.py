@@ -44,6 +44,7 @@ from mae.engine import (
     choose_attention,
     cosine_schedule,
     epoch_batches,
+    gathered,
     start_run,
     stop_for_signal,
     truncate_metrics,
@@ -302,8 +303,8 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
                     improved = best is None or scores["top1"] > best["top1"]
                     if improved:
                         best = entry
+                    net = gathered(accelerator, model, lambda: build_classifier(cfg, num_classes).model)
                     if accelerator.is_main_process:
-                        net = accelerator.unwrap_model(model, keep_torch_compile=False)
                         tag = f"finetuned_{num_classes}cls"
                         save_timm(net, run_dir / "last", clf.data_config, tag)
                         if improved:
