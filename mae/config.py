@@ -416,6 +416,9 @@ class ProbeConfig:
     # features under bf16 autocast (auto: where the device computes bf16 natively, as for training; the
     # official linear probe also runs under autocast) or fp32 (no)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # features of the last N transformer blocks concatenated (each pooled, through the final norm), as
+    # DINO/iBOT probe; 1: the encoder's output only (the MAE paper's protocol)
+    blocks: int = 1
     cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
 
 
@@ -501,6 +504,7 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
         (p.weight_decay >= 0, "probe.weight_decay", p.weight_decay, "0 or more"),
         (0 <= p.warmup_epochs < p.epochs, "probe.warmup_epochs", p.warmup_epochs, "in [0, probe.epochs)"),
         (p.k > 0, "probe.k", p.k, "a positive integer"),
+        (p.blocks > 0, "probe.blocks", p.blocks, "a positive integer"),
         (p.temperature > 0, "probe.temperature", p.temperature, "a positive number"),
         (p.extract_batch_size > 0, "probe.extract_batch_size", p.extract_batch_size, "a positive integer"),
         (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),

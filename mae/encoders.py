@@ -52,6 +52,7 @@ class FrozenEncoder:
     sha256: str
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     precision: str = "no"  # "no" (fp32) | "bf16" (autocast), as ``set_precision`` resolved it
+    blocks: int = 1  # features of the last ``blocks`` blocks, concatenated (``set_blocks``)
 
     def to(self, device: torch.device) -> FrozenEncoder:
         self.module.to(device)
@@ -65,6 +66,19 @@ class FrozenEncoder:
         set_attention(self.module, resolve_attention("auto", self.device, self.precision))
         return self.precision
 
+    def set_blocks(self, blocks: int) -> None:
+        """Concatenate the pooled features of the last ``blocks`` transformer blocks (each through the
+        final norm), as DINO's and iBOT's linear probes do; 1 is the encoder's output alone."""
+        if blocks > 1 and (self.kind != "timm" or not hasattr(self.module, "forward_intermediates")):
+            raise ConfigError(
+                f"probe.blocks={blocks} needs a transformer encoder with intermediate outputs; {self.source} gives "
+                "one feature vector: use probe.blocks=1"
+            )
+        depth = len(getattr(self.module, "blocks", ()))
+        if depth and blocks > depth:
+            raise ConfigError(f"probe.blocks={blocks}: {self.source} has {depth} blocks; use at most {depth}")
+        self.blocks = blocks
+
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or the
@@ -75,6 +89,12 @@ class FrozenEncoder:
     def _features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         if self.kind == "autoencoder":
             return self.module.encode(images)
+        if self.blocks > 1:
+            outs = self.module.forward_intermediates(
+                images, indices=self.blocks, norm=True, output_fmt="NLC", intermediates_only=True,
+                return_prefix_tokens=True,
+            )  # fmt: skip
+            return torch.cat([prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs], 1)
         tokens = self.module.forward_features(images)
         if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
             return self.module.forward_head(tokens, pre_logits=True)

@@ -69,6 +69,7 @@ def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: st
         "transform": encoder.data_config,
         "pool": pool,
         "precision": encoder.precision,
+        "blocks": encoder.blocks,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -309,6 +310,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     encoder.set_precision(cfg.probe.mixed_precision)
+    encoder.set_blocks(cfg.probe.blocks)
     pool = encoder.pool(cfg.probe.features)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
@@ -333,6 +335,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         **settings,
         "features": pool,
         "precision": encoder.precision,
+        "blocks": encoder.blocks,
         "feature_dim": int(test["features"].shape[1]),
         "train_size": len(fit_ds),
         "eval_size": len(test["labels"]),

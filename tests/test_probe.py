@@ -134,6 +134,24 @@ def test_bf16_features_are_close_to_fp32_and_cached_apart(tmp_path, run_dir):
     assert cached_features(half, ds, "test", cfg, "cls")[1] is True
 
 
+def test_features_of_several_blocks_are_concatenated_last_block_last(run_dir, tmp_path):
+    enc = load_encoder(str(run_dir))
+    x = torch.randn(3, 3, 16, 16)
+    one = {pool: enc.features(x, pool) for pool in ("cls", "avg")}
+    enc.set_blocks(2)
+    for pool, last in one.items():
+        both = enc.features(x, pool)
+        assert both.shape == (3, 2 * last.shape[1])
+        torch.testing.assert_close(both[:, last.shape[1] :], last)  # the last block: the encoder's own output
+        assert not torch.allclose(both[:, : last.shape[1]], last)  # the block before it
+    with pytest.raises(ConfigError, match="has 2 blocks; use at most 2"):
+        enc.set_blocks(3)
+    classic = tmp_path / "ae"
+    engine.train(load_config(None, [*TINY, "model.name=ae", f"output_dir={classic}", "train.max_steps=1"]))
+    with pytest.raises(ConfigError, match="probe.blocks=2 needs a transformer encoder"):
+        load_encoder(str(classic)).set_blocks(2)
+
+
 def test_avg_features_are_the_mean_of_normalised_patch_tokens(run_dir):
     enc = load_encoder(str(run_dir))
     x = torch.randn(2, 3, 16, 16)
