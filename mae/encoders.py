@@ -67,8 +67,9 @@ class FrozenEncoder:
         return self.precision
 
     def set_blocks(self, blocks: int) -> None:
-        """Concatenate the pooled features of the last ``blocks`` transformer blocks (each through the
-        final norm), as DINO's and iBOT's linear probes do; 1 is the encoder's output alone."""
+        """Concatenate the pooled features of the last ``blocks`` transformer blocks, each normalised as
+        the encoder's own output is (final norm; ``fc_norm`` after average pooling when the model has
+        one), as DINO's and iBOT's linear probes do; 1 is the encoder's output alone."""
         if blocks > 1 and (self.kind != "timm" or not hasattr(self.module, "forward_intermediates")):
             raise ConfigError(
                 f"probe.blocks={blocks} needs a transformer encoder with intermediate outputs; {self.source} gives "
@@ -94,7 +95,11 @@ class FrozenEncoder:
                 images, indices=self.blocks, norm=True, output_fmt="NLC", intermediates_only=True,
                 return_prefix_tokens=True,
             )  # fmt: skip
-            return torch.cat([prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs], 1)
+            fc_norm = getattr(self.module, "fc_norm", None) if pool == self.default_pool else None
+            pooled = [prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs]
+            if fc_norm is not None and pool == "avg":  # the model's own avg head norms after pooling
+                pooled = [fc_norm(f) for f in pooled]
+            return torch.cat(pooled, dim=1)
         tokens = self.module.forward_features(images)
         if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
             return self.module.forward_head(tokens, pre_logits=True)

@@ -493,20 +493,22 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[
     state = accelerator.get_state_dict(model)  # full tensors on the main process
     if not accelerator.is_main_process:
         return net
-    full = build()
+    with torch.random.fork_rng(devices=[]):  # building seeds; training's random streams go on untouched
+        full = build()
     full.load_state_dict(state)
     return full
 
 
 def _online_probe(
-    accelerator: Accelerator, cfg: Config, dataset: ImageDataset, model: torch.nn.Module
+    accelerator: Accelerator, cfg: Config, dataset: ImageDataset | ImageStream, model: torch.nn.Module
 ) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
     if not cfg.train.online_probe:
         return None, None
     if cfg.train.mixed_precision == "fp16":
         # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
         raise ConfigError("train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no")
-    feature = dataset.ds.features.get(dataset.label_col) if dataset.label_col else None
+    features = dataset.features if isinstance(dataset, ImageStream) else dataset.ds.features
+    feature = features.get(dataset.label_col) if dataset.label_col else None
     if not isinstance(feature, datasets.ClassLabel):
         raise DataError(
             "train.online_probe=true needs a ClassLabel column (it gives the number of classes) and the dataset "

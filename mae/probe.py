@@ -69,6 +69,7 @@ def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: st
         "transform": encoder.data_config,
         "pool": pool,
         "precision": encoder.precision,
+        "device": encoder.device.type,  # the attention kernel (and so the rounding) follows device and precision
         "blocks": encoder.blocks,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

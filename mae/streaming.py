@@ -96,32 +96,43 @@ class ImageStream(IterableDataset):
             raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(_MODES)}")
         stream = stream.select_columns([c for c in (self.image_col, self.label_col) if c is not None])
         stream = stream.cast_column(self.image_col, datasets.Image(decode=False))  # decode only what is used
-        stream = stream.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
-        self.ds = split_dataset_by_node(stream, rank=rank, world_size=num_processes)
-        self.features = stream.features
+        self.base, self.buffer, self.num_processes = stream, cfg.shuffle_buffer, num_processes
         self.transform, self.seed, self.rank = transform, seed, rank
+        self.num_shards = self.epoch_stream(0).num_shards
+        self.features = stream.features
         self.noise_length, self.bad_log = noise_length, bad_log
         self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, examples read), from a checkpoint
 
+    def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
+        """This process's part of the stream, files and buffer shuffled for ``epoch``. A new object per
+        epoch and worker: ``set_epoch`` would change an epoch counter that forked workers share."""
+        shuffled = self.base.shuffle(seed=(self.seed * 1_000_003 + epoch) % 2**32, buffer_size=self.buffer)
+        return split_dataset_by_node(shuffled, rank=self.rank, world_size=self.num_processes)
+
     def active_workers(self, num_workers: int) -> int:
         """Workers that get files from ``datasets`` (it stops the others)."""
-        return max(1, min(num_workers, self.ds.num_shards)) if num_workers else 1
+        return max(1, min(num_workers, self.num_shards)) if num_workers else 1
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None and worker >= self.active_workers(info.num_workers):
+            return  # datasets gives this worker no files
         epoch, skip = self.start.get(worker, (0, 0))
         while True:
-            self.ds.set_epoch(epoch)
-            read = -1
-            for read, row in enumerate(self.ds):
+            read, given = -1, 0
+            for read, row in enumerate(self.epoch_stream(epoch)):
                 if read < skip:
                     continue
                 item = self._item(row, worker, epoch, read)
                 if item is not None:
+                    given += 1
                     yield item
-            if read < 0:  # no files for this worker (or an empty stream): nothing, ever
-                return
+            if given == 0 and skip == 0:  # a whole epoch without one image: the loop would wait forever
+                raise DataError(
+                    f"process {self.rank}'s loader worker {worker} read {read + 1} examples and no decodable image in "
+                    "a whole epoch of its files; check data.classes and the files, or lower data.num_workers"
+                )
             epoch, skip = epoch + 1, 0
 
     def _item(self, row: dict[str, Any], worker: int, epoch: int, read: int) -> tuple[Any, ...] | None:
@@ -133,7 +144,7 @@ class ImageStream(IterableDataset):
             if self.bad_log is None:
                 raise DataError(f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})") from e
             record = {
-                "index": f"{self.rank}:{worker}:{read}",
+                "index": (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}",  # once per file
                 "source": where,
                 "error": f"{type(e).__name__}: {e}"[:300],
             }
@@ -202,9 +213,16 @@ class StreamBatches:
                     batch = next(self._it)
                 except StopIteration:
                     raise DataError(
-                        "the stream gave no images (every worker's part is empty); check data.dataset and data.split"
+                        "the stream gave no images (every worker's part is empty); check data.dataset, data.split and "
+                        "data.classes"
                     ) from None
                 held[int(batch[-1][0, 0])].append(batch)
+                if sum(map(len, held.values())) > 4 * self.active + 8:  # the worker due has stopped giving batches
+                    raise DataError(
+                        f"loader worker {want} of process {self.stream.rank} stopped giving images while the others "
+                        "go on; its files are empty or unreadable: check the files and data.classes, or lower "
+                        "data.num_workers"
+                    )
             *batch, tags = held[want].popleft()
             last = tags[-1]
             self.positions[int(last[0])] = (int(last[1]), int(last[2]))
