@@ -67,9 +67,14 @@ def main() -> int:
     rows = record.setdefault("variants", {})
     for name, overrides in parse_variants(args.variant):
         row = rows.get(name, {})
-        if row and row.get("overrides") != overrides:
+        if row.get("overrides") not in (None, overrides):
             sys.exit(f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name")
         run_dir = work / "runs" / name
+        if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a sweep stopped before probing
+            derived = json.loads((run_dir / "derived.json").read_text())
+            steps = derived["total_steps"]
+            row |= {"overrides": overrides, "steps": steps, "images": steps * derived["effective_batch"],
+                    "steps_per_s": steps / args.budget, "wall_s": None}  # fmt: skip
         if not (run_dir / "export").is_dir():
             if args.steps:
                 rate, steps = args.steps / args.budget, args.steps
