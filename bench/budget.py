@@ -115,6 +115,10 @@ def main() -> int:
     for method in methods:
         row = rows.get(method, {})
         run_dir = work / "runs" / method
+        if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a run stopped before probing
+            derived = json.loads((run_dir / "derived.json").read_text())
+            steps = derived["total_steps"]
+            row |= {"steps": steps, "images": steps * derived["effective_batch"], "steps_per_s": None, "wall_s": None}
         if not (run_dir / "export").is_dir():
             rate = steps_per_second(method, args.data, work)
             steps = max(1, int(args.budget * rate))
@@ -151,7 +155,9 @@ def main() -> int:
     ]
     for method, r in rows.items():
         lines.append(
-            f"| {method} | {r['steps']} | {r['images']:,} | {r['wall_s']:.0f} s | "
+            f"| {method} | {r['steps']} | {r['images']:,} | "
+            + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
+            + " | "
             + " | ".join(
                 f"{100 * r[k]:.1f}%" for k in ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn")
             )
