@@ -107,6 +107,12 @@ def flat(d: dict, prefix: str = "") -> dict:
 def check_resumable(run_dir: Path, cfg: Config, derived: Derived) -> None:
     """Refuse to resume a run whose saved config or data/process layout differs in anything that
     shapes training."""
+    missing = [n for n in ("config.yaml", "derived.json") if not (run_dir / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds checkpoints but not the run's {' and '.join(missing)}, so whether "
+            "they can be resumed cannot be checked; restore the files, or use another output_dir"
+        )
     saved = from_dict(read_yaml(run_dir / "config.yaml"))
     check_same_run(run_dir, to_dict(saved), to_dict(cfg), RESUMABLE_KEYS, derived)
 

@@ -161,6 +161,16 @@ def test_resume_refuses_a_different_config(tmp_path):
         run(tmp_path, "r", "train.max_steps=4", "model.mask_ratio=0.5")
 
 
+def test_checkpoints_without_the_runs_config_are_refused_not_resumed(tmp_path):
+    """A run folder emptied while its process was still stopping keeps a checkpoint but no config.yaml."""
+    run(tmp_path, "r", "train.max_steps=2", "train.checkpoint_every=2")
+    (tmp_path / "r/config.yaml").unlink()
+    saved = (tmp_path / "r/checkpoints/step_2/model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds checkpoints but not the run's config.yaml.*another output_dir"):
+        run(tmp_path, "r", "train.max_steps=4")
+    assert (tmp_path / "r/checkpoints/step_2/model.safetensors").read_bytes() == saved
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     run(tmp_path, "r", "train.max_steps=3")
     result = run(tmp_path, "r", "train.max_steps=5")
