@@ -7,6 +7,7 @@ every process (Accelerate averages gradients across processes and accumulates lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -427,7 +428,9 @@ def train(cfg: Config) -> RunResult:
         loop = {"epoch": step / derived.steps_per_epoch}
         ckpt.save_checkpoint(accelerator, run_dir, step, loop, t.keep_checkpoints, process_state=position)
 
-    with StopSignals() as stop, bar:  # SIGTERM/SIGINT: a checkpoint at the end of the step, then exit
+    with StopSignals() as stop, bar, contextlib.ExitStack() as cleanup:  # SIGTERM/SIGINT: checkpoint, then exit
+        if streaming:
+            cleanup.callback(loader.close)  # however the loop ends, the stream's workers stop with it
         while step < derived.total_steps:
             batches = (
                 on_device(loader, accelerator.device)

@@ -202,7 +202,21 @@ class StreamBatches:
         self.positions = {int(w): (p[0], p[1]) for w, p in state["workers"].items()}
         self.stream.start = dict(self.positions)
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now. A training loop that ends with an exception keeps its
+        iterator alive in the traceback, and live workers can keep the interpreter from exiting."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from self._batches()
+        except BaseException:  # an error from a worker, or the consumer closing early: no worker outlives it
+            self.close()
+            raise
+
+    def _batches(self) -> Iterator[tuple[Any, ...]]:
         if self._it is None:
             self._it = iter(self.loader)
         held: dict[int, collections.deque] = collections.defaultdict(collections.deque)
