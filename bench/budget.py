@@ -66,6 +66,16 @@ def steps_per_second(method: str, data: str, work: Path, overrides: tuple[str, .
     return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up
 
 
+def open_record(data: str, out: str) -> tuple[Path, Path, dict]:
+    """Check ``--data``; create ``--out``; the results recorded there so far (reused on a rerun)."""
+    if not Path(data).is_dir():
+        sys.exit(f"error: --data {data} is not a folder; point it at the CIFAR-10 parquet copy")
+    work = Path(out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = work / "results.json"
+    return work, record_path, json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
 def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
     """``finetune.py`` with ``configs/eval/<mode>_cifar10.yaml`` (linear, knn or finetune), reused when done."""
     if not (out / "results.json").is_file():
@@ -96,12 +106,7 @@ def main() -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         sys.exit(f"error: unknown methods {unknown}; choose from {','.join(METHODS)}")
-    if not Path(args.data).is_dir():
-        sys.exit(f"error: --data {args.data} is not a folder; point it at the CIFAR-10 parquet copy")
-    work = Path(args.out).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    record_path = work / "results.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    work, record_path, record = open_record(args.data, args.out)
     if record.get("budget") not in (None, args.budget):
         sys.exit(f"error: {work} holds results for another --budget; use another --out")
     record["budget"] = args.budget

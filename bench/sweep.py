@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from budget import METHODS, ROOT, probe, recipe, run, steps_per_second
+from budget import METHODS, ROOT, open_record, probe, recipe, run, steps_per_second
 
 
 def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
@@ -55,12 +55,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
     parser.add_argument("--doc", help="also write the table, with this command line, to this Markdown file")
     args = parser.parse_args()
-    if not Path(args.data).is_dir():
-        sys.exit(f"error: --data {args.data} is not a folder; point it at the CIFAR-10 parquet copy")
-    work = Path(args.out).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    record_path = work / "results.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    work, record_path, record = open_record(args.data, args.out)
     if record.get("budget", args.budget) != args.budget or record.get("method", args.method) != args.method:
         sys.exit(f"error: {work} holds a sweep of another --method or --budget; use another --out")
     record |= {"budget": args.budget, "method": args.method}

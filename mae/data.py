@@ -51,7 +51,7 @@ def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
         raise DataError("data.classes needs labels and the dataset has none; name them with data.label_column=NAME")
     keep = set(cfg.classes)
     ds = ds.filter(lambda labels: [y in keep for y in labels], input_columns=col, batched=True)
-    if len(ds) == 0:
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:  # a stream's size is not known before reading it
         raise DataError(f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids it has")
     return ds
 
@@ -241,10 +241,7 @@ class ImageDataset(Dataset):
                         f"image {j} of the dataset ({where}) cannot be decoded ({type(e).__name__}: {e}); remove or "
                         "replace it"
                     ) from e
-                record = {"index": j, "source": where, "error": f"{type(e).__name__}: {e}"[:300]}
-                self.bad_log.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.bad_log, "a") as f:  # one short append per line: whole lines from every worker
-                    f.write(json.dumps(record) + "\n")
+                log_bad_image(self.bad_log, j, where, e)
         raise DataError(f"no decodable image among 1000 rows from row {i} of the dataset; check the data")
 
     def _source(self, j: int) -> str:
@@ -268,6 +265,14 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
             top = 65535.0 if peak <= 65535 else peak
         image = Image.fromarray((np.clip(a / top, 0, 1) * 255).round().astype(np.uint8), mode="L")
     return image if image.mode == mode else image.convert(mode)
+
+
+def log_bad_image(bad_log: Path, key: int | str, where: str, error: Exception) -> None:
+    """One JSON line in ``bad_log``; ``key`` identifies the image for ``count_bad_images``."""
+    record = {"index": key, "source": where, "error": f"{type(error).__name__}: {error}"[:300]}
+    bad_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(bad_log, "a") as f:  # one short append per line: whole lines from every worker
+        f.write(json.dumps(record) + "\n")
 
 
 def count_bad_images(bad_log: Path) -> int:

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import collections
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from mae.config import DataConfig
-from mae.data import _MODES, DataError, _sample_rng, image_column, label_column, load_splits, pick_split, to_mode
+from mae.data import (
+    _MODES,
+    DataError,
+    _sample_rng,
+    image_column,
+    label_column,
+    load_splits,
+    log_bad_image,
+    pick_split,
+    select_classes,
+    to_mode,
+)
 from mae.preemption import ignore_in_worker
 
 
@@ -52,13 +62,7 @@ def load_stream(cfg: DataConfig, split: str | None = None) -> datasets.IterableD
             f"data.dataset={cfg.dataset!r} does not say its columns' types when streamed; use data.streaming=false or "
             "a dataset with features (parquet, image folders, most hub datasets)"
         )
-    if cfg.classes is not None:
-        col = label_column(ds, cfg)
-        if col is None:
-            raise DataError("data.classes needs labels and the dataset has none; name them with data.label_column=NAME")
-        keep = set(cfg.classes)
-        ds = ds.filter(lambda y: y in keep, input_columns=col)
-    return ds
+    return ds if cfg.classes is None else select_classes(ds, cfg)
 
 
 def stream_size(ds: datasets.IterableDataset, cfg: DataConfig, split: str) -> int:
@@ -143,14 +147,8 @@ class ImageStream(IterableDataset):
             where = (raw or {}).get("path") or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
             if self.bad_log is None:
                 raise DataError(f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})") from e
-            record = {
-                "index": (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}",  # once per file
-                "source": where,
-                "error": f"{type(e).__name__}: {e}"[:300],
-            }
-            self.bad_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.bad_log, "a") as f:  # one short append per line: whole lines from every worker
-                f.write(json.dumps(record) + "\n")
+            key = (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}"  # once per file
+            log_bad_image(self.bad_log, key, where, e)
             return None
         with _sample_rng(hash((self.seed, self.rank, worker, epoch, read)) & 0x7FFF_FFFF_FFFF_FFFF):
             x = self.transform(image)
