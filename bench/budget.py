@@ -52,15 +52,19 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - tic
 
 
-def steps_per_second(method: str, data: str, work: Path, overrides: tuple[str, ...] = (), name: str = "") -> float:
-    """Optimizer steps per second of ``method``'s recipe (plus ``overrides``) on this machine."""
+def steps_per_second(
+    method: str, data: str, work: Path, overrides: tuple[str, ...] = (), name: str = "", config: list[str] | None = None
+) -> float:
+    """Optimizer steps per second of ``method``'s recipe plus ``overrides`` on this machine (``config``:
+    pretrain.py's ``--config`` arguments instead of the recipe's; [] for its defaults)."""
     name = name or method
+    config = ["--config", str(recipe(method))] if config is None else config
     out = work / f"calibrate_{name}"
     args = [*overrides, f"output_dir={out}", f"data.dataset={data}", "train.max_steps=30", "train.log_every=5"]
     args += ["train.checkpoint_every=1000", "train.recon_every=1000"]
     if method == "stacked_ae":  # time the whole stack (the slowest stage), not the first layer alone
         args.append("model.stage_steps=1")
-    run([sys.executable, "pretrain.py", "--config", str(recipe(method)), *args], work / f"calibrate_{name}.log")
+    run([sys.executable, "pretrain.py", *config, *args], work / f"calibrate_{name}.log")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     batch = json.loads((out / "derived.json").read_text())["effective_batch"]
     return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up

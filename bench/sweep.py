@@ -1,7 +1,8 @@
 """Sweep a method's budget recipe: each variant pretrains for the same wall-clock budget, then is probed.
 
-Every variant is the method's recipe (``configs/<method>_cifar10_budget.yaml``, as in ``budget.py``)
-plus a few ``key=value`` overrides. Like ``budget.py``, each one is first calibrated (its own steps
+Every variant is a recipe (by default the method's ``configs/<method>_cifar10_budget.yaml``, as in
+``budget.py``; ``--recipe default``: ``pretrain.py``'s own defaults, the bundled-sample run) plus a
+few ``key=value`` overrides. Like ``budget.py``, each one is first calibrated (its own steps
 per second on this machine, so a slower variant gets fewer steps), pretrained for ``--budget``
 seconds' worth of steps, then probed with ``finetune.py`` (linear, and kNN on the same cached
 features) on the full CIFAR-10 train/test split, next to the same architecture at random init.
@@ -9,6 +10,9 @@ Finished variants are reused when the script runs again with the same ``--out``.
 
     python bench/sweep.py --budget 300 --out bench/results/sweep_mae \\
         --variant base --variant blr5e-4 train.blr=5e-4 --variant mask0.6 model.mask_ratio=0.6
+    # the first run's defaults: pretrain on the bundled sample, probe on full CIFAR-10
+    python bench/sweep.py --recipe default --pretrain-data sample --budget 240 --steps 460 \\
+        --out bench/results/sweep_sample --variant base --variant blr5e-4 train.blr=5e-4
 
 Writes ``table.md`` and ``results.json`` into ``--out`` and prints the table (``--doc FILE``: also
 there, with the command line).
@@ -23,6 +27,12 @@ import sys
 from pathlib import Path
 
 from budget import METHODS, ROOT, open_record, probe, recipe, run, steps_per_second
+
+
+def relative(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
@@ -51,14 +61,31 @@ def main() -> int:
         help="the same optimizer steps for every variant instead of calibrating each (an equal-"
         "compute sweep of settings that do not change the step's cost, unaffected by other load on the machine)",
     )
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
+    parser.add_argument(
+        "--recipe",
+        help="the recipe file every variant starts from (default: the method's CIFAR-10 budget recipe); "
+        "'default': pretrain.py's defaults with no --config, the bundled-sample run",
+    )
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"), help="the probes' data")
+    parser.add_argument("--pretrain-data", help="pretraining data (default: --data); 'sample': the bundled sample")
     parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
     parser.add_argument("--doc", help="also write the table, with this command line, to this Markdown file")
     args = parser.parse_args()
+    base = recipe(args.method) if args.recipe is None else None if args.recipe == "default" else Path(args.recipe)
+    if base is not None and not base.is_file():
+        sys.exit(f"error: --recipe {args.recipe} is not a file; give a recipe YAML or 'default'")
+    shown_recipe = "pretrain.py's defaults" if base is None else f"`{relative(base)}`"
+    pretrain_data = args.pretrain_data or args.data
+    if pretrain_data != "sample" and not Path(pretrain_data).is_dir():
+        sys.exit(f"error: --pretrain-data {pretrain_data} is not a folder; give a dataset folder or 'sample'")
     work, record_path, record = open_record(args.data, args.out)
-    if record.get("budget", args.budget) != args.budget or record.get("method", args.method) != args.method:
-        sys.exit(f"error: {work} holds a sweep of another --method or --budget; use another --out")
-    record |= {"budget": args.budget, "method": args.method}
+    setting = {"budget": args.budget, "method": args.method, "recipe": shown_recipe, "pretrain_data": pretrain_data}
+    if any(record.get(k, v) != v for k, v in setting.items()):
+        sys.exit(
+            f"error: {work} holds a sweep of another --method, --budget, --recipe or --pretrain-data; use another --out"
+        )
+    record |= setting
+    config = [] if base is None else ["--config", str(base)]
     rows = record.setdefault("variants", {})
     for name, overrides in parse_variants(args.variant):
         row = rows.get(name, {})
@@ -74,11 +101,11 @@ def main() -> int:
             if args.steps:
                 rate, steps = args.steps / args.budget, args.steps
             else:
-                rate = steps_per_second(args.method, args.data, work, tuple(overrides), name)
+                rate = steps_per_second(args.method, pretrain_data, work, tuple(overrides), name, config)
                 steps = max(1, int(args.budget * rate))
-            extra = [*overrides, f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
+            extra = [*overrides, f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={pretrain_data}"]
             extra += [f"train.checkpoint_every={steps}", f"train.recon_every={steps}"]
-            cmd = [sys.executable, "pretrain.py", "--config", str(recipe(args.method)), *extra]
+            cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")
             derived = json.loads((run_dir / "derived.json").read_text())
             row = {"overrides": overrides, "steps": steps, "images": steps * derived["effective_batch"],
@@ -98,8 +125,9 @@ def main() -> int:
             if args.steps
             else "steps from each variant's measured rate"
         )
-        + "), "
-        f"recipe `{recipe(args.method).relative_to(ROOT)}` plus the overrides shown.",
+        + f"), recipe {shown_recipe} plus the overrides shown; pretrained on "
+        + ("the bundled sample" if pretrain_data == "sample" else f"`{relative(Path(pretrain_data))}`")
+        + f", probed on `{relative(Path(args.data))}`.",
         "",
         "| variant | overrides | steps | images seen | linear | kNN | random-init linear | random-init kNN |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -421,6 +421,9 @@ class ProbeConfig:
     # features of the last N transformer blocks concatenated (each pooled, through the final norm), as
     # DINO/iBOT probe; 1: the encoder's output only (the MAE paper's protocol)
     blocks: int = 1
+    # the linear probe's head: bn, BatchNorm1d(affine=False) + Linear (the MAE paper's: it normalises
+    # each feature with the training set's statistics); linear, a plain Linear on the raw features
+    head: Literal["bn", "linear"] = "bn"
     cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
 
 

@@ -187,9 +187,11 @@ Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch 
 def fit_linear_head(
     batches: Batches, steps_per_epoch: int, batch: int, dim: int, num_classes: int, p: ProbeConfig, seed: int
 ) -> nn.Module:
-    """The MAE paper's probe head, BN(affine=False) + Linear, fitted with LARS and warmup + cosine."""
+    """The probe head (``p.head``: bn, the MAE paper's BN(affine=False) + Linear; linear, a Linear
+    alone), fitted with LARS and warmup + cosine."""
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if p.head == "bn" else nn.Identity()
+    head = nn.Sequential(norm, nn.Linear(dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
@@ -319,7 +321,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     batch = min(cfg.probe.batch_size, len(fit_ds))
     settings: dict[str, Any] = {}
     if cfg.mode == "linear":
-        settings = {"probe_batch": batch, "probe_lr": cfg.probe.blr * batch / 256, "cached": cfg.probe.cached}
+        settings = {
+            "probe_batch": batch,
+            "probe_lr": cfg.probe.blr * batch / 256,
+            "cached": cfg.probe.cached,
+            "head": cfg.probe.head,
+        }
     if cfg.mode == "linear" and not cfg.probe.cached:  # no training features to extract: fresh every epoch
         scores = augmented_linear_probe(encoder, fit_ds, cfg, pool, test, num_classes)
         train_cached = None

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import datasets
 import numpy as np
@@ -68,6 +69,21 @@ def test_linear_probe_separates_gaussian_clusters():
     train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
     logits = linear_probe(train, test, 4, ProbeConfig(batch_size=32, epochs=100, warmup_epochs=5, blr=100.0), seed=0)
     assert accuracy(logits, test["labels"], list("abcd"))["top1"] > 0.95
+
+
+def test_bn_head_ignores_feature_scale_and_the_plain_head_does_not():
+    # one informative feature on a scale of 1e-3 beside 15 noise features on a scale of 1: the BN
+    # head normalises each feature and finds it; a plain linear head at the same lr barely moves on it
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(200)
+    feats = torch.randn(400, 16, generator=g)
+    feats[:, 0] = (labels * 2.0 - 1.0 + 0.3 * torch.randn(400, generator=g)) * 1e-3
+    train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
+    p = ProbeConfig(batch_size=32, epochs=60, warmup_epochs=5, blr=100.0)
+    bn = accuracy(linear_probe(train, test, 2, p, seed=0), test["labels"], ["a", "b"])["top1"]
+    plain = accuracy(linear_probe(train, test, 2, replace(p, head="linear"), seed=0), test["labels"], ["a", "b"])
+    assert bn > 0.95
+    assert plain["top1"] < 0.75
 
 
 def test_top5_differs_from_top1_with_many_classes():
