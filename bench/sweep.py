@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -30,9 +31,8 @@ from budget import METHODS, ROOT, open_record, probe, recipe, run, steps_per_sec
 
 
 def relative(path: Path) -> str:
-    """``path`` relative to the repository root where it lies inside it."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    """``path`` as seen from the repository root (the README's commands run there)."""
+    return os.path.relpath(path.resolve(), ROOT)
 
 
 def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
