@@ -17,7 +17,7 @@ def test_accelerate_launch_default_recipe_30_steps(tmp_path):
     cmd = accelerate_launch("pretrain.py", "train.max_steps=30", f"output_dir={out}")
     proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "effective batch 128" in proc.stdout and "lr 7.5e-05" in proc.stdout
+    assert "effective batch 128" in proc.stdout and "lr 0.0005 = blr 0.001" in proc.stdout
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (out / "recon_30.png").stat().st_size > 0
