@@ -88,6 +88,21 @@ def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def run_size(run_dir: Path) -> dict:
+    """The optimizer steps and images a finished pretraining run in ``run_dir`` took."""
+    derived = json.loads((run_dir / "derived.json").read_text())
+    return {"steps": derived["total_steps"], "images": derived["total_steps"] * derived["effective_batch"]}
+
+
+def probe_pair(name: str, run_dir: Path, mode: str, data: str, work: Path) -> dict[str, dict]:
+    """``probe`` of ``run_dir``'s encoder and of its random init: {"pretrained": results, "random": results}."""
+    sources = {"pretrained": str(run_dir), "random": f"random:{run_dir}"}
+    return {
+        kind: probe(source, mode, data, work / f"eval/{name}_{kind}_{mode}", work / f"{name}_{kind}_{mode}.log")
+        for kind, source in sources.items()
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=600, help="pretraining seconds per method")
@@ -125,9 +140,7 @@ def main() -> int:
         row = rows.get(method, {})
         run_dir = work / "runs" / method
         if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a run stopped before probing
-            derived = json.loads((run_dir / "derived.json").read_text())
-            steps = derived["total_steps"]
-            row |= {"steps": steps, "images": steps * derived["effective_batch"], "steps_per_s": None, "wall_s": None}
+            row |= run_size(run_dir) | {"steps_per_s": None, "wall_s": None}
         if not (run_dir / "export").is_dir():
             rate = steps_per_second(method, args.data, work)
             steps = max(1, int(args.budget * rate))
@@ -137,18 +150,12 @@ def main() -> int:
             seconds = run(
                 [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra], work / f"{method}.log"
             )
-            derived = json.loads((run_dir / "derived.json").read_text())
-            row = {"steps": steps, "images": steps * derived["effective_batch"], "steps_per_s": rate, "wall_s": seconds}
+            row = run_size(run_dir) | {"steps_per_s": rate, "wall_s": seconds}
         for mode in ("linear", "knn"):
-            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
-                res = probe(
-                    source, mode, args.data, work / f"eval/{method}_{kind}_{mode}", work / f"{method}_{kind}_{mode}.log"
-                )
+            for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]
         if args.finetune and method == "mae":  # classic encoders are not timm models: probes only
-            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
-                out = work / f"eval/{method}_{kind}_finetune"
-                res = probe(source, "finetune", args.data, out, work / f"{method}_{kind}_finetune.log")
+            for kind, res in probe_pair(method, run_dir, "finetune", args.data, work).items():
                 row[f"{kind}_finetune"] = res["top1"]
                 row["finetune_steps"] = res["steps"]
         rows[method] = row

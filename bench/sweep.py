@@ -27,7 +27,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from budget import METHODS, ROOT, open_record, probe, recipe, run, steps_per_second
+from budget import METHODS, ROOT, open_record, probe_pair, recipe, run, run_size, steps_per_second
 
 
 def relative(path: Path) -> str:
@@ -93,10 +93,8 @@ def main() -> int:
             sys.exit(f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name")
         run_dir = work / "runs" / name
         if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a sweep stopped before probing
-            derived = json.loads((run_dir / "derived.json").read_text())
-            steps = derived["total_steps"]
-            row |= {"overrides": overrides, "steps": steps, "images": steps * derived["effective_batch"],
-                    "steps_per_s": steps / args.budget, "wall_s": None}  # fmt: skip
+            size = run_size(run_dir)
+            row |= {"overrides": overrides, **size, "steps_per_s": size["steps"] / args.budget, "wall_s": None}
         if not (run_dir / "export").is_dir():
             if args.steps:
                 rate, steps = args.steps / args.budget, args.steps
@@ -107,13 +105,10 @@ def main() -> int:
             extra += [f"train.checkpoint_every={steps}", f"train.recon_every={steps}"]
             cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")
-            derived = json.loads((run_dir / "derived.json").read_text())
-            row = {"overrides": overrides, "steps": steps, "images": steps * derived["effective_batch"],
-                   "steps_per_s": rate, "wall_s": seconds}  # fmt: skip
+            row = {"overrides": overrides, **run_size(run_dir), "steps_per_s": rate, "wall_s": seconds}
         for mode in ("linear", "knn"):
-            for kind, source in (("pretrained", str(run_dir)), ("random", f"random:{run_dir}")):
-                out = work / f"eval/{name}_{kind}_{mode}"
-                row[f"{kind}_{mode}"] = probe(source, mode, args.data, out, work / f"{name}_{kind}_{mode}.log")["top1"]
+            for kind, res in probe_pair(name, run_dir, mode, args.data, work).items():
+                row[f"{kind}_{mode}"] = res["top1"]
         rows[name] = row
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{name}: {row}", flush=True)
