@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs, CPU matmul)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward (default mode)")
+    p.add_argument("--profile", type=int, default=0, help="then profile this many steps of ours (first precision)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-setting memory subprocesses")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # IMPL-PRECISION: one setting's memory, then exit
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
@@ -99,16 +102,24 @@ def build_pair(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torc
 
 
 def make_step(
-    impl: str, model: torch.nn.Module, cfg: Config, device: torch.device, precision: str, images: torch.Tensor
+    impl: str,
+    model: torch.nn.Module,
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+    images: torch.Tensor,
+    compile: bool = False,
 ) -> Callable[[], torch.Tensor]:
-    """One optimizer step of ``model`` on ``images``; the engine's optimizer for both implementations."""
+    """One optimizer step of ``model`` on ``images``; the engine's optimizer for both implementations.
+    ``compile``: the forward (and so its backward) through ``torch.compile``; the optimizer step stays eager."""
     if impl == "ours":
         set_attention(model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no"))
     optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
+    forward = torch.compile(model) if compile else model
 
     def step() -> torch.Tensor:
         with autocast(device, precision):
-            loss = model(images).loss if impl == "ours" else model(pixel_values=images).loss
+            loss = forward(images).loss if impl == "ours" else forward(pixel_values=images).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -185,7 +196,7 @@ def memory_of(args: argparse.Namespace, device: torch.device) -> None:
 
         model = ViTMAEForPreTraining(hf_config(cfg)).to(device).train()
     images = torch.randn(args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
-    step = make_step(impl, model, cfg, device, precision, images)
+    step = make_step(impl, model, cfg, device, precision, images, args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):
@@ -208,8 +219,9 @@ def peak_rss_mib() -> float:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for impl in IMPLS:
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             cmd = [sys.executable, __file__, "--setting", args.setting, "--batch", str(args.batch)]
+            cmd += ["--compile"] if args.compile else []
             cmd += ["--threads", str(args.threads), "--device", args.device, "--memory-of", f"{impl}-{precision}"]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
@@ -240,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     flops = step_flops(ours, cfg, device)
     images = torch.randn(args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
     models = {"ours": ours, "hf": hf}
-    steps = {
+    steps = {  # each precision trains its own copy, so that all start from the same weights
         f"{impl}-{precision}": make_step(
-            impl, models[impl] if precision == "fp32" else copy.deepcopy(models[impl]), cfg, device, precision, images
+            impl, copy.deepcopy(models[impl]), cfg, device, precision, images, args.compile
         )
         for impl in IMPLS
-        for precision in PRECISIONS
+        for precision in args.precisions
     }
     for step in steps.values():
         for _ in range(args.warmup):
@@ -264,13 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     median = {k: statistics.median(v) for k, v in rates.items()}
     default = resolve_precision("auto", device)
     ours_default = "ours-bf16" if default == "bf16" else "ours-fp32"
-    ratios = {
-        "fp32": median["ours-fp32"] / median["hf-fp32"],
-        "bf16": median["ours-bf16"] / median["hf-bf16"],
-        "defaults": median[ours_default] / median["hf-fp32"],
-    }
+    ratios = {p: median[f"ours-{p}"] / median[f"hf-{p}"] for p in args.precisions}
+    if ours_default in median and "hf-fp32" in median:
+        ratios["defaults"] = median[ours_default] / median["hf-fp32"]
     peaks = {}
-    for precision in PRECISIONS:
+    for precision in args.precisions:
         peak = args.peak_tflops or (gpu_peak(device, precision) if device.type == "cuda" else None)
         peaks[precision] = {
             "tflops": peak or matmul_tflops(device, precision),
@@ -280,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
     preset, size, *_ = SETTINGS[args.setting]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    compiled = "; both forwards through torch.compile" if args.compile else ""
     print(f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}")  # fmt: skip
+          f"{transformers.__version__}{compiled}")  # fmt: skip
     print(f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
           f"bf16 {diffs['bf16']['abs_diff']:.1e}")  # fmt: skip
     print(f"{'setting':<10} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
@@ -292,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_mem = m.get("cuda_max_allocated_mib") or m.get("peak_rss_mib")
         print(f"{key:<10} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
               f"{'-' if peak_mem is None else round(peak_mem):>9}")  # fmt: skip
-    print(f"ours / HF: fp32 {ratios['fp32']:.2f}x, bf16 {ratios['bf16']:.2f}x; each at its default "
-          f"({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x")  # fmt: skip
+    print("ours / HF: " + ", ".join(f"{p} {ratios[p]:.2f}x" for p in args.precisions)
+          + (f"; each at its default ({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x"
+             if "defaults" in ratios else ""))  # fmt: skip
     print(f"FLOPs per image (fwd + bwd, FlopCounterMode): {flops / 1e9:.3f} G; MFU against "
           + ", ".join(f"{p} {v['tflops']:.2f} TFLOP/s ({v['source']})" for p, v in peaks.items()))  # fmt: skip
 
@@ -302,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "setting": args.setting, "preset": preset, "image_size": size, "batch": args.batch,
             "threads": args.threads, "device": where, "repeats": args.repeats, "steps": args.steps,
             "warmup": args.warmup, "torch": torch.__version__, "transformers": transformers.__version__,
+            "compile": args.compile,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "ours_default_precision": default,
         },
@@ -312,7 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.profile:
+        profile(steps[f"ours-{args.precisions[0]}"], args.profile, device)
     return 0
+
+
+def profile(step: Callable[[], torch.Tensor], n: int, device: torch.device) -> None:
+    """The operators of ``n`` steps that take the most time (device time on GPU, CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

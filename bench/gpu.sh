@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU rows of the README's performance table, in one go, most important first:
+#   ViT-B/16 and ViT-L/16 against Hugging Face ViTMAE (fp32 and bf16, memory, MFU), ViT-B/16 at a
+#   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
+#   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px).
+#
+#   bash bench/gpu.sh [OUT_DIR]      # default bench/results/gpu
+#
+# Each step has its own time limit, and a failing step does not stop the ones after it; the last
+# lines of each step's output go to the terminal, everything to OUT_DIR/log.txt.
+set -u
+out=${1:-bench/results/gpu}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+step() {  # step NAME LIMIT_S ARGS...: run one benchmark, keep going whatever it returns
+    local name=$1 limit=$2 start
+    shift 2
+    echo "== $name ($(date +%T)): $*" | tee -a "$log"
+    start=$(wc -l <"$log")
+    timeout "$limit" "$py" "$@" >>"$log" 2>&1
+    local rc=$?
+    tail -n +$((start + 1)) "$log" | grep -v -e '^USDT' -e 'DeviceProperties' -e '^ *$' | tail -n 14 | sed "s/^/  /"
+    echo "== $name: exit $rc ($(date +%T))" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
+"$py" -c "import torch, timm, transformers, datasets; print('torch', torch.__version__, '| timm', timm.__version__,
+'| transformers', transformers.__version__, '| datasets', datasets.__version__, '|', torch.cuda.get_device_name())" \
+    2>&1 | tee -a "$log"
+
+step base 200 bench/vs_hf.py --setting base --device cuda --out "$out/vs_hf_base.json"
+step large 200 bench/vs_hf.py --setting large --device cuda --out "$out/vs_hf_large.json"
+step base_b512 90 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
+    --profile 3 --out "$out/vs_hf_base_b512.json"
+step base_b512_compile 200 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
+    --compile --out "$out/vs_hf_base_b512_compile.json"
+step e2e_base 90 bench/throughput.py --preset vit_base_patch16 --image-size 224 --batch 128 --device cuda \
+    --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_base.json"
+step e2e_large 90 bench/throughput.py --preset vit_large_patch16 --image-size 224 --batch 64 --device cuda \
+    --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_large.json"
