@@ -4,12 +4,19 @@
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
 #   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px).
 #
-#   bash bench/gpu.sh [OUT_DIR]      # default bench/results/gpu
+#   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
+#   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
+#
+# The last steps run the trainer itself (pretrain.py: Accelerate, bf16, the data loader, checkpoints and
+# export) on ViT-B/16 at 224 px, eager and with train.compile=true; images/s are in their metrics.jsonl.
 #
 # Each step has its own time limit, and a failing step does not stop the ones after it; the last
 # lines of each step's output go to the terminal, everything to OUT_DIR/log.txt.
 set -u
 out=${1:-bench/results/gpu}
+shift $(($# > 0 ? 1 : 0))
+only=" $* "
+runs=${RUNS:-$out}  # where the trainer's runs go (checkpoints, export)
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -18,6 +25,7 @@ py=${PYTHON:-python3}
 step() {  # step NAME LIMIT_S ARGS...: run one benchmark, keep going whatever it returns
     local name=$1 limit=$2 start
     shift 2
+    [[ $only == "  " || $only == *" $name "* ]] || return 0
     echo "== $name ($(date +%T)): $*" | tee -a "$log"
     start=$(wc -l <"$log")
     timeout "$limit" "$py" "$@" >>"$log" 2>&1
@@ -41,3 +49,14 @@ step e2e_base 90 bench/throughput.py --preset vit_base_patch16 --image-size 224 
     --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_base.json"
 step e2e_large 90 bench/throughput.py --preset vit_large_patch16 --image-size 224 --batch 64 --device cuda \
     --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_large.json"
+train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 train.max_steps=60 data.num_workers=14
+    train.log_every=10 train.checkpoint_every=60 train.recon_every=60)
+for compile in false true; do
+    step "train_compile_$compile" 200 pretrain.py "${train[@]}" train.compile=$compile \
+        output_dir="$runs/train_compile_$compile"
+    grep -h images_per_s "$runs/train_compile_$compile/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
+done
+step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
+    --out "$out/vs_hf_large_compile.json"
+step base_compile 150 bench/vs_hf.py --setting base --device cuda --precisions bf16 --no-memory --compile \
+    --out "$out/vs_hf_base_compile.json"

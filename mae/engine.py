@@ -73,6 +73,7 @@ RESUMABLE_KEYS = {
     "train.epochs",
     "train.max_steps",
     "train.log_every",
+    "train.compile",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.recon_every",
@@ -184,7 +185,8 @@ def _print_setup(accelerator: Accelerator, cfg: Config, derived: Derived, params
         f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
-        f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}; "
+        f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}"
+        f"{' (torch.compile)' if t.compile else ''}; "
         f"device {accelerator.device}"
         + (f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else "")
     )
@@ -391,7 +393,9 @@ def train(cfg: Config) -> RunResult:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     probe, probe_optimizer = _online_probe(accelerator, cfg, dataset, model)
     nets = [model] if probe is None else [model, probe]
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # compiled apart from what Accelerate holds, so checkpoints keep the plain parameter names
+    forward = torch.compile(model) if t.compile else model
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params, choose_attention(accelerator, net, t.attention))
 
@@ -440,7 +444,7 @@ def train(cfg: Config) -> RunResult:
             for images, labels, *noise in batches:
                 net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
                 with accelerator.accumulate(*nets):
-                    out = model(images, noise=noise[0]) if noise else model(images)  # MAE: each sample's own mask
+                    out = forward(images, noise=noise[0]) if noise else forward(images)  # MAE: each sample's own mask
                     loss = out.loss
                     if probe is not None:
                         if out.features is None:
@@ -577,7 +581,7 @@ def _recon(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tenso
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if not (accelerator.is_main_process or sharded):
         return
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
     was_training = net.training
     net.eval()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []

@@ -283,3 +283,27 @@ def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
     cfg = load_config(None, [*TINY, "train.online_probe=true", "train.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="online_probe=true does not work with train.mixed_precision=fp16"):
         engine._online_probe(None, cfg, None, None)
+
+
+def test_compiled_run_matches_eager_and_resumes_either_way(tmp_path, monkeypatch):
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def spy(model, *args, **kwargs):
+        compiled_calls.append(model)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine.torch, "compile", spy)
+    common = ("train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.mixed_precision=no")
+    eager = run(tmp_path, "eager", *common)
+    assert not compiled_calls
+    compiled = run(tmp_path, "compiled", *common, "train.compile=true")
+    assert len(compiled_calls) == 1
+    (steps, a), (steps_c, b) = (zip(*_steps_and_losses(r.run_dir), strict=True) for r in (eager, compiled))
+    assert steps == steps_c == (1, 2, 3, 4)
+    assert b == pytest.approx(a, rel=1e-4)  # the same function, only fused differently
+    # checkpoints hold the plain parameter names, so either setting resumes the other's run
+    names = [set(load_file(r.run_dir / "checkpoints/step_4/model.safetensors")) for r in (eager, compiled)]
+    assert names[0] == names[1] and not any("_orig_mod" in k for k in names[1])
+    resumed = run(tmp_path, "compiled", *common[1:], "train.max_steps=6")
+    assert resumed.steps == 6 and len(compiled_calls) == 1
