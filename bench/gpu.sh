@@ -2,7 +2,8 @@
 # The GPU rows of the README's performance table, in one go, most important first:
 #   ViT-B/16 and ViT-L/16 against Hugging Face ViTMAE (fp32 and bf16, memory, MFU), ViT-B/16 at a
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
-#   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px).
+#   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px), and of
+#   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true.
 #
 #   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
 #   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
@@ -49,6 +50,10 @@ step e2e_base 90 bench/throughput.py --preset vit_base_patch16 --image-size 224 
     --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_base.json"
 step e2e_large 90 bench/throughput.py --preset vit_large_patch16 --image-size 224 --batch 64 --device cuda \
     --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_large.json"
+step e2e_tiny 90 bench/throughput.py --preset vit_tiny_patch4 --image-size 32 --batch 256 --device cuda \
+    --precision bf16 --workers 8 --repeats 3 --steps 3 --data sample --out "$out/throughput_tiny.json"
+step e2e_tiny_on_device 90 bench/throughput.py --preset vit_tiny_patch4 --image-size 32 --batch 256 --device cuda \
+    --precision bf16 --on-device --repeats 3 --steps 3 --data sample --out "$out/throughput_tiny_on_device.json"
 train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 train.max_steps=60 data.num_workers=14
     train.log_every=10 train.checkpoint_every=60 train.recon_every=60)
 for compile in false true; do

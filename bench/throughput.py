@@ -7,6 +7,10 @@
 2. data loader: the pretraining DataLoader over --data, without a model;
 3. end to end: the loader feeding the model step, as in the engine's inner loop (without Accelerate).
 
+``--on-device``: the split decoded once into a uint8 tensor on ``--device`` and augmented there
+(``data.on_device=true``, ``mae.device_data``); the "data loader" is then the key loader plus the
+on-device augmentation, with no workers.
+
 Each is timed ``--repeats`` times over ``--steps`` batches; the table gives the median and the range.
 The first batch of each loader worker is never timed (start-up); its latency is reported separately.
 """
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa: E402
 from mae.data import EpochSampler, ImageDataset, load_split, pretrain_loader, pretrain_transform  # noqa: E402
+from mae.device_data import DecodedImages, DeviceAugment, key_loader  # noqa: E402
 from mae.engine import build_optimizer  # noqa: E402
 from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
 from mae.models import build_model  # noqa: E402
@@ -58,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--on-device", action="store_true", help="data.on_device=true: decoded uint8 on --device")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="timed batches per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed model steps before the first repeat")
@@ -112,7 +118,13 @@ def bench_model(step: Step, images: torch.Tensor, args: argparse.Namespace, devi
 
 
 def bench_loader(
-    loader: DataLoader, skip: int, epoch0: int, consume: Step | None, args: argparse.Namespace, device: torch.device
+    loader: DataLoader,
+    skip: int,
+    epoch0: int,
+    consume: Step | None,
+    args: argparse.Namespace,
+    device: torch.device,
+    augment: DeviceAugment | None = None,
 ) -> tuple[list[float], list[float]]:
     """Per repeat, one sampler epoch of exactly ``skip + steps`` batches, each passed to ``consume``; the
     last ``steps`` are timed. Returns (images/s, seconds to the end of the ``skip`` untimed batches)."""
@@ -121,7 +133,7 @@ def bench_loader(
     for r in range(args.repeats):
         loader.sampler.set_epoch(epoch0 + r)
         tic = time.perf_counter()
-        batches = iter(loader)
+        batches = iter(loader) if augment is None else augment.batches(iter(loader))
         for _ in range(skip):
             consume(next(batches)[0])
         sync(device)
@@ -162,7 +174,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None
     first = results["loader_first_batches_s"]
     notes = {
         "model_step": f"fwd+bwd+AdamW, {args.precision}, synthetic images",
-        "data_loader": f"{args.workers} workers; first {skip} batches {first['cold']:.2f} s cold, "
+        "data_loader": ("decoded uint8 on the device, augmented there; " if args.on_device else "")
+        + f"{args.workers} workers; first {skip} batches {first['cold']:.2f} s cold, "
         f"{first['warm_median']:.2f} s warm",
         "end_to_end": "loader -> model step",
     }
@@ -202,14 +215,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {args.data} is not a folder; using the bundled sample")
     cfg = make_config(args, dataset)
     tic = time.perf_counter()
-    data = ImageDataset(load_split(cfg.data), cfg.data, pretrain_transform(cfg.data), seed=cfg.train.seed)
+    if args.on_device:
+        args.workers = 0
+        data = DecodedImages(load_split(cfg.data), cfg.data)
+    else:
+        data = ImageDataset(load_split(cfg.data), cfg.data, pretrain_transform(cfg.data), seed=cfg.train.seed)
     load_s = time.perf_counter() - tic
     skip = max(1, args.workers)  # one untimed batch per worker: start-up and first decode
     per_epoch = (skip + args.steps) * args.batch
     if len(data) < per_epoch:
         sys.exit(f"error: {len(data)} images < {per_epoch} needed per repeat; lower --batch or --steps")
     sampler = EpochSampler(len(data), per_epoch, seed=cfg.train.seed)
-    loader = pretrain_loader(data, sampler, cfg.data, args.batch)
+    if args.on_device:
+        loader = key_loader(data, sampler, args.batch)
+        augment = DeviceAugment(data, cfg.data, cfg.train.seed, None, device)
+    else:
+        loader, augment = pretrain_loader(data, sampler, cfg.data, args.batch), None
 
     model = build_model(cfg).to(device).train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -224,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     model_rates = bench_model(step, images, args, device)
     rss_model = max_rss_mib(resource.RUSAGE_SELF)
     del images
-    loader_rates, firsts = bench_loader(loader, skip, 0, None, args, device)
-    e2e_rates, _ = bench_loader(loader, skip, args.repeats, lambda x: step(x.to(device)), args, device)
+    loader_rates, firsts = bench_loader(loader, skip, 0, None, args, device, augment)
+    e2e_rates, _ = bench_loader(loader, skip, args.repeats, lambda x: step(x.to(device)), args, device, augment)
     del loader  # shuts the persistent workers down, so their peak RSS is counted below
     gc.collect()
 
@@ -247,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         results["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     report(results, args, skip)
 
-    m, keys = cfg.model, ("image_size", "batch", "threads", "workers", "precision", "device", "repeats", "steps")
+    m = cfg.model
+    keys = ("image_size", "batch", "threads", "workers", "on_device", "precision", "device", "repeats", "steps")
     settings = {
         "preset": args.preset,
         "dims": {k: getattr(m, k) for k in PRESET_KEYS} | {"mlp_ratio": m.mlp_ratio, "mask_ratio": m.mask_ratio},

@@ -116,6 +116,10 @@ class DataConfig:
     streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming: examples shuffled together (files are shuffled too)
     stream_size: int | None = None  # streaming: images per epoch, when the dataset's metadata does not say
+    # pretraining: decode the split once into one uint8 tensor on the training device and augment there,
+    # with no loader workers (mae.device_data). For CIFAR-scale data: every image the same size, at most
+    # twice image_size. Same crop, flip and mask distributions as the worker loader, from another generator
+    on_device: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,11 @@ def validate(cfg: Config) -> None:
         _validate_classic(m, d)
     if cfg.init is not None and m.name != "mae":
         raise ConfigError(f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}")
+    if d.on_device and d.streaming:
+        raise ConfigError(
+            "data.on_device=true holds the whole split on the device and data.streaming=true never holds it; "
+            "choose one of them"
+        )
     if t.online_probe and m.name == "stacked_ae":
         raise ConfigError(
             "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "

@@ -56,6 +56,7 @@ from mae.data import (
     pretrain_loader,
     pretrain_transform,
 )
+from mae.device_data import DecodedImages, DeviceAugment, key_loader
 from mae.errors import UserError
 from mae.export import export_model
 from mae.hardware import resolve_attention, resolve_precision, set_attention
@@ -358,6 +359,9 @@ def train(cfg: Config) -> RunResult:
         rank, world = accelerator.process_index, accelerator.num_processes
         dataset = ImageStream(split, cfg.data, transform, t.seed, rank, world, noise, bad_log)
         derived = derive(cfg, stream_size(split, cfg.data, cfg.data.split), world)
+    elif cfg.data.on_device:
+        dataset = DecodedImages(split, cfg.data, bad_log)
+        derived = derive(cfg, len(dataset), accelerator.num_processes)
     else:
         dataset = ImageDataset(split, cfg.data, transform, t.seed, noise, bad_log)
         derived = derive(cfg, len(dataset), accelerator.num_processes)
@@ -367,7 +371,10 @@ def train(cfg: Config) -> RunResult:
         loader = StreamBatches(dataset, cfg.data, t.batch_size, accelerator.num_processes)
     else:
         sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
-        loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
+        if cfg.data.on_device:
+            loader = key_loader(dataset, sampler, t.batch_size)
+        else:
+            loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
 
     model = build_model(cfg)
     if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
@@ -398,6 +405,13 @@ def train(cfg: Config) -> RunResult:
     forward = torch.compile(model) if t.compile else model
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _print_setup(accelerator, cfg, derived, params, choose_attention(accelerator, net, t.attention))
+    augment = None
+    if cfg.data.on_device:
+        augment = DeviceAugment(dataset, cfg.data, t.seed, noise, accelerator.device)
+        accelerator.print(
+            f"data on {accelerator.device}: {tuple(augment.images.shape)} uint8 "
+            f"({augment.images.numel() / 2**20:.0f} MiB), decoded in {dataset.decode_s:.1f} s"
+        )
 
     start_run(accelerator, run_dir, cfg, derived, "pretrain")
 
@@ -441,6 +455,8 @@ def train(cfg: Config) -> RunResult:
                 if streaming
                 else epoch_batches(accelerator, loader, step, derived, t.accum_steps)
             )
+            if augment is not None:
+                batches = augment.batches(batches)
             for images, labels, *noise in batches:
                 net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
                 with accelerator.accumulate(*nets):

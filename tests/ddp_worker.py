@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from mae import data
+from mae import data, device_data
 from mae.config import load_config
 from mae.engine import train
 
@@ -23,6 +23,13 @@ if __name__ == "__main__":
         return load(self, index)
 
     data.ImageDataset.__getitem__ = recording_getitem  # data.num_workers=0: loading happens in this process
+    load_keys = device_data.DecodedImages.__getitems__
+
+    def recording_getitems(self, indices):  # data.on_device=true: batches of keys
+        seen.extend(list(i) for i in indices)
+        return load_keys(self, indices)
+
+    device_data.DecodedImages.__getitems__ = recording_getitems
     result = train(cfg)
     state = PartialState()
     weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}

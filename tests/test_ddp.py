@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, TINY, accelerate_launch, env_without_accelerate
 from safetensors.torch import load_file
@@ -12,9 +13,10 @@ from mae.config import load_config
 from mae.models import build_model
 
 
-def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["data.on_device=true"]], ids=["loader", "on_device"])
+def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     out = tmp_path / "ddp"
-    args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3"]
+    args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3", *extra]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -70,6 +70,8 @@ def _steps_and_losses(run_dir):
         # a 48-image folder (6 steps/epoch): the checkpoint and the crash fall in later epochs, workers on,
         # and the online probe (a second model and optimizer in the checkpoint)
         ("folder", 8, 11, ["data.num_workers=2", "train.online_probe=true"]),
+        # the split decoded on the device, augmented there: crops and masks from (seed, epoch, index)
+        ("folder", 8, 11, ["data.on_device=true", "train.online_probe=true"]),
     ],
 )
 def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):
