@@ -15,7 +15,8 @@ Finished variants are reused when the script runs again with the same ``--out``.
         --out bench/results/sweep_sample --variant base --variant blr5e-4 train.blr=5e-4
 
 Writes ``table.md`` and ``results.json`` into ``--out`` and prints the table (``--doc FILE``: also
-there, with the command line).
+there, with the command line, above the file's own sections, from its first ``## `` heading on, which
+are kept).
 """
 
 from __future__ import annotations
@@ -136,8 +137,16 @@ def main() -> int:
     print(table)
     if args.doc:
         command = "python bench/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        Path(args.doc).write_text(f"Measured with `{command}` on a 2-core CPU.\n\n{table}")
+        write_doc(Path(args.doc), f"Measured with `{command}` on a 2-core CPU.\n\n{table}")
     return 0
+
+
+def write_doc(path: Path, measured: str) -> None:
+    """``measured`` (the command line and the table) into ``path``, keeping the hand-written part of
+    an existing file: everything from its first ``## `` heading on."""
+    old = path.read_text() if path.is_file() else ""
+    start = old.find("\n## ")
+    path.write_text(measured + (old[start:] if start >= 0 else ""))
 
 
 if __name__ == "__main__":
