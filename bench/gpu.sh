@@ -57,6 +57,7 @@ step e2e_tiny_on_device 90 bench/throughput.py --preset vit_tiny_patch4 --image-
 train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 train.max_steps=60 data.num_workers=14
     train.log_every=10 train.checkpoint_every=60 train.recon_every=60)
 for compile in false true; do
+    rm -rf "$runs/train_compile_$compile"  # a finished run left there would only be resumed
     step "train_compile_$compile" 200 pretrain.py "${train[@]}" train.compile=$compile \
         output_dir="$runs/train_compile_$compile"
     grep -h images_per_s "$runs/train_compile_$compile/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"

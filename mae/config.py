@@ -118,7 +118,7 @@ class DataConfig:
     stream_size: int | None = None  # streaming: images per epoch, when the dataset's metadata does not say
     # pretraining: decode the split once into one uint8 tensor on the training device and augment there,
     # with no loader workers (mae.device_data). For CIFAR-scale data: every image the same size, at most
-    # twice image_size. Same crop, flip and mask distributions as the worker loader, from another generator
+    # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
     on_device: bool = False
 
 
@@ -317,6 +317,12 @@ def validate(cfg: Config) -> None:
         _validate_classic(m, d)
     if cfg.init is not None and m.name != "mae":
         raise ConfigError(f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}")
+    if t.compile and m.name in ("vae", "stacked_ae"):
+        raise ConfigError(
+            f"train.compile=true does not work with model.name={m.name}: its forward follows the training step "
+            "(KL warm-up, greedy stages), which torch.compile would recompile for at every step; set "
+            "train.compile=false"
+        )
     if d.on_device and d.streaming:
         raise ConfigError(
             "data.on_device=true holds the whole split on the device and data.streaming=true never holds it; "

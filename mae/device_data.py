@@ -1,7 +1,7 @@
 """Small datasets decoded once into one uint8 tensor on the training device, and augmented there.
 
-``data.on_device=true`` is for CIFAR-scale data: every image the same size, at most twice
-``data.image_size``.
+``data.on_device=true`` is for CIFAR-scale data: every image the same size, at most
+``data.image_size`` (so that every crop is resized up, which needs no antialiasing).
 The training split is decoded once at start (CIFAR-10's 50,000 images: 150 MB as uint8) and moved
 to the training device. The loader then carries only each batch's ``(epoch, index)`` keys, with no
 worker processes. The paper's augmentation runs on the device for the whole batch in one resampling
@@ -17,9 +17,9 @@ So, as with the worker loader, a sample's crop, flip and mask are the same whate
 processes, and a resumed run draws exactly what an uninterrupted one would. They are not the worker
 loader's numbers, though: the two paths draw the same distributions from different generators.
 The resampling also differs a little from Pillow's (mean absolute difference ~1.3 of 255 levels on
-a smooth image, tests/test_device_data.py): the bicubic kernel is a = -0.75, the crop's neighbours
-are read at its edges, and a downscale is not antialiased. Images more than twice ``data.image_size``
-are refused for that last reason.
+a smooth image, tests/test_device_data.py): the bicubic kernel is a = -0.75 and the crop's neighbours
+are read at its edges. A downscale would not be antialiased (a 2x one differs from Pillow's by ~25
+levels on fine texture), so images larger than ``data.image_size`` are refused.
 """
 
 from __future__ import annotations
@@ -62,19 +62,33 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 def uniforms(seed: int, keys: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) float32 uniform in [0, 1) for ``keys`` (B, 2) int64 ``(epoch, index)`` pairs: the
-    ``count`` first outputs of a SplitMix64 stream started from a hash of ``(seed, epoch, index)``."""
+    first ``count`` outputs of a SplitMix64 stream whose state starts at a hash of ``(seed, epoch, index)``."""
     state = splitmix64(splitmix64(torch.full_like(keys[:, 0], seed)) ^ keys[:, 0])
     state = splitmix64(state ^ keys[:, 1])
-    counter = torch.arange(1, count + 1, device=keys.device, dtype=torch.int64)
+    counter = torch.arange(count, device=keys.device, dtype=torch.int64)
     bits = splitmix64(state[:, None] + counter * _GAMMA)
     return _shr(bits, 40).float() / float(1 << 24)  # the top 24 bits: exact in float32
 
 
-def crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float]) -> torch.Tensor:
+def centre_crop(height: int, width: int) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop``'s fallback: the centre crop clamped to an aspect ratio in [3/4, 4/3]."""
+    in_ratio = width / height
+    if in_ratio < RATIO[0]:
+        cw, ch = width, round(width / RATIO[0])
+    elif in_ratio > RATIO[1]:
+        cw, ch = round(height * RATIO[1]), height
+    else:
+        cw, ch = width, height
+    return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
+def crop_boxes(
+    u: torch.Tensor, height: int, width: int, scale: tuple[float, float], centre: torch.Tensor | None = None
+) -> torch.Tensor:
     """``RandomResizedCrop.get_params`` for a batch: (B, 4) float ``(top, left, h, w)`` from ``u``
     (B, 4 x CROP_TRIES) uniforms. Each try draws an area fraction in ``scale`` and a log-uniform
     aspect ratio in [3/4, 4/3]; the first try that fits is taken, at a uniform integer position;
-    when none fits, the centre crop clamped to that ratio."""
+    when none fits, the centre crop clamped to that ratio (``centre``: that box, made once by the caller)."""
     area_u, ratio_u, top_u, left_u = u.view(len(u), 4, CROP_TRIES).unbind(1)
     area = height * width * (scale[0] + area_u * (scale[1] - scale[0]))
     log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
@@ -86,14 +100,8 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, flo
     left = torch.floor(left_u * (width - w + 1))
     first = fits.to(torch.uint8).argmax(1, keepdim=True)  # index of the first try that fits
     box = torch.stack([t.gather(1, first)[:, 0] for t in (top, left, h, w)], 1)
-    in_ratio = width / height  # no try fits: the centre crop
-    if in_ratio < RATIO[0]:
-        cw, ch = width, round(width / RATIO[0])
-    elif in_ratio > RATIO[1]:
-        cw, ch = round(height * RATIO[1]), height
-    else:
-        cw, ch = width, height
-    centre = torch.tensor([(height - ch) // 2, (width - cw) // 2, ch, cw], dtype=box.dtype, device=box.device)
+    if centre is None:
+        centre = torch.tensor(centre_crop(height, width), dtype=box.dtype, device=box.device)
     return torch.where(fits.any(1, keepdim=True), box, centre)
 
 
@@ -118,9 +126,12 @@ class DecodedImages(ImageDataset):
     """The split decoded into ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 (-1 without
     labels), in CPU memory. An undecodable image is replaced by the next decodable one (logged to
     ``bad_log``), as in ``ImageDataset``. Items are batches of keys: ``__getitems__`` gives one
-    ``((B, 2) int64 (epoch, index), (B,) labels)`` pair (collated by ``first``)."""
+    ``((B, 2) int64 (epoch, index), (B,) labels)`` pair (collated by ``first``). A split of more than
+    ``max_bytes`` decoded is refused before it is decoded."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None) -> None:
+    def __init__(
+        self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, max_bytes: int = 16 << 30
+    ) -> None:
         super().__init__(ds, cfg, transform=None, bad_log=bad_log)  # type: ignore[arg-type]
         tic = time.perf_counter()
         arrays, labels, shape = [], [], None
@@ -130,11 +141,17 @@ class DecodedImages(ImageDataset):
             a = a[:, :, None] if a.ndim == 2 else a
             if shape is None:
                 shape = a.shape
-                if max(shape[:2]) > 2 * cfg.image_size:
+                if max(shape[:2]) > cfg.image_size:
                     raise DataError(
-                        f"data.on_device=true is for images stored at most twice data.image_size={cfg.image_size} "
+                        f"data.on_device=true is for images stored at most data.image_size={cfg.image_size} "
                         f"(it does not antialias a downscale); these are {shape[1]}x{shape[0]}: set "
-                        "data.on_device=false"
+                        "data.on_device=false, or data.image_size to at least their size"
+                    )
+                total = len(self.ds) * a.nbytes
+                if total > max_bytes:
+                    raise DataError(
+                        f"data.on_device=true would hold {total / 2**30:.1f} GiB of decoded images (limit "
+                        f"{max_bytes / 2**30:.0f} GiB); it is meant for CIFAR-scale data: set data.on_device=false"
                     )
             elif a.shape != shape:
                 raise DataError(
@@ -143,8 +160,6 @@ class DecodedImages(ImageDataset):
                 )
             arrays.append(a)
             labels.append(row[self.label_col] if self.label_col is not None else -1)
-        if not arrays:
-            raise DataError("data.on_device=true: the split holds no images")
         self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.tensor([-1 if x is None else x for x in labels], dtype=torch.int64)
         self.decode_s = time.perf_counter() - tic
@@ -181,7 +196,18 @@ class DeviceAugment:
     def __init__(
         self, data: DecodedImages, cfg: DataConfig, seed: int, noise_length: int | None, device: torch.device
     ) -> None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if data.images.numel() > free // 2:
+                raise DataError(
+                    f"data.on_device=true: the decoded split ({data.images.numel() / 2**30:.2f} GiB) would take more "
+                    f"than half of the GPU's free memory ({free / 2**30:.1f} GiB); set data.on_device=false"
+                )
         self.images = data.images.to(device)
+        if self.images is not data.images:  # the loader keeps only the labels; no second copy in CPU memory
+            data.images = data.images[:0]
+        _, _, height, width = self.images.shape
+        self.centre = torch.tensor(centre_crop(height, width), dtype=torch.float32, device=device)
         self.cfg, self.seed, self.noise_length = cfg, seed, noise_length
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(cfg.std, dtype=torch.float32, device=device)
@@ -192,7 +218,7 @@ class DeviceAugment:
         n = 4 * CROP_TRIES
         u = uniforms(self.seed, keys, n + 1 + (self.noise_length or 0))
         _, _, height, width = self.images.shape
-        boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale)
+        boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
         flip = u[:, n] < 0.5 if self.cfg.hflip else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
         x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.image_size, self.mean, self.std)
         labels = labels.to(self.images.device)

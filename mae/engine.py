@@ -259,7 +259,7 @@ def epoch_batches(accelerator: Accelerator, loader: Any, step: int, derived: Der
     return loader
 
 
-def on_device(batches: Any, device: torch.device) -> Any:
+def to_device(batches: Any, device: torch.device) -> Any:
     """A stream's batches (read by this process itself) moved to ``device``."""
     for batch in batches:
         yield tuple(x.to(device, non_blocking=True) for x in batch)
@@ -410,7 +410,8 @@ def train(cfg: Config) -> RunResult:
         augment = DeviceAugment(dataset, cfg.data, t.seed, noise, accelerator.device)
         accelerator.print(
             f"data on {accelerator.device}: {tuple(augment.images.shape)} uint8 "
-            f"({augment.images.numel() / 2**20:.0f} MiB), decoded in {dataset.decode_s:.1f} s"
+            f"({augment.images.numel() / 2**20:.0f} MiB), decoded in {dataset.decode_s:.1f} s; augmented there, "
+            "no loader workers (data.num_workers is not used)"
         )
 
     start_run(accelerator, run_dir, cfg, derived, "pretrain")
@@ -451,7 +452,7 @@ def train(cfg: Config) -> RunResult:
             cleanup.callback(loader.close)  # however the loop ends, the stream's workers stop with it
         while step < derived.total_steps:
             batches = (
-                on_device(loader, accelerator.device)
+                to_device(loader, accelerator.device)
                 if streaming
                 else epoch_batches(accelerator, loader, step, derived, t.accum_steps)
             )

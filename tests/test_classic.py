@@ -172,6 +172,10 @@ def test_bad_classic_configs_are_refused():
         load_config(None, ["model.name=stacked_ae", "model.stack_denoising=true", "model.noise_level=2"])
     with pytest.raises(ConfigError, match="train.online_probe=true does not work with model.name=stacked_ae"):
         load_config(None, ["model.name=stacked_ae", "train.online_probe=true"])
+    for name in ("vae", "stacked_ae"):  # their forward follows the step: compiling would recompile each step
+        with pytest.raises(ConfigError, match=f"train.compile=true does not work with model.name={name}"):
+            load_config(None, [f"model.name={name}", "train.compile=true"])
+    assert load_config(None, ["model.name=dae", "train.compile=true"]).train.compile
 
 
 @pytest.mark.parametrize("name", ["vae", "dae"])

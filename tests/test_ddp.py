@@ -13,7 +13,7 @@ from mae.config import load_config
 from mae.models import build_model
 
 
-@pytest.mark.parametrize("extra", [[], ["data.on_device=true"]], ids=["loader", "on_device"])
+@pytest.mark.parametrize("extra", [[], ["data.on_device=true", "data.image_size=32"]], ids=["loader", "on_device"])
 def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     out = tmp_path / "ddp"
     args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3", *extra]

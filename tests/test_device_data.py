@@ -122,9 +122,9 @@ def test_decoded_images_refuse_mixed_sizes_and_large_images(tmp_path):
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="every image the same size"):
         DecodedImages(load_split(cfg), cfg)
-    big = write_image_folder(tmp_path / "big", classes=1, per_class=2, size=40)
+    big = write_image_folder(tmp_path / "big", classes=1, per_class=2, size=20)  # a crop would shrink
     cfg = load_config(None, [f"data.dataset={big}", "data.image_size=16"]).data
-    with pytest.raises(DataError, match="at most twice data.image_size=16"):
+    with pytest.raises(DataError, match="at most data.image_size=16"):
         DecodedImages(load_split(cfg), cfg)
 
 
@@ -133,8 +133,16 @@ def test_on_device_and_streaming_are_refused_together():
         load_config(None, ["data.on_device=true", "data.streaming=true"])
 
 
+def test_a_split_too_large_to_hold_is_refused_before_decoding(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=1, per_class=4, size=12)
+    cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
+    with pytest.raises(DataError, match="set data.on_device=false"):
+        DecodedImages(load_split(cfg), cfg, max_bytes=4 * 12 * 12 * 3 - 1)
+    assert DecodedImages(load_split(cfg), cfg, max_bytes=4 * 12 * 12 * 3).images.numel() == 4 * 12 * 12 * 3
+
+
 def test_a_sample_is_augmented_alike_in_any_batch(tmp_path):
-    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=8, size=20)
+    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=8, size=16)
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     data = DecodedImages(load_split(cfg), cfg)
     augment = DeviceAugment(data, cfg, seed=3, noise_length=16, device=torch.device("cpu"))

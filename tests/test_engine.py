@@ -71,7 +71,12 @@ def _steps_and_losses(run_dir):
         # and the online probe (a second model and optimizer in the checkpoint)
         ("folder", 8, 11, ["data.num_workers=2", "train.online_probe=true"]),
         # the split decoded on the device, augmented there: crops and masks from (seed, epoch, index)
-        ("folder", 8, 11, ["data.on_device=true", "train.online_probe=true"]),
+        (
+            "folder",
+            8,
+            11,
+            ["data.on_device=true", "data.image_size=20", "train.accum_steps=2", "train.online_probe=true"],
+        ),
     ],
 )
 def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):
@@ -287,7 +292,7 @@ def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
         engine._online_probe(None, cfg, None, None)
 
 
-def test_compiled_run_matches_eager_and_resumes_either_way(tmp_path, monkeypatch):
+def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monkeypatch):
     compiled_calls = []
     real_compile = torch.compile
 
