@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 
@@ -30,6 +31,9 @@ if __name__ == "__main__":
         return load_keys(self, indices)
 
     device_data.DecodedImages.__getitems__ = recording_getitems
+    # train.compile=true: dynamo traces and guards as usual, without inductor's minutes of C++ compiling
+    real_compile = torch.compile
+    torch.compile = lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": "eager"})
     result = train(cfg)
     state = PartialState()
     weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}

@@ -13,7 +13,11 @@ from mae.config import load_config
 from mae.models import build_model
 
 
-@pytest.mark.parametrize("extra", [[], ["data.on_device=true", "data.image_size=32"]], ids=["loader", "on_device"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.on_device=true", "data.image_size=32"], ["train.compile=true", "train.accum_steps=2"]],
+    ids=["loader", "on_device", "compiled_accumulating"],
+)
 def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     out = tmp_path / "ddp"
     args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3", *extra]
@@ -21,9 +25,11 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("(torch.compile)" in proc.stdout) == ("train.compile=true" in extra)
 
     derived = json.loads((out / "derived.json").read_text())
-    assert derived["num_processes"] == 2 and derived["effective_batch"] == 16
+    accum = 2 if "train.accum_steps=2" in extra else 1
+    assert derived["num_processes"] == 2 and derived["effective_batch"] == 16 * accum
     r0 = load_file(str(out / "rank0_of_2.safetensors"))
     r1 = load_file(str(out / "rank1_of_2.safetensors"))
     # Each process loads its own shard of every global batch ...
