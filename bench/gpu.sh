@@ -7,6 +7,7 @@
 #
 #   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
 #   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
+#   DATA=DIR bash bench/gpu.sh ...            # the ViT-Tiny/4 rows on DIR (default: the bundled sample)
 #
 # The last steps run the trainer itself (pretrain.py: Accelerate, bf16, the data loader, checkpoints and
 # export) on ViT-B/16 at 224 px, eager and with train.compile=true; images/s are in their metrics.jsonl.
@@ -18,6 +19,7 @@ out=${1:-bench/results/gpu}
 shift $(($# > 0 ? 1 : 0))
 only=" $* "
 runs=${RUNS:-$out}  # where the trainer's runs go (checkpoints, export)
+data=${DATA:-sample}  # the 32-px rows' dataset: sample, or a folder of CIFAR-10 parquet shards
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -51,9 +53,9 @@ step e2e_base 90 bench/throughput.py --preset vit_base_patch16 --image-size 224 
 step e2e_large 90 bench/throughput.py --preset vit_large_patch16 --image-size 224 --batch 64 --device cuda \
     --precision bf16 --workers 12 --repeats 3 --steps 5 --data sample --out "$out/throughput_large.json"
 step e2e_tiny 90 bench/throughput.py --preset vit_tiny_patch4 --image-size 32 --batch 256 --device cuda \
-    --precision bf16 --workers 8 --repeats 3 --steps 3 --data sample --out "$out/throughput_tiny.json"
+    --precision bf16 --workers 8 --repeats 3 --steps 3 --data "$data" --out "$out/throughput_tiny.json"
 step e2e_tiny_on_device 90 bench/throughput.py --preset vit_tiny_patch4 --image-size 32 --batch 256 --device cuda \
-    --precision bf16 --on-device --repeats 3 --steps 3 --data sample --out "$out/throughput_tiny_on_device.json"
+    --precision bf16 --on-device --repeats 3 --steps 3 --data "$data" --out "$out/throughput_tiny_on_device.json"
 train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 train.max_steps=60 data.num_workers=14
     train.log_every=10 train.checkpoint_every=60 train.recon_every=60)
 for compile in false true; do
@@ -61,6 +63,23 @@ for compile in false true; do
     step "train_compile_$compile" 200 pretrain.py "${train[@]}" train.compile=$compile \
         output_dir="$runs/train_compile_$compile"
     grep -h images_per_s "$runs/train_compile_$compile/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
+done
+# the questions the rows above leave open, for a second lease
+step large_bf16_alone 120 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory \
+    --out "$out/vs_hf_large_bf16.json"
+step base_b1024_compile 200 bench/vs_hf.py --setting base --device cuda --batch 1024 --precisions bf16 \
+    --no-memory --compile --out "$out/vs_hf_base_b1024_compile.json"
+step base_b512_graphs 240 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
+    --compile reduce-overhead --out "$out/vs_hf_base_b512_graphs.json"
+step large_b256_compile 240 bench/vs_hf.py --setting large --device cuda --batch 256 --precisions bf16 \
+    --no-memory --compile --out "$out/vs_hf_large_b256_compile.json"
+tiny=(data.dataset="$data" data.image_size=32 train.batch_size=512 train.max_steps=100 train.log_every=20
+    train.checkpoint_every=100 train.recon_every=100 train.compile=true)
+for source in workers on_device; do
+    rm -rf "$runs/train_tiny_$source"
+    extra=(data.num_workers=14) && [[ $source == on_device ]] && extra=(data.on_device=true)
+    step "train_tiny_$source" 200 pretrain.py "${tiny[@]}" "${extra[@]}" output_dir="$runs/train_tiny_$source"
+    grep -h images_per_s "$runs/train_tiny_$source/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
 done
 step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
     --out "$out/vs_hf_large_compile.json"

@@ -75,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs, CPU matmul)")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward (default mode)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile both models' forward, in MODE (default | reduce-overhead | max-autotune...)",
+    )
     p.add_argument("--profile", type=int, default=0, help="then profile this many steps of ours (first precision)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-setting memory subprocesses")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # IMPL-PRECISION: one setting's memory, then exit
@@ -108,14 +114,15 @@ def make_step(
     device: torch.device,
     precision: str,
     images: torch.Tensor,
-    compile: bool = False,
+    compile: str | None = None,
 ) -> Callable[[], torch.Tensor]:
     """One optimizer step of ``model`` on ``images``; the engine's optimizer for both implementations.
-    ``compile``: the forward (and so its backward) through ``torch.compile``; the optimizer step stays eager."""
+    ``compile``: the forward (and so its backward) through ``torch.compile`` in that mode; the optimizer step
+    stays eager."""
     if impl == "ours":
         set_attention(model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no"))
     optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=None if compile == "default" else compile) if compile else model
 
     def step() -> torch.Tensor:
         with autocast(device, precision):
@@ -221,7 +228,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     for impl in IMPLS:
         for precision in args.precisions:
             cmd = [sys.executable, __file__, "--setting", args.setting, "--batch", str(args.batch)]
-            cmd += ["--compile"] if args.compile else []
+            cmd += ["--compile", args.compile] if args.compile else []
             cmd += ["--threads", str(args.threads), "--device", args.device, "--memory-of", f"{impl}-{precision}"]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
@@ -290,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset, size, *_ = SETTINGS[args.setting]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
-    compiled = "; both forwards through torch.compile" if args.compile else ""
+    compiled = f"; both forwards through torch.compile ({args.compile})" if args.compile else ""
     print(f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}{compiled}")  # fmt: skip
     print(f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
