@@ -7,6 +7,9 @@
 2. data loader: the pretraining DataLoader over --data, without a model;
 3. end to end: the loader feeding the model step, as in the engine's inner loop (without Accelerate).
 
+On CPU, glibc's malloc is tuned first, as training does (``mae.hardware.tune_cpu_allocator``;
+``--default-malloc`` leaves it alone).
+
 ``--on-device``: the split decoded once into a uint8 tensor on ``--device`` and augmented there
 (``data.on_device=true``, ``mae.device_data``); the "data loader" is then the key loader plus the
 on-device augmentation, with no workers.
@@ -42,7 +45,7 @@ from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa
 from mae.data import EpochSampler, ImageDataset, load_split, pretrain_loader, pretrain_transform  # noqa: E402
 from mae.device_data import DecodedImages, DeviceAugment, key_loader  # noqa: E402
 from mae.engine import build_optimizer  # noqa: E402
-from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
+from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator  # noqa: E402
 from mae.models import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -64,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--on-device", action="store_true", help="data.on_device=true: decoded uint8 on --device")
+    p.add_argument("--default-malloc", action="store_true", help="skip tune_cpu_allocator, which training on CPU calls")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="timed batches per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed model steps before the first repeat")
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         args.precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    malloc_tuned = device.type == "cpu" and not args.default_malloc and tune_cpu_allocator()  # as the engine does
     start, others_before = time.perf_counter(), others_cpu_s()
 
     dataset = args.data if args.data != "sample" and Path(args.data).is_dir() else "sample"
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": params,
         **{k: getattr(args, k) for k in keys},
         "warmup_model_steps": args.warmup,
+        "malloc_tuned": malloc_tuned,
         "untimed_loader_batches": skip,
         "dataset": {"path": dataset, "images": len(data)},
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0]},

@@ -59,7 +59,7 @@ from mae.data import (
 from mae.device_data import DecodedImages, DeviceAugment, key_loader
 from mae.errors import UserError
 from mae.export import export_model
-from mae.hardware import resolve_attention, resolve_precision, set_attention
+from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
@@ -224,6 +224,7 @@ def accelerator_for(
             "(or configs/accelerate/cpu_ddp.yaml)"
         )
     if accelerator.device.type == "cpu":
+        tune_cpu_allocator()
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
             raise ConfigError(f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no")
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch

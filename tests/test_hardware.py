@@ -1,6 +1,11 @@
 """Precision and attention choices: what ``auto`` picks, and that the written-out attention is the same
 computation as the fused one."""
 
+import ctypes
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import TINY
@@ -81,3 +86,43 @@ def test_long_sequences_take_the_fused_path():
         short = attn(x[:, :17])
         set_attention(attn, "fused")
         assert not torch.equal(attn(x[:, :17]), short)  # the written-out core: close, not the same bits
+
+
+MMAPPED_AFTER_16MB = """
+import ctypes, sys
+from mae.hardware import tune_cpu_allocator
+applied = tune_cpu_allocator() if sys.argv[1] == "tune" else None
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblkhd
+block = bytearray(16 << 20)
+print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 to read malloc's state")
+def test_the_tuned_allocator_takes_large_blocks_from_the_heap_not_fresh_mappings():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAE_DEFAULT_MALLOC", "LD_PRELOAD")}
+
+    def mapped(which: str) -> list[str]:
+        cmd = [sys.executable, "-c", MMAPPED_AFTER_16MB, which]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+
+    assert mapped("default") == ["None", "16"]  # glibc maps a 16 MB block afresh (and unmaps it when freed)
+    assert mapped("tune") == ["True", "0"]
+
+
+def test_the_allocator_is_left_alone_where_it_is_already_chosen(monkeypatch):
+    chosen = [
+        ("MAE_DEFAULT_MALLOC", "1"),
+        ("MALLOC_MMAP_THRESHOLD_", "65536"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+        ("LD_PRELOAD", "libjemalloc.so"),
+    ]
+    for name, value in chosen:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert hardware.tune_cpu_allocator() is False, name
