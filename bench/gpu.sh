@@ -25,16 +25,27 @@ log="$out/log.txt"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
+wanted() { [[ $only == "  " || $only == *" $1 "* ]]; }  # no STEP given, or NAME among them
+
 step() {  # step NAME LIMIT_S ARGS...: run one benchmark, keep going whatever it returns
     local name=$1 limit=$2 start
     shift 2
-    [[ $only == "  " || $only == *" $name "* ]] || return 0
+    wanted "$name" || return 0
     echo "== $name ($(date +%T)): $*" | tee -a "$log"
     start=$(wc -l <"$log")
     timeout "$limit" "$py" "$@" >>"$log" 2>&1
     local rc=$?
     tail -n +$((start + 1)) "$log" | grep -v -e '^USDT' -e 'DeviceProperties' -e '^ *$' | tail -n 14 | sed "s/^/  /"
     echo "== $name: exit $rc ($(date +%T))" | tee -a "$log"
+}
+
+train() {  # train NAME OVERRIDES...: pretrain.py afresh in $runs/NAME, then its last images/s lines
+    local name=$1
+    shift
+    wanted "$name" || return 0
+    rm -rf "${runs:?}/$name"  # a finished run left there would only be resumed
+    step "$name" 200 pretrain.py "$@" output_dir="$runs/$name"
+    grep -h images_per_s "$runs/$name/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
@@ -59,10 +70,7 @@ step e2e_tiny_on_device 90 bench/throughput.py --preset vit_tiny_patch4 --image-
 train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 train.max_steps=60 data.num_workers=14
     train.log_every=10 train.checkpoint_every=60 train.recon_every=60)
 for compile in false true; do
-    rm -rf "$runs/train_compile_$compile"  # a finished run left there would only be resumed
-    step "train_compile_$compile" 200 pretrain.py "${train[@]}" train.compile=$compile \
-        output_dir="$runs/train_compile_$compile"
-    grep -h images_per_s "$runs/train_compile_$compile/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
+    train "train_compile_$compile" "${train[@]}" train.compile=$compile
 done
 # the questions the rows above leave open, for a second lease
 step large_bf16_alone 120 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory \
@@ -75,12 +83,8 @@ step large_b256_compile 240 bench/vs_hf.py --setting large --device cuda --batch
     --no-memory --compile --out "$out/vs_hf_large_b256_compile.json"
 tiny=(data.dataset="$data" data.image_size=32 train.batch_size=512 train.max_steps=100 train.log_every=20
     train.checkpoint_every=100 train.recon_every=100 train.compile=true)
-for source in workers on_device; do
-    rm -rf "$runs/train_tiny_$source"
-    extra=(data.num_workers=14) && [[ $source == on_device ]] && extra=(data.on_device=true)
-    step "train_tiny_$source" 200 pretrain.py "${tiny[@]}" "${extra[@]}" output_dir="$runs/train_tiny_$source"
-    grep -h images_per_s "$runs/train_tiny_$source/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
-done
+train train_tiny_workers "${tiny[@]}" data.num_workers=14
+train train_tiny_on_device "${tiny[@]}" data.on_device=true
 step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
     --out "$out/vs_hf_large_compile.json"
 step base_compile 150 bench/vs_hf.py --setting base --device cuda --precisions bf16 --no-memory --compile \

@@ -360,11 +360,11 @@ def train(cfg: Config) -> RunResult:
         rank, world = accelerator.process_index, accelerator.num_processes
         dataset = ImageStream(split, cfg.data, transform, t.seed, rank, world, noise, bad_log)
         derived = derive(cfg, stream_size(split, cfg.data, cfg.data.split), world)
-    elif cfg.data.on_device:
-        dataset = DecodedImages(split, cfg.data, bad_log)
-        derived = derive(cfg, len(dataset), accelerator.num_processes)
     else:
-        dataset = ImageDataset(split, cfg.data, transform, t.seed, noise, bad_log)
+        if cfg.data.on_device:  # decoded once; augmented on the device by ``DeviceAugment`` below
+            dataset = DecodedImages(split, cfg.data, bad_log)
+        else:
+            dataset = ImageDataset(split, cfg.data, transform, t.seed, noise, bad_log)
         derived = derive(cfg, len(dataset), accelerator.num_processes)
     if resume_from is not None:
         check_resumable(run_dir, cfg, derived)
@@ -372,10 +372,11 @@ def train(cfg: Config) -> RunResult:
         loader = StreamBatches(dataset, cfg.data, t.batch_size, accelerator.num_processes)
     else:
         sampler = EpochSampler(len(dataset), derived.steps_per_epoch * derived.effective_batch, seed=t.seed)
-        if cfg.data.on_device:
-            loader = key_loader(dataset, sampler, t.batch_size)
-        else:
-            loader = pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
+        loader = (
+            key_loader(dataset, sampler, t.batch_size)
+            if cfg.data.on_device
+            else pretrain_loader(dataset, sampler, cfg.data, t.batch_size)
+        )
 
     model = build_model(cfg)
     if cfg.init is not None and resume_from is None:  # a resumed run has its own weights

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def tune_cpu_allocator() -> bool:
     if chosen or env.get("LD_PRELOAD") or env.get("MAE_DEFAULT_MALLOC") == "1":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols this process already has, the C library's among them
         libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl and macOS have no mallopt like it)
     except (OSError, AttributeError):
         return False
