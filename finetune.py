@@ -14,14 +14,14 @@ from mae.cli import main
 from mae.config import EvalConfig, load_eval_config
 
 
-def evaluate(cfg: EvalConfig) -> None:
+def run(cfg: EvalConfig) -> None:
     # torch, datasets: only once the config is known to be valid
     if cfg.mode == "finetune":
         from mae.finetune import finetune
 
         results = finetune(cfg)
     else:
-        from mae.probe import evaluate as probe
+        from mae.probe import probe
 
         results = probe(cfg)
     from accelerate import PartialState
@@ -33,4 +33,4 @@ def evaluate(cfg: EvalConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, evaluate, sys.argv[1:]))
+    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, run, sys.argv[1:]))

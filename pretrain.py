@@ -11,7 +11,7 @@ from mae.config import Config, load_config
 
 
 def pretrain(cfg: Config) -> None:
-    from mae.engine import train  # torch, datasets: only once the config is known to be valid
+    from mae.pretrain import train  # torch, datasets: only once the config is known to be valid
 
     train(cfg)
 

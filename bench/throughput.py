@@ -11,7 +11,7 @@ On CPU, glibc's malloc is tuned first, as training does (``mae.hardware.tune_cpu
 ``--default-malloc`` leaves it alone).
 
 ``--on-device``: the split decoded once into a uint8 tensor on ``--device`` and augmented there
-(``data.on_device=true``, ``mae.device_data``); the "data loader" is then the key loader plus the
+(``data.on_device=true``, ``mae.data.on_device``); the "data loader" is then the key loader plus the
 on-device augmentation, with no workers.
 
 Each is timed ``--repeats`` times over ``--steps`` batches; the table gives the median and the range.
@@ -42,9 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa: E402
-from mae.data import EpochSampler, ImageDataset, load_split, pretrain_loader, pretrain_transform  # noqa: E402
-from mae.device_data import DecodedImages, DeviceAugment, key_loader  # noqa: E402
-from mae.engine import build_optimizer  # noqa: E402
+from mae.data.images import EpochSampler, ImageDataset, augment_transform  # noqa: E402
+from mae.data.loaded import worker_loader  # noqa: E402
+from mae.data.loading import load_split  # noqa: E402
+from mae.data.on_device import DecodedImages, DeviceAugment, key_loader  # noqa: E402
+from mae.pretrain import build_optimizer  # noqa: E402
 from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator  # noqa: E402
 from mae.models import build_model  # noqa: E402
 
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = 0
         data = DecodedImages(load_split(cfg.data), cfg.data)
     else:
-        data = ImageDataset(load_split(cfg.data), cfg.data, pretrain_transform(cfg.data), seed=cfg.train.seed)
+        data = ImageDataset(load_split(cfg.data), cfg.data, augment_transform(cfg.data), seed=cfg.train.seed)
     load_s = time.perf_counter() - tic
     skip = max(1, args.workers)  # one untimed batch per worker: start-up and first decode
     per_epoch = (skip + args.steps) * args.batch
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = key_loader(data, sampler, args.batch)
         augment = DeviceAugment(data, cfg.data, cfg.train.seed, None, device)
     else:
-        loader, augment = pretrain_loader(data, sampler, cfg.data, args.batch), None
+        loader, augment = worker_loader(data, sampler, cfg.data.num_workers, args.batch), None
 
     model = build_model(cfg).to(device).train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

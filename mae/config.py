@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
+from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
 
 __all__ = [
     "Config",
@@ -35,26 +36,6 @@ __all__ = [
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# Architecture presets: name -> (patch, embed dim, depth, heads, decoder dim, decoder depth, decoder heads).
-# The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale) images.
-PRESETS: dict[str, tuple[int, int, int, int, int, int, int]] = {
-    "vit_base_patch16": (16, 768, 12, 12, 512, 8, 16),
-    "vit_large_patch16": (16, 1024, 24, 16, 512, 8, 16),
-    "vit_huge_patch14": (14, 1280, 32, 16, 512, 8, 16),
-    "vit_small_patch4": (4, 384, 12, 6, 256, 4, 8),
-    "vit_tiny_patch4": (4, 192, 12, 3, 128, 2, 4),
-}
-DEFAULT_PRESET = "vit_tiny_patch4"
-PRESET_KEYS = (
-    "patch_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "decoder_embed_dim",
-    "decoder_depth",
-    "decoder_num_heads",
-)
 
 
 @dataclass(frozen=True)
@@ -112,12 +93,12 @@ class DataConfig:
     # pretraining replaces an image that cannot be decoded by the next one and lists it in
     # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
     max_bad_images: int = 100
-    # pretraining reads the split as a stream (datasets streaming mode: never stored whole; mae.streaming)
+    # pretraining reads the split as a stream (datasets streaming mode: never stored whole; mae.data.streamed)
     streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming: examples shuffled together (files are shuffled too)
     stream_size: int | None = None  # streaming: images per epoch, when the dataset's metadata does not say
     # pretraining: decode the split once into one uint8 tensor on the training device and augment there,
-    # with no loader workers (mae.device_data). For CIFAR-scale data: every image the same size, at most
+    # with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the same size, at most
     # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
     on_device: bool = False
 
@@ -173,42 +154,19 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated. With
-    ``init=`` (MAE), the architecture keys the recipe leaves unset come from the checkpoint."""
-    cfg = load_raw(path, overrides, Config)
-    if cfg.init is not None and cfg.model.name == "mae":
-        cfg = architecture_from_init(cfg)
-    return resolve(cfg)
+    """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated.
 
-
-def architecture_from_init(cfg: Config) -> Config:
-    """Fill ``model.*`` architecture keys from ``cfg.init`` (``mae.interop.infer_architecture``);
-    a key the recipe names (itself or through ``model.preset``) must agree with the checkpoint."""
-    from mae.interop import infer_architecture  # torch: only when there is a checkpoint to read
-
-    m = cfg.model
-    preset = preset_values(m.preset) if m.preset else {}
-    arch = infer_architecture(cfg.init)
-    fill = {}
-    for key, value in arch.model.items():
-        named, where = getattr(m, key), f"model.{key}={getattr(m, key)}"
-        if named is None and key in preset:
-            named, where = preset[key], f"model.preset={m.preset} ({key}={preset[key]})"
-        if named is None:
-            fill[key] = value
-        elif key not in arch.guessed and abs(named - value) > 1e-6:
-            raise ConfigError(
-                f"init={cfg.init} has {key}={value:g} (from its {arch.origin}) but the recipe names {where}; "
-                "leave it out to take the checkpoint's architecture, or give weights of that architecture"
-            )
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
+    ``init=`` is only a path here: the architecture keys come from the recipe and its preset. Reading
+    them off the checkpoint needs torch and the weights formats, which sit above the config:
+    ``mae.interop.load_pretrain_config`` does that, then resolves through ``resolve`` below."""
+    return resolve(load_raw(path, overrides, Config))
 
 
 def preset_values(name: str) -> dict[str, int]:
     """``model.*`` architecture keys of preset ``name`` (an unknown name is a ConfigError)."""
     if name not in PRESETS:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
-    return dict(zip(PRESET_KEYS, PRESETS[name], strict=True))
+    return dataclasses.asdict(PRESETS[name])
 
 
 def resolve(cfg: Config) -> Config:

@@ -33,10 +33,22 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig, from_dict, read_yaml
-from mae.data import timm_data_config
+from mae.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    from_dict,
+    read_yaml,
+    resolve,
+)
+from mae.data.images import timm_data_config
+from mae.export import load_run_model
 from mae.hardware import resolve_attention, resolve_precision, set_attention
-from mae.interop import is_hf_folder
+from mae.interop import from_hf, infer_architecture, is_hf_folder, load_into, load_weights
+from mae.models import build_model
 
 
 @dataclass
@@ -153,9 +165,7 @@ def _timm_encoder(model: nn.Module, source: str) -> FrozenEncoder:
 
 
 def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
-    from mae.export import load_run_model  # a run's own model (any family of the project)
-    from mae.models import build_model
-
+    """A run's (or a project export's) own model, of any family."""
     if fresh:
         cfg = from_dict(read_yaml(run_dir / "config.yaml"))
         torch.manual_seed(seed)
@@ -179,9 +189,6 @@ def _model_encoder(model: nn.Module, cfg: Any, source: str) -> FrozenEncoder:
 def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
     """A Hugging Face ViTMAE folder: converted to the project's MAE (``mae.interop.from_hf``); its timm
     encoder is what is probed or fine-tuned (``random:``: the same architecture at MAE's init)."""
-    from mae.interop import from_hf
-    from mae.models import build_model
-
     model, cfg = from_hf(path)
     if fresh:
         torch.manual_seed(seed)
@@ -191,19 +198,14 @@ def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncode
 
 def _weights_encoder(path: Path, source: str, fresh: bool, seed: int, num_heads: int | None) -> FrozenEncoder:
     """A weights file or checkpoint folder (``mae.interop``): the project's MAE of its architecture."""
-    from mae.config import load_config
-    from mae.interop import infer_architecture, load_into, load_weights
-    from mae.models import build_model
-
     state = load_weights(path)
     arch = infer_architecture(path, state)
     if num_heads is not None:
         arch.model["num_heads"] = num_heads
-    overrides = ["model.name=mae", *(f"model.{k}={v}" for k, v in arch.model.items())]
-    overrides.append(f"data.channels={arch.channels}")
+    data = DataConfig(channels=arch.channels)
     if arch.image_size is not None:
-        overrides.append(f"data.image_size={arch.image_size}")
-    cfg = load_config(None, overrides)
+        data = dataclasses.replace(data, image_size=arch.image_size)
+    cfg = resolve(Config(model=ModelConfig(name="mae", **arch.model), data=data))
     torch.manual_seed(seed)
     model = build_model(cfg)
     if not fresh:

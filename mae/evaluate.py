@@ -16,10 +16,11 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
   (fitted on ``--fit-split``), and a 2-D PCA scatter of the codes coloured by class.
 - ``sample`` (generative models): a grid of prior samples and latent interpolations between
   pairs of the split's images.
-- ``report``: one table across runs (``--run`` repeated): each run's probes (``results.json``
-  files of ``finetune.py`` found under ``--results``, matched by encoder, random init included)
-  and the tasks above found in ``RUN/evaluate/``, as ``report.md`` + ``report.json`` in ``--out``
-  with the figures copied into ``--out/figures``.
+- ``report`` (``mae.results_table``): one table across runs (``--run`` repeated): each run's probes
+  (``results.json`` files of ``finetune.py`` found under ``--results``, matched by encoder, random
+  init included) and the tasks above found in ``RUN/evaluate/``; and one table of every
+  ``results.json`` under ``--results`` (encoder, mode, top-1, top-5, sizes, settings). Written as
+  ``report.md`` + ``report.json`` in ``--out`` with the figures copied into ``--out/figures``.
 
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
 (``"inf"`` when every image is reproduced exactly), ``psnr_db_mean`` the mean over the images
@@ -43,11 +44,13 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import save_image
 
 from mae.config import Config, DataConfig, ProbeConfig
-from mae.data import DataError, ImageDataset, eval_transform, load_splits, pick_split
+from mae.data.images import ImageDataset, eval_transform
+from mae.data.loading import DataError, load_splits, pick_split
 from mae.errors import UserError
 from mae.export import load_run_model
 from mae.models.dae import corrupt_pixels
 from mae.probe import accuracy, knn_scores, linear_probe
+from mae.results_table import write_report
 from mae.visualize import denormalize
 
 TASKS = ("reconstruct", "denoise", "anomaly", "reduce", "sample", "report")
@@ -330,87 +333,6 @@ def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
     return {"samples": n, "interpolations": pairs, "steps": 8}
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-REPORT_COLUMNS = (
-    ("linear", "linear top-1"),
-    ("knn", "kNN top-1"),
-    ("random_linear", "random-init linear"),
-    ("random_knn", "random-init kNN"),
-    ("reconstruct_psnr", "recon PSNR (dB)"),
-    ("reconstruct_ssim", "recon SSIM"),
-    ("denoise_psnr", "denoised PSNR (dB)"),
-    ("anomaly_auroc", "anomaly AUROC"),
-    ("reduce_linear", "linear at equal dims: code / PCA"),
-)
-
-
-def report(runs: list[str], results: list[str], out: Path) -> dict[str, Any]:
-    """One table across runs: their probes (``results.json`` under ``results``, matched by encoder
-    source) and their ``RUN/evaluate/*/metrics.json``, with the figures copied beside it."""
-    import shutil
-
-    from mae.config import from_dict, read_yaml
-    from mae.report import find_results
-
-    probes: dict[str, dict[str, float]] = {}
-    for path in find_results(results) if results else []:
-        r = json.loads(path.read_text())
-        source = r.get("encoder", {}).get("source", "")
-        fresh = source.startswith("random:")
-        key = str(Path(source.removeprefix("random:")).resolve())
-        probes.setdefault(key, {})[("random_" if fresh else "") + r.get("mode", "")] = r["top1"]
-    rows, figures = [], out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    for run in map(Path, runs):
-        if not (run / "config.yaml").is_file():
-            raise EvaluateError(f"--run {run} has no config.yaml; pass run directories written by pretrain.py")
-        cfg = from_dict(read_yaml(run / "config.yaml"))
-        derived = json.loads((run / "derived.json").read_text()) if (run / "derived.json").is_file() else {}
-        row: dict[str, Any] = {"run": str(run), "method": cfg.model.name, "steps": derived.get("total_steps")}
-        row |= probes.get(str(run.resolve()), {})
-        tasks = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("evaluate/*/metrics.json"))}
-        if "reconstruct" in tasks:
-            row["reconstruct_psnr"] = tasks["reconstruct"]["psnr_db"]
-            row["reconstruct_ssim"] = tasks["reconstruct"]["ssim"]
-        if "denoise" in tasks:
-            row["denoise_psnr"] = tasks["denoise"]["restored"]["psnr_db"]
-            row["denoise_noisy_psnr"] = tasks["denoise"]["noisy"]["psnr_db"]
-        if "anomaly" in tasks:
-            row["anomaly_auroc"] = tasks["anomaly"]["all"]["auroc"]
-        if "reduce" in tasks and "linear" in tasks["reduce"]:
-            row["reduce_linear"] = (tasks["reduce"]["linear"]["encoder"], tasks["reduce"]["linear"]["pca"])
-        row["figures"] = []
-        for png in sorted(run.glob("evaluate/*/*.png")):
-            name = f"{run.name}_{png.name}"
-            shutil.copyfile(png, figures / name)
-            row["figures"].append(f"figures/{name}")
-        rows.append(row)
-
-    def cell(value: Any, key: str) -> str:
-        if value is None:
-            return "–"
-        if key == "reduce_linear":
-            return f"{100 * value[0]:.1f}% / {100 * value[1]:.1f}%"
-        if key in ("linear", "knn", "random_linear", "random_knn"):
-            return f"{100 * value:.1f}%"
-        return value if isinstance(value, str) else f"{value:.2f}" if "psnr" in key else f"{value:.3f}"
-
-    lines = [
-        "| method | steps | " + " | ".join(title for _, title in REPORT_COLUMNS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in REPORT_COLUMNS) + " |",
-    ]
-    for r in rows:
-        cells = [cell(r.get(k), k) for k, _ in REPORT_COLUMNS]
-        lines.append(f"| {r['method']} | {r['steps'] or '–'} | " + " | ".join(cells) + " |")
-    lines += ["", "Figures:", ""]
-    for r in rows:
-        links = ", ".join(f"[{Path(f).stem.removeprefix(Path(r['run']).name + '_')}]({f})" for f in r["figures"])
-        lines.append(f"- {r['method']} (`{r['run']}`): {links or 'none'}")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"runs": rows}
-
-
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -418,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=TASKS)
     parser.add_argument(
-        "--run", required=True, action="append", help="a run directory written by pretrain.py (report: several)"
+        "--run", action="append", default=[], help="a run directory written by pretrain.py (report: several)"
     )
-    parser.add_argument("--results", action="append", default=[], help="report: folders of finetune.py results")
+    parser.add_argument(
+        "--results", action="append", default=[], help="report: finetune.py output_dirs or folders holding them"
+    )
     parser.add_argument("--out", help="output folder (default RUN/evaluate/TASK)")
     parser.add_argument("--dataset", help="data.dataset to evaluate on (default: the run's)")
     parser.add_argument("--split", default="test")
@@ -440,13 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "report":
             if not args.out:
                 raise EvaluateError("report needs --out, the folder for report.md, report.json and the figures")
-            out = Path(args.out)
-            result = report(args.run, args.results, out)
-            (out / "report.json").write_text(json.dumps(result, indent=1))
-            print((out / "report.md").read_text(), end="")
+            print(write_report(args.run, args.results, Path(args.out)), end="")
             return 0
-        if len(args.run) > 1:
-            raise EvaluateError(f"{args.task} evaluates one run; pass --run once")
+        if len(args.run) != 1:
+            raise EvaluateError(f"{args.task} evaluates one run; pass --run RUN_DIR once")
         run = args.run[0]
         if args.max_images <= 0 or args.batch_size <= 0:
             raise EvaluateError("--max-images and --batch-size must be positive")

@@ -21,8 +21,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
+from mae import checkpoint as ckpt
 from mae.config import Config, from_dict, read_yaml, to_dict
-from mae.data import timm_data_config
+from mae.data.images import timm_data_config
+from mae.interop import to_hf
+from mae.models import build_model
 
 
 def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -46,7 +49,7 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Pa
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    return _replace_dir(Path(out_dir), write)
+    return replace_dir(Path(out_dir), write)
 
 
 def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, tag: str) -> Path:
@@ -61,10 +64,10 @@ def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, ta
             data_config=data_config,
         )
 
-    return _replace_dir(Path(out_dir), write)
+    return replace_dir(Path(out_dir), write)
 
 
-def _replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+def replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """``write`` a temporary sibling folder, then swap it in: an earlier ``out_dir`` survives any failure."""
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     if not out_dir.exists() and old.exists():  # an earlier swap died between its two renames
@@ -82,9 +85,6 @@ def _replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Config]:
     """Rebuild a run's model from its ``config.yaml`` and load weights strictly: from ``checkpoint``,
     else the folder's own ``model.safetensors`` (a project export), else the newest checkpoint."""
-    from mae import checkpoint as ckpt
-    from mae.models import build_model
-
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -121,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             if cfg.model.name != "mae":
                 raise ValueError(f"--format hf needs an MAE run; {args.run_dir} is model.name={cfg.model.name}")
-            from mae.interop import to_hf
-
             out = Path(args.out or Path(args.run_dir) / "export_hf")
-            _replace_dir(out, lambda tmp: to_hf(model, cfg).save_pretrained(str(tmp)))
+            replace_dir(out, lambda tmp: to_hf(model, cfg).save_pretrained(str(tmp)))
         else:
             out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
     except (FileNotFoundError, ValueError, RuntimeError) as e:

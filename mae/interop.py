@@ -21,23 +21,32 @@ initialisation and reported. ``pretrain.py init=PATH`` uses both before the firs
 has one (a timm export's ``model_args``, a Hugging Face ``config.json``), else from the tensor
 shapes. Head counts leave no trace in the shapes; without a config they follow the presets
 (or 64 channels per encoder head, 32 per decoder head) and are reported as guessed.
-``load_config`` fills the architecture keys a recipe leaves unset from it and refuses a conflict.
+``load_pretrain_config`` (``mae.config.load_config`` plus this) fills the architecture keys a recipe
+leaves unset from it and refuses a conflict.
+
+Importing this module is cheap (no torch): the pretraining entry point loads its config through it,
+and a config is checked before torch is imported. torch, safetensors and transformers are imported by
+the functions that read or build weights, ``mae.models`` (torch, timm) by ``from_hf`` alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file
-from torch import nn
-
+from mae.config import Config, ConfigError, DataConfig, ModelConfig, preset_values, resolve
+from mae.config_loader import load_raw
 from mae.errors import UserError
+from mae.presets import PRESETS, Preset
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _DECODER = ("decoder_", "mask_token")
 _POS = ("encoder.pos_embed", "decoder_pos_embed")
@@ -49,6 +58,9 @@ class WeightsError(UserError, ValueError):
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict in the project's MAE naming, from any supported file or folder."""
+    import torch
+    from safetensors.torch import load_file
+
     p = Path(path)
     if is_hf_folder(p):
         return from_hf(p)[0].state_dict()
@@ -88,8 +100,6 @@ class Architecture:
 
 def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Architecture:
     """The MAE / ViT architecture of the weights at ``path`` (see the module docstring)."""
-    from mae.config import PRESETS
-
     p = Path(path)
     if is_hf_folder(p):  # its config.json says everything; no weights need loading
         from transformers import ViTMAEConfig
@@ -112,21 +122,21 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
         tokens = state["encoder.pos_embed"].shape[1] - ("encoder.cls_token" in state)
         grid = round(tokens**0.5)
         image_size = grid * patch if grid * grid == tokens else None
-    known = {(v[1], v[2]): v for v in PRESETS.values()}  # (embed dim, depth) -> preset
-    preset = known.get((dim, depth))
-    model["num_heads"] = preset[3] if preset else _heads(dim, 64)
+    preset = _preset_with(embed_dim=dim, depth=depth)
+    model["num_heads"] = preset.num_heads if preset else _heads(dim, 64)
     guessed = ["num_heads"]
     if "decoder_embed.weight" in state:
         ddim = state["decoder_embed.weight"].shape[0]
         ddepth = _count(state, "decoder_blocks")
         model |= {"decoder_embed_dim": ddim, "decoder_depth": ddepth}
-        dpreset = next((v for v in PRESETS.values() if (v[4], v[5]) == (ddim, ddepth)), None)
-        model["decoder_num_heads"] = dpreset[6] if dpreset else _heads(ddim, 32)
+        dpreset = _preset_with(decoder_embed_dim=ddim, decoder_depth=ddepth)
+        model["decoder_num_heads"] = dpreset.decoder_num_heads if dpreset else _heads(ddim, 32)
         guessed.append("decoder_num_heads")
         if ddepth and state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != round(model["mlp_ratio"] * ddim):
             raise WeightsError(f"init={path}: the encoder and decoder MLP ratios differ; model.mlp_ratio is one value")
     elif preset:  # an encoder-only file of a known size: that preset's decoder
-        model |= {"decoder_embed_dim": preset[4], "decoder_depth": preset[5], "decoder_num_heads": preset[6]}
+        decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+        model |= {k: getattr(preset, k) for k in decoder}
         guessed += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
     config = p / "config.json" if p.is_dir() else None
     if config is not None and config.is_file():  # a timm export: its model_args record the heads
@@ -136,6 +146,40 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
             guessed.remove("num_heads")
             return Architecture(model, image_size, channels, guessed, "timm config.json and tensor shapes")
     return Architecture(model, image_size, channels, guessed)
+
+
+def _preset_with(**values: int) -> Preset | None:
+    """The first preset with these ``model.*`` values."""
+    return next((p for p in PRESETS.values() if all(getattr(p, k) == v for k, v in values.items())), None)
+
+
+def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``mae.config.load_config`` for pretraining: with ``init=`` (MAE), the architecture keys the recipe
+    leaves unset come from the checkpoint (``infer_architecture``; torch is imported only then)."""
+    cfg = load_raw(path, overrides, Config)
+    if cfg.init is not None and cfg.model.name == "mae":
+        cfg = architecture_from_init(cfg, infer_architecture(cfg.init))
+    return resolve(cfg)
+
+
+def architecture_from_init(cfg: Config, arch: Architecture) -> Config:
+    """``cfg`` (not yet resolved) with its unset ``model.*`` architecture keys taken from ``arch``, the
+    architecture of ``cfg.init``; a key the recipe names (itself or through ``model.preset``) must agree."""
+    m = cfg.model
+    preset = preset_values(m.preset) if m.preset else {}
+    fill = {}
+    for key, value in arch.model.items():
+        named, where = getattr(m, key), f"model.{key}={getattr(m, key)}"
+        if named is None and key in preset:
+            named, where = preset[key], f"model.preset={m.preset} ({key}={preset[key]})"
+        if named is None:
+            fill[key] = value
+        elif key not in arch.guessed and abs(named - value) > 1e-6:
+            raise ConfigError(
+                f"init={cfg.init} has {key}={value:g} (from its {arch.origin}) but the recipe names {where}; "
+                "leave it out to take the checkpoint's architecture, or give weights of that architecture"
+            )
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -291,10 +335,10 @@ def to_hf(model: nn.Module, cfg: Any) -> Any:
 def from_hf(source: Any) -> tuple[nn.Module, Any]:
     """A ``ViTMAEForPreTraining`` (in memory, or a ``save_pretrained`` folder) -> (the project's MAE with
     the same weights, its Config). A bare ``ViTMAEModel`` gives the encoder; the decoder stays fresh."""
+    import torch
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-    from mae.config import load_config
-    from mae.models import build_model
+    from mae.models import build_model  # torch and timm: not for a plain `import mae.interop`
 
     if isinstance(source, (str, Path)):
         try:
@@ -303,10 +347,8 @@ def from_hf(source: Any) -> tuple[nn.Module, Any]:
             raise WeightsError(f"{source} is not a Hugging Face ViTMAE folder ({e})") from e
     c = source.config
     arch = _hf_architecture(c)
-    overrides = ["model.name=mae", *(f"model.{k}={v}" for k, v in arch.model.items())]
-    overrides += [f"model.mask_ratio={c.mask_ratio}", f"model.norm_pix_loss={str(c.norm_pix_loss).lower()}"]
-    overrides += [f"data.image_size={arch.image_size}", f"data.channels={arch.channels}"]
-    cfg = load_config(None, overrides)
+    model_cfg = ModelConfig(name="mae", mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss, **arch.model)
+    cfg = resolve(Config(model=model_cfg, data=DataConfig(image_size=arch.image_size, channels=arch.channels)))
     model = build_model(cfg)
     theirs = source.state_dict()
     if isinstance(source, ViTMAEModel):  # the encoder alone, its names without the "vit." prefix

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae.config import DataConfig, EvalConfig, ProbeConfig, to_dict
-from mae.data import DataError, EpochSampler, ImageDataset, label_column, load_splits, pick_split, pretrain_transform
+from mae.data.images import EpochSampler, ImageDataset, augment_transform
+from mae.data.loading import DataError, label_column, load_splits, pick_split
 from mae.encoders import FrozenEncoder, load_encoder
 
 # ---------------------------------------------------------------------------------------------- features
@@ -44,7 +45,7 @@ from mae.encoders import FrozenEncoder, load_encoder
 
 def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder) -> ImageDataset:
     """Images converted to the encoder's channels, through its eval transform (labels: -1 when the
-    split has none, which ``evaluate`` refuses)."""
+    split has none, which ``probe`` refuses)."""
     channels = encoder.data_config["input_size"][0]
     data = DataConfig(
         dataset=cfg.data.dataset, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
@@ -256,7 +257,7 @@ def augmented_linear_probe(
         std=tuple(encoder.data_config["std"]), image_column=cfg.data.image_column,
         label_column=cfg.data.label_column,
     )  # fmt: skip
-    data = ImageDataset(ds, data_cfg, pretrain_transform(data_cfg), seed=cfg.seed)
+    data = ImageDataset(ds, data_cfg, augment_transform(data_cfg), seed=cfg.seed)
     batch = min(p.batch_size, len(data))
     steps = len(data) // batch
     sampler = EpochSampler(len(data), steps * batch, seed=cfg.seed)
@@ -307,7 +308,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+def probe(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
     encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads).to(
         torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,17 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from mae import checkpoint, engine
+from mae import checkpoint, pretrain, runner
 from mae.cli import main
 from mae.config import load_config
 
 if __name__ == "__main__":
     step_sleep, save_sleep = float(os.environ.get("STEP_SLEEP", 0)), float(os.environ.get("SAVE_SLEEP", 0))
-    add, fsync = engine.MetricLog.add, checkpoint._fsync_tree
+    add, fsync = runner.MetricLog.add, checkpoint._fsync_tree
 
-    def slow_add(self, out):
+    def slow_add(self, *args):
         time.sleep(step_sleep)
-        add(self, out)
+        add(self, *args)
 
     def slow_fsync(path):
         if os.environ.get("SAVE_MARK"):
@@ -26,5 +26,5 @@ if __name__ == "__main__":
         time.sleep(save_sleep)
         fsync(path)
 
-    engine.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
-    sys.exit(main("pretrain under test", load_config, engine.train, sys.argv[1:]))
+    runner.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
+    sys.exit(main("pretrain under test", load_config, pretrain.train, sys.argv[1:]))

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, reset_accelerate
+from helpers import TINY, reset_accelerate
 
-from mae import engine
+from mae import pretrain, runner
 from mae.config import ConfigError, load_config
 from mae.encoders import load_encoder
 from mae.losses import bernoulli_kl, kl_diag_gaussians, kl_to_standard_normal
@@ -186,7 +186,7 @@ def test_pretrain_export_and_probe_end_to_end(tmp_path, name):
         [f"model.name={name}", *SMALL, "data.num_workers=0", "train.batch_size=8", "train.max_steps=4",
          "train.recon_images=2", f"output_dir={out}", "train.blr=1e-2"],
     )  # fmt: skip
-    result = engine.train(cfg)
+    result = pretrain.train(cfg)
     assert (out / "recon_4.png").is_file()
     assert (out / "samples_4.png").is_file() == (name == "vae")
     assert (out / "export/model.safetensors").is_file() and (out / "export/config.yaml").is_file()
@@ -226,21 +226,21 @@ def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
         "model.name=stacked_ae", *SMALL, "model.stage_steps=4", "model.stack_denoising=true", "data.num_workers=0",
         "train.batch_size=8", "train.max_steps=14", "train.checkpoint_every=6", "train.log_every=1", "train.blr=1e-2",
     ]  # fmt: skip
-    straight = engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'a'}"]))
+    straight = pretrain.train(load_config(None, [*common, f"output_dir={tmp_path / 'a'}"]))
     reset_accelerate()
-    real_write = engine.MetricLog.write
+    real_write = runner.MetricLog.write
 
     def write_then_crash(self, step, *args):
         if step == 9:  # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
             raise RuntimeError("killed")
         return real_write(self, step, *args)
 
-    monkeypatch.setattr(engine.MetricLog, "write", write_then_crash)
+    monkeypatch.setattr(runner.MetricLog, "write", write_then_crash)
     with pytest.raises(RuntimeError, match="killed"):
-        engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
+        pretrain.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
     monkeypatch.undo()
     reset_accelerate()
-    resumed = engine.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
+    resumed = pretrain.train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}"]))
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.model.stage() == 3  # ended in the end-to-end stage

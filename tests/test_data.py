@@ -2,19 +2,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from helpers import write_image_folder
 
 from mae.config import load_config
-from mae.data import (
-    DataError,
-    EpochSampler,
-    ImageDataset,
-    eval_transform,
-    image_column,
-    label_column,
-    load_split,
-    pretrain_transform,
-)
+from mae.data.images import EpochSampler, ImageDataset, augment_transform, eval_transform
+from mae.data.loading import DataError, image_column, label_column, load_split
 
 
 def data_cfg(*overrides):
@@ -42,7 +34,7 @@ def test_image_folder_with_mixed_modes_becomes_configured_channels(tmp_path):
         )
         ds = load_split(cfg)
         assert len(ds) == 24 and label_column(ds, cfg) == "label"
-        item = ImageDataset(ds, cfg, pretrain_transform(cfg))
+        item = ImageDataset(ds, cfg, augment_transform(cfg))
         shapes = {tuple(item[i][0].shape) for i in range(4)}
         assert shapes == {(channels, 16, 16)}
 
@@ -87,7 +79,7 @@ def test_bad_split_and_dataset(tmp_path):
 
 def test_augmentation_is_a_function_of_seed_epoch_index():
     cfg = data_cfg()
-    ds = ImageDataset(load_split(cfg), cfg, pretrain_transform(cfg), seed=3)
+    ds = ImageDataset(load_split(cfg), cfg, augment_transform(cfg), seed=3)
     a = ds[(0, 5)][0]
     torch.manual_seed(123)  # the global RNG does not matter ...
     assert torch.equal(a, ds[(0, 5)][0])

@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from helpers import write_image_folder
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from mae.config import ConfigError, load_config
-from mae.data import DataError, EpochSampler, load_split
-from mae.device_data import (
+from mae.data.images import EpochSampler
+from mae.data.loading import DataError, load_split
+from mae.data.on_device import (
     CROP_TRIES,
     DecodedImages,
     DeviceAugment,

@@ -2,19 +2,20 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, write_image_folder
+from helpers import TINY, colour_folder, write_image_folder
 from safetensors.torch import load_file
 
-from mae import engine
+from mae import pretrain, runner
 from mae.checkpoint import complete_checkpoints, latest_checkpoint
 from mae.config import ConfigError, load_config
 
 
 def run(tmp_path, name, *extra):
-    return engine.train(load_config(None, [*TINY, f"output_dir={tmp_path / name}", *extra]))
+    return pretrain.train(load_config(None, [*TINY, f"output_dir={tmp_path / name}", *extra]))
 
 
 class Crash(Exception):
@@ -87,17 +88,17 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
     common = ["train.max_steps=20", f"train.checkpoint_every={save_at}", "train.blr=1e-2", "train.log_every=1", *extra]
     straight = run(tmp_path, "straight", *common)
 
-    real_save = engine.ckpt.save_checkpoint
+    real_save = pretrain.ckpt.save_checkpoint
     calls = []
 
     def save_then_crash(accelerator, output_dir, step, loop_state, keep, **kwargs):
         path = real_save(accelerator, output_dir, step, loop_state, keep, **kwargs)
         calls.append(step)
         if step == save_at:  # die a few steps after the checkpoint; those steps are lost
-            monkeypatch.setattr(engine, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+            monkeypatch.setattr(pretrain, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
         return path
 
-    monkeypatch.setattr(engine.ckpt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(pretrain.ckpt, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         run(tmp_path, "resumed", *common, f"train.recon_every={crash_at}")
     assert calls == [save_at] and latest_checkpoint(tmp_path / "resumed").name == f"step_{save_at}"
@@ -123,7 +124,7 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
     assert _steps_and_losses(resumed.run_dir) == _steps_and_losses(straight.run_dir)
     assert [s for s, _ in _steps_and_losses(resumed.run_dir)] == list(range(1, 21))
     # and training did move the weights
-    init = engine.build_model(load_config(None, TINY)).state_dict()
+    init = pretrain.build_model(load_config(None, TINY)).state_dict()
     assert not torch.equal(a["decoder_pred.weight"], init["decoder_pred.weight"])
 
 
@@ -138,7 +139,7 @@ def test_resume_refuses_another_data_layout(tmp_path):
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
-    real = engine.build_optimizer
+    real = pretrain.build_optimizer
 
     def poisoned(model, cfg, derived):
         opt = real(model, cfg, derived)
@@ -153,9 +154,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
         opt.step = step_then_poison
         return opt
 
-    monkeypatch.setattr(engine, "build_optimizer", poisoned)
+    monkeypatch.setattr(pretrain, "build_optimizer", poisoned)
     with pytest.raises(
-        engine.NonFiniteLossError, match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2"
+        runner.NonFiniteLossError, match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2"
     ):
         run(tmp_path, "r", "train.max_steps=6", "train.checkpoint_every=2")
     assert latest_checkpoint(tmp_path / "r").name == "step_2"
@@ -194,7 +195,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     real_mse = mae_model.masked_mse
     calls = iter(range(10**6))
     monkeypatch.setattr(mae_model, "masked_mse", lambda *a: real_mse(*a) * (float("nan") if next(calls) >= 2 else 1))
-    with pytest.raises(engine.NonFiniteLossError, match=r"loss became nan by step 15.*step_10"):
+    with pytest.raises(runner.NonFiniteLossError, match=r"loss became nan by step 15.*step_10"):
         run(tmp_path, "r", *common)  # resumes at 10; the loss turns NaN at step 13
     assert latest_checkpoint(tmp_path / "r").name == "step_10"
     assert (tmp_path / "r/export/model.safetensors").read_bytes() == export_before
@@ -202,14 +203,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 def test_bf16_autocast_runs_on_cpu(tmp_path, monkeypatch):
     dtypes = []
-    real_build = engine.build_model
+    real_build = pretrain.build_model
 
     def build_and_watch(cfg):
         model = real_build(cfg)
         model.encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         return model
 
-    monkeypatch.setattr(engine, "build_model", build_and_watch)
+    monkeypatch.setattr(pretrain, "build_model", build_and_watch)
     result = run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=bf16")
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert result.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # master weights stay fp32
@@ -237,7 +238,7 @@ def test_cpu_threads_default_to_all_cores_despite_launcher_pin(tmp_path, monkeyp
 def test_gradient_clipping_is_applied(tmp_path):
     """With a vanishing clip norm, Adam's update m / (sqrt(v) + eps) shrinks by orders of magnitude."""
     torch.manual_seed(0)  # what train.seed=0 gives the model's initialisation
-    init = engine.build_model(load_config(None, TINY)).state_dict()["decoder_pred.weight"]
+    init = pretrain.build_model(load_config(None, TINY)).state_dict()["decoder_pred.weight"]
 
     def moved(*extra):
         result = run(
@@ -249,8 +250,6 @@ def test_gradient_clipping_is_applied(tmp_path):
 
 
 def test_online_probe_learns_and_never_touches_the_autoencoder(tmp_path):
-    from test_probe import colour_folder
-
     folder = colour_folder(tmp_path / "colours", per_class=16)
     common = [f"data.dataset={folder}", "train.max_steps=30", "train.blr=1e-2", "train.log_every=10"]
     plain = run(tmp_path, "plain", *common)
@@ -272,7 +271,7 @@ def test_online_probe_needs_labels(tmp_path):
     datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).to_parquet(
         tmp_path / "d/train-00000-of-00001.parquet"
     )
-    from mae.data import DataError
+    from mae.data.loading import DataError
 
     with pytest.raises(DataError, match="train.online_probe=true needs a ClassLabel column"):
         run(tmp_path, "r", f"data.dataset={tmp_path / 'd'}", "train.max_steps=2", "train.online_probe=true")
@@ -289,7 +288,7 @@ def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
     assert loss.item() == 0.0 and loss.requires_grad
     cfg = load_config(None, [*TINY, "train.online_probe=true", "train.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="online_probe=true does not work with train.mixed_precision=fp16"):
-        engine._online_probe(None, cfg, None, None)
+        pretrain.Pretraining._online_probe(SimpleNamespace(cfg=cfg), None)  # refused before the data is read
 
 
 def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monkeypatch):
@@ -300,7 +299,7 @@ def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monk
         compiled_calls.append(model)
         return real_compile(model, *args, **kwargs)
 
-    monkeypatch.setattr(engine.torch, "compile", spy)
+    monkeypatch.setattr(pretrain.torch, "compile", spy)
     common = ("train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.mixed_precision=no")
     eager = run(tmp_path, "eager", *common)
     assert not compiled_calls

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import colour_folder, reset_accelerate
+from helpers import colour_folder, reset_accelerate
 
-from mae import engine
+from mae import pretrain
 from mae.config import load_config
-from mae.data import DataError, load_split
+from mae.data.loading import DataError, load_split
 from mae.evaluate import detection_scores, image_metrics, main, pca_fit, psnr_summary
 
 
@@ -60,7 +60,7 @@ def vae_run(tmp_path_factory):
         "model.name=vae", "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=8", f"data.dataset={folder}",
         "data.num_workers=0", "train.batch_size=8", "train.max_steps=6", "train.recon_images=2", f"output_dir={out}",
     ]  # fmt: skip
-    engine.train(load_config(None, args))
+    pretrain.train(load_config(None, args))
     reset_accelerate()
     return out
 
@@ -100,7 +100,7 @@ def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
 
 def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     from mae.config import load_eval_config
-    from mae.probe import evaluate
+    from mae.probe import probe
 
     assert main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0
     assert main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "1"]) == 0
@@ -109,7 +109,7 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
         name = "random" if source.startswith("random") else "run"
         overrides = [f"encoder={source}", "mode=knn", f"data.dataset={folder}", "data.num_workers=0"]
         overrides += [f"output_dir={tmp_path / 'probes' / name}", f"probe.cache_dir={tmp_path / 'cache'}"]
-        evaluate(load_eval_config(None, overrides))
+        probe(load_eval_config(None, overrides))
     reset_accelerate()
     out = tmp_path / "report"
     assert main(["report", "--run", str(vae_run), "--results", str(tmp_path / "probes"), "--out", str(out)]) == 0
@@ -121,4 +121,7 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     table = (out / "report.md").read_text()
     assert f"| vae | 6 | – | {100 * knn:.1f}% |" in table
     assert all((out / f).is_file() for f in rows[0]["figures"]) and len(rows[0]["figures"]) == 2
+    results = json.loads((out / "report.json").read_text())["results"]  # and one row per results.json
+    assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
     assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 2  # not a run
+    assert main(["report", "--out", str(out)]) == 2  # neither runs nor results

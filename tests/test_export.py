@@ -3,10 +3,10 @@ import json
 import pytest
 import timm
 import torch
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import load_file
 
-from mae import engine
+from mae import pretrain
 from mae.config import load_config
 from mae.export import main as export_main
 
@@ -14,7 +14,7 @@ from mae.export import main as export_main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    return engine.train(
+    return pretrain.train(
         load_config(
             None,
             [*TINY, f"output_dir={out}", "train.max_steps=3", "data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"],

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, accelerate_launch, colour_folder, env_without_accelerate, reset_accelerate
+from helpers import ROOT, TINY, accelerate_launch, colour_folder, env_without_accelerate, reset_accelerate
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae import engine
 from mae import finetune as ft
-from mae.config import ConfigError, FinetuneConfig, derive_schedule, load_config, load_eval_config
-from mae.data import DataConfig, ImageDataset, load_split
+from mae import pretrain, runner
+from mae.config import ConfigError, DataConfig, FinetuneConfig, derive_schedule, load_config, load_eval_config
+from mae.data.images import ImageDataset
+from mae.data.loading import load_split
 from mae.encoders import load_encoder
 from mae.preemption import Preempted
 
@@ -24,7 +25,7 @@ from mae.preemption import Preempted
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
+    pretrain.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
     reset_accelerate()  # the first test to use it may want another precision
     return out
 
@@ -175,7 +176,7 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
         "finetune.warmup_epochs=1", "finetune.blr=1e-2", "finetune.keep_checkpoints=1",
     ]  # fmt: skip
     straight = ft.finetune(ft_cfg(tmp_path / "a", *common))
-    real_write = ft.MetricLog.write
+    real_write = runner.MetricLog.write
 
     def write_then_crash(self, step, *args):
         out = real_write(self, step, *args)
@@ -183,7 +184,7 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
             raise Crash()
         return out
 
-    monkeypatch.setattr(ft.MetricLog, "write", write_then_crash)
+    monkeypatch.setattr(runner.MetricLog, "write", write_then_crash)
     with pytest.raises(Crash):
         ft.finetune(ft_cfg(tmp_path / "b", *common))
     monkeypatch.undo()
@@ -206,7 +207,7 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(ft.MetricLog, "write", write_then_sigterm)
+    monkeypatch.setattr(runner.MetricLog, "write", write_then_sigterm)
     with pytest.raises(Preempted, match="stopped by SIGTERM after step 10 of 18") as stopped:
         ft.finetune(ft_cfg(tmp_path / "c", *common))
     monkeypatch.undo()
@@ -222,7 +223,7 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     [
         (["finetune.batch_size=7"], "must be even for mixup"),
         (["finetune.layer_decay=0"], "finetune.layer_decay"),
-        (["encoder=pixels:16"], "needs an encoder that is a timm model"),
+        (["encoder=pixels:16"], "needs an encoder with weights to train"),
         (["finetune.reprob=2"], "finetune.reprob"),
     ],
 )
@@ -267,3 +268,32 @@ def test_bf16_fine_tuning_runs_on_cpu_and_fp16_is_refused(tmp_path, run_dir, col
         return
     res = ft.finetune(cfg)
     assert res["steps"] == 3 and len(res["history"]) == 1 and 0 <= res["top1"] <= 1
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_classic_autoencoders_fine_tune_their_encode_features(tmp_path, colours, name):
+    run = tmp_path / name
+    arch = ["data.image_size=16", "model.widths=[8,16]", "model.latent_dim=12", "data.num_workers=0"]
+    pretrain.train(load_config(None, [f"model.name={name}", *arch, "train.max_steps=2", "train.batch_size=8",
+                                      f"data.dataset={colours}", f"output_dir={run}"]))  # fmt: skip
+    reset_accelerate()
+    before = load_encoder(str(run)).module.state_dict()
+    cfg = ft_cfg(
+        tmp_path, f"encoder={run}", f"data.dataset={colours}", "data.holdout_fraction=0.25", "finetune.epochs=6",
+        "finetune.batch_size=8", "finetune.blr=5e-2", "finetune.warmup_epochs=1", "finetune.mixup=0",
+        "finetune.cutmix=0", "finetune.auto_augment=null", "finetune.reprob=0", "finetune.eval_every=3",
+    )  # fmt: skip
+    res = ft.finetune(cfg)
+    assert res["encoder"]["kind"] == "autoencoder" and res["top1"] > 0.9  # chance: 1/3
+    assert res["init"]["fresh"] == ["head.bias", "head.weight"]
+    dropped = res["init"]["dropped"]  # what encode() does not reach: the decoder, never trained here
+    assert dropped and all(not k.startswith("encoder.") for k in dropped)
+    after = load_file(tmp_path / "ft" / "last" / "model.safetensors")
+    meta = json.loads((tmp_path / "ft" / "last" / "classifier.json").read_text())
+    assert meta["num_classes"] == 3 and meta["encoder_arch"]["run_model"]["name"] == name
+    assert all(torch.equal(after[f"autoencoder.{k}"], before[k]) for k in dropped)
+    trained = [k for k in before if k not in dropped and not torch.equal(after[f"autoencoder.{k}"], before[k])]
+    assert trained and all(k.startswith("encoder.") or k in after for k in trained)
+    clf = ft.build_classifier(cfg, 3)
+    clf.model.load_state_dict(after)
+    assert clf.model(torch.randn(2, 3, 16, 16)).shape == (2, 3)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from timm.layers.attention import Attention
 
 from mae import hardware

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
-from mae import engine
+from mae import pretrain
 from mae.config import ConfigError, load_config
-from mae.interop import WeightsError, load_into, load_weights
+from mae.interop import WeightsError, load_into, load_pretrain_config, load_weights
 from mae.models import build_model
 
 
@@ -98,8 +98,10 @@ def test_pretraining_starts_from_init(tmp_path):
     source = tiny(1)
     torch.save({"model": official(source)}, tmp_path / "start.pth")
     out = tmp_path / "run"
-    cfg = load_config(None, [*TINY, f"output_dir={out}", f"init={tmp_path / 'start.pth'}", "train.max_steps=1"])
-    result = engine.train(cfg)
+    cfg = load_pretrain_config(
+        None, [*TINY, f"output_dir={out}", f"init={tmp_path / 'start.pth'}", "train.max_steps=1"]
+    )
+    result = pretrain.train(cfg)
     trained = load_file(str(out / "checkpoints/step_1/model.safetensors"))
     init = source.state_dict()
     # one small step away from the given weights, far from a fresh initialisation
@@ -155,7 +157,7 @@ def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
     from mae.export import main as export_main
 
     run = tmp_path / "run"
-    first = engine.train(load_config(None, [*TINY, f"output_dir={run}", "train.max_steps=2"]))
+    first = pretrain.train(load_config(None, [*TINY, f"output_dir={run}", "train.max_steps=2"]))
     assert export_main([str(run), "--format", "hf"]) == 0
     hf = ViTMAEForPreTraining.from_pretrained(run / "export_hf").eval()
     x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
@@ -197,40 +199,39 @@ def test_the_architecture_is_read_off_the_checkpoint_and_conflicts_name_both(tmp
     want = {"patch_size": 4, "embed_dim": 48, "depth": 3, "mlp_ratio": 2.0, "decoder_embed_dim": 24}
     assert {k: arch.model[k] for k in want} == want and arch.model["decoder_depth"] == 1
     # a recipe that names no architecture takes the checkpoint's; the weights then load strictly
-    cfg = load_config(None, [f"init={path}", "data.image_size=16"])
+    cfg = load_pretrain_config(None, [f"init={path}", "data.image_size=16"])
     m = cfg.model
     assert (m.embed_dim, m.depth, m.mlp_ratio, m.decoder_embed_dim, m.decoder_depth) == (48, 3, 2.0, 24, 1)
     assert m.preset is None and (m.num_heads, m.decoder_num_heads) == (1, 1)  # 48 / 64, 24 / 32: one head each
     target = build_model(cfg)
     assert load_into(target, load_weights(path), str(path))["fresh"] == []
     # head counts are the recipe's when it names them (shapes cannot contradict them)
-    assert load_config(None, [f"init={path}", "model.num_heads=4"]).model.num_heads == 4
+    assert load_pretrain_config(None, [f"init={path}", "model.num_heads=4"]).model.num_heads == 4
     with pytest.raises(
         ConfigError, match=r"has embed_dim=48 \(from its tensor shapes\) but the recipe names model.embed_dim=32"
     ):
-        load_config(None, [f"init={path}", "model.embed_dim=32"])
+        load_pretrain_config(None, [f"init={path}", "model.embed_dim=32"])
     with pytest.raises(ConfigError, match=r"has patch_size=4 .* model.preset=vit_base_patch16 \(patch_size=16\)"):
-        load_config(None, [f"init={path}", "model.preset=vit_base_patch16"])
+        load_pretrain_config(None, [f"init={path}", "model.preset=vit_base_patch16"])
     with pytest.raises(ConfigError, match=r"has mlp_ratio=2 .* model.mlp_ratio=4"):
-        load_config(None, [f"init={path}", "model.mlp_ratio=4"])
+        load_pretrain_config(None, [f"init={path}", "model.mlp_ratio=4"])
+    # the config alone reads no checkpoint (it sits below mae.interop): the default preset fills the keys
+    assert load_config(None, [f"init={path}", "data.image_size=16"]).model.embed_dim == 192
 
 
 def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decoder(tmp_path):
-    from mae.config import PRESETS
     from mae.interop import infer_architecture
+    from mae.presets import PRESETS
 
     # the key layout and shapes of mae_pretrain_vit_large.pth (encoder only), on the meta device: no values
     with torch.device("meta"):
         ref = build_model(load_config(None, ["model.preset=vit_large_patch16", "data.image_size=224"]))
     state = {k: v for k, v in ref.state_dict().items() if k.startswith("encoder.")}
     arch = infer_architecture("mae_pretrain_vit_large.pth", state)
-    _, dim, depth, heads, ddim, ddepth, dheads = PRESETS["vit_large_patch16"]
-    assert arch.image_size == 224 and arch.model["num_heads"] == heads == 16
-    assert (arch.model["decoder_embed_dim"], arch.model["decoder_depth"], arch.model["decoder_num_heads"]) == (
-        ddim,
-        ddepth,
-        dheads,
-    )
+    large = PRESETS["vit_large_patch16"]
+    assert arch.image_size == 224 and arch.model["num_heads"] == large.num_heads == 16
+    decoder = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}  # the paper's
+    assert {k: arch.model[k] for k in decoder} == {k: getattr(large, k) for k in decoder} == decoder
     assert set(arch.guessed) == {"num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARCH
+from helpers import TINY_ARCH
 
 from mae.config import load_config
 from mae.models import MODELS, AEOutput, Autoencoder, build_model
@@ -129,7 +129,7 @@ def test_initial_loss_is_about_one_with_norm_pix():
 
 def test_weight_decay_exemptions():
     from mae.config import derive
-    from mae.engine import build_optimizer
+    from mae.pretrain import build_optimizer
 
     cfg = load_config(None, [*TINY_ARCH, "data.image_size=16"])
     model = build_model(cfg)

@@ -9,20 +9,20 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, colour_folder
+from helpers import ROOT, TINY, colour_folder
 
-from mae import engine, report
+from mae import evaluate, pretrain
 from mae.config import ConfigError, DataConfig, ProbeConfig, load_config, load_eval_config
-from mae.data import load_split
+from mae.data.loading import load_split
 from mae.encoders import load_encoder, weights_sha256
 from mae.probe import (
     accuracy,
     cached_features,
-    evaluate,
     extract,
     image_dataset,
     knn_scores,
     linear_probe,
+    probe,
     stratified_holdout,
 )
 
@@ -30,7 +30,7 @@ from mae.probe import (
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    engine.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
+    pretrain.train(load_config(None, [*TINY, f"output_dir={out}", "train.max_steps=3"]))
     return out
 
 
@@ -165,7 +165,7 @@ def test_features_of_several_blocks_are_concatenated_last_block_last(run_dir, tm
     with pytest.raises(ConfigError, match="has 2 blocks; use at most 2"):
         enc.set_blocks(3)
     classic = tmp_path / "ae"
-    engine.train(load_config(None, [*TINY, "model.name=ae", f"output_dir={classic}", "train.max_steps=1"]))
+    pretrain.train(load_config(None, [*TINY, "model.name=ae", f"output_dir={classic}", "train.max_steps=1"]))
     with pytest.raises(ConfigError, match="probe.blocks=2 needs a transformer encoder"):
         load_encoder(str(classic)).set_blocks(2)
 
@@ -194,7 +194,7 @@ def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir, monk
     encoder = load_encoder(cfg.encoder)
     weights = {k: v.clone() for k, v in encoder.module.state_dict().items()}
     monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)  # the very instance evaluated
-    res = evaluate(cfg)
+    res = probe(cfg)
     assert res["top1"] > 0.9  # chance is 1/3
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == 15 and res["train_size"] == 45
     assert set(res["per_class"]) == {"c0", "c1", "c2"} and res["top5_k"] == 3
@@ -235,7 +235,7 @@ def test_cnn_encoders_work_too(tmp_path):
 
 
 def test_unlabelled_evaluation_split_is_refused(tmp_path, run_dir):
-    from mae.data import DataError
+    from mae.data.loading import DataError
 
     rows = {"image": [np.zeros((8, 8, 3), np.uint8)] * 4, "label": [0, 1, 0, 1]}
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
@@ -245,9 +245,9 @@ def test_unlabelled_evaluation_split_is_refused(tmp_path, run_dir):
         tmp_path / "d/test-00000-of-00001.parquet"
     )
     with pytest.raises(DataError, match="evaluation split has 4 images without a valid label"):
-        evaluate(eval_cfg(tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "data.eval_split=test"))
+        probe(eval_cfg(tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "data.eval_split=test"))
     # by default an unlabelled test split is passed over for a holdout
-    res = evaluate(
+    res = probe(
         eval_cfg(
             tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "mode=knn", "data.holdout_fraction=0.5"
         )
@@ -275,14 +275,15 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
     assert res["top1"] > 0.15  # 10 classes; even 3 steps of pretraining keep colour statistics
 
     # the report gathers it into a table
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "report/table")]) == 0
-    table = (tmp_path / "report/table.md").read_text().splitlines()
-    assert len(table) == 3 and f"| {run_dir} | knn | {100 * res['top1']:.2f}% |" in table[2]
-    rows = json.loads((tmp_path / "report/table.json").read_text())
+    assert evaluate.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    rows = json.loads((tmp_path / "report/report.json").read_text())["results"]
+    assert len(rows) == 1 and rows[0]["encoder"] == str(run_dir) and rows[0]["top1"] == res["top1"]
     assert rows[0]["top5"] == res["top5"] and rows[0]["details"] == "k 20, T 0.07"
+    table = (tmp_path / "report/report.md").read_text().splitlines()
+    assert f"| {run_dir} | knn | {100 * res['top1']:.2f}% |" in table[-1]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/results.json").write_text("{}")
-    assert report.main([str(tmp_path / "bad")]) == 2
+    assert evaluate.main(["report", "--results", str(tmp_path / "bad"), "--out", str(tmp_path / "bad")]) == 2
 
 
 @pytest.mark.parametrize(
@@ -298,7 +299,7 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        evaluate(eval_cfg(tmp_path, *overrides))
+        probe(eval_cfg(tmp_path, *overrides))
 
 
 def test_pixel_baseline_is_the_normalised_image():
@@ -321,7 +322,7 @@ def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monk
     real = encoder.features
     monkeypatch.setattr(encoder, "features", lambda x, pool: calls.append(len(x)) or real(x, pool))
     monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)
-    res = evaluate(cfg)
+    res = probe(cfg)
     assert res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
     # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15 held out
     assert sum(calls) == 60 * 2 * 16 + 15

@@ -1,46 +1,21 @@
 """data.streaming=true: the split read as a `datasets` stream, sharded per process and worker, resumed exactly."""
 
-import io
 import json
 import signal
 
-import datasets
-import numpy as np
 import pytest
 import torch
-from conftest import TINY, reset_accelerate
-from PIL import Image
+from helpers import TINY, parquet_stream, reset_accelerate
 from safetensors.torch import load_file
 
-from mae import engine
+from mae import pretrain, runner
 from mae.config import load_config
-from mae.data import DataError, pretrain_transform
+from mae.data.images import augment_transform
+from mae.data.loading import DataError, load_stream
+from mae.data.streamed import ImageStream
 from mae.preemption import Preempted, StopSignals
-from mae.streaming import ImageStream, load_stream
 
 EXACT = [*TINY, "train.mixed_precision=no", "train.log_every=1", "data.streaming=true", "data.shuffle_buffer=16"]
-
-
-def png(rgb, size=16) -> bytes:
-    rng = np.random.default_rng(sum(rgb))
-    a = np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def parquet_stream(root, shards=4, per_shard=12, bad=()) -> str:
-    """``shards`` parquet files of distinct images; ``label`` is each image's own id (0..N-1)."""
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        ids = range(s * per_shard, (s + 1) * per_shard)
-        rows = [{"image": {"bytes": b"not an image" if i in bad else png((i * 5 % 256, i * 11 % 256, 90)),
-                           "path": f"img_{i}.png"}, "label": i} for i in ids]  # fmt: skip
-        datasets.Dataset.from_list(rows, features=features).to_parquet(
-            str(root / f"train-{s:05d}-of-{shards:05d}.parquet")
-        )
-    return str(root)
 
 
 def stream_run(out, data, *extra):
@@ -53,7 +28,7 @@ def test_processes_and_workers_read_disjoint_parts_that_cover_every_epoch(tmp_pa
     cfg = load_config(None, [*EXACT, f"data.dataset={data}", "data.label_column=label"]).data
     seen = []
     for rank in range(2):
-        stream = ImageStream(load_stream(cfg), cfg, pretrain_transform(cfg), 0, rank, 2)
+        stream = ImageStream(load_stream(cfg), cfg, augment_transform(cfg), 0, rank, 2)
         items = iter(stream)
         seen.append([next(items) for _ in range(48)])  # two epochs of this process's 24
     for epoch in range(2):
@@ -72,7 +47,7 @@ def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(t
     uninterrupted run, and every step logs the same loss."""
     data = parquet_stream(tmp_path / "data")
     args = ("train.max_steps=9", "train.checkpoint_every=4", "data.num_workers=2")
-    engine.train(stream_run(tmp_path / "ref", data, *args))
+    pretrain.train(stream_run(tmp_path / "ref", data, *args))
     reset_accelerate()
 
     calls = {"n": 0}
@@ -83,12 +58,12 @@ def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(t
 
     monkeypatch.setattr(StopSignals, "requested", after_five)
     with pytest.raises(Preempted, match="after step 5"):
-        engine.train(stream_run(tmp_path / "cut", data, *args))
+        pretrain.train(stream_run(tmp_path / "cut", data, *args))
     reset_accelerate()
     state = json.loads((tmp_path / "cut/checkpoints/step_5/process_0.json").read_text())
     assert state["batches"] == 5 and set(state["workers"]) == {"0", "1"}
     monkeypatch.undo()
-    engine.train(stream_run(tmp_path / "cut", data, *args))
+    pretrain.train(stream_run(tmp_path / "cut", data, *args))
 
     ref, cut = (load_file(str(tmp_path / d / "checkpoints/step_9/model.safetensors")) for d in ("ref", "cut"))
     assert all(torch.equal(ref[k], cut[k]) for k in ref)
@@ -99,30 +74,30 @@ def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(t
 
 def test_a_stream_resumes_only_with_its_worker_layout(tmp_path):
     data = parquet_stream(tmp_path / "data")
-    engine.train(stream_run(tmp_path / "run", data, "train.max_steps=2", "train.checkpoint_every=2",
+    pretrain.train(stream_run(tmp_path / "run", data, "train.max_steps=2", "train.checkpoint_every=2",
                             "data.num_workers=2"))  # fmt: skip
     reset_accelerate()
     with pytest.raises(DataError, match=r"1 processes x data.num_workers=2 .* launch with 1 processes and"):
-        engine.train(stream_run(tmp_path / "run", data, "train.max_steps=4", "data.num_workers=1"))
+        pretrain.train(stream_run(tmp_path / "run", data, "train.max_steps=4", "data.num_workers=1"))
 
 
 def test_an_epoch_needs_a_size_when_the_stream_does_not_say(tmp_path):
     data = parquet_stream(tmp_path / "data", shards=1)
     cfg = load_config(None, [*EXACT, f"data.dataset={data}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1"])
     with pytest.raises(DataError, match=r"give it as data.stream_size=N"):
-        engine.train(cfg)
+        pretrain.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_undecodable_images_in_a_stream_are_skipped_counted_and_limited(tmp_path):
     data = parquet_stream(tmp_path / "data", shards=2, bad=(3, 17))
     out = tmp_path / "run"
-    engine.train(stream_run(out, data, "train.max_steps=5", "train.checkpoint_every=5"))
+    pretrain.train(stream_run(out, data, "train.max_steps=5", "train.checkpoint_every=5"))
     logged = [json.loads(x) for x in (out / "bad_images.jsonl").read_text().splitlines()]
     assert {r["source"] for r in logged} == {"img_3.png", "img_17.png"}
     reset_accelerate()
-    with pytest.raises(engine.BadImagesError, match="2 images could not be decoded"):
-        engine.train(stream_run(tmp_path / "strict", data, "train.max_steps=5", "data.max_bad_images=1"))
+    with pytest.raises(runner.BadImagesError, match="2 images could not be decoded"):
+        pretrain.train(stream_run(tmp_path / "strict", data, "train.max_steps=5", "data.max_bad_images=1"))
 
 
 def test_a_worker_whose_files_hold_no_usable_row_stops_the_run_with_the_fix(tmp_path):
@@ -131,5 +106,5 @@ def test_a_worker_whose_files_hold_no_usable_row_stops_the_run_with_the_fix(tmp_
     data = parquet_stream(tmp_path / "data")
     cfg = stream_run(tmp_path / "run", data, "train.max_steps=2", "data.num_workers=2", "data.classes=[0]")
     with pytest.raises(DataError, match=r"no decodable image in a whole epoch .* lower data.num_workers"):
-        engine.train(cfg)
+        pretrain.train(cfg)
     assert not (tmp_path / "run/checkpoints/step_2").exists()

@@ -26,56 +26,22 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+from accelerate import Accelerator
 from datasets.distributed import split_dataset_by_node
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from mae.config import DataConfig
-from mae.data import (
-    _MODES,
-    DataError,
-    _sample_rng,
-    image_column,
-    label_column,
-    load_splits,
-    log_bad_image,
-    pick_split,
-    select_classes,
-    to_mode,
-)
+from mae.config import ConfigError, DataConfig, Derived
+from mae.data.base import DataSource
+from mae.data.images import DECODE_ERRORS, ImageColumns, log_bad_image, seeded_sample, to_mode
+from mae.data.loading import DataError
 from mae.preemption import ignore_in_worker
-
-
-def load_stream(cfg: DataConfig, split: str | None = None) -> datasets.IterableDataset:
-    """One split of ``cfg.dataset`` as a ``datasets`` stream (only ``cfg.classes`` when set)."""
-    split = split or cfg.split
-    ds = pick_split(load_splits(cfg, streaming=True), cfg, split)
-    if ds.features is None:
-        raise DataError(
-            f"data.dataset={cfg.dataset!r} does not say its columns' types when streamed; use data.streaming=false or "
-            "a dataset with features (parquet, image folders, most hub datasets)"
-        )
-    return ds if cfg.classes is None else select_classes(ds, cfg)
-
-
-def stream_size(ds: datasets.IterableDataset, cfg: DataConfig, split: str) -> int:
-    """Images in one epoch: ``data.stream_size``, else the dataset's own metadata."""
-    if cfg.stream_size is not None:
-        return cfg.stream_size
-    known = ds.info.splits.get(split) if ds.info.splits and cfg.classes is None else None
-    if known is None or not known.num_examples:
-        raise DataError(
-            f"data.streaming=true: {cfg.dataset!r} does not record how many images split {split!r} holds (needed "
-            "for epochs, warm-up and the schedule); give it as data.stream_size=N"
-        )
-    return known.num_examples
 
 
 class ImageStream(IterableDataset):
@@ -93,13 +59,9 @@ class ImageStream(IterableDataset):
         noise_length: int | None = None,
         bad_log: Path | None = None,
     ) -> None:
-        self.image_col = image_column(stream, cfg)
-        self.label_col = label_column(stream, cfg)
-        self.mode = _MODES.get(cfg.channels)
-        if self.mode is None:
-            raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(_MODES)}")
-        stream = stream.select_columns([c for c in (self.image_col, self.label_col) if c is not None])
-        stream = stream.cast_column(self.image_col, datasets.Image(decode=False))  # decode only what is used
+        self.columns = ImageColumns(stream, cfg)
+        stream = self.columns.select(stream)
+        stream = stream.cast_column(self.columns.image, datasets.Image(decode=False))  # decode only what is used
         self.base, self.buffer, self.num_processes = stream, cfg.shuffle_buffer, num_processes
         self.transform, self.seed, self.rank = transform, seed, rank
         self.num_shards = self.epoch_stream(0).num_shards
@@ -140,20 +102,20 @@ class ImageStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
     def _item(self, row: dict[str, Any], worker: int, epoch: int, read: int) -> tuple[Any, ...] | None:
-        raw = row[self.image_col]
+        raw = row[self.columns.image]
         try:
-            image = to_mode(datasets.Image().decode_example(raw), self.mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what Pillow raises
+            image = to_mode(datasets.Image().decode_example(raw), self.columns.mode)
+        except DECODE_ERRORS as e:
             where = (raw or {}).get("path") or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
             if self.bad_log is None:
                 raise DataError(f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})") from e
             key = (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}"  # once per file
             log_bad_image(self.bad_log, key, where, e)
             return None
-        with _sample_rng(hash((self.seed, self.rank, worker, epoch, read)) & 0x7FFF_FFFF_FFFF_FFFF):
-            x = self.transform(image)
-            noise = torch.rand(self.noise_length) if self.noise_length else None
-        label = row[self.label_col] if self.label_col is not None else -1
+        x, noise = seeded_sample(
+            self.transform, image, hash((self.seed, self.rank, worker, epoch, read)), self.noise_length
+        )
+        label = self.columns.label_of(row)
         tag = torch.tensor([worker, epoch, read + 1])
         return (x, label, tag) if noise is None else (x, label, noise, tag)
 
@@ -240,3 +202,36 @@ class StreamBatches:
             self.positions[int(last[0])] = (int(last[1]), int(last[2]))
             self.batches += 1
             yield tuple(batch)
+
+
+class StreamSource(DataSource):
+    """``data.streaming``: each process reads its own part of the stream (not through Accelerate) and
+    moves its batches to the device; a checkpoint keeps where every worker's stream stands."""
+
+    def __init__(
+        self, stream: datasets.IterableDataset, size: int, cfg: DataConfig, dataset: ImageStream, batch_size: int
+    ) -> None:
+        self.split, self.size, self.dataset = stream, size, dataset
+        self.label_column, self.bad_log = dataset.columns.label, dataset.bad_log
+        self.batches_of = StreamBatches(dataset, cfg, batch_size, dataset.num_processes)
+
+    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
+        self.device = accelerator.device
+
+    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        for batch in self.batches_of:  # endless: the stream has no epoch ends the loop waits for
+            yield tuple(x.to(self.device, non_blocking=True) for x in batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches_of.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None, where: str) -> None:
+        if state is None:
+            raise ConfigError(
+                f"{where} holds no stream position (it was written with data.streaming=false); resume "
+                "with data.streaming=false or use another output_dir"
+            )
+        self.batches_of.load_state_dict(state, where)
+
+    def close(self) -> None:
+        self.batches_of.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,13 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from mae.config import DataConfig
-from mae.data import DataError, EpochSampler, ImageDataset
+from mae.config import DataConfig, Derived
+from mae.data.images import EpochSampler, ImageRows
+from mae.data.loaded import LoadedSource
+from mae.data.loading import DataError
 
 # SplitMix64 (Steele, Lea and Flood 2014) constants as signed 64-bit integers; torch's int64
 # arithmetic wraps around like the unsigned original
@@ -122,7 +126,7 @@ def resized_crops(
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-class DecodedImages(ImageDataset):
+class DecodedImages:
     """The split decoded into ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 (-1 without
     labels), in CPU memory. An undecodable image is replaced by the next decodable one (logged to
     ``bad_log``), as in ``ImageDataset``. Items are batches of keys: ``__getitems__`` gives one
@@ -132,37 +136,29 @@ class DecodedImages(ImageDataset):
     def __init__(
         self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, max_bytes: int = 16 << 30
     ) -> None:
-        super().__init__(ds, cfg, transform=None, bad_log=bad_log)  # type: ignore[arg-type]
+        self.rows = ImageRows(ds, cfg, bad_log)
         tic = time.perf_counter()
         arrays, labels, shape = [], [], None
-        for i in range(len(self.ds)):
-            row, image = self._decodable(i)
+        for i in range(len(self.rows)):
+            row, image = self.rows.decodable(i)
             a = np.asarray(image)
             a = a[:, :, None] if a.ndim == 2 else a
             if shape is None:
                 shape = a.shape
-                if max(shape[:2]) > cfg.image_size:
-                    raise DataError(
-                        f"data.on_device=true is for images stored at most data.image_size={cfg.image_size} "
-                        f"(it does not antialias a downscale); these are {shape[1]}x{shape[0]}: set "
-                        "data.on_device=false, or data.image_size to at least their size"
-                    )
-                total = len(self.ds) * a.nbytes
-                if total > max_bytes:
-                    raise DataError(
-                        f"data.on_device=true would hold {total / 2**30:.1f} GiB of decoded images (limit "
-                        f"{max_bytes / 2**30:.0f} GiB); it is meant for CIFAR-scale data: set data.on_device=false"
-                    )
+                _check_fits(shape, len(self.rows) * a.nbytes, cfg.image_size, max_bytes)
             elif a.shape != shape:
                 raise DataError(
                     f"data.on_device=true needs every image the same size; image {i} is {a.shape[1]}x{a.shape[0]}, "
                     f"the first {shape[1]}x{shape[0]}: set data.on_device=false"
                 )
             arrays.append(a)
-            labels.append(row[self.label_col] if self.label_col is not None else -1)
+            labels.append(self.rows.columns.label_of(row))
         self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.tensor([-1 if x is None else x for x in labels], dtype=torch.int64)
         self.decode_s = time.perf_counter() - tic
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         return self.__getitems__([index])[0]
@@ -170,6 +166,20 @@ class DecodedImages(ImageDataset):
     def __getitems__(self, indices: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keys = torch.tensor([i if isinstance(i, tuple) else (0, i) for i in indices], dtype=torch.int64)
         return [(keys, self.labels[keys[:, 1]])]
+
+
+def _check_fits(shape: tuple[int, ...], total: int, image_size: int, max_bytes: int) -> None:
+    if max(shape[:2]) > image_size:
+        raise DataError(
+            f"data.on_device=true is for images stored at most data.image_size={image_size} "
+            f"(it does not antialias a downscale); these are {shape[1]}x{shape[0]}: set "
+            "data.on_device=false, or data.image_size to at least their size"
+        )
+    if total > max_bytes:
+        raise DataError(
+            f"data.on_device=true would hold {total / 2**30:.1f} GiB of decoded images (limit "
+            f"{max_bytes / 2**30:.0f} GiB); it is meant for CIFAR-scale data: set data.on_device=false"
+        )
 
 
 def first(batch: list[Any]) -> Any:
@@ -224,6 +234,33 @@ class DeviceAugment:
         labels = labels.to(self.images.device)
         return (x, labels) if self.noise_length is None else (x, labels, u[:, n + 1 :].contiguous())
 
-    def batches(self, batches: Any) -> Any:
+    def batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterable[tuple[torch.Tensor, ...]]:
         for keys, labels in batches:
             yield self(keys, labels)
+
+
+class DeviceSource(LoadedSource):
+    """``data.on_device``: the loader carries keys in ``LoadedSource``'s order; ``DeviceAugment`` turns
+    them into images on the training device."""
+
+    def __init__(self, data: DecodedImages, cfg: DataConfig, batch_size: int, accum_steps: int, seed: int,
+                 noise_length: int | None) -> None:  # fmt: skip
+        super().__init__(data, 0, batch_size, accum_steps, seed)  # its items are keys: nothing for workers
+        self.cfg, self.noise_length = cfg, noise_length
+
+    def loader(self, sampler: EpochSampler) -> DataLoader:
+        return key_loader(self.dataset, sampler, self.batch_size)
+
+    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
+        super().setup(accelerator, derived)
+        self.augment = DeviceAugment(self.dataset, self.cfg, self.seed, self.noise_length, accelerator.device)
+
+    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        return self.augment.batches(super().batches(step))
+
+    def describe(self) -> str:
+        images = self.augment.images
+        return (
+            f"data on {images.device}: {tuple(images.shape)} uint8 ({images.numel() / 2**20:.0f} MiB), decoded in "
+            f"{self.dataset.decode_s:.1f} s; augmented there, no loader workers (data.num_workers is not used)"
+        )

@@ -1,0 +1,260 @@
+"""Images from a dataset's rows: columns, decoding, bad images, transforms, the epoch order.
+
+Augmentation is a pure function of (seed, epoch, index): each sample's crop and flip are
+drawn from its own seeded RNG, so data order and augmentations are identical whatever the
+number of workers or processes, and a resumed run sees exactly what an uninterrupted one
+would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler, get_worker_info
+from torchvision.transforms import v2
+
+from mae.config import DataConfig
+from mae.data.loading import DataError, image_column, label_column
+
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # data.channels -> the Pillow mode images are converted to
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises
+
+
+class ImageColumns:
+    """Which columns of a dataset (map-style or stream) hold the images and labels, and the mode
+    images are converted to."""
+
+    def __init__(self, ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> None:
+        self.image, self.label = image_column(ds, cfg), label_column(ds, cfg)
+        self.mode = MODES.get(cfg.channels)
+        if self.mode is None:
+            raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(MODES)}")
+
+    def select(self, ds: Any) -> Any:
+        """``ds`` with only the image and label columns."""
+        return ds.select_columns([c for c in (self.image, self.label) if c is not None])
+
+    def label_of(self, row: dict[str, Any]) -> int:
+        return row[self.label] if self.label is not None else -1
+
+
+def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
+    """This preprocessing in timm's terms: what an export records and evaluation feeds the encoder."""
+    return {
+        "input_size": (cfg.channels, cfg.image_size, cfg.image_size),
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+
+
+def augment_transform(cfg: DataConfig) -> v2.Compose:
+    """The MAE paper's augmentation: RandomResizedCrop(scale, bicubic), horizontal flip, normalisation."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip() if cfg.hflip else v2.Identity(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def eval_transform(cfg: DataConfig) -> v2.Compose:
+    """Deterministic: resize the short side, centre crop, normalise."""
+    return v2.Compose(
+        [
+            v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(cfg.image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+@contextlib.contextmanager
+def sample_rng(seed: int) -> Iterator[None]:
+    """Seed the global generators transforms draw from (torch: torchvision; Python and NumPy: timm's
+    RandAugment, random erasing, crops) for one sample. Outside DataLoader workers every stream is
+    put back afterwards (the caller's own draws, e.g. mixup, must not depend on the data); inside
+    them nothing else reads the state, so saving it (~0.1 ms) is skipped."""
+    in_worker = get_worker_info() is not None
+    saved = None if in_worker else (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFF_FFFF)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+
+def seeded_sample(transform: Any, image: Image.Image, seed: int, noise_length: int | None) -> tuple[Any, Any]:
+    """``transform(image)`` and MAE's masking noise ``(noise_length,)`` uniform in [0, 1) (None without a
+    length), both drawn from the sample's own RNG: the same whatever the processes and workers."""
+    with sample_rng(seed & 0x7FFF_FFFF_FFFF_FFFF):
+        x = transform(image)
+        noise = torch.rand(noise_length) if noise_length else None
+    return x, noise
+
+
+class ImageRows:
+    """The rows of a map-style split with their images decoded in ``data.channels``' mode.
+
+    An image that cannot be decoded (corrupt, truncated, empty, not an image, over Pillow's
+    decompression-bomb limit) raises ``DataError`` naming it; with ``bad_log`` set it is replaced by
+    the next decodable image instead and recorded as one JSON line in ``bad_log`` (which
+    ``count_bad_images`` reads)."""
+
+    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None) -> None:
+        self.columns = ImageColumns(ds, cfg)
+        self.ds = self.columns.select(ds)
+        self.bad_log = bad_log
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def decodable(self, i: int) -> tuple[dict[str, Any], Image.Image]:
+        """Row ``i`` and its image; past an undecodable one, the next decodable row."""
+        for attempt in range(min(len(self.ds), 1000)):
+            j = (i + attempt) % len(self.ds)
+            try:
+                row = self.ds[j]
+                return row, to_mode(row[self.columns.image], self.columns.mode)
+            except DECODE_ERRORS as e:
+                where = self._source(j)
+                if self.bad_log is None:
+                    raise DataError(
+                        f"image {j} of the dataset ({where}) cannot be decoded ({type(e).__name__}: {e}); remove or "
+                        "replace it"
+                    ) from e
+                log_bad_image(self.bad_log, j, where, e)
+        raise DataError(f"no decodable image among 1000 rows from row {i} of the dataset; check the data")
+
+    def _source(self, j: int) -> str:
+        """The file an image came from, when the dataset knows it."""
+        try:
+            raw = self.ds.cast_column(self.columns.image, datasets.Image(decode=False))[j][self.columns.image]
+            return raw.get("path") or "embedded bytes"
+        except Exception:  # noqa: BLE001 - only for the error message
+            return "unknown source"
+
+
+class ImageDataset(Dataset):
+    """Images (and labels when the dataset has them) with a per-sample seeded transform.
+
+    Indices are ``(epoch, i)`` pairs (see ``EpochSampler``) or plain ints (epoch 0).
+    Items are ``(image (C, H, W) float, label int or -1)``, plus ``noise (noise_length,)`` when
+    ``noise_length`` is given (``seeded_sample``). Undecodable images: see ``ImageRows``. 16-bit and
+    32-bit grayscale images are scaled to 8 bits; every mode is converted to ``data.channels``.
+    """
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        transform: v2.Compose,
+        seed: int = 0,
+        noise_length: int | None = None,
+        bad_log: Path | None = None,
+    ) -> None:
+        self.rows = ImageRows(ds, cfg, bad_log)
+        self.transform, self.seed, self.noise_length = transform, seed, noise_length
+
+    @property
+    def ds(self) -> datasets.Dataset:
+        return self.rows.ds
+
+    @property
+    def image_col(self) -> str:
+        return self.rows.columns.image
+
+    @property
+    def label_col(self) -> str | None:
+        return self.rows.columns.label
+
+    @property
+    def mode(self) -> str:
+        return self.rows.columns.mode
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
+        epoch, i = index if isinstance(index, tuple) else (0, index)
+        row, image = self.rows.decodable(i)
+        x, noise = seeded_sample(self.transform, image, hash((self.seed, epoch, i)), self.noise_length)
+        label = self.rows.columns.label_of(row)
+        return (x, label) if noise is None else (x, label, noise)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` (L, RGB, RGBA). 16/32-bit integer and float grayscale are scaled to 8 bits
+    first (Pillow's own conversion would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        peak = float(a.max(initial=0))
+        if image.mode == "F":  # floats: [0, 1] as they are, anything larger by its maximum
+            top = 1.0 if peak <= 1 else peak
+        else:  # integers: the 16-bit range, unless values go beyond it
+            top = 65535.0 if peak <= 65535 else peak
+        image = Image.fromarray((np.clip(a / top, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def log_bad_image(bad_log: Path, key: int | str, where: str, error: Exception) -> None:
+    """One JSON line in ``bad_log``; ``key`` identifies the image for ``count_bad_images``."""
+    record = {"index": key, "source": where, "error": f"{type(error).__name__}: {error}"[:300]}
+    bad_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(bad_log, "a") as f:  # one short append per line: whole lines from every worker
+        f.write(json.dumps(record) + "\n")
+
+
+def count_bad_images(bad_log: Path) -> int:
+    """Distinct dataset rows recorded in ``bad_log`` (a row hit again after a resume counts once)."""
+    if not bad_log.is_file():
+        return 0
+    rows = set()
+    for line in bad_log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.add(json.loads(line)["index"])
+    return len(rows)
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch permutation, yielding ``(epoch, index)`` and cut to ``num_samples``.
+
+    ``num_samples`` is a whole number of global optimizer steps, so every process sees the same
+    number of full micro-batches and gradient accumulation never ends on a partial step.
+    Accelerate splits the resulting batches across processes.
+    """
+
+    def __init__(self, length: int, num_samples: int, seed: int) -> None:
+        self.length, self.num_samples, self.seed, self.epoch = length, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g)[: self.num_samples].tolist()
+        return iter((self.epoch, i) for i in order)

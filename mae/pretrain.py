@@ -1,0 +1,211 @@
+"""Pretraining: an autoencoder of any family trained by the step runner, its encoder exported at the end.
+
+The runner never knows which autoencoder it trains: the job calls ``model(images) -> AEOutput``
+and back-propagates ``loss``. One optimizer step consumes ``train.accum_steps`` micro-batches on
+every process (Accelerate averages gradients across processes and accumulates locally).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from timm.optim import create_optimizer_v2
+from torchvision.utils import save_image
+
+from mae import checkpoint as ckpt
+from mae.config import Config, ConfigError, Derived, derive, from_dict
+from mae.data.base import DataSource
+from mae.data.images import ImageDataset, eval_transform
+from mae.data.loading import DataError
+from mae.data.sources import build_source
+from mae.export import export_model
+from mae.interop import infer_architecture, load_into, load_weights
+from mae.models import MODELS, Autoencoder, build_model
+from mae.online_probe import OnlineProbe
+from mae.rundir import check_resumable, resumable_keys, start_run
+from mae.runner import Runner, StepLoss, accelerator_for, choose_attention, cosine_schedule, gathered, schedule_lines
+from mae.visualize import denormalize, save_recon_grid
+
+BAD_IMAGES = "bad_images.jsonl"
+# what may change when a pretraining run is resumed, beside the runner's own (``mae.rundir``)
+RESUMABLE = ("train.compile", "train.checkpoint_every", "train.recon_every", "train.recon_images")
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    export_dir: Path
+    steps: int
+    model: Autoencoder  # the trained model, unwrapped, on this process
+
+
+def build_optimizer(model: Autoencoder, cfg: Config, derived: Derived) -> torch.optim.Optimizer:
+    # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay,
+    # and skips frozen parameters (the fixed position embeddings).
+    t = cfg.train
+    return create_optimizer_v2(model, opt="adamw", lr=derived.lr, weight_decay=t.weight_decay, betas=t.betas)
+
+
+def describe_model(m: Any) -> str:
+    if m.name != "mae":
+        return m.name
+    return f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, decoder {m.decoder_embed_dim}x{m.decoder_depth}" + (
+        f" ({m.preset})" if m.preset else ""
+    )
+
+
+def load_init(accelerator: Accelerator, model: Autoencoder, cfg: Config) -> None:
+    """Starting weights from ``cfg.init`` (a fresh run only: a resumed run has its own)."""
+    state = load_weights(cfg.init)
+    done = load_into(model, state, cfg.init)
+    guessed = [k for k in infer_architecture(cfg.init, state).guessed if k.endswith("heads")]
+    heads = ", ".join(f"model.{k}={getattr(cfg.model, k)}" for k in guessed)
+    regrid = done["pos_embed_regrid"]
+    accelerator.print(
+        f"init from {cfg.init}: {done['loaded']} tensors"
+        + (f"; head counts are not recorded in the file, used {heads}" if guessed else "")
+        + (f"; fresh: {len(done['fresh'])} decoder tensors" if done["fresh"] else "")
+        + (f"; position embeddings for the new grid: {sorted(regrid)}" if regrid else "")
+    )
+
+
+class Pretraining:
+    """The runner's job for pretraining: the autoencoder's loss (and the online probe's), grids of
+    reconstructions, checkpoints every ``train.checkpoint_every`` steps."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, model: torch.nn.Module, source: DataSource,
+                 derived: Derived) -> None:  # fmt: skip
+        t = cfg.train
+        self.accelerator, self.cfg, self.derived, self.run_dir = accelerator, cfg, derived, Path(cfg.output_dir)
+        self.optimizers = [build_optimizer(model, cfg, derived)]
+        self.scheduler = cosine_schedule(self.optimizers[0], derived, t.min_lr)
+        self.model, self.optimizers[0] = accelerator.prepare(model, self.optimizers[0])
+        source.setup(accelerator, derived)
+        self.probe = self._online_probe(source)
+        self.modules = [self.model] if self.probe is None else [self.model, self.probe]
+        self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # compiled apart from what Accelerate holds, so checkpoints keep the plain parameter names
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        # fixed images for reconstruction grids: the first ones of the split, deterministic transform
+        shown = ImageDataset(source.first_rows(t.recon_images), cfg.data, eval_transform(cfg.data))
+        self.recon_images = torch.stack([shown[i][0] for i in range(min(t.recon_images, len(shown)))])
+
+    def _online_probe(self, source: DataSource) -> torch.nn.Module | None:
+        if not self.cfg.train.online_probe:
+            return None
+        if self.cfg.train.mixed_precision == "fp16":
+            # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
+            raise ConfigError("train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no")
+        feature = source.label_feature
+        if not isinstance(feature, datasets.ClassLabel):
+            raise DataError(
+                "train.online_probe=true needs a ClassLabel column (it gives the number of classes) and the dataset "
+                "has none; name one with data.label_column=NAME or set train.online_probe=false"
+            )
+        probe = OnlineProbe(self.accelerator.unwrap_model(self.model).feature_dim, feature.num_classes)
+        probe, optimizer = self.accelerator.prepare(probe, probe.optimizer())
+        self.optimizers.append(optimizer)
+        return probe
+
+    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss:
+        images, labels, *noise = batch
+        self.net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
+        out = self.forward(images, noise=noise[0]) if noise else self.forward(images)  # MAE: each sample's own mask
+        loss = out.loss
+        if self.probe is not None:
+            if out.features is None:
+                raise ConfigError(f"train.online_probe=true: model.name={self.cfg.model.name!r} returns no features")
+            probe_loss, probe_acc = self.probe(out.features, labels)
+            out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
+            loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
+        return StepLoss(loss, out.loss, out.terms)
+
+    def after_step(self, step: int, done: bool) -> None:
+        if step % self.cfg.train.recon_every == 0 or done:
+            self._recon(self.run_dir / f"recon_{step}.png")
+
+    def checkpoint_due(self, step: int, done: bool) -> bool:
+        return step % self.cfg.train.checkpoint_every == 0 or done
+
+    def before_checkpoint(self, step: int, done: bool) -> None:
+        pass
+
+    def loop_state(self, step: int) -> dict[str, Any]:
+        return {"epoch": step / self.derived.steps_per_epoch}
+
+    def load_loop_state(self, loop: dict[str, Any]) -> None:
+        pass
+
+    def _recon(self, path: Path) -> None:
+        """Write a reconstruction grid (main process), leaving every RNG stream untouched. Under FSDP
+        every process runs the forward (it gathers the shards: a collective); only the main one writes."""
+        acc, net, cfg = self.accelerator, self.net, self.cfg
+        sharded = acc.distributed_type == DistributedType.FSDP
+        if not (acc.is_main_process or sharded):
+            return
+        was_training = net.training
+        net.eval()
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), acc.autocast():
+            torch.manual_seed(cfg.train.seed)  # the same masks in every grid of the run
+            images = self.recon_images.to(acc.device)
+            out = net(images)
+            if acc.is_main_process:
+                save_recon_grid(path, images, out, cfg.data.mean, cfg.data.std)
+            if acc.is_main_process and hasattr(net, "sample") and not sharded:  # generative: prior samples beside it
+                samples = net.sample(len(images) * 4).float().cpu()
+                save_image(denormalize(samples, cfg.data.mean, cfg.data.std),
+                           str(path.with_name(path.name.replace("recon_", "samples_"))),
+                           nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip
+        net.train(was_training)
+
+
+def train(cfg: Config) -> RunResult:
+    """Pretrain (or resume) the run in ``cfg.output_dir``; the encoder is exported at the end."""
+    run_dir, t = Path(cfg.output_dir), cfg.train
+    idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
+    accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
+    if accelerator.is_main_process:
+        ckpt.remove_partial(run_dir)
+    accelerator.wait_for_everyone()
+    resume_from = ckpt.latest_checkpoint(run_dir)
+    set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
+
+    noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
+    with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
+        source = build_source(cfg, accelerator.process_index, accelerator.num_processes, run_dir / BAD_IMAGES, noise)
+    derived = derive(cfg, source.size, accelerator.num_processes)
+    if resume_from is not None:
+        check_resumable(run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
+
+    model = build_model(cfg)
+    if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
+        load_init(accelerator, model, cfg)
+    job = Pretraining(accelerator, cfg, model, source, derived)
+    params = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    attention = choose_attention(accelerator, job.net, t.attention)
+    accelerator.print(
+        f"model {describe_model(cfg.model)}: {params / 1e6:.2f}M trainable parameters\n"
+        f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
+        f"{derived.steps_per_epoch} steps/epoch\n" + schedule_lines(accelerator, t, derived, attention)
+    )
+    if source.describe():
+        accelerator.print(source.describe())
+    start_run(accelerator, run_dir, cfg, derived, "pretrain")
+    runner = Runner(accelerator, run_dir, t, derived, source, job, cfg.data.max_bad_images)
+    step = runner.run(runner.resume(resume_from), "pretrain")
+
+    export_dir = run_dir / "export"
+    model = gathered(accelerator, job.model, lambda: build_model(cfg))
+    if accelerator.is_main_process:
+        export_model(model, cfg, export_dir)
+        accelerator.print(f"exported to {export_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return RunResult(run_dir, export_dir, step, model)

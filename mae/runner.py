@@ -1,0 +1,347 @@
+"""The one step loop, shared by pretraining and fine-tuning.
+
+The runner owns what every training run does the same way: micro-batches through Accelerate's
+gradient accumulation, the lr as a pure function of the optimizer step, gradient clipping, the
+non-finite stop, metric lines, checkpoints, SIGTERM/SIGINT, resume and the images/s clock. It knows
+nothing of models or kinds of data: a ``Job`` gives the loss of a batch (and what to do after a
+step or before a checkpoint), a ``DataSource`` gives the batches from an optimizer step on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, parse_flag_from_env
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from mae import checkpoint as ckpt
+from mae.config import ConfigError, Derived, FinetuneConfig, TrainConfig
+from mae.data.base import DataSource
+from mae.data.images import count_bad_images
+from mae.errors import UserError
+from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
+from mae.preemption import Preempted, StopSignals
+from mae.rundir import truncate_metrics
+
+Section = TrainConfig | FinetuneConfig  # the config section a run trains by (``train`` or ``finetune``)
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss or the weights stopped being finite; nothing was saved after it happened."""
+
+    exit_code = 1
+
+
+class BadImagesError(UserError, RuntimeError):
+    """More undecodable images than ``data.max_bad_images``; checkpoints up to here are kept."""
+
+    exit_code = 1
+
+
+class StepLoss(NamedTuple):
+    backward: torch.Tensor  # what is back-propagated
+    logged: torch.Tensor  # what ``metrics.jsonl`` reports as the loss
+    terms: dict[str, torch.Tensor]  # detached parts, logged as ``terms/NAME``
+
+
+class Job(Protocol):
+    """What differs between pretraining and fine-tuning: the loss, and what happens around steps."""
+
+    model: torch.nn.Module  # prepared: clipped, checked finite before every checkpoint
+    modules: list[torch.nn.Module]  # accumulated together (the model, and e.g. an online probe)
+    optimizers: list[torch.optim.Optimizer]  # stepped together; the first follows ``scheduler``
+    scheduler: CosineLRScheduler
+
+    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss: ...
+
+    def after_step(self, step: int, done: bool) -> None: ...  # e.g. reconstruction grids
+
+    def checkpoint_due(self, step: int, done: bool) -> bool: ...
+
+    def before_checkpoint(self, step: int, done: bool) -> None: ...  # e.g. evaluation, classifiers
+
+    def loop_state(self, step: int) -> dict[str, Any]: ...  # kept in the checkpoint
+
+    def load_loop_state(self, loop: dict[str, Any]) -> None: ...
+
+
+def _accelerate_device() -> torch.device:
+    """The device type Accelerate will pick, known before it starts (it fixes the precision at start)."""
+    gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False) -> Accelerator:
+    """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
+    the torch threads split between the processes of this machine."""
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
+        gradient_accumulation_steps=t.accum_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # N copies of one run, each alone: N times the same work
+        raise ConfigError(
+            f"{launched} processes were launched but they do not form one group ({accelerator.num_processes} "
+            "seen by Accelerate); without a GPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "(or configs/accelerate/cpu_ddp.yaml)"
+        )
+    if accelerator.device.type == "cpu":
+        tune_cpu_allocator()
+        if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
+            raise ConfigError(f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no")
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
+    return accelerator
+
+
+def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested: str) -> str:
+    """Set the attention core of ``model``'s timm blocks for this device and precision (``mae.hardware``);
+    returns what was chosen, or 'none' for a model without attention."""
+    kind = resolve_attention(requested, accelerator.device, accelerator.mixed_precision)
+    return kind if set_attention(model, kind) else "none"
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: float) -> CosineLRScheduler:
+    """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step
+    (times each group's ``lr_scale``, e.g. from layer decay)."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=derived.total_steps - derived.warmup_steps,
+        lr_min=min_lr,
+        warmup_t=derived.warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def schedule_lines(accelerator: Accelerator, t: Section, derived: Derived, attention: str) -> str:
+    """The derived batch, lr and schedule, and where it runs: the setup printout's common part."""
+    threads = f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else ""
+    return (
+        f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
+        f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
+        f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
+        f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}"
+        f"{' (torch.compile)' if getattr(t, 'compile', False) else ''}; device {accelerator.device}{threads}"
+    )
+
+
+class MetricLog:
+    """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, step: int, images_per_step: int) -> None:
+        self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.count, self.last_step, self.bad_images = 0, step, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.tic = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        self.loss += loss.detach()
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0) + v.float().to(self.loss.device)  # reduced across processes
+        self.count += 1
+
+    def line(self, step: int, derived: Derived, optimizer: torch.optim.Optimizer, bar: tqdm, run_dir: Path) -> None:
+        """Collective: the mean loss over micro-batches and processes since the last line (stopping the
+        run if it is not finite), written with the lr (the largest group's: layer decay scales the
+        others) and shown on the bar."""
+        loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.count
+        if not math.isfinite(loss):
+            raise non_finite_error(f"loss became {loss}", step, run_dir)
+        lr = max(g["lr"] for g in optimizer.param_groups)
+        self.write(step, step / derived.steps_per_epoch, loss, lr)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, float]:
+        """Collective: every process calls it."""
+        mean = {k: self.accelerator.reduce(v, reduction="mean").item() / self.count for k, v in self.terms.items()}
+        seconds = time.perf_counter() - self.tic
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "images_per_s": (step - self.last_step) * self.images_per_step / seconds,
+            **{f"terms/{k}": v for k, v in mean.items()},
+        }
+        self.accelerator.log(record, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.loss.zero_()
+        self.terms.clear()
+        self.count, self.last_step = 0, step
+        return record
+
+    def check_bad_images(self, bad_log: Path | None, limit: int) -> None:
+        """Collective: the main process's count of distinct undecodable images, the same on every
+        process; past ``limit`` the run stops (before any later checkpoint), else a new count is reported."""
+        if bad_log is None:  # the source raises on an undecodable image instead
+            return
+        acc = self.accelerator
+        seen = count_bad_images(bad_log) if acc.is_main_process else 0
+        count = int(acc.reduce(torch.tensor(seen, device=acc.device), reduction="sum").item())
+        if count > limit:
+            raise BadImagesError(
+                f"{count} images could not be decoded (data.max_bad_images={limit}); they are listed in {bad_log}: "
+                "fix or remove them, or raise data.max_bad_images, and launch again to resume"
+            )
+        if count != self.bad_images:
+            self.bad_images = count
+            acc.print(f"\n{count} undecodable images skipped so far (each replaced by the next one; see {bad_log})")
+
+
+class Runner:
+    """Train ``job`` on ``source`` from a step to ``derived.total_steps``, in ``run_dir``."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        section: Section,
+        derived: Derived,
+        source: DataSource,
+        job: Job,
+        max_bad_images: int = 0,
+    ) -> None:
+        self.accelerator, self.run_dir, self.section, self.derived = accelerator, run_dir, section, derived
+        self.source, self.job, self.max_bad_images = source, job, max_bad_images
+
+    def resume(self, path: Path | None) -> int:
+        """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric lines past
+        it are dropped."""
+        step = 0
+        if path is not None:
+            loop = ckpt.load_checkpoint(self.accelerator, path)
+            step = loop["step"]
+            self.source.load_state_dict(ckpt.read_process_state(path, self.accelerator.process_index), str(path))
+            self.job.load_loop_state(loop)
+            self.accelerator.print(f"resumed from {path} at step {step}")
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        return step
+
+    def run(self, step: int, desc: str) -> int:
+        """The loop; returns the last step taken. SIGTERM/SIGINT: a checkpoint at the end of the step,
+        then ``Preempted``."""
+        acc, derived = self.accelerator, self.derived
+        log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
+        bar = tqdm(total=derived.total_steps, initial=step, disable=not acc.is_main_process, desc=desc)
+        with StopSignals() as stop, bar, contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.source.close)  # however the loop ends, the data's workers stop with it
+            while step < derived.total_steps:
+                for batch in self.source.batches(step):
+                    self._micro_step(batch, step, log)
+                    if not acc.sync_gradients:
+                        continue
+                    step += 1
+                    bar.update(1)
+                    if self._after_step(step, log, bar, stop):
+                        break
+        return step
+
+    def _micro_step(self, batch: tuple[torch.Tensor, ...], step: int, log: MetricLog) -> None:
+        acc, job = self.accelerator, self.job
+        with acc.accumulate(*job.modules):
+            out = job.loss(batch, step)
+            acc.backward(out.backward)
+            if acc.sync_gradients:
+                job.scheduler.step_update(step)  # lr for the step being taken
+                if self.section.clip_grad is not None:
+                    acc.clip_grad_norm_(job.model.parameters(), self.section.clip_grad)
+            for optimizer in job.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        log.add(out.logged, out.terms)
+
+    def _after_step(self, step: int, log: MetricLog, bar: tqdm, stop: StopSignals) -> bool:
+        """Log, the job's own work, checkpoint and signals after optimizer step ``step``; True at the end."""
+        done = step >= self.derived.total_steps
+        due = self.job.checkpoint_due(step, done)
+        if step % self.section.log_every == 0 or due or done:  # a line at every checkpoint: resumes log exactly
+            log.line(step, self.derived, self.job.optimizers[0], bar, self.run_dir)
+            log.check_bad_images(self.source.bad_log, self.max_bad_images)
+        self.job.after_step(step, done)
+        if due:
+            self.save(step, done)
+        signum = None if done else stop.requested(self.accelerator)
+        if signum is not None:
+            stop_for_signal(self.accelerator, step, self.derived.total_steps, self.run_dir, signum,
+                            None if due else self.save)  # fmt: skip
+        if log.last_step == step:  # grids, evaluation and checkpoints do not count against the next images/s
+            log.restart_clock()
+        return done
+
+    def save(self, step: int, done: bool = False) -> None:
+        """Collective: the checkpoint of ``step`` (the job's work before it first, when it is due)."""
+        check_finite_weights(self.job.model, step, self.run_dir)
+        if self.job.checkpoint_due(step, done):
+            self.job.before_checkpoint(step, done)
+        loop = self.job.loop_state(step)
+        ckpt.save_checkpoint(self.accelerator, self.run_dir, step, loop, self.section.keep_checkpoints,
+                             process_state=self.source.state_dict())  # fmt: skip
+
+
+def stop_for_signal(
+    accelerator: Accelerator, step: int, total: int, run_dir: Path, signum: int, save: Callable[[int], None] | None
+) -> None:
+    """Collective: ``save`` the checkpoint of ``step`` (None: it was just written), then ``Preempted``."""
+    if save is not None:
+        save(step)
+    accelerator.end_training()
+    raise Preempted(
+        f"stopped by {signal.Signals(signum).name} after step {step} of {total}; checkpoint "
+        f"{run_dir}/checkpoints/step_{step} written: launch the same command again to resume",
+        signum,
+    )
+
+
+def check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+    """A finite loss can still come with an update that overflowed; never checkpoint such weights.
+    (Replicas are identical, so every process reaches the same verdict.)"""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise non_finite_error(f"weights became non-finite ({bad})", step, run_dir)
+
+
+def non_finite_error(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} by step {step}; stopped without saving. Last good checkpoint: "
+        f"{ckpt.latest_checkpoint(run_dir) or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
+    )
+
+
+def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The trained model as a plain module, to write files from. Under FSDP its shards are gathered
+    (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh copy from
+    ``build`` on the main process; elsewhere it is the unwrapped model itself."""
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return net
+    state = accelerator.get_state_dict(model)  # full tensors on the main process
+    if not accelerator.is_main_process:
+        return net
+    with torch.random.fork_rng(devices=[]):  # building seeds; training's random streams go on untouched
+        full = build()
+    full.load_state_dict(state)
+    return full
