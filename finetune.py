@@ -5,13 +5,13 @@
 ``accelerate launch`` for several processes). Each writes ``results.json`` (top-1, top-5, per-class
 accuracy, config, encoder digest) into ``output_dir`` and prints one line per metric. SOURCE: an
 export dir, a run dir, timm:NAME, random:DIR (the same architecture at random init) or pixels:SIZE
-(raw pixels; probes only). See README.md.
+(raw pixels; probes only). See docs/evaluation.md.
 """
 
 import sys
 
 from mae.cli import main
-from mae.config import EvalConfig, load_eval_config
+from mae.eval_config import EvalConfig, load_eval_config
 
 
 def run(cfg: EvalConfig) -> None:

@@ -1,13 +1,14 @@
 """Pretrain an autoencoder: ``accelerate launch pretrain.py [--config FILE] [dotted.key=value ...]``.
 
 With no arguments: the default recipe (MAE ViT-Tiny/4) on the CIFAR-10 sample shipped in the
-package. See README.md for datasets, multi-GPU/multi-node launches and resuming.
+package. See docs/pretraining.md, docs/data.md and docs/distributed.md.
 """
 
 import sys
 
 from mae.cli import main
-from mae.config import Config, load_config
+from mae.config import Config
+from mae.interop import load_pretrain_config  # the recipe, with the architecture of an init= checkpoint
 
 
 def pretrain(cfg: Config) -> None:
@@ -17,4 +18,4 @@ def pretrain(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0], load_config, pretrain, sys.argv[1:]))
+    sys.exit(main(__doc__.split("\n\n")[0], load_pretrain_config, pretrain, sys.argv[1:]))

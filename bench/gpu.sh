@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of the README's performance table, in one go, most important first:
+# The GPU rows of docs/results.md (NVIDIA H200), in one go, most important first:
 #   ViT-B/16 and ViT-L/16 against Hugging Face ViTMAE (fp32 and bf16, memory, MFU), ViT-B/16 at a
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
 #   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px), and of

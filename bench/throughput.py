@@ -46,9 +46,9 @@ from mae.data.images import EpochSampler, ImageDataset, augment_transform  # noq
 from mae.data.loaded import worker_loader  # noqa: E402
 from mae.data.loading import load_split  # noqa: E402
 from mae.data.on_device import DecodedImages, DeviceAugment, key_loader  # noqa: E402
-from mae.pretrain import build_optimizer  # noqa: E402
 from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator  # noqa: E402
 from mae.models import build_model  # noqa: E402
+from mae.pretrain import build_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 Step = Callable[[torch.Tensor], torch.Tensor]

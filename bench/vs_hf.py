@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT))
 from throughput import sync  # noqa: E402  (bench/ is the script's own folder)
 
 from mae.config import Config, derive, load_config  # noqa: E402
-from mae.pretrain import build_optimizer  # noqa: E402
 from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
 from mae.models import build_model  # noqa: E402
+from mae.pretrain import build_optimizer  # noqa: E402
 
 SETTINGS = {  # name -> (preset, image size, CPU batch, GPU batch)
     "tiny": ("vit_tiny_patch4", 32, 256, 1024),

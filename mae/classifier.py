@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from timm.models import get_model_args
 from torch import nn
 
-from mae.config import ConfigError, EvalConfig
+from mae.config import ConfigError
 from mae.encoders import FrozenEncoder, load_encoder
+from mae.eval_config import EvalConfig
 from mae.export import replace_dir, save_timm
 
 # Parameters a timm classifier may add to or drop from its encoder's weights.

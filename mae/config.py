@@ -4,7 +4,7 @@ A recipe file holds only what differs from the defaults below; ``key=value`` arg
 override it (values are parsed as YAML, so ``train.max_steps=30`` is an int and
 ``data.crop_scale=[0.3,1.0]`` a list). Unknown keys, wrong types and invalid values raise
 ``ConfigError`` naming the key and what is allowed, before any work starts. The resolved
-config is frozen.
+config is frozen. The evaluation schema (``finetune.py``) is in ``mae.eval_config``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
@@ -21,15 +21,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "EvalConfig",
-    "FinetuneConfig",
     "ModelConfig",
     "TrainConfig",
     "derive",
     "derive_schedule",
     "from_dict",
     "load_config",
-    "load_eval_config",
     "read_yaml",
     "to_dict",
 ]
@@ -43,8 +40,8 @@ class ModelConfig:
     # model family in the registry (mae.models.MODELS): mae, or a classic autoencoder:
     # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational), stacked_ae
     name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"] = "mae"
-    # fills the architecture keys below that are left unset (default vit_tiny_patch4; with init=, the
-    # checkpoint's own architecture fills them instead)
+    # fills the architecture keys below that are left unset (mae.presets; default vit_tiny_patch4; with
+    # init=, pretraining fills them from the checkpoint instead: mae.interop.load_pretrain_config)
     preset: str | None = None
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -197,13 +194,45 @@ def resolve(cfg: Config) -> Config:
 Check = tuple[bool, str, Any, str]  # (valid?, key, value, what is allowed)
 
 
+class Schedule(Protocol):
+    """A training section: ``train`` here, ``finetune`` of ``mae.eval_config.FinetuneConfig``; what the checks
+    and ``derive_schedule`` below read of it (read-only: the sections are frozen)."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def max_steps(self) -> int | None: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def accum_steps(self) -> int: ...
+    @property
+    def blr(self) -> float: ...
+    @property
+    def min_lr(self) -> float: ...
+    @property
+    def warmup_epochs(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def betas(self) -> tuple[float, float]: ...
+    @property
+    def clip_grad(self) -> float | None: ...
+    @property
+    def cpu_threads(self) -> int | None: ...
+    @property
+    def log_every(self) -> int: ...
+    @property
+    def keep_checkpoints(self) -> int: ...
+
+
 def raise_first_invalid(checks: list[Check]) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
 
 
-def schedule_checks(t: TrainConfig | FinetuneConfig, key: str) -> list[Check]:
+def schedule_checks(t: Schedule, key: str) -> list[Check]:
     """The checks a training section (``train`` or ``finetune``) shares: length, batch, lr, optimizer."""
     return [
         (t.epochs > 0, f"{key}.epochs", t.epochs, "a positive integer"),
@@ -345,7 +374,7 @@ def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
     return derive_schedule(cfg.train, dataset_size, num_processes, "train")
 
 
-def derive_schedule(t: TrainConfig | FinetuneConfig, dataset_size: int, num_processes: int, key: str) -> Derived:
+def derive_schedule(t: Schedule, dataset_size: int, num_processes: int, key: str) -> Derived:
     """Batch, lr and step counts of a training section (``key`` names it in errors)."""
     effective = t.batch_size * t.accum_steps * num_processes
     per_epoch = dataset_size // effective
@@ -360,159 +389,6 @@ def derive_schedule(t: TrainConfig | FinetuneConfig, dataset_size: int, num_proc
     if t.min_lr > lr:
         raise ConfigError(f"{key}.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class EvalDataConfig:
-    """Which images to evaluate on. Input size, channels and normalisation come from the encoder."""
-
-    dataset: str = "sample"  # as data.dataset of pretraining
-    split: str = "train"  # the split the probe is fitted on
-    eval_split: str | None = None  # default: test, else validation, else a stratified holdout of `split`
-    holdout_fraction: float = 0.1  # only when there is no evaluation split
-    image_column: str | None = None
-    label_column: str | None = None  # default: the first ClassLabel feature (labels are required)
-    num_workers: int = 2
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    features: Literal["default", "cls", "avg"] = "default"  # default: the pooling the encoder was made for
-    batch_size: int = 1024  # linear probe (MAE: 16384 on ImageNet)
-    epochs: int = 90
-    blr: float = 10.0  # lr = blr x batch_size / 256, LARS (MAE: 0.1 at batch 16384; measured on CIFAR-10 features)
-    weight_decay: float = 0.0
-    warmup_epochs: int = 10
-    k: int = 20  # kNN neighbours
-    temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
-    # true: fit on features extracted once (fast; no augmentation). false: the paper's protocol, each
-    # epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per image per epoch)
-    cached: bool = True
-    extract_batch_size: int = 256
-    # features under bf16 autocast (auto: where the device computes bf16 natively, as for training; the
-    # official linear probe also runs under autocast) or fp32 (no)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    # features of the last N transformer blocks concatenated (each pooled, through the final norm), as
-    # DINO/iBOT probe; 1: the encoder's output only (the MAE paper's protocol)
-    blocks: int = 1
-    # the linear probe's head: bn, BatchNorm1d(affine=False) + Linear (the MAE paper's: it normalises
-    # each feature with the training set's statistics); linear, a plain Linear on the raw features
-    head: Literal["bn", "linear"] = "bn"
-    cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Whole-network fine-tuning; defaults are the MAE paper's ViT-B recipe (its batch 1024 is
-    batch_size x accum_steps x processes)."""
-
-    epochs: int = 100
-    max_steps: int | None = None  # stop after this many optimizer steps; overrides epochs
-    batch_size: int = 128  # per process, per micro-batch
-    accum_steps: int = 1
-    blr: float = 5e-4  # lr = blr x effective batch / 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.65  # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
-    drop_path: float = 0.1  # stochastic depth rate of the last block
-    clip_grad: float | None = None
-    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
-    image_size: int | None = None  # default: the encoder's; another size resamples the position embeddings
-    # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing, mixup/cutmix
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # a timm auto-augment spec; null disables it
-    reprob: float = 0.25  # random erasing probability
-    mixup: float = 0.8  # mixup alpha (0 disables)
-    cutmix: float = 1.0  # cutmix alpha (0 disables)
-    mixup_prob: float = 1.0  # probability of mixing a batch
-    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    smoothing: float = 0.1  # label smoothing
-    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
-    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
-    # auto: math on CPU under bf16, where it is faster, else fused
-    attention: Literal["auto", "fused", "math"] = "auto"
-    cpu_threads: int | None = None  # as train.cpu_threads
-    eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
-    log_every: int = 10  # optimizer steps between metric lines
-    keep_checkpoints: int = 2
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    # export dir | run dir | weights file or checkpoint folder (official MAE .pth, .safetensors) |
-    # Hugging Face ViTMAE folder | timm:NAME | random:SOURCE | pixels:SIZE
-    encoder: str | None = None
-    init: str | None = None  # the same as encoder= (the key pretrain.py uses for starting weights)
-    # heads per block of a weights-file encoder: files do not record it (default: its preset's, else 64
-    # channels per head)
-    num_heads: int | None = None
-    mode: Literal["linear", "knn", "finetune"] = "linear"
-    output_dir: str = "runs/eval"
-    seed: int = 0
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
-    cfg = load_raw(path, overrides, EvalConfig)
-    if cfg.init is not None:
-        if cfg.encoder is not None and cfg.encoder != cfg.init:
-            raise ConfigError(f"encoder={cfg.encoder!r} and init={cfg.init!r} name two encoders; give one of them")
-        cfg = dataclasses.replace(cfg, encoder=cfg.init)
-    d, p = cfg.data, cfg.probe
-    checks = [
-        (
-            cfg.encoder is not None,
-            "encoder",
-            cfg.encoder,
-            "an export dir, a run dir, a weights file, timm:NAME, random:SOURCE or pixels:SIZE",
-        ),
-        (d.eval_split != d.split, "data.eval_split", d.eval_split, f"another split than data.split={d.split!r}"),
-        (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),
-        (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
-        (cfg.num_heads is None or cfg.num_heads > 0, "num_heads", cfg.num_heads, "a positive integer or null"),
-        (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),
-        (p.epochs > 0, "probe.epochs", p.epochs, "a positive integer"),
-        (p.blr > 0, "probe.blr", p.blr, "a positive number"),
-        (p.weight_decay >= 0, "probe.weight_decay", p.weight_decay, "0 or more"),
-        (0 <= p.warmup_epochs < p.epochs, "probe.warmup_epochs", p.warmup_epochs, "in [0, probe.epochs)"),
-        (p.k > 0, "probe.k", p.k, "a positive integer"),
-        (p.blocks > 0, "probe.blocks", p.blocks, "a positive integer"),
-        (p.temperature > 0, "probe.temperature", p.temperature, "a positive number"),
-        (p.extract_batch_size > 0, "probe.extract_batch_size", p.extract_batch_size, "a positive integer"),
-        (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
-    ]
-    f = cfg.finetune
-    checks += [
-        *schedule_checks(f, "finetune"),
-        (0 < f.layer_decay <= 1, "finetune.layer_decay", f.layer_decay, "in (0, 1]; 1 disables it"),
-        (0 <= f.drop_path < 1, "finetune.drop_path", f.drop_path, "in [0, 1)"),
-        (f.image_size is None or f.image_size > 0, "finetune.image_size", f.image_size, "a positive integer or null"),
-        crop_scale_check(f.crop_scale, "finetune.crop_scale"),
-        (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
-        (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),
-        (f.cutmix >= 0, "finetune.cutmix", f.cutmix, "0 (off) or a positive alpha"),
-        (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, "a probability in [0, 1]"),
-        (0 <= f.mixup_switch_prob <= 1, "finetune.mixup_switch_prob", f.mixup_switch_prob, "a probability in [0, 1]"),
-        (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
-        (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
-    ]
-    raise_first_invalid(checks)
-    if cfg.mode == "finetune" and (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0 and f.batch_size % 2:
-        raise ConfigError(
-            f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images within a batch); "
-            "choose an even batch size or set finetune.mixup=0 finetune.cutmix=0"
-        )
-    return cfg
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

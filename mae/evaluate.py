@@ -43,10 +43,11 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import save_image
 
-from mae.config import Config, DataConfig, ProbeConfig
+from mae.config import Config, DataConfig
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError, load_splits, pick_split
 from mae.errors import UserError
+from mae.eval_config import ProbeConfig
 from mae.export import load_run_model
 from mae.models.dae import corrupt_pixels
 from mae.probe import accuracy, knn_scores, linear_probe

@@ -7,7 +7,8 @@ position embeddings resampled when ``finetune.image_size`` differs from the enco
 autoencoder's ``encode`` features get a linear head and train end to end. Training: AdamW with
 layer-wise lr decay (timm's param groups), lr = blr x batch / 256, warmup + cosine per step,
 RandAugment + random erasing, mixup/cutmix with a soft-target loss, label smoothing, all through
-Accelerate (mixed precision, processes, accumulation); the loop is ``mae.runner``'s. Every ``eval_every`` epochs: accuracy on the evaluation split, a checkpoint
+Accelerate (mixed precision, processes, accumulation); the loop is ``mae.runner``'s. Every ``eval_every``
+epochs: accuracy on the evaluation split, a checkpoint
 (resume is exact), and the ``last/`` and ``best/`` classifiers (timm's format for a timm encoder).
 """
 
@@ -30,10 +31,11 @@ from torch.utils.data import DataLoader
 
 from mae import checkpoint as ckpt
 from mae.classifier import Classifier, build_classifier, save_classifier
-from mae.config import DataConfig, Derived, EvalConfig, FinetuneConfig, derive_schedule, to_dict
+from mae.config import DataConfig, Derived, derive_schedule, to_dict
 from mae.config_loader import build
 from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
+from mae.eval_config import EvalConfig, FinetuneConfig
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
 from mae.runner import Runner, StepLoss, accelerator_for, choose_attention, cosine_schedule, gathered, schedule_lines

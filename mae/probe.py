@@ -35,10 +35,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mae.config import DataConfig, EvalConfig, ProbeConfig, to_dict
+from mae.config import DataConfig, to_dict
 from mae.data.images import EpochSampler, ImageDataset, augment_transform
 from mae.data.loading import DataError, label_column, load_splits, pick_split
 from mae.encoders import FrozenEncoder, load_encoder
+from mae.eval_config import EvalConfig, ProbeConfig
 
 # ---------------------------------------------------------------------------------------------- features
 

@@ -26,10 +26,11 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
-from mae.config import ConfigError, Derived, FinetuneConfig, TrainConfig
+from mae.config import ConfigError, Derived, TrainConfig
 from mae.data.base import DataSource
 from mae.data.images import count_bad_images
 from mae.errors import UserError
+from mae.eval_config import FinetuneConfig
 from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
 from mae.preemption import Preempted, StopSignals
 from mae.rundir import truncate_metrics

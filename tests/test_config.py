@@ -3,7 +3,17 @@ import dataclasses
 import pytest
 import yaml
 
-from mae.config import Config, ConfigError, EvalConfig, derive, from_dict, load_config, load_eval_config, to_dict
+from mae.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    derive,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from mae.eval_config import EvalConfig, load_eval_config
+from mae.presets import PRESET_KEYS, PRESETS
 
 
 def test_defaults_resolve_preset():
@@ -21,6 +31,17 @@ def test_recipe_then_overrides(tmp_path):
     assert cfg.train.blr == 2e-3 and isinstance(cfg.train.blr, float)
     assert cfg.data.crop_scale == (0.3, 1.0)
     assert cfg.output_dir == "x"
+
+
+def test_a_preset_is_a_named_record_of_model_keys_and_fills_them_all():
+    small = PRESETS["vit_small_patch4"]
+    assert (small.patch_size, small.embed_dim, small.num_heads, small.decoder_embed_dim) == (4, 384, 6, 256)
+    assert set(PRESET_KEYS) <= {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = load_config(None, ["model.preset=vit_small_patch4"])
+    assert {k: getattr(cfg.model, k) for k in PRESET_KEYS} == dataclasses.asdict(small)
+    assert cfg.model.preset == "vit_small_patch4"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        small.depth = 6
 
 
 def test_frozen():

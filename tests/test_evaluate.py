@@ -99,7 +99,7 @@ def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
 
 
 def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
-    from mae.config import load_eval_config
+    from mae.eval_config import load_eval_config
     from mae.probe import probe
 
     assert main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0

@@ -52,13 +52,13 @@ def test_command_line_export_matches_and_failure_keeps_old(trained, tmp_path, ca
 
 
 def test_an_interrupted_swap_is_repaired_before_the_next_one(tmp_path):
-    from mae.export import _replace_dir
+    from mae.export import replace_dir
 
     out = tmp_path / "export"
     (tmp_path / "export.old").mkdir()  # the swap died after setting the old export aside
     (tmp_path / "export.old" / "model.safetensors").write_text("previous")
     with pytest.raises(RuntimeError):
-        _replace_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
+        replace_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
     assert (out / "model.safetensors").read_text() == "previous"  # back in place, and kept by the failure
-    _replace_dir(out, lambda tmp: (tmp.mkdir(), (tmp / "model.safetensors").write_text("new")))
+    replace_dir(out, lambda tmp: (tmp.mkdir(), (tmp / "model.safetensors").write_text("new")))
     assert (out / "model.safetensors").read_text() == "new" and not (tmp_path / "export.old").exists()

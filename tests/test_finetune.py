@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from mae import finetune as ft
 from mae import pretrain, runner
-from mae.config import ConfigError, DataConfig, FinetuneConfig, derive_schedule, load_config, load_eval_config
+from mae.config import ConfigError, DataConfig, derive_schedule, load_config
 from mae.data.images import ImageDataset
 from mae.data.loading import load_split
 from mae.encoders import load_encoder
+from mae.eval_config import FinetuneConfig, load_eval_config
 from mae.preemption import Preempted
 
 

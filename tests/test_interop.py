@@ -167,8 +167,8 @@ def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
 
 
 def test_a_hugging_face_folder_is_an_encoder_source_for_probes_and_fine_tuning(tmp_path):
-    from mae.config import load_eval_config
     from mae.encoders import load_encoder
+    from mae.eval_config import load_eval_config
     from mae.finetune import build_classifier
     from mae.interop import to_hf
 
@@ -236,8 +236,8 @@ def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decod
 
 
 def test_official_weights_are_an_encoder_source_and_finetune_takes_init(tmp_path):
-    from mae.config import load_eval_config
     from mae.encoders import load_encoder
+    from mae.eval_config import load_eval_config
     from mae.finetune import build_classifier
 
     source = tiny(4, *ODD)

@@ -12,9 +12,10 @@ import torch
 from helpers import ROOT, TINY, colour_folder
 
 from mae import evaluate, pretrain
-from mae.config import ConfigError, DataConfig, ProbeConfig, load_config, load_eval_config
+from mae.config import ConfigError, DataConfig, load_config
 from mae.data.loading import load_split
 from mae.encoders import load_encoder, weights_sha256
+from mae.eval_config import ProbeConfig, load_eval_config
 from mae.probe import (
     accuracy,
     cached_features,

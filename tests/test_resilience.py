@@ -334,7 +334,7 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
 
 def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys):
     from mae.cli import main
-    from mae.config import load_eval_config
+    from mae.eval_config import load_eval_config
     from mae.probe import probe
 
     (tmp_path / "empty/a").mkdir(parents=True)
