@@ -16,11 +16,8 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
   (fitted on ``--fit-split``), and a 2-D PCA scatter of the codes coloured by class.
 - ``sample`` (generative models): a grid of prior samples and latent interpolations between
   pairs of the split's images.
-- ``report`` (``mae.results_table``): one table across runs (``--run`` repeated): each run's probes
-  (``results.json`` files of ``finetune.py`` found under ``--results``, matched by encoder, random
-  init included) and the tasks above found in ``RUN/evaluate/``; and one table of every
-  ``results.json`` under ``--results`` (encoder, mode, top-1, top-5, sizes, settings). Written as
-  ``report.md`` + ``report.json`` in ``--out`` with the figures copied into ``--out/figures``.
+- ``report``: the tables of ``mae.results_table`` (runs with their probes and the tasks above;
+  every ``results.json`` under ``--results``) as ``report.md`` + ``report.json`` in ``--out``.
 
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
 (``"inf"`` when every image is reproduced exactly), ``psnr_db_mean`` the mean over the images
