@@ -39,8 +39,8 @@ class Classifier:
 
 
 class EncodeClassifier(nn.Module):
-    """A classic autoencoder's ``encode`` features (B, D) and a linear head, trained end to end. Only
-    the parameters ``encode`` reaches are trained; the rest (the decoder) are frozen and unused."""
+    """A classic autoencoder's ``encode`` features (B, D) and a linear head, trained end to end
+    (``_encode_classifier`` freezes what ``encode`` does not reach, e.g. the decoder)."""
 
     def __init__(self, autoencoder: nn.Module, num_classes: int) -> None:
         super().__init__()
@@ -73,7 +73,7 @@ def _encode_classifier(
     cfg: EvalConfig, encoder: FrozenEncoder, num_classes: int
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """``EncodeClassifier`` of a project autoencoder; the parameters ``encode`` does not reach (found by
-    one backward pass on a blank batch) stay frozen and are listed as dropped."""
+    one backward pass on a blank batch, in eval mode) stay frozen, kept as they are and listed as frozen."""
     f, data_config = cfg.finetune, dict(encoder.data_config)
     size = data_config["input_size"][1]
     if not any(True for _ in encoder.module.parameters()):
@@ -93,7 +93,7 @@ def _encode_classifier(
         p.grad = None
         p.requires_grad_(name not in unused)
     model.train()
-    init = {"fresh": ["head.bias", "head.weight"], "dropped": unused, "pos_embed_resampled": None}
+    init = {"fresh": ["head.bias", "head.weight"], "dropped": [], "frozen": unused, "pos_embed_resampled": None}
     return model, init, data_config
 
 

@@ -38,7 +38,16 @@ from mae.data.loaded import LoadedSource
 from mae.eval_config import EvalConfig, FinetuneConfig
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
-from mae.runner import Runner, StepLoss, accelerator_for, choose_attention, cosine_schedule, gathered, schedule_lines
+from mae.runner import (
+    Runner,
+    StepLoss,
+    accelerator_for,
+    choose_attention,
+    cosine_schedule,
+    gathered,
+    prepare_with_data,
+    schedule_lines,
+)
 
 # what may change when a fine-tuning run is resumed, beside the runner's own (``mae.rundir``)
 RESUMABLE = ("probe.cache_dir", "probe.extract_batch_size")
@@ -72,16 +81,19 @@ def train_transform(f: FinetuneConfig, data_config: dict[str, Any]) -> Any:
     return transform
 
 
-def build_optimizer(model: nn.Module, f: FinetuneConfig, derived: Derived) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, f: FinetuneConfig, derived: Derived, layered: bool = True
+) -> torch.optim.Optimizer:
     """AdamW; with layer decay each group carries ``lr_scale`` = decay^(depth + 1 - layer), which
-    timm's scheduler multiplies into the lr (head: 1, patch embedding: decay^(depth + 1))."""
+    timm's scheduler multiplies into the lr (head: 1, patch embedding: decay^(depth + 1)). ``layered``:
+    the model has timm's layer grouping (a classic autoencoder's classifier has none: no decay)."""
     return create_optimizer_v2(
         model,
         opt="adamw",
         lr=derived.lr,
         weight_decay=f.weight_decay,
         betas=f.betas,
-        layer_decay=f.layer_decay if f.layer_decay < 1 else None,
+        layer_decay=f.layer_decay if f.layer_decay < 1 and layered else None,
     )
 
 
@@ -134,13 +146,13 @@ class Finetuning:
         f = cfg.finetune
         self.accelerator, self.cfg, self.clf, self.derived, self.names = accelerator, cfg, clf, derived, names
         self.run_dir = Path(cfg.output_dir)
-        optimizer = build_optimizer(clf.model, f, derived)
+        optimizer = build_optimizer(clf.model, f, derived, layered=clf.kind == "timm")
         self.scheduler = cosine_schedule(optimizer, derived, f.min_lr)
         self.mixup = build_mixup(f, len(names))
         self.criterion = _criterion(f, self.mixup)
-        self.model, optimizer = accelerator.prepare(clf.model, optimizer)
-        source.setup(accelerator, derived)
-        self.eval_loader = accelerator.prepare(eval_loader)
+        self.model, optimizer, self.eval_loader = prepare_with_data(
+            accelerator, source, derived, clf.model, optimizer, after=(eval_loader,)
+        )
         self.optimizers, self.modules = [optimizer], [self.model]
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -251,11 +263,13 @@ def _print_setup(accelerator: Accelerator, cfg: EvalConfig, clf: Classifier, der
     f, init = cfg.finetune, clf.init
     params = sum(p.numel() for p in clf.model.parameters() if p.requires_grad)
     resampled = init["pos_embed_resampled"]
+    timm_model = clf.kind == "timm"  # global pool and layer decay are timm's; a classic encoder's are its own
+    pool = f.global_pool if timm_model else "encode()"
     accelerator.print(
-        f"classifier from {cfg.encoder}: {params / 1e6:.2f}M parameters, {classes} classes, pool {f.global_pool}; "
+        f"classifier from {cfg.encoder}: {params / 1e6:.2f}M parameters, {classes} classes, pool {pool}; "
         f"fresh {init['fresh']}, dropped {init['dropped']}"
         + (f"; pos_embed {resampled['from']} -> {resampled['to']}" if resampled else "")
         + f"\ndata {cfg.data.dataset}: {derived.dataset_size} training images, {eval_size} evaluation images, "
-        f"{derived.steps_per_epoch} steps/epoch; layer decay {f.layer_decay}\n"
+        f"{derived.steps_per_epoch} steps/epoch; layer decay {f.layer_decay if timm_model else 'none'}\n"
         + schedule_lines(accelerator, f, derived, attention)
     )

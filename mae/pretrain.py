@@ -29,7 +29,16 @@ from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.rundir import check_resumable, resumable_keys, start_run
-from mae.runner import Runner, StepLoss, accelerator_for, choose_attention, cosine_schedule, gathered, schedule_lines
+from mae.runner import (
+    Runner,
+    StepLoss,
+    accelerator_for,
+    choose_attention,
+    cosine_schedule,
+    gathered,
+    prepare_with_data,
+    schedule_lines,
+)
 from mae.visualize import denormalize, save_recon_grid
 
 BAD_IMAGES = "bad_images.jsonl"
@@ -85,8 +94,7 @@ class Pretraining:
         self.accelerator, self.cfg, self.derived, self.run_dir = accelerator, cfg, derived, Path(cfg.output_dir)
         self.optimizers = [build_optimizer(model, cfg, derived)]
         self.scheduler = cosine_schedule(self.optimizers[0], derived, t.min_lr)
-        self.model, self.optimizers[0] = accelerator.prepare(model, self.optimizers[0])
-        source.setup(accelerator, derived)
+        self.model, self.optimizers[0] = prepare_with_data(accelerator, source, derived, model, self.optimizers[0])
         self.probe = self._online_probe(source)
         self.modules = [self.model] if self.probe is None else [self.model, self.probe]
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -178,8 +186,8 @@ def train(cfg: Config) -> RunResult:
     set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 
     noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
-    with accelerator.local_main_process_first():  # one process per machine builds the datasets cache
-        source = build_source(cfg, accelerator.process_index, accelerator.num_processes, run_dir / BAD_IMAGES, noise)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    source = build_source(cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first)
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
         check_resumable(run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
@@ -193,12 +201,12 @@ def train(cfg: Config) -> RunResult:
     accelerator.print(
         f"model {describe_model(cfg.model)}: {params / 1e6:.2f}M trainable parameters\n"
         f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
-        f"{derived.steps_per_epoch} steps/epoch\n" + schedule_lines(accelerator, t, derived, attention)
+        f"{derived.steps_per_epoch} steps/epoch\n" + schedule_lines(accelerator, t, derived, attention, t.compile)
     )
     if source.describe():
         accelerator.print(source.describe())
     start_run(accelerator, run_dir, cfg, derived, "pretrain")
-    runner = Runner(accelerator, run_dir, t, derived, source, job, cfg.data.max_bad_images)
+    runner = Runner(accelerator, run_dir, t, derived, source, job)
     step = runner.run(runner.resume(resume_from), "pretrain")
 
     export_dir = run_dir / "export"

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from mae import checkpoint as ckpt
 from mae.config import ConfigError, Derived, TrainConfig
 from mae.data.base import DataSource
-from mae.data.images import count_bad_images
 from mae.errors import UserError
 from mae.eval_config import FinetuneConfig
 from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
@@ -40,12 +39,6 @@ Section = TrainConfig | FinetuneConfig  # the config section a run trains by (``
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the weights stopped being finite; nothing was saved after it happened."""
-
-    exit_code = 1
-
-
-class BadImagesError(UserError, RuntimeError):
-    """More undecodable images than ``data.max_bad_images``; checkpoints up to here are kept."""
 
     exit_code = 1
 
@@ -117,6 +110,22 @@ def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested
     return kind if set_attention(model, kind) else "none"
 
 
+def prepare_with_data(
+    accelerator: Accelerator, source: DataSource, derived: Derived, *objects: Any, after: tuple[Any, ...] = ()
+) -> list[Any]:
+    """``objects`` (model, optimizers), the source's loader and ``after`` (e.g. an evaluation loader)
+    through one ``accelerator.prepare`` call, in that order (DeepSpeed, for one, infers its batch size
+    from the loaders it sees with the model); the source keeps its prepared loader. Returns the
+    prepared ``objects`` and ``after``."""
+    loader = source.loader_for(derived)
+    loaders = [] if loader is None else [loader]
+    prepared = accelerator.prepare(*objects, *loaders, *after)
+    prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
+    n = len(objects)
+    source.attach(accelerator, derived, prepared[n] if loaders else None)
+    return prepared[:n] + prepared[n + len(loaders) :]
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: float) -> CosineLRScheduler:
     """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step
     (times each group's ``lr_scale``, e.g. from layer decay)."""
@@ -131,7 +140,9 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: 
     )
 
 
-def schedule_lines(accelerator: Accelerator, t: Section, derived: Derived, attention: str) -> str:
+def schedule_lines(
+    accelerator: Accelerator, t: Section, derived: Derived, attention: str, compiled: bool = False
+) -> str:
     """The derived batch, lr and schedule, and where it runs: the setup printout's common part."""
     threads = f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else ""
     return (
@@ -139,7 +150,7 @@ def schedule_lines(accelerator: Accelerator, t: Section, derived: Derived, atten
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
         f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}"
-        f"{' (torch.compile)' if getattr(t, 'compile', False) else ''}; device {accelerator.device}{threads}"
+        f"{' (torch.compile)' if compiled else ''}; device {accelerator.device}{threads}"
     )
 
 
@@ -150,7 +161,7 @@ class MetricLog:
         self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
         self.loss = torch.zeros((), device=accelerator.device)
         self.terms: dict[str, torch.Tensor] = {}
-        self.count, self.last_step, self.bad_images = 0, step, 0
+        self.count, self.last_step = 0, step
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -173,7 +184,7 @@ class MetricLog:
         self.write(step, step / derived.steps_per_epoch, loss, lr)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
-    def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, float]:
+    def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, Any]:
         """Collective: every process calls it."""
         mean = {k: self.accelerator.reduce(v, reduction="mean").item() / self.count for k, v in self.terms.items()}
         seconds = time.perf_counter() - self.tic
@@ -194,23 +205,6 @@ class MetricLog:
         self.count, self.last_step = 0, step
         return record
 
-    def check_bad_images(self, bad_log: Path | None, limit: int) -> None:
-        """Collective: the main process's count of distinct undecodable images, the same on every
-        process; past ``limit`` the run stops (before any later checkpoint), else a new count is reported."""
-        if bad_log is None:  # the source raises on an undecodable image instead
-            return
-        acc = self.accelerator
-        seen = count_bad_images(bad_log) if acc.is_main_process else 0
-        count = int(acc.reduce(torch.tensor(seen, device=acc.device), reduction="sum").item())
-        if count > limit:
-            raise BadImagesError(
-                f"{count} images could not be decoded (data.max_bad_images={limit}); they are listed in {bad_log}: "
-                "fix or remove them, or raise data.max_bad_images, and launch again to resume"
-            )
-        if count != self.bad_images:
-            self.bad_images = count
-            acc.print(f"\n{count} undecodable images skipped so far (each replaced by the next one; see {bad_log})")
-
 
 class Runner:
     """Train ``job`` on ``source`` from a step to ``derived.total_steps``, in ``run_dir``."""
@@ -223,10 +217,9 @@ class Runner:
         derived: Derived,
         source: DataSource,
         job: Job,
-        max_bad_images: int = 0,
     ) -> None:
         self.accelerator, self.run_dir, self.section, self.derived = accelerator, run_dir, section, derived
-        self.source, self.job, self.max_bad_images = source, job, max_bad_images
+        self.source, self.job = source, job
 
     def resume(self, path: Path | None) -> int:
         """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric lines past
@@ -281,7 +274,7 @@ class Runner:
         due = self.job.checkpoint_due(step, done)
         if step % self.section.log_every == 0 or due or done:  # a line at every checkpoint: resumes log exactly
             log.line(step, self.derived, self.job.optimizers[0], bar, self.run_dir)
-            log.check_bad_images(self.source.bad_log, self.max_bad_images)
+            self.source.check_bad_images(self.accelerator)
         self.job.after_step(step, done)
         if due:
             self.save(step, done)
@@ -342,7 +335,8 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[
     state = accelerator.get_state_dict(model)  # full tensors on the main process
     if not accelerator.is_main_process:
         return net
-    with torch.random.fork_rng(devices=[]):  # building seeds; training's random streams go on untouched
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # building seeds; training's random streams go on untouched
         full = build()
     full.load_state_dict(state)
     return full

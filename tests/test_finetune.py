@@ -287,13 +287,13 @@ def test_classic_autoencoders_fine_tune_their_encode_features(tmp_path, colours,
     res = ft.finetune(cfg)
     assert res["encoder"]["kind"] == "autoencoder" and res["top1"] > 0.9  # chance: 1/3
     assert res["init"]["fresh"] == ["head.bias", "head.weight"]
-    dropped = res["init"]["dropped"]  # what encode() does not reach: the decoder, never trained here
-    assert dropped and all(not k.startswith("encoder.") for k in dropped)
+    frozen = res["init"]["frozen"]  # what encode() does not reach: the decoder, never trained here
+    assert frozen and all(not k.startswith("encoder.") for k in frozen) and res["init"]["dropped"] == []
     after = load_file(tmp_path / "ft" / "last" / "model.safetensors")
     meta = json.loads((tmp_path / "ft" / "last" / "classifier.json").read_text())
     assert meta["num_classes"] == 3 and meta["encoder_arch"]["run_model"]["name"] == name
-    assert all(torch.equal(after[f"autoencoder.{k}"], before[k]) for k in dropped)
-    trained = [k for k in before if k not in dropped and not torch.equal(after[f"autoencoder.{k}"], before[k])]
+    assert all(torch.equal(after[f"autoencoder.{k}"], before[k]) for k in frozen)
+    trained = [k for k in before if k not in frozen and not torch.equal(after[f"autoencoder.{k}"], before[k])]
     assert trained and all(k.startswith("encoder.") or k in after for k in trained)
     clf = ft.build_classifier(cfg, 3)
     clf.model.load_state_dict(after)

@@ -1,10 +1,10 @@
 """The one interface between the step runner and the data: a ``DataSource``.
 
-A source is chosen once from the config (``mae.data.sources.build_source``) and owns everything
-that depends on what kind of data it is: its loader, the epoch order and the mid-epoch skip of a
-resumed run, its own state in a checkpoint, bad-image accounting and shutdown. The runner asks it
-for the batches from an optimizer step on and never asks which kind it holds; a new kind of data
-is a new subclass.
+A source is chosen once from the config (``mae.data.sources.build_source`` for pretraining;
+fine-tuning reads a ``LoadedSource``) and owns everything that depends on what kind of data it is:
+its loader, the epoch order and the mid-epoch skip of a resumed run, its own state in a checkpoint,
+bad-image accounting and shutdown. The runner asks it for the batches from an optimizer step on and
+never asks which kind it holds; a new kind of data is a new subclass.
 """
 
 from __future__ import annotations
@@ -17,25 +17,41 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
 from mae.config import Derived
+from mae.data.images import count_bad_images
+from mae.errors import UserError
+
+
+class BadImagesError(UserError, RuntimeError):
+    """More undecodable images than ``data.max_bad_images``; checkpoints up to here are kept."""
+
+    exit_code = 1
 
 
 class DataSource(ABC):
     """Batches ``(images, labels[, noise])`` on the training device, from (epoch, step) on.
 
-    ``size`` (images per epoch) is known at construction, so the schedule can be derived from it;
-    ``setup`` then builds the loader for that schedule. Every sample's randomness comes from
-    (seed, epoch, index), so any source, process count and resume draw the same."""
+    ``size`` (images per epoch) is known at construction, so the schedule can be derived from it.
+    Then ``loader_for`` gives the loader Accelerate should prepare for that schedule (together with
+    the model, in one ``prepare`` call) and ``attach`` takes it back prepared. Every sample's
+    randomness comes from (seed, epoch, index), so any source, process count and resume draw the same."""
 
     size: int
     split: Any  # the ``datasets`` split it reads (map-style or stream)
-    bad_log: Path | None = None  # where undecodable images are recorded (None: they are errors)
     label_column: str | None = None
+    bad_log: Path | None = None  # where undecodable images are recorded (None: they are errors)
+    max_bad_images: int = 0  # past this many, the run stops
+    bad_images_seen: int = 0
+
+    def loader_for(self, derived: Derived) -> DataLoader | None:
+        """The loader for this schedule, for Accelerate to prepare (None: the source shards itself)."""
+        return None
 
     @abstractmethod
-    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
-        """Build the loader for this schedule (through ``accelerator`` where it shards the data)."""
+    def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
+        """Keep ``loader_for``'s loader as Accelerate prepared it (None when there was none)."""
 
     @abstractmethod
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
@@ -57,6 +73,23 @@ class DataSource(ABC):
         """A line for the setup printout, where the source has something to say."""
         return None
 
+    def check_bad_images(self, accelerator: Accelerator) -> None:
+        """Collective: the main process's count of distinct undecodable images, the same on every
+        process; past ``max_bad_images`` the run stops (before any later checkpoint), else a new
+        count is reported."""
+        if self.bad_log is None:  # undecodable images are errors: nothing to count
+            return
+        seen = count_bad_images(self.bad_log) if accelerator.is_main_process else 0
+        count = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").item())
+        if count > self.max_bad_images:
+            raise BadImagesError(
+                f"{count} images could not be decoded (data.max_bad_images={self.max_bad_images}); they are listed "
+                f"in {self.bad_log}: fix or remove them, or raise data.max_bad_images, and launch again to resume"
+            )
+        if count != self.bad_images_seen:
+            self.bad_images_seen = count
+            accelerator.print(f"\n{count} undecodable images skipped so far (see {self.bad_log})")
+
     @property
     def label_feature(self) -> Any:
         """The ``datasets`` feature of the label column (None without labels)."""
@@ -64,7 +97,8 @@ class DataSource(ABC):
         return features.get(self.label_column) if self.label_column else None
 
     def first_rows(self, n: int) -> datasets.Dataset:
-        """The first ``n`` rows of the split as a map-style dataset (e.g. for reconstruction grids)."""
+        """A map-style dataset whose first ``n`` rows are the split's (e.g. for reconstruction grids):
+        the split itself, or the first ``n`` examples of a stream."""
         if isinstance(self.split, datasets.Dataset):
             return self.split
         return datasets.Dataset.from_list(list(self.split.take(n)), features=self.split.features)

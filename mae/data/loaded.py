@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -51,10 +52,11 @@ class LoadedSource(DataSource):
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return worker_loader(self.dataset, sampler, self.num_workers, self.batch_size)
 
-    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
-        sampler = EpochSampler(self.size, derived.steps_per_epoch * derived.effective_batch, seed=self.seed)
-        self.accelerator, self.steps_per_epoch = accelerator, derived.steps_per_epoch
-        self.prepared = accelerator.prepare(self.loader(sampler))
+    def loader_for(self, derived: Derived) -> DataLoader:
+        return self.loader(EpochSampler(self.size, derived.steps_per_epoch * derived.effective_batch, seed=self.seed))
+
+    def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
+        self.accelerator, self.steps_per_epoch, self.prepared = accelerator, derived.steps_per_epoch, loader
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         epoch, within = divmod(step, self.steps_per_epoch)

@@ -251,8 +251,8 @@ class DeviceSource(LoadedSource):
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return key_loader(self.dataset, sampler, self.batch_size)
 
-    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
-        super().setup(accelerator, derived)
+    def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
+        super().attach(accelerator, derived, loader)
         self.augment = DeviceAugment(self.dataset, self.cfg, self.seed, self.noise_length, accelerator.device)
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:

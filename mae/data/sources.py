@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from mae.config import Config
@@ -13,17 +16,28 @@ from mae.data.on_device import DecodedImages, DeviceSource
 from mae.data.streamed import ImageStream, StreamSource
 
 
-def build_source(cfg: Config, rank: int, num_processes: int, bad_log: Path, noise_length: int | None) -> DataSource:
+def build_source(
+    cfg: Config,
+    rank: int,
+    num_processes: int,
+    bad_log: Path,
+    noise_length: int | None,
+    loading: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> DataSource:
     """The training split of ``cfg.data``: streamed (``data.streaming``), decoded once onto the device
     (``data.on_device``), or loaded and decoded by loader workers. ``noise_length``: MAE's masking noise
-    per sample (None: no noise)."""
+    per sample (None: no noise). The split is opened inside ``loading()`` (e.g. one process per machine
+    first, so that it alone builds the datasets cache); decoding happens after it, in every process at once."""
     d, t = cfg.data, cfg.train
+    with loading():
+        split = load_stream(d) if d.streaming else load_split(d)
     if d.streaming:
-        stream = load_stream(d)
-        items = ImageStream(stream, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log)
-        return StreamSource(stream, stream_size(stream, d, d.split), d, items, t.batch_size)
-    split = load_split(d)
-    if d.on_device:  # decoded once; augmented on the device
-        return DeviceSource(DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length)
-    dataset = ImageDataset(split, d, augment_transform(d), t.seed, noise_length, bad_log)
-    return LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed)
+        items = ImageStream(split, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log)
+        source = StreamSource(split, stream_size(split, d, d.split), d, items, t.batch_size)
+    elif d.on_device:  # decoded once; augmented on the device
+        source = DeviceSource(DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length)
+    else:
+        dataset = ImageDataset(split, d, augment_transform(d), t.seed, noise_length, bad_log)
+        source = LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed)
+    source.max_bad_images = d.max_bad_images
+    return source

@@ -215,8 +215,8 @@ class StreamSource(DataSource):
         self.label_column, self.bad_log = dataset.columns.label, dataset.bad_log
         self.batches_of = StreamBatches(dataset, cfg, batch_size, dataset.num_processes)
 
-    def setup(self, accelerator: Accelerator, derived: Derived) -> None:
-        self.device = accelerator.device
+    def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
+        self.device = accelerator.device  # no loader: each process reads its own part of the stream
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         for batch in self.batches_of:  # endless: the stream has no epoch ends the loop waits for
