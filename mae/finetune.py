@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mae import checkpoint as ckpt
+from mae import runner
 from mae.classifier import Classifier, build_classifier, save_classifier
 from mae.config import DataConfig, Derived, derive_schedule, to_dict
 from mae.config_loader import build
@@ -38,16 +39,6 @@ from mae.data.loaded import LoadedSource
 from mae.eval_config import EvalConfig, FinetuneConfig
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
-from mae.runner import (
-    Runner,
-    StepLoss,
-    accelerator_for,
-    choose_attention,
-    cosine_schedule,
-    gathered,
-    prepare_with_data,
-    schedule_lines,
-)
 
 # what may change when a fine-tuning run is resumed, beside the runner's own (``mae.rundir``)
 RESUMABLE = ("probe.cache_dir", "probe.extract_batch_size")
@@ -147,10 +138,10 @@ class Finetuning:
         self.accelerator, self.cfg, self.clf, self.derived, self.names = accelerator, cfg, clf, derived, names
         self.run_dir = Path(cfg.output_dir)
         optimizer = build_optimizer(clf.model, f, derived, layered=clf.kind == "timm")
-        self.scheduler = cosine_schedule(optimizer, derived, f.min_lr)
+        self.scheduler = runner.cosine_schedule(optimizer, derived, f.min_lr)
         self.mixup = build_mixup(f, len(names))
         self.criterion = _criterion(f, self.mixup)
-        self.model, optimizer, self.eval_loader = prepare_with_data(
+        self.model, optimizer, self.eval_loader = runner.prepare_with_data(
             accelerator, source, derived, clf.model, optimizer, after=(eval_loader,)
         )
         self.optimizers, self.modules = [optimizer], [self.model]
@@ -158,13 +149,13 @@ class Finetuning:
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
 
-    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss:
+    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> runner.StepLoss:
         images, labels = batch
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         loss = self.criterion(self.model(images).float(), targets)
-        return StepLoss(loss, loss.detach(), {})
+        return runner.StepLoss(loss, loss.detach(), {})
 
     def after_step(self, step: int, done: bool) -> None:
         pass
@@ -185,7 +176,7 @@ class Finetuning:
         improved = self.best is None or scores["top1"] > self.best["top1"]
         if improved:
             self.best = entry
-        net = gathered(acc, self.model, lambda: build_classifier(self.cfg, len(self.names)).model)
+        net = runner.gathered(acc, self.model, lambda: build_classifier(self.cfg, len(self.names)).model)
         if acc.is_main_process:
             save_classifier(net, self.clf, self.run_dir / "last", len(self.names))
             if improved:
@@ -201,7 +192,7 @@ class Finetuning:
 def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
-    accelerator = accelerator_for(f, run_dir, "finetune")
+    accelerator = runner.accelerator_for(f, run_dir, "finetune")
     if accelerator.is_main_process:
         ckpt.remove_partial(run_dir)
     accelerator.wait_for_everyone()
@@ -225,12 +216,12 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
         check_resumable(run_dir, cfg, derived, resumable_keys("finetune", *RESUMABLE), partial(build, EvalConfig))
     eval_loader = DataLoader(eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers)
 
-    attention = choose_attention(accelerator, clf.model, f.attention)
+    attention = runner.choose_attention(accelerator, clf.model, f.attention)
     job = Finetuning(accelerator, cfg, clf, source, eval_loader, derived, names)
     _print_setup(accelerator, cfg, clf, derived, len(eval_set), num_classes, attention)
     start_run(accelerator, run_dir, cfg, derived, "finetune")
-    runner = Runner(accelerator, run_dir, f, derived, source, job)
-    step = runner.run(runner.resume(resume_from), "finetune")
+    loop = runner.Runner(accelerator, run_dir, f, derived, source, job)
+    step = loop.run(loop.resume(resume_from), "finetune")
     if job.last_eval is None:  # resumed at the very end: evaluate what was trained
         job.last_eval, _ = evaluate_model(accelerator, job.model, job.eval_loader, names)
     results = {
@@ -271,5 +262,5 @@ def _print_setup(accelerator: Accelerator, cfg: EvalConfig, clf: Classifier, der
         + (f"; pos_embed {resampled['from']} -> {resampled['to']}" if resampled else "")
         + f"\ndata {cfg.data.dataset}: {derived.dataset_size} training images, {eval_size} evaluation images, "
         f"{derived.steps_per_epoch} steps/epoch; layer decay {f.layer_decay if timm_model else 'none'}\n"
-        + schedule_lines(accelerator, f, derived, attention)
+        + runner.schedule_lines(accelerator, f, derived, attention)
     )

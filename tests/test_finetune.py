@@ -79,7 +79,7 @@ def test_layer_decay_scales_each_block(tmp_path, run_dir):
     clf = ft.build_classifier(cfg, num_classes=3)
     derived = derive_schedule(cfg.finetune, 1000, 1, "finetune")
     opt = ft.build_optimizer(clf.model, cfg.finetune, derived)
-    sched = ft.cosine_schedule(opt, derived, cfg.finetune.min_lr)
+    sched = runner.cosine_schedule(opt, derived, cfg.finetune.min_lr)
     sched.step_update(derived.warmup_steps)  # the peak
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
