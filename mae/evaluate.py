@@ -227,7 +227,7 @@ def denoise(ev: Evaluation, out: Path, corruption: str, level: float, patch: int
 def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
     plt = _pyplot()
     data = ev.images()
-    if data.label_col is None:
+    if data.rows.columns.label is None:
         raise EvaluateError("anomaly needs class labels; the split has no ClassLabel column")
     torch.manual_seed(ev.seed)
     scores, labels = [], []

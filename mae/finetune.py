@@ -29,7 +29,6 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mae import checkpoint as ckpt
 from mae import runner
 from mae.classifier import Classifier, build_classifier, save_classifier
 from mae.config import DataConfig, Derived, derive_schedule, to_dict
@@ -164,7 +163,7 @@ class Finetuning:
         epochs = step / self.derived.steps_per_epoch
         return done or (step % self.derived.steps_per_epoch == 0 and round(epochs) % self.cfg.finetune.eval_every == 0)
 
-    def before_checkpoint(self, step: int, done: bool) -> None:
+    def before_checkpoint(self, step: int) -> None:
         """Evaluate, record, and write the ``last/`` (and, when it improved, ``best/``) classifier."""
         acc, epochs = self.accelerator, step / self.derived.steps_per_epoch
         scores, eval_loss = evaluate_model(acc, self.model, self.eval_loader, self.names)
@@ -193,10 +192,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
     accelerator = runner.accelerator_for(f, run_dir, "finetune")
-    if accelerator.is_main_process:
-        ckpt.remove_partial(run_dir)
-    accelerator.wait_for_everyone()
-    resume_from = ckpt.latest_checkpoint(run_dir)
+    resume_from = runner.open_run_dir(accelerator, run_dir)
 
     with accelerator.local_main_process_first():
         fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
@@ -220,8 +216,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     job = Finetuning(accelerator, cfg, clf, source, eval_loader, derived, names)
     _print_setup(accelerator, cfg, clf, derived, len(eval_set), num_classes, attention)
     start_run(accelerator, run_dir, cfg, derived, "finetune")
-    loop = runner.Runner(accelerator, run_dir, f, derived, source, job)
-    step = loop.run(loop.resume(resume_from), "finetune")
+    step = runner.Runner(accelerator, run_dir, f, derived, source, job).run(resume_from, "finetune")
     if job.last_eval is None:  # resumed at the very end: evaluate what was trained
         job.last_eval, _ = evaluate_model(accelerator, job.model, job.eval_loader, names)
     results = {

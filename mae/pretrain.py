@@ -18,7 +18,6 @@ from accelerate.utils import DistributedType, set_seed
 from timm.optim import create_optimizer_v2
 from torchvision.utils import save_image
 
-from mae import checkpoint as ckpt
 from mae.config import Config, ConfigError, Derived, derive, from_dict
 from mae.data.base import DataSource
 from mae.data.images import ImageDataset, eval_transform
@@ -36,6 +35,7 @@ from mae.runner import (
     choose_attention,
     cosine_schedule,
     gathered,
+    open_run_dir,
     prepare_with_data,
     schedule_lines,
 )
@@ -141,7 +141,7 @@ class Pretraining:
     def checkpoint_due(self, step: int, done: bool) -> bool:
         return step % self.cfg.train.checkpoint_every == 0 or done
 
-    def before_checkpoint(self, step: int, done: bool) -> None:
+    def before_checkpoint(self, step: int) -> None:
         pass
 
     def loop_state(self, step: int) -> dict[str, Any]:
@@ -166,11 +166,11 @@ class Pretraining:
             out = net(images)
             if acc.is_main_process:
                 save_recon_grid(path, images, out, cfg.data.mean, cfg.data.std)
-            if acc.is_main_process and hasattr(net, "sample") and not sharded:  # generative: prior samples beside it
-                samples = net.sample(len(images) * 4).float().cpu()
-                save_image(denormalize(samples, cfg.data.mean, cfg.data.std),
-                           str(path.with_name(path.name.replace("recon_", "samples_"))),
-                           nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip
+                if hasattr(net, "sample") and not sharded:  # a generative model: prior samples beside it
+                    samples = net.sample(len(images) * 4).float().cpu()
+                    save_image(denormalize(samples, cfg.data.mean, cfg.data.std),
+                               str(path.with_name(path.name.replace("recon_", "samples_"))),
+                               nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip
         net.train(was_training)
 
 
@@ -179,10 +179,7 @@ def train(cfg: Config) -> RunResult:
     run_dir, t = Path(cfg.output_dir), cfg.train
     idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
     accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
-    if accelerator.is_main_process:
-        ckpt.remove_partial(run_dir)
-    accelerator.wait_for_everyone()
-    resume_from = ckpt.latest_checkpoint(run_dir)
+    resume_from = open_run_dir(accelerator, run_dir)
     set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 
     noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
@@ -203,11 +200,10 @@ def train(cfg: Config) -> RunResult:
         f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
         f"{derived.steps_per_epoch} steps/epoch\n" + schedule_lines(accelerator, t, derived, attention, t.compile)
     )
-    if source.describe():
-        accelerator.print(source.describe())
+    if (about_data := source.describe()) is not None:
+        accelerator.print(about_data)
     start_run(accelerator, run_dir, cfg, derived, "pretrain")
-    runner = Runner(accelerator, run_dir, t, derived, source, job)
-    step = runner.run(runner.resume(resume_from), "pretrain")
+    step = Runner(accelerator, run_dir, t, derived, source, job).run(resume_from, "pretrain")
 
     export_dir = run_dir / "export"
     model = gathered(accelerator, job.model, lambda: build_model(cfg))

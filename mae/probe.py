@@ -66,8 +66,8 @@ def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: st
     parts = {
         "version": [CACHE_VERSION, torch.__version__, timm.__version__],
         "encoder": [encoder.sha256, encoder.arch],
-        "dataset": [where, split, len(data), data.ds._fingerprint],  # fingerprint of the selected rows/columns
-        "columns": [data.image_col, data.label_col, data.mode],
+        "dataset": [where, split, len(data), data.rows.ds._fingerprint],  # fingerprint of the selected rows/columns
+        "columns": [data.rows.columns.image, data.rows.columns.label, data.rows.columns.mode],
         "transform": encoder.data_config,
         "pool": pool,
         "precision": encoder.precision,

@@ -63,11 +63,20 @@ class Job(Protocol):
 
     def checkpoint_due(self, step: int, done: bool) -> bool: ...
 
-    def before_checkpoint(self, step: int, done: bool) -> None: ...  # e.g. evaluation, classifiers
+    def before_checkpoint(self, step: int) -> None: ...  # e.g. evaluation, classifiers
 
     def loop_state(self, step: int) -> dict[str, Any]: ...  # kept in the checkpoint
 
     def load_loop_state(self, loop: dict[str, Any]) -> None: ...
+
+
+def open_run_dir(accelerator: Accelerator, run_dir: Path) -> Path | None:
+    """Collective: clear what an interrupted checkpoint left (main process); the newest complete
+    checkpoint to resume from, None for a fresh run."""
+    if accelerator.is_main_process:
+        ckpt.remove_partial(run_dir)
+    accelerator.wait_for_everyone()
+    return ckpt.latest_checkpoint(run_dir)
 
 
 def _accelerate_device() -> torch.device:
@@ -221,7 +230,7 @@ class Runner:
         self.accelerator, self.run_dir, self.section, self.derived = accelerator, run_dir, section, derived
         self.source, self.job = source, job
 
-    def resume(self, path: Path | None) -> int:
+    def _resume(self, path: Path | None) -> int:
         """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric lines past
         it are dropped."""
         step = 0
@@ -235,14 +244,15 @@ class Runner:
             truncate_metrics(self.run_dir / "metrics.jsonl", step)
         return step
 
-    def run(self, step: int, desc: str) -> int:
-        """The loop; returns the last step taken. SIGTERM/SIGINT: a checkpoint at the end of the step,
-        then ``Preempted``."""
+    def run(self, resume_from: Path | None, desc: str) -> int:
+        """Resume from checkpoint ``resume_from`` (None: from the start), then loop; returns the last step
+        taken. SIGTERM/SIGINT: a checkpoint at the end of the step, then ``Preempted``."""
         acc, derived = self.accelerator, self.derived
+        step = self._resume(resume_from)
         log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
         bar = tqdm(total=derived.total_steps, initial=step, disable=not acc.is_main_process, desc=desc)
-        with StopSignals() as stop, bar, contextlib.ExitStack() as cleanup:
-            cleanup.callback(self.source.close)  # however the loop ends, the data's workers stop with it
+        # however the loop ends, the data's workers stop with it
+        with StopSignals() as stop, bar, contextlib.closing(self.source):
             while step < derived.total_steps:
                 for batch in self.source.batches(step):
                     self._micro_step(batch, step, log)
@@ -277,7 +287,7 @@ class Runner:
             self.source.check_bad_images(self.accelerator)
         self.job.after_step(step, done)
         if due:
-            self.save(step, done)
+            self.save(step, job_first=True)
         signum = None if done else stop.requested(self.accelerator)
         if signum is not None:
             stop_for_signal(self.accelerator, step, self.derived.total_steps, self.run_dir, signum,
@@ -286,11 +296,12 @@ class Runner:
             log.restart_clock()
         return done
 
-    def save(self, step: int, done: bool = False) -> None:
-        """Collective: the checkpoint of ``step`` (the job's work before it first, when it is due)."""
+    def save(self, step: int, job_first: bool = False) -> None:
+        """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a signal
+        asked for) the job's own work before it."""
         check_finite_weights(self.job.model, step, self.run_dir)
-        if self.job.checkpoint_due(step, done):
-            self.job.before_checkpoint(step, done)
+        if job_first:
+            self.job.before_checkpoint(step)
         loop = self.job.loop_state(step)
         ckpt.save_checkpoint(self.accelerator, self.run_dir, step, loop, self.section.keep_checkpoints,
                              process_state=self.source.state_dict())  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from helpers import TINY, colour_folder, write_image_folder
 from safetensors.torch import load_file
 
-from mae import pretrain, runner
+from mae import checkpoint, pretrain, runner
 from mae.checkpoint import complete_checkpoints, latest_checkpoint
 from mae.config import ConfigError, load_config
 
@@ -88,7 +88,7 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
     common = ["train.max_steps=20", f"train.checkpoint_every={save_at}", "train.blr=1e-2", "train.log_every=1", *extra]
     straight = run(tmp_path, "straight", *common)
 
-    real_save = pretrain.ckpt.save_checkpoint
+    real_save = checkpoint.save_checkpoint
     calls = []
 
     def save_then_crash(accelerator, output_dir, step, loop_state, keep, **kwargs):
@@ -98,7 +98,7 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
             monkeypatch.setattr(pretrain, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
         return path
 
-    monkeypatch.setattr(pretrain.ckpt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         run(tmp_path, "resumed", *common, f"train.recon_every={crash_at}")
     assert calls == [save_at] and latest_checkpoint(tmp_path / "resumed").name == f"step_{save_at}"

@@ -177,22 +177,6 @@ class ImageDataset(Dataset):
         self.rows = ImageRows(ds, cfg, bad_log)
         self.transform, self.seed, self.noise_length = transform, seed, noise_length
 
-    @property
-    def ds(self) -> datasets.Dataset:
-        return self.rows.ds
-
-    @property
-    def image_col(self) -> str:
-        return self.rows.columns.image
-
-    @property
-    def label_col(self) -> str | None:
-        return self.rows.columns.label
-
-    @property
-    def mode(self) -> str:
-        return self.rows.columns.mode
-
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -40,13 +40,8 @@ class LoadedSource(DataSource):
 
     def __init__(self, dataset: Dataset, num_workers: int, batch_size: int, accum_steps: int, seed: int) -> None:
         rows = dataset.rows  # the split's rows, columns and bad-image log, as the dataset reads them
-        self.dataset, self.split, self.size, self.label_column, self.bad_log = (
-            dataset,
-            rows.ds,
-            len(dataset),
-            rows.columns.label,
-            rows.bad_log,
-        )
+        self.dataset, self.size = dataset, len(dataset)
+        self.split, self.label_column, self.bad_log = rows.ds, rows.columns.label, rows.bad_log
         self.num_workers, self.batch_size, self.accum_steps, self.seed = num_workers, batch_size, accum_steps, seed
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
