@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from mae.config_checks import Schedule, crop_scale_check, raise_first_invalid, schedule_checks
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
 
@@ -52,6 +53,14 @@ class ModelConfig:
     decoder_num_heads: int | None = None
     mlp_ratio: float | None = None  # MLP hidden size / width (default 4; with init=, the checkpoint's)
     mask_ratio: float = 0.75
+    # mae: the paper's decoder (self-attention over every patch); cross: CrossMAE's (each predicted patch a query
+    # cross-attending to the encoder's tokens; mae.models.crossmae)
+    decoder: Literal["mae", "cross"] = "mae"
+    # the fraction of all patches the decoder predicts and the loss scores, a subset of the masked ones drawn
+    # from the mask's noise (0 < r <= mask_ratio; default mask_ratio, the only value for decoder=mae)
+    reconstruct_ratio: float | None = None
+    decoder_self_attn: bool = False  # cross: self-attention among the queries too (CrossMAE: off)
+    decoder_features: Literal["last", "weighted"] = "last"  # cross: the encoder's output, or a mix per block
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
     arch: Literal["conv", "mlp"] = "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
@@ -178,6 +187,8 @@ def resolve(cfg: Config) -> Config:
             model = dataclasses.replace(model, preset=name if whole else model.preset, **filled)
     if model.mlp_ratio is None:
         model = dataclasses.replace(model, mlp_ratio=4.0)
+    if model.reconstruct_ratio is None:
+        model = dataclasses.replace(model, reconstruct_ratio=model.mask_ratio)
     data = cfg.data
     if data.mean is None or data.std is None:
         imagenet = data.channels == 3
@@ -189,70 +200,6 @@ def resolve(cfg: Config) -> Config:
     cfg = dataclasses.replace(cfg, model=model, data=data)
     validate(cfg)
     return cfg
-
-
-Check = tuple[bool, str, Any, str]  # (valid?, key, value, what is allowed)
-
-
-class Schedule(Protocol):
-    """A training section: ``train`` here, ``finetune`` of ``mae.eval_config.FinetuneConfig``; what the checks
-    and ``derive_schedule`` below read of it (read-only: the sections are frozen)."""
-
-    @property
-    def epochs(self) -> int: ...
-    @property
-    def max_steps(self) -> int | None: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def accum_steps(self) -> int: ...
-    @property
-    def blr(self) -> float: ...
-    @property
-    def min_lr(self) -> float: ...
-    @property
-    def warmup_epochs(self) -> float: ...
-    @property
-    def weight_decay(self) -> float: ...
-    @property
-    def betas(self) -> tuple[float, float]: ...
-    @property
-    def clip_grad(self) -> float | None: ...
-    @property
-    def cpu_threads(self) -> int | None: ...
-    @property
-    def log_every(self) -> int: ...
-    @property
-    def keep_checkpoints(self) -> int: ...
-
-
-def raise_first_invalid(checks: list[Check]) -> None:
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be {allowed}")
-
-
-def schedule_checks(t: Schedule, key: str) -> list[Check]:
-    """The checks a training section (``train`` or ``finetune``) shares: length, batch, lr, optimizer."""
-    return [
-        (t.epochs > 0, f"{key}.epochs", t.epochs, "a positive integer"),
-        (t.max_steps is None or t.max_steps > 0, f"{key}.max_steps", t.max_steps, "a positive integer or null"),
-        (t.batch_size > 0, f"{key}.batch_size", t.batch_size, "a positive integer"),
-        (t.accum_steps > 0, f"{key}.accum_steps", t.accum_steps, "a positive integer"),
-        (t.blr > 0, f"{key}.blr", t.blr, "a positive number"),
-        (t.min_lr >= 0, f"{key}.min_lr", t.min_lr, "0 or more"),
-        (t.warmup_epochs >= 0, f"{key}.warmup_epochs", t.warmup_epochs, "0 or more"),
-        (t.weight_decay >= 0, f"{key}.weight_decay", t.weight_decay, "0 or more"),
-        (all(0 <= b < 1 for b in t.betas), f"{key}.betas", t.betas, "two values in [0, 1)"),
-        (t.clip_grad is None or t.clip_grad > 0, f"{key}.clip_grad", t.clip_grad, "a positive number or null"),
-        (t.cpu_threads is None or t.cpu_threads > 0, f"{key}.cpu_threads", t.cpu_threads, "a positive integer or null"),
-        (t.log_every > 0, f"{key}.log_every", t.log_every, "a positive integer"),
-        (t.keep_checkpoints > 0, f"{key}.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
-    ]
-
-
-def crop_scale_check(scale: tuple[float, float], key: str) -> Check:
-    return (0.0 < scale[0] <= scale[1] <= 1.0, key, scale, "[lo, hi] with 0 < lo <= hi <= 1")
 
 
 def validate(cfg: Config) -> None:
@@ -300,6 +247,7 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
                 )
+        _validate_decoder(m, patches)
     else:
         _validate_classic(m, d)
     if cfg.init is not None and m.name != "mae":
@@ -319,6 +267,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "
             "code of the whole stack); set train.online_probe=false"
+        )
+
+
+def _validate_decoder(m: ModelConfig, patches: int) -> None:
+    r = m.reconstruct_ratio
+    if m.decoder == "mae" and (r != m.mask_ratio or m.decoder_self_attn or m.decoder_features != "last"):
+        raise ConfigError(
+            "model.reconstruct_ratio, model.decoder_self_attn and model.decoder_features=weighted need "
+            "model.decoder=cross (the paper's decoder predicts every masked patch with self-attention); "
+            "set model.decoder=cross or leave them out"
+        )
+    if not (0 < r <= m.mask_ratio and int(patches * r) > 0):
+        raise ConfigError(
+            f"model.reconstruct_ratio={r} is invalid; it must be in (0, model.mask_ratio={m.mask_ratio}] and "
+            f"predict at least one of the {patches} patches"
         )
 
 

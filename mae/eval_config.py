@@ -2,7 +2,7 @@
 
 Loaded the same way as the pretraining config (``mae.config``): defaults <- recipe file (``configs/eval/``)
 <- ``dotted.key=value`` overrides, then validated and frozen. The training-schedule checks and
-``derive_schedule`` are shared with pretraining and live in ``mae.config``.
+``derive_schedule`` are shared with pretraining: ``mae.config_checks``, ``mae.config``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mae.config import crop_scale_check, raise_first_invalid, schedule_checks
+from mae.config_checks import crop_scale_check, raise_first_invalid, schedule_checks
 from mae.config_loader import ConfigError, load_raw
 
 __all__ = ["EvalConfig", "EvalDataConfig", "FinetuneConfig", "ProbeConfig", "load_eval_config"]

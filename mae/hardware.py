@@ -108,12 +108,16 @@ class MathAttention(Attention):
 
 
 def set_attention(model: nn.Module, kind: str) -> int:
-    """Every timm ``Attention`` of ``model`` computes with ``kind`` (``fused`` | ``math``); returns how
-    many modules there are. Only the class changes: parameters, buffers and state dict stay."""
+    """Every timm ``Attention`` of ``model``, and every attention with an ``attention_core`` switch (the
+    project's own: ``mae.models.crossmae.CrossAttention``), computes with ``kind`` (``fused`` | ``math``);
+    returns how many modules there are. Only the class changes: parameters, buffers and state dict stay."""
     count = 0
     for module in model.modules():
         if type(module) in (Attention, MathAttention):
             module.__class__ = MathAttention if kind == "math" else Attention
             module.fused_attn = True  # (MathAttention: for the sequences it leaves to timm's fused path)
+            count += 1
+        elif hasattr(module, "attention_core"):
+            module.attention_core = kind
             count += 1
     return count

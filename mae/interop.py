@@ -230,6 +230,9 @@ def _to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     """Load ``state`` into ``model`` strictly (see the module docstring); returns what was done."""
     ours = model.state_dict()
+    other_decoder = _decoder_kind(state) not in (None, _decoder_kind(ours))
+    if other_decoder:  # MAE's decoder into CrossMAE's or back: the encoder alone carries over
+        state = {k: v for k, v in state.items() if not k.startswith(_DECODER)}
     unknown = sorted(k for k in state if k not in ours)
     if unknown:
         raise WeightsError(f"init={source}: keys {unknown[:5]} have no counterpart in model.name=mae")
@@ -252,7 +255,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     if bad:
         raise WeightsError(f"init={source}: the file lacks encoder weights {bad[:5]}; is it an MAE / ViT checkpoint?")
     model.load_state_dict(merged, strict=True)
-    return {"source": source, "loaded": len(state) - len(resampled), "fresh": missing, "pos_embed_regrid": resampled}
+    done = {"source": source, "loaded": len(state) - len(resampled), "fresh": missing, "pos_embed_regrid": resampled}
+    return done | {"other_decoder": other_decoder}
+
+
+def _decoder_kind(state: dict[str, Any]) -> tuple[bool, bool] | None:
+    """(CrossMAE's decoder?, weighted features?) of ``state``; None without decoder blocks (``mae.models``)."""
+    if not any(k.startswith("decoder_blocks.") for k in state):
+        return None
+    return any(".cross_attn." in k for k in state), "decoder_feature_mix" in state
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face

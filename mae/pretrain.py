@@ -80,6 +80,7 @@ def load_init(accelerator: Accelerator, model: Autoencoder, cfg: Config) -> None
         f"init from {cfg.init}: {done['loaded']} tensors"
         + (f"; head counts are not recorded in the file, used {heads}" if guessed else "")
         + (f"; fresh: {len(done['fresh'])} decoder tensors" if done["fresh"] else "")
+        + (" (the file's decoder is of the other kind: model.decoder)" if done["other_decoder"] else "")
         + (f"; position embeddings for the new grid: {sorted(regrid)}" if regrid else "")
     )
 

@@ -16,8 +16,13 @@ from mae.models import build_model
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["data.on_device=true", "data.image_size=32"], ["train.compile=true", "train.accum_steps=2"]],
-    ids=["loader", "on_device", "compiled_accumulating"],
+    [
+        [],
+        ["data.on_device=true", "data.image_size=32"],
+        ["train.compile=true", "train.accum_steps=2"],
+        ["model.decoder=cross", "model.reconstruct_ratio=0.25", "model.decoder_features=weighted"],
+    ],
+    ids=["loader", "on_device", "compiled_accumulating", "crossmae"],
 )
 def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     out = tmp_path / "ddp"
@@ -40,7 +45,7 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     # ... and computes its own gradients; only averaging them keeps the replicas identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
-    init = build_model(load_config(None, TINY)).state_dict()
+    init = build_model(load_config(None, [*TINY, *extra])).state_dict()
     assert not torch.equal(r0["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
     final = load_file(str(out / "checkpoints/step_6/model.safetensors"))
     assert all(torch.equal(final[k], r0[k]) for k in final)

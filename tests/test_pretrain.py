@@ -78,6 +78,8 @@ def _steps_and_losses(run_dir):
             11,
             ["data.on_device=true", "data.image_size=20", "train.accum_steps=2", "train.online_probe=true"],
         ),
+        # CrossMAE's decoder: the predicted subset comes from the same per-sample noise as the mask
+        ("sample", 6, 9, ["model.decoder=cross", "model.reconstruct_ratio=0.25", "model.decoder_features=weighted"]),
     ],
 )
 def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):

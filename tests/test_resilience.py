@@ -54,10 +54,12 @@ def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path):
+@pytest.mark.parametrize("decoder", [[], ["model.decoder=cross", "model.reconstruct_ratio=0.25"]], ids=["mae", "cross"])
+def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path, decoder):
     """2 processes x batch 4 (gloo) against 1 process x batch 8: the same samples per step, the same
-    crops and masks per sample (drawn from each sample's own seed), averaged gradients."""
-    args = [*EXACT, "train.max_steps=4", "train.blr=1e-2", "train.checkpoint_every=4"]
+    crops and masks (and CrossMAE's predicted patches) per sample, drawn from each sample's own seed,
+    averaged gradients."""
+    args = [*EXACT, "train.max_steps=4", "train.blr=1e-2", "train.checkpoint_every=4", *decoder]
     one = run(tmp_path / "one", *args[len(EXACT) :], "train.batch_size=8")
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -70,12 +72,14 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
     lr = 1e-2 * 8 / 256
     for k in a:
         x, y = a[k], b[k]
-        if k.endswith("attn.qkv.bias"):
+        if k.endswith(("attn.qkv.bias", "cross_attn.kv.bias")):
             # The key bias shifts every logit of a query equally, so softmax makes its gradient exactly 0;
             # in floats it is rounding noise, which Adam scales to steps of up to lr. Bounded, not equal.
-            dim = x.shape[0] // 3
-            assert (x[dim : 2 * dim] - y[dim : 2 * dim]).abs().max() <= 4 * lr, k
-            x, y = torch.cat([x[:dim], x[2 * dim :]]), torch.cat([y[:dim], y[2 * dim :]])
+            cross = k.endswith("cross_attn.kv.bias")  # [k, v]; a self-attention's qkv: [q, k, v]
+            dim = x.shape[0] // (2 if cross else 3)
+            start = 0 if cross else dim
+            assert (x[start : start + dim] - y[start : start + dim]).abs().max() <= 4 * lr, k
+            x, y = torch.cat([x[:start], x[start + dim :]]), torch.cat([y[:start], y[start + dim :]])
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
     losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in
               (tmp_path / "one", tmp_path / "two")]  # fmt: skip

@@ -8,29 +8,29 @@ from mae.config import Config
 from mae.models.ae import VanillaAutoencoder
 from mae.models.base import AEOutput, Autoencoder
 from mae.models.cae import ContractiveAutoencoder
+from mae.models.crossmae import CrossMaskedAutoencoder
 from mae.models.dae import DenoisingAutoencoder
 from mae.models.mae import MaskedAutoencoder
 from mae.models.sparse import SparseAutoencoder
 from mae.models.stacked import StackedAutoencoder
 from mae.models.vae import VariationalAutoencoder
+from mae.presets import PRESET_KEYS
 
 
 def _build_mae(cfg: Config) -> MaskedAutoencoder:
+    """MAE with the paper's decoder (``model.decoder=mae``) or CrossMAE's (``cross``)."""
     m = cfg.model
-    return MaskedAutoencoder(
-        image_size=cfg.data.image_size,
-        channels=cfg.data.channels,
-        patch_size=m.patch_size,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        decoder_embed_dim=m.decoder_embed_dim,
-        decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads,
-        mlp_ratio=m.mlp_ratio,
-        mask_ratio=m.mask_ratio,
-        norm_pix_loss=m.norm_pix_loss,
-    )
+    mae = {
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "mlp_ratio": m.mlp_ratio,
+        "mask_ratio": m.mask_ratio,
+        "norm_pix_loss": m.norm_pix_loss,
+    } | {k: getattr(m, k) for k in PRESET_KEYS}
+    if m.decoder == "mae":
+        return MaskedAutoencoder(**mae)
+    cross = {"reconstruct_ratio": m.reconstruct_ratio, "self_attn": m.decoder_self_attn}
+    return CrossMaskedAutoencoder(**mae, **cross, features=m.decoder_features)
 
 
 MODELS: dict[str, Callable[[Config], Autoencoder]] = {
@@ -52,6 +52,7 @@ __all__ = [
     "AEOutput",
     "Autoencoder",
     "ContractiveAutoencoder",
+    "CrossMaskedAutoencoder",
     "DenoisingAutoencoder",
     "MaskedAutoencoder",
     "MODELS",

@@ -93,18 +93,18 @@ class MaskedAutoencoder(Autoencoder):
         )
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_embed_dim, self.grid), persistent=True)
-        self.decoder_blocks = nn.Sequential(
-            *[
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(decoder_depth)
-            ]
-        )
-        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.build_decoder(embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * channels)
         self.initialize_weights()
+
+    def build_decoder(self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer) -> None:
+        """The paper's decoder but for its prediction head: embed, mask token, positions, blocks, norm."""
+        self.decoder_embed = nn.Linear(embed_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True)
+        blocks = [Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        self.decoder_blocks = nn.Sequential(*blocks)
+        self.decoder_norm = norm_layer(width)
 
     def initialize_weights(self) -> None:
         """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02) tokens."""
@@ -131,18 +131,21 @@ class MaskedAutoencoder(Autoencoder):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def forward_encoder(
-        self, images: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) -> latent (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
+    def embed_and_mask(self, images: torch.Tensor, noise: torch.Tensor | None = None):
+        """images (B, C, H, W) -> the encoder's input (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
         enc = self.encoder
         x = enc.patch_embed(images)  # (B, L, D)
         x = x + enc.pos_embed[:, 1:]
         x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + L_keep, D)
-        x = enc.blocks(x)
-        return enc.norm(x), mask, ids_restore
+        return torch.cat([cls, x], dim=1), mask, ids_restore
+
+    def forward_encoder(
+        self, images: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> latent (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
+        x, mask, ids_restore = self.embed_and_mask(images, noise)
+        return self.encoder.norm(self.encoder.blocks(x)), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, 1 + L_keep, D) -> pixel predictions (B, L, p*p*C) in patch order."""

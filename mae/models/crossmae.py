@@ -1,0 +1,168 @@
+"""CrossMAE (Fu, Lian et al., "Rethinking Patch Dependence for Masked Autoencoders", TMLR 2025).
+
+The encoder, its masking and the loss are MAE's (``mae.models.mae``); only the decoder differs:
+
+- it predicts ``reconstruct_ratio`` of all patches, not every removed one: the removed patches with the
+  largest noise (``mae.masking.predicted_patches``), so the noise that fixes the mask fixes them too;
+- each prediction is a query, the shared mask token plus the decoder's sin-cos position of its patch, that
+  cross-attends to the encoder's tokens and (by default) not to the other queries, so its prediction does
+  not depend on which other patches are predicted;
+- ``features="weighted"``: each decoder block reads its own learned mix of the encoder's input and its
+  blocks' outputs (CrossMAE's weighted feature maps, with its recipe's input map), layer-normed;
+  ``"last"``: every block reads the encoder's output.
+  The last block's output enters the mix through the encoder's final norm, so that norm (part of the
+  export, read by probes and fine-tuning) trains as in MAE instead of being left unused.
+
+Encoder tokens are projected to the decoder width once (``decoder_embed``, as in MAE) and each block's
+keys and values come from that. In eval mode the decoder predicts every removed patch (it can query any
+position), so reconstructions are whole whatever the training ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from mae import hardware
+from mae.losses import masked_mse, normalize_patches
+from mae.masking import num_kept, num_predicted, patchify, predicted_patches, unpatchify
+from mae.models.base import AEOutput
+from mae.models.mae import MaskedAutoencoder, sincos_pos_embed
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries (B, Q, D) to a memory (B, T, D).
+
+    timm's ``Attention`` computes queries, keys and values from one sequence (a fused qkv) and its
+    ``AttentionPoolLatent`` pools to learned latents; neither takes queries and memory apart. The core is
+    ``F.scaled_dot_product_attention``, or written out (``attention_core = "math"``, set by
+    ``mae.hardware.set_attention`` as for the encoder's blocks) for memories of at most
+    ``mae.hardware.MATH_MAX_TOKENS`` tokens.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.attention_core = heads, "fused"
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        batch, queries, dim = x.shape
+        q = self.q(x).view(batch, queries, self.heads, -1).transpose(1, 2)  # (B, h, Q, d)
+        k, v = self.kv(memory).view(batch, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.attention_core == "math" and memory.shape[1] <= hardware.MATH_MAX_TOKENS:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            out = attn.float().softmax(dim=-1).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Q, d)
+        return self.proj(out.transpose(1, 2).reshape(batch, queries, dim))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm block: [self-attention among the queries], cross-attention to the memory, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, norm_layer, self_attn: bool) -> None:
+        super().__init__()
+        if self_attn:
+            self.norm0 = norm_layer(dim)
+            self.attn = Attention(dim, heads, qkv_bias=True)
+        self.self_attn = self_attn
+        self.norm1 = norm_layer(dim)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        if self.self_attn:
+            x = x + self.attn(self.norm0(x))
+        x = x + self.cross_attn(self.norm1(x), memory)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossMaskedAutoencoder(MaskedAutoencoder):
+    """``MaskedAutoencoder`` with CrossMAE's decoder; ``encode`` and ``encoder`` are MAE's, unchanged."""
+
+    def __init__(self, *, reconstruct_ratio: float, self_attn: bool = False, features: str = "last", **mae) -> None:
+        self.reconstruct_ratio, self.self_attn, self.features = reconstruct_ratio, self_attn, features
+        super().__init__(**mae)
+
+    def build_decoder(self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer) -> None:
+        """Projection of the encoder tokens, mask token, positions, cross blocks, norm; for weighted
+        features the (decoder blocks x encoder blocks) mixing weights and one norm per decoder block."""
+        self.decoder_embed = nn.Linear(embed_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True)
+        blocks = [CrossBlock(width, heads, mlp_ratio, norm_layer, self.self_attn) for _ in range(depth)]
+        self.decoder_blocks = nn.ModuleList(blocks)
+        self.decoder_norm = norm_layer(width)
+        if self.features == "weighted":
+            maps = 1 + len(self.encoder.blocks)  # the encoder's input and each block's output
+            self.decoder_feature_mix = nn.Parameter(torch.empty(depth, maps))
+            self.decoder_feature_norms = nn.ModuleList(norm_layer(embed_dim) for _ in range(depth))
+
+    def initialize_weights(self) -> None:
+        """MAE's; the mixing weights N(0, 1/maps), as CrossMAE's."""
+        super().initialize_weights()
+        if self.features == "weighted":
+            nn.init.normal_(self.decoder_feature_mix, std=self.decoder_feature_mix.shape[1] ** -0.5)
+
+    def encoder_outputs(self, images: torch.Tensor, noise: torch.Tensor | None = None):
+        """-> (what each decoder block reads: (B, 1 + L_keep, D) each, the encoder's normed output, mask,
+        ids_restore)."""
+        x, mask, ids_restore = self.embed_and_mask(images, noise)
+        if self.features == "last":
+            latent = self.encoder.norm(self.encoder.blocks(x))
+            return [latent] * len(self.decoder_blocks), latent, mask, ids_restore
+        outputs = [x]  # the encoder's input is one of the maps (CrossMAE's recipe: --use_input)
+        for block in self.encoder.blocks:
+            x = block(x)
+            outputs.append(x)
+        latent = outputs[-1] = self.encoder.norm(x)
+        mixed = torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T  # (B, T, D, decoder blocks)
+        return [norm(mixed[..., i]) for i, norm in enumerate(self.decoder_feature_norms)], latent, mask, ids_restore
+
+    def forward_decoder(self, memories: list[torch.Tensor], ids_pred: torch.Tensor) -> torch.Tensor:
+        """One memory per decoder block (B, T, D) and the patches to predict (B, Q) -> (B, Q, p*p*C)."""
+        pos = self.decoder_pos_embed[:, 1:].expand(ids_pred.shape[0], -1, -1)
+        x = self.mask_token + torch.gather(pos, 1, ids_pred.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        projected = {}  # "last" hands every block the same tensor: project it once
+        for block, memory in zip(self.decoder_blocks, memories, strict=True):
+            if id(memory) not in projected:
+                projected[id(memory)] = self.decoder_embed(memory)
+            x = block(x, projected[id(memory)])
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def predicted(self, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The patches this forward predicts: ``reconstruct_ratio`` of them in training, every removed one in
+        eval mode."""
+        length = ids_restore.shape[1]
+        count = length - num_kept(length, self.mask_ratio)
+        if self.training:
+            count = min(count, num_predicted(length, self.reconstruct_ratio))
+        return predicted_patches(ids_restore, count)
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> AEOutput:
+        """images (B, C, H, W); noise (B, L) optionally fixes the mask and the predicted patches."""
+        memories, latent, mask, ids_restore = self.encoder_outputs(images, noise)
+        ids_pred = self.predicted(ids_restore)
+        pred = self.forward_decoder(memories, ids_pred).float()  # (B, Q, p*p*C)
+        target = patchify(images, self.patch_size)
+        target = torch.gather(target, 1, ids_pred.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        pixels = pred.detach()
+        if self.norm_pix_loss:
+            target, mean, std = normalize_patches(target)
+            pixels = pixels * std + mean
+        loss = masked_mse(pred, target, torch.ones(pred.shape[:2], device=pred.device))
+        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=latent[:, 0].detach())
+        if not self.training:
+            p, c = self.patch_size, self.channels
+            index = ids_pred.unsqueeze(-1).expand(-1, -1, pixels.shape[-1])
+            full = torch.zeros(*mask.shape, pixels.shape[-1], device=pixels.device).scatter(1, index, pixels)
+            shown = torch.zeros_like(mask).scatter(1, ids_pred, 1.0)  # == mask: every removed patch
+            out.recon = unpatchify(full, p, c, self.grid)
+            out.mask = unpatchify(shown.unsqueeze(-1).expand(-1, -1, p * p), p, 1, self.grid)
+        return out
