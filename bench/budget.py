@@ -94,12 +94,17 @@ def run_size(run_dir: Path) -> dict:
     return {"steps": derived["total_steps"], "images": derived["total_steps"] * derived["effective_batch"]}
 
 
-def probe_pair(name: str, run_dir: Path, mode: str, data: str, work: Path) -> dict[str, dict]:
-    """``probe`` of ``run_dir``'s encoder and of its random init: {"pretrained": results, "random": results}."""
-    sources = {"pretrained": str(run_dir), "random": f"random:{run_dir}"}
+def probe_pair(
+    name: str, run_dir: Path, mode: str, data: str, work: Path, random_of: Path | None = None
+) -> dict[str, dict]:
+    """``probe`` of ``run_dir``'s encoder and of its random init: {"pretrained": results, "random": results}.
+    ``random_of``: the random init of that run's encoder instead (the same architecture: the same numbers)."""
+    sources = {"pretrained": str(run_dir), "random": f"random:{random_of or run_dir}"}
+    random_name = name if random_of is None else random_of.name
     return {
-        kind: probe(source, mode, data, work / f"eval/{name}_{kind}_{mode}", work / f"{name}_{kind}_{mode}.log")
+        kind: probe(source, mode, data, work / f"eval/{n}_{kind}_{mode}", work / f"{n}_{kind}_{mode}.log")
         for kind, source in sources.items()
+        for n in [random_name if kind == "random" else name]
     }
 
 

@@ -67,6 +67,13 @@ def main() -> int:
         help="the recipe file every variant starts from (default: the method's CIFAR-10 budget recipe); "
         "'default': pretrain.py's defaults with no --config, the bundled-sample run",
     )
+    parser.add_argument(
+        "--random-init",
+        choices=["each", "first"],
+        default="each",
+        help="probe the random init of each variant's encoder, or only the first's (variants that keep the "
+        "encoder's architecture and seed start from the same weights: the same numbers)",
+    )
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"), help="the probes' data")
     parser.add_argument("--pretrain-data", help="pretraining data (default: --data); 'sample': the bundled sample")
     parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
@@ -88,7 +95,9 @@ def main() -> int:
     record |= setting
     config = [] if base is None else ["--config", str(base)]
     rows = record.setdefault("variants", {})
-    for name, overrides in parse_variants(args.variant):
+    variants = parse_variants(args.variant)
+    first = work / "runs" / variants[0][0] if args.random_init == "first" else None
+    for name, overrides in variants:
         row = rows.get(name, {})
         if row.get("overrides") not in (None, overrides):
             sys.exit(f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name")
@@ -108,7 +117,7 @@ def main() -> int:
             seconds = run(cmd, work / f"{name}.log")
             row = {"overrides": overrides, **run_size(run_dir), "steps_per_s": rate, "wall_s": seconds}
         for mode in ("linear", "knn"):
-            for kind, res in probe_pair(name, run_dir, mode, args.data, work).items():
+            for kind, res in probe_pair(name, run_dir, mode, args.data, work, first).items():
                 row[f"{kind}_{mode}"] = res["top1"]
         rows[name] = row
         record_path.write_text(json.dumps(record, indent=1))

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("timm", "hf"),
         default="timm",
         help="timm: the encoder in timm's format (classic autoencoders: the project's); "
-        "hf: an MAE as a Hugging Face ViTMAEForPreTraining folder (save_pretrained), decoder included",
+        "hf: an MAE as a Hugging Face ViTMAEForPreTraining folder (save_pretrained), decoder included (CrossMAE: "
+        "its encoder, a ViTMAEModel)",
     )
     args = parser.parse_args(argv)
     try:

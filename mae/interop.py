@@ -328,17 +328,23 @@ def hf_config(cfg: Any) -> Any:
 
 
 def to_hf(model: nn.Module, cfg: Any) -> Any:
-    """The project's MAE as a ``ViTMAEForPreTraining`` with the same weights (``save_pretrained`` it)."""
-    from transformers import ViTMAEForPreTraining
+    """The project's MAE as a ``ViTMAEForPreTraining`` with the same weights (``save_pretrained`` it). A
+    CrossMAE (``model.decoder=cross``) gives its encoder alone, a ``ViTMAEModel``: Hugging Face's decoder is MAE's."""
+    from transformers import ViTMAEForPreTraining, ViTMAEModel
 
     m = cfg.model
-    hf = ViTMAEForPreTraining(hf_config(cfg)).eval()
+    encoder_only = m.decoder == "cross"
+    decoder_depth = 0 if encoder_only else m.decoder_depth
+    hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(hf_config(cfg)).eval()
     ours = model.state_dict()
-    state = {h: ours[o] for o, h in _name_pairs(m.depth, m.decoder_depth)}
-    for o, h in _qkv_prefixes(m.depth, m.decoder_depth):
+    pairs = [(o, h) for o, h in _name_pairs(m.depth, decoder_depth) if not encoder_only or o.startswith("encoder.")]
+    state = {h: ours[o] for o, h in pairs}
+    for o, h in _qkv_prefixes(m.depth, decoder_depth):
         for p in ("weight", "bias"):
             q, k, v = ours[f"{o}.{p}"].chunk(3, dim=0)
             state |= {f"{h}.q_proj.{p}": q, f"{h}.k_proj.{p}": k, f"{h}.v_proj.{p}": v}
+    if encoder_only:  # a bare ViTMAEModel's names have no "vit." prefix
+        state = {k.removeprefix("vit."): v for k, v in state.items()}
     hf.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     return hf
 

@@ -12,7 +12,7 @@ from helpers import ROOT, TINY, TINY_ARCH
 from safetensors.torch import load_file
 
 from mae.config import ConfigError, load_config
-from mae.interop import load_into, load_weights
+from mae.interop import from_hf, load_into, load_weights
 from mae.masking import num_kept, predicted_patches, random_masking
 from mae.models import CrossMaskedAutoencoder, MaskedAutoencoder, build_model
 
@@ -157,3 +157,19 @@ def test_a_cross_run_starts_from_an_mae_checkpoint(tmp_path):
     done = load_into(cross, load_weights(tmp_path / "mae.pth"), "mae.pth")
     assert done["other_decoder"] and "decoder_feature_mix" in done["fresh"]
     assert torch.equal(cross.encoder.blocks[1].mlp.fc2.weight, mae.encoder.blocks[1].mlp.fc2.weight)
+
+
+def test_the_hugging_face_export_is_the_encoder(cross_run, tmp_path):
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae.export", str(cross_run), "--format", "hf", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import ViTMAEModel
+
+    hf = ViTMAEModel.from_pretrained(str(out))
+    ours = load_file(str(cross_run / "checkpoints/step_4/model.safetensors"))
+    torch.testing.assert_close(hf.layernorm.weight, ours["encoder.norm.weight"])
+    back, _ = from_hf(hf)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.items() if k.startswith("encoder."))
