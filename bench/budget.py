@@ -1,7 +1,7 @@
 """Every method of the project on a fixed CPU budget: pretrain, then linear probe and kNN.
 
 For each method's recipe (``configs/<method>_cifar10_budget.yaml``; MAE:
-``configs/mae_vit_tiny_cifar10_budget.yaml``):
+``configs/mae_vit_tiny_cifar10_budget.yaml``, CrossMAE: ``configs/crossmae_vit_tiny_cifar10_budget.yaml``):
 
 1. calibrate: a short run measures the optimizer steps per second of this recipe on this machine
    (median of its logged rates, start-up excluded);
@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
+METHODS = ("mae", "crossmae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
 
 
 def recipe(method: str) -> Path:
-    name = "mae_vit_tiny" if method == "mae" else method
+    name = {"mae": "mae_vit_tiny", "crossmae": "crossmae_vit_tiny"}.get(method, method)
     return ROOT / "configs" / f"{name}_cifar10_budget.yaml"
 
 
@@ -122,8 +122,8 @@ def main() -> int:
     parser.add_argument(
         "--finetune",
         action="store_true",
-        help="also fine-tune each token encoder (MAE) and its random init with configs/eval/finetune_cifar10.yaml "
-        "(the same steps for both) and add their test top-1 to the table",
+        help="also fine-tune each token encoder (MAE, CrossMAE) and its random init with "
+        "configs/eval/finetune_cifar10.yaml (the same steps for both) and add their test top-1 to the table",
     )
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -159,7 +159,7 @@ def main() -> int:
         for mode in ("linear", "knn"):
             for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]
-        if args.finetune and method == "mae":  # classic encoders are not timm models: probes only
+        if args.finetune and method in ("mae", "crossmae"):  # classic encoders are not timm models: probes only
             for kind, res in probe_pair(method, run_dir, "finetune", args.data, work).items():
                 row[f"{kind}_finetune"] = res["top1"]
                 row["finetune_steps"] = res["steps"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/results.md (NVIDIA H200), in one go, most important first:
-#   ViT-B/16 and ViT-L/16 against Hugging Face ViTMAE (fp32 and bf16, memory, MFU), ViT-B/16 at a
+#   ViT-B/16 and ViT-L/16 against Hugging Face ViTMAE (fp32 and bf16, memory, MFU), CrossMAE's decoder
+#   against MAE's (ViT-B/16 eager and compiled, ViT-Tiny/4), ViT-B/16 at a
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
 #   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px), and of
 #   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true.
@@ -55,6 +56,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 step base 200 bench/vs_hf.py --setting base --device cuda --out "$out/vs_hf_base.json"
 step large 200 bench/vs_hf.py --setting large --device cuda --out "$out/vs_hf_large.json"
+# CrossMAE's decoder against MAE's, same encoder: eager fp32 and bf16, then bf16 compiled at batch 512
+step crossmae_base 200 bench/crossmae.py --setting base --device cuda --out "$out/crossmae_base.json"
+step crossmae_base_b512_compile 240 bench/crossmae.py --setting base --device cuda --batch 512 --precisions bf16 \
+    --compile --out "$out/crossmae_base_b512_compile.json"
+step crossmae_tiny 120 bench/crossmae.py --setting tiny --device cuda --out "$out/crossmae_tiny.json"
 step base_b512 90 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
     --profile 3 --out "$out/vs_hf_base_b512.json"
 step base_b512_compile 200 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \

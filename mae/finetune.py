@@ -38,6 +38,7 @@ from mae.data.loaded import LoadedSource
 from mae.eval_config import EvalConfig, FinetuneConfig
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
+from mae.runlock import hold_run_dir
 
 # what may change when a fine-tuning run is resumed, beside the runner's own (``mae.rundir``)
 RESUMABLE = ("probe.cache_dir", "probe.extract_batch_size")
@@ -192,6 +193,12 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
     accelerator = runner.accelerator_for(f, run_dir, "finetune")
+    with hold_run_dir(accelerator, run_dir):
+        return _finetune(cfg, accelerator)
+
+
+def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
+    f, run_dir = cfg.finetune, Path(cfg.output_dir)
     resume_from = runner.open_run_dir(accelerator, run_dir)
 
     with accelerator.local_main_process_first():

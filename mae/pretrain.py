@@ -28,6 +28,7 @@ from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
 from mae.rundir import check_resumable, resumable_keys, start_run
+from mae.runlock import hold_run_dir
 from mae.runner import (
     Runner,
     StepLoss,
@@ -176,10 +177,16 @@ class Pretraining:
 
 
 def train(cfg: Config) -> RunResult:
-    """Pretrain (or resume) the run in ``cfg.output_dir``; the encoder is exported at the end."""
+    """Pretrain (or resume) the run in ``cfg.output_dir``, holding its lock; the encoder is exported at the end."""
     run_dir, t = Path(cfg.output_dir), cfg.train
     idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
     accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
+    with hold_run_dir(accelerator, run_dir):
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
+    run_dir, t = Path(cfg.output_dir), cfg.train
     resume_from = open_run_dir(accelerator, run_dir)
     set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 

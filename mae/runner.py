@@ -21,7 +21,13 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    parse_flag_from_env,
+)
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
@@ -71,11 +77,16 @@ class Job(Protocol):
 
 
 def open_run_dir(accelerator: Accelerator, run_dir: Path) -> Path | None:
-    """Collective: clear what an interrupted checkpoint left (main process); the newest complete
-    checkpoint to resume from, None for a fresh run."""
+    """Collective: clear what an interrupted checkpoint left and set damaged checkpoints aside (main
+    process); the newest complete checkpoint that verifies, to resume from; None for a fresh run."""
+    problem = None
     if accelerator.is_main_process:
         ckpt.remove_partial(run_dir)
-    accelerator.wait_for_everyone()
+        problem = ckpt.set_aside_damaged(run_dir, accelerator.print)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise ckpt.CheckpointError(problem)
     return ckpt.latest_checkpoint(run_dir)
 
 

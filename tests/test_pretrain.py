@@ -167,7 +167,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_different_config(tmp_path):
     run(tmp_path, "r", "train.max_steps=2")
-    with pytest.raises(ConfigError, match=r"different config \(model.mask_ratio: 0.75 -> 0.5\)"):
+    with pytest.raises(ConfigError, match=r"different config \(model.mask_ratio: 0.75 -> 0.5; model.reconstruct_ratio"):
         run(tmp_path, "r", "train.max_steps=4", "model.mask_ratio=0.5")
 
 

@@ -249,6 +249,9 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, victim):
     pretrain.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2"]))
     reset_accelerate()
     torch.save({"state": RunsCode()}, out / "checkpoints/step_2" / victim)
+    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in .* verifies \\(step_2: {victim} has "):
+        pretrain.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=4"]))
+    checkpoint.write_manifest(out / "checkpoints/step_2")  # a file planted with its manifest: still never run
     before = digests(out / "checkpoints")
     Path("/tmp/mae_resilience_pwned").unlink(missing_ok=True)
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read as plain data"):
