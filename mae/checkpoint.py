@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """sha256 of each file, several at once (hashlib releases the GIL: the model and optimizer files,
+    the bulk of a checkpoint, hash on separate cores)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: Path) -> None:
     """``manifest.json``: the size and sha256 of every file under ``folder``."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    digests = _sha256_all(files)
+    entries = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests, strict=True)
+    }
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
 
 
@@ -169,8 +180,9 @@ def verify(folder: Path) -> str | None:
         size = (folder / name).stat().st_size if (folder / name).is_file() else None
         if size != entry["size"]:
             return f"{name} is missing" if size is None else f"{name} has {size} of its {entry['size']} bytes"
-    for name, entry in files.items():
-        if _sha256(folder / name) != entry["sha256"]:
+    digests = _sha256_all([folder / name for name in files])
+    for (name, entry), digest in zip(files.items(), digests, strict=True):
+        if digest != entry["sha256"]:
             return f"{name} has changed since it was written (sha256)"
     return None
 

@@ -173,3 +173,14 @@ def test_the_hugging_face_export_is_the_encoder(cross_run, tmp_path):
     torch.testing.assert_close(hf.layernorm.weight, ours["encoder.norm.weight"])
     back, _ = from_hf(hf)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.items() if k.startswith("encoder."))
+
+
+def test_evaluate_reconstruct_predicts_every_masked_patch(cross_run, tmp_path):
+    from mae.evaluate import main
+
+    out = tmp_path / "reconstruct"
+    args = ["reconstruct", "--run", str(cross_run), "--split", "train", "--max-images", "16", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["images"] == 16 and result["mask_ratio"] == 0.75 and 0 < result["mse"] < 10
+    assert (out / "reconstruct.png").is_file()

@@ -92,7 +92,7 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
 
     def build_decoder(self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer) -> None:
         """Projection of the encoder tokens, mask token, positions, cross blocks, norm; for weighted
-        features the (decoder blocks x encoder blocks) mixing weights and one norm per decoder block."""
+        features the (decoder blocks x feature maps) mixing weights and one norm per decoder block."""
         self.decoder_embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True)
@@ -111,29 +111,27 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
             nn.init.normal_(self.decoder_feature_mix, std=self.decoder_feature_mix.shape[1] ** -0.5)
 
     def encoder_outputs(self, images: torch.Tensor, noise: torch.Tensor | None = None):
-        """-> (what each decoder block reads: (B, 1 + L_keep, D) each, the encoder's normed output, mask,
-        ids_restore)."""
+        """-> (what each decoder block reads, projected to the decoder width: (B, 1 + L_keep, Dd) each; the
+        encoder's normed output (B, 1 + L_keep, D); mask; ids_restore)."""
         x, mask, ids_restore = self.embed_and_mask(images, noise)
-        if self.features == "last":
+        if self.features == "last":  # one projection that every block reads
             latent = self.encoder.norm(self.encoder.blocks(x))
-            return [latent] * len(self.decoder_blocks), latent, mask, ids_restore
+            return [self.decoder_embed(latent)] * len(self.decoder_blocks), latent, mask, ids_restore
         outputs = [x]  # the encoder's input is one of the maps (CrossMAE's recipe: --use_input)
         for block in self.encoder.blocks:
             x = block(x)
             outputs.append(x)
         latent = outputs[-1] = self.encoder.norm(x)
         mixed = torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T  # (B, T, D, decoder blocks)
-        return [norm(mixed[..., i]) for i, norm in enumerate(self.decoder_feature_norms)], latent, mask, ids_restore
+        memories = [self.decoder_embed(norm(mixed[..., i])) for i, norm in enumerate(self.decoder_feature_norms)]
+        return memories, latent, mask, ids_restore
 
     def forward_decoder(self, memories: list[torch.Tensor], ids_pred: torch.Tensor) -> torch.Tensor:
-        """One memory per decoder block (B, T, D) and the patches to predict (B, Q) -> (B, Q, p*p*C)."""
+        """One memory per decoder block (B, T, Dd) and the patches to predict (B, Q) -> (B, Q, p*p*C)."""
         pos = self.decoder_pos_embed[:, 1:].expand(ids_pred.shape[0], -1, -1)
         x = self.mask_token + torch.gather(pos, 1, ids_pred.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
-        projected = {}  # "last" hands every block the same tensor: project it once
         for block, memory in zip(self.decoder_blocks, memories, strict=True):
-            if id(memory) not in projected:
-                projected[id(memory)] = self.decoder_embed(memory)
-            x = block(x, projected[id(memory)])
+            x = block(x, memory)
         return self.decoder_pred(self.decoder_norm(x))
 
     def predicted(self, ids_restore: torch.Tensor) -> torch.Tensor:
