@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,8 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from throughput import sync  # noqa: E402  (bench/ is the script's own folder)
-from vs_hf import make_step, step_flops  # noqa: E402
+from vs_hf import make_step, round_robin, step_flops  # noqa: E402
 
 from mae.config import load_config  # noqa: E402
 from mae.models import build_model  # noqa: E402
@@ -69,25 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
-    """Images/s of each step function, ``args.repeats`` round-robin rounds of ``args.steps`` steps."""
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    rates: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for key, step in steps.items():
-            sync(device)
-            tic = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            sync(device)
-            rates[key].append(args.steps * args.batch / (time.perf_counter() - tic))
-            if not torch.isfinite(loss):
-                sys.exit(f"error: {key} loss became {loss.item()}")
-    return rates
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -108,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             copy = build_model(cfg).to(device).train()
             steps[f"{name}-{precision}"] = make_step("ours", copy, cfg, device, precision, images, args.compile)
-    rates = timed(steps, args, device)
+    rates = round_robin(steps, args, device)
     median = {k: statistics.median(v) for k, v in rates.items()}
     speedup = {p: median[f"cross-{p}"] / median[f"mae-{p}"] for p in args.precisions}
 

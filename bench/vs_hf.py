@@ -135,6 +135,26 @@ def make_step(
     return step
 
 
+def round_robin(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace, device: torch.device):
+    """Images/s of each step function: ``args.warmup`` untimed steps each, then ``args.repeats`` rounds of
+    ``args.steps`` steps of every one in turn, so drift hits all alike. Stops on a non-finite loss."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.repeats):
+        for key, step in steps.items():
+            sync(device)
+            tic = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step()
+            sync(device)
+            rates[key].append(args.steps * args.batch / (time.perf_counter() - tic))
+            if not torch.isfinite(loss):
+                sys.exit(f"error: {key} loss became {loss.item()}")
+    return rates
+
+
 def same_results(ours: torch.nn.Module, hf: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, float]:
     """|loss ours - loss HF| for the same images and mask noise, per precision (before any step)."""
     torch.manual_seed(1)
@@ -266,20 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in IMPLS
         for precision in args.precisions
     }
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    rates: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for key, step in steps.items():
-            sync(device)
-            tic = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            sync(device)
-            rates[key].append(args.steps * args.batch / (time.perf_counter() - tic))
-            if not torch.isfinite(loss):
-                sys.exit(f"error: {key} loss became {loss.item()}")
+    rates = round_robin(steps, args, device)
     median = {k: statistics.median(v) for k, v in rates.items()}
     default = resolve_precision("auto", device)
     ours_default = "ours-bf16" if default == "bf16" else "ours-fp32"
