@@ -4,7 +4,7 @@
 #   against MAE's (ViT-B/16 eager and compiled, ViT-Tiny/4), ViT-B/16 at a
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
 #   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px), and of
-#   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true.
+#   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true; FSDP2 on one GPU.
 #
 #   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
 #   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
@@ -78,6 +78,23 @@ train=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=128 tr
 for compile in false true; do
     train "train_compile_$compile" "${train[@]}" train.compile=$compile
 done
+# FSDP2 on one GPU (configs/accelerate/fsdp.yaml, NCCL): catches device bugs of the sharded path (sharded
+# checkpoint, gathered export) that the CPU tests cannot; the last lines say "distributed: FSDP2 ..."
+fsdp=(model.preset=vit_base_patch16 data.image_size=224 train.batch_size=64 train.max_steps=30 data.num_workers=8
+    train.log_every=10 train.checkpoint_every=15 train.recon_every=30)
+if wanted fsdp_one_gpu; then
+    rm -rf "${runs:?}/fsdp_one_gpu"
+    step fsdp_one_gpu 240 -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
+        pretrain.py "${fsdp[@]}" output_dir="$runs/fsdp_one_gpu"
+    grep -h '"type"' "$runs/fsdp_one_gpu/derived.json" | tee -a "$log"
+    grep -h images_per_s "$runs/fsdp_one_gpu/metrics.jsonl" 2>/dev/null | tail -n 2 | tee -a "$log"
+fi
+if wanted fsdp_one_gpu_compile; then  # resumes nothing: a run folder of its own
+    rm -rf "${runs:?}/fsdp_one_gpu_compile"
+    step fsdp_one_gpu_compile 300 -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml \
+        --num_processes 1 pretrain.py "${fsdp[@]}" train.compile=true output_dir="$runs/fsdp_one_gpu_compile"
+    grep -h images_per_s "$runs/fsdp_one_gpu_compile/metrics.jsonl" 2>/dev/null | tail -n 2 | tee -a "$log"
+fi
 # the questions the rows above leave open, for a second lease
 step large_bf16_alone 120 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory \
     --out "$out/vs_hf_large_bf16.json"

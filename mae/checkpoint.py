@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from mae.errors import UserError
 LOOP_STATE = "loop_state.json"
 MANIFEST = "manifest.json"
 PROCESS_STATE = "process_{rank}.json"
+SHARDED_MODEL = "pytorch_model_fsdp_0"  # Accelerate's folder for an FSDP model's shards
 _COMPLETE = re.compile(r"^step_(\d+)$")
 
 
@@ -232,6 +234,21 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
             f"in full (that could run code): delete {path} to resume from the checkpoint before it"
         ) from e
     return json.loads((path / LOOP_STATE).read_text())
+
+
+def read_sharded_model(folder: Path) -> dict[str, Any] | None:
+    """The whole model of an FSDP checkpoint (``torch.distributed.checkpoint`` shards), read in this one
+    process; None when ``folder`` is not one. Through DCP's public converter: reading the shards directly
+    needs its private planner."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    shards = folder / SHARDED_MODEL
+    if not (shards / ".metadata").is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(shards), f"{tmp}/model.pt")
+        return torch.load(f"{tmp}/model.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def read_process_state(path: Path, rank: int) -> dict[str, Any] | None:

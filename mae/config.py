@@ -137,6 +137,9 @@ class TrainConfig:
     # torch threads per process on CPU; default: this machine's cores / processes on it
     # (`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without GPUs, which this replaces)
     cpu_threads: int | None = None
+    # seconds a collective waits for the other processes before the run stops with an error naming this key
+    # (a process or machine that died); a failed collective stops it at once
+    dist_timeout: int = 300
     log_every: int = 10  # optimizer steps between metric lines
     checkpoint_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept

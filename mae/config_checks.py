@@ -37,6 +37,8 @@ class Schedule(Protocol):
     @property
     def cpu_threads(self) -> int | None: ...
     @property
+    def dist_timeout(self) -> int: ...
+    @property
     def log_every(self) -> int: ...
     @property
     def keep_checkpoints(self) -> int: ...
@@ -62,6 +64,7 @@ def schedule_checks(t: Schedule, key: str) -> list[Check]:
         (all(0 <= b < 1 for b in t.betas), f"{key}.betas", t.betas, "two values in [0, 1)"),
         (t.clip_grad is None or t.clip_grad > 0, f"{key}.clip_grad", t.clip_grad, "a positive number or null"),
         (t.cpu_threads is None or t.cpu_threads > 0, f"{key}.cpu_threads", t.cpu_threads, "a positive integer or null"),
+        (t.dist_timeout > 0, f"{key}.dist_timeout", t.dist_timeout, "a positive number of seconds"),
         (t.log_every > 0, f"{key}.log_every", t.log_every, "a positive integer"),
         (t.keep_checkpoints > 0, f"{key}.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
     ]

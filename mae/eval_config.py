@@ -93,6 +93,7 @@ class FinetuneConfig:
     # auto: math on CPU under bf16, where it is faster, else fused
     attention: Literal["auto", "fused", "math"] = "auto"
     cpu_threads: int | None = None  # as train.cpu_threads
+    dist_timeout: int = 300  # as train.dist_timeout
     eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
     log_every: int = 10  # optimizer steps between metric lines
     keep_checkpoints: int = 2

@@ -35,6 +35,7 @@ from mae.config import DataConfig, Derived, derive_schedule, to_dict
 from mae.config_loader import build
 from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
+from mae.distributed import check_shardable, peers_watched
 from mae.eval_config import EvalConfig, FinetuneConfig
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
@@ -193,7 +194,8 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
     accelerator = runner.accelerator_for(f, run_dir, "finetune")
-    with hold_run_dir(accelerator, run_dir):
+    watched = peers_watched(accelerator, run_dir, "finetune.dist_timeout", f.dist_timeout)
+    with hold_run_dir(accelerator, run_dir), watched:
         return _finetune(cfg, accelerator)
 
 
@@ -205,6 +207,7 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
         fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     clf = build_classifier(cfg, num_classes)  # the same initial weights on every process
+    check_shardable(accelerator, clf.model, f"the {clf.kind} classifier")
     set_seed(cfg.seed, device_specific=True)  # drop path and mixup differ per process; data order does not
     d = cfg.data
     data_cfg = DataConfig(
@@ -216,7 +219,8 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
     derived = derive_schedule(f, source.size, accelerator.num_processes, "finetune")
     if resume_from is not None:
-        check_resumable(run_dir, cfg, derived, resumable_keys("finetune", *RESUMABLE), partial(build, EvalConfig))
+        resumable = resumable_keys("finetune", *RESUMABLE)
+        check_resumable(accelerator, run_dir, cfg, derived, resumable, partial(build, EvalConfig))
     eval_loader = DataLoader(eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers)
 
     attention = runner.choose_attention(accelerator, clf.model, f.attention)

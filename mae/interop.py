@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mae.checkpoint import read_sharded_model
 from mae.config import Config, ConfigError, DataConfig, ModelConfig, preset_values, resolve
 from mae.config_loader import load_raw
 from mae.errors import UserError
@@ -67,7 +68,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if p.is_dir():
         if (p / "model.safetensors").is_file():
             return _to_ours(load_file(str(p / "model.safetensors")))
-        raise WeightsError(f"init={path}: the folder holds no model.safetensors (an export or a checkpoint folder)")
+        if (sharded := read_sharded_model(p)) is not None:  # a checkpoint of an FSDP run
+            return _to_ours(sharded)
+        raise WeightsError(
+            f"init={path}: the folder holds no model.safetensors and no FSDP shards (an export or a checkpoint folder)"
+        )
     if not p.is_file():
         raise WeightsError(f"init={path} does not exist; give a checkpoint file or folder")
     if p.suffix == ".safetensors":

@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from torchvision.utils import save_image
 
@@ -23,6 +23,7 @@ from mae.data.base import DataSource
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError
 from mae.data.sources import build_source
+from mae.distributed import check_shardable, is_sharded, peers_watched, same_init_everywhere
 from mae.export import export_model
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
@@ -112,6 +113,8 @@ class Pretraining:
         if self.cfg.train.mixed_precision == "fp16":
             # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
             raise ConfigError("train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no")
+        if is_sharded(self.accelerator):  # Accelerate's FSDP2 prepares one model with its optimizer
+            raise ConfigError("train.online_probe=true does not run under FSDP; set train.online_probe=false")
         feature = source.label_feature
         if not isinstance(feature, datasets.ClassLabel):
             raise DataError(
@@ -156,7 +159,7 @@ class Pretraining:
         """Write a reconstruction grid (main process), leaving every RNG stream untouched. Under FSDP
         every process runs the forward (it gathers the shards: a collective); only the main one writes."""
         acc, net, cfg = self.accelerator, self.net, self.cfg
-        sharded = acc.distributed_type == DistributedType.FSDP
+        sharded = is_sharded(acc)
         if not (acc.is_main_process or sharded):
             return
         was_training = net.training
@@ -181,7 +184,8 @@ def train(cfg: Config) -> RunResult:
     run_dir, t = Path(cfg.output_dir), cfg.train
     idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
     accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
-    with hold_run_dir(accelerator, run_dir):
+    watched = peers_watched(accelerator, run_dir, "train.dist_timeout", t.dist_timeout)
+    with hold_run_dir(accelerator, run_dir), watched:
         return _train(cfg, accelerator)
 
 
@@ -195,9 +199,11 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     source = build_source(cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first)
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
-        check_resumable(run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
+        check_resumable(accelerator, run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
 
-    model = build_model(cfg)
+    with same_init_everywhere(accelerator, t.seed):
+        model = build_model(cfg)
+    check_shardable(accelerator, model, f"model.name={cfg.model.name}")
     if cfg.init is not None and resume_from is None:  # a resumed run has its own weights
         load_init(accelerator, model, cfg)
     job = Pretraining(accelerator, cfg, model, source, derived)

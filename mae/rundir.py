@@ -12,13 +12,14 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
+from mae import distributed
 from mae.config import ConfigError, Derived, read_yaml, to_dict
 
 # Derived values a resumed run must share with the run it continues.
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
 # Keys of the training section (``train`` or ``finetune``) that may change between a run and its
 # resumption: they do not change what is learned up to the resume point.
-SECTION_RESUMABLE = ("epochs", "max_steps", "log_every", "keep_checkpoints", "cpu_threads")
+SECTION_RESUMABLE = ("epochs", "max_steps", "log_every", "keep_checkpoints", "cpu_threads", "dist_timeout")
 
 
 def resumable_keys(section: str, *extra: str) -> set[str]:
@@ -34,7 +35,12 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(
-    run_dir: Path, cfg: Any, derived: Derived, resumable: set[str], read: Callable[[dict[str, Any]], Any]
+    accelerator: Accelerator,
+    run_dir: Path,
+    cfg: Any,
+    derived: Derived,
+    resumable: set[str],
+    read: Callable[[dict[str, Any]], Any],
 ) -> None:
     """Refuse to resume a run whose saved config (read back by ``read``) or data/process layout differs
     in anything that shapes training."""
@@ -64,14 +70,23 @@ def check_resumable(
             f"output_dir={str(run_dir)!r} holds a run made with another data/process layout ({'; '.join(changed)}); "
             "resume it with the same number of processes and dataset, or use another output_dir"
         )
+    was = before.get("distributed", {}).get("type")  # (not recorded by older runs)
+    now = distributed.describe(accelerator)["type"]
+    if was is not None and {was, now} & {"fsdp"} and was != now:  # sharded and whole checkpoints differ in kind
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds a run trained under {was} and this launch runs {now}; its "
+            f"checkpoints are {'sharded' if was == 'fsdp' else 'whole'}: resume it with the launch it was made with"
+        )
 
 
 def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str) -> None:
-    """Write ``config.yaml`` and ``derived.json`` (main process) and start the trackers."""
+    """Write ``config.yaml`` and ``derived.json`` (main process), with the distributed setup the run
+    really has, and start the trackers."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(derived), indent=1))
+        record = dataclasses.asdict(derived) | {"distributed": distributed.describe(accelerator)}
+        (run_dir / "derived.json").write_text(json.dumps(record, indent=1))
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
     accelerator.init_trackers(name, config=hparams)
 

@@ -26,12 +26,15 @@ from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
+    gather_object,
     parse_flag_from_env,
 )
 from timm.scheduler import CosineLRScheduler
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
+from mae import distributed
 from mae.config import ConfigError, Derived, TrainConfig
 from mae.data.base import DataSource
 from mae.errors import UserError
@@ -99,12 +102,16 @@ def _accelerate_device() -> torch.device:
 def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
+    distributed.check_restartable()
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
         gradient_accumulation_steps=t.accum_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            distributed.process_group_kwargs(t.dist_timeout),
+        ],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # N copies of one run, each alone: N times the same work
@@ -113,6 +120,7 @@ def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters:
             "seen by Accelerate); without a GPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "(or configs/accelerate/cpu_ddp.yaml)"
         )
+    distributed.enable_fsdp(accelerator, key)
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
@@ -170,7 +178,8 @@ def schedule_lines(
         f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
         f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
         f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}"
-        f"{' (torch.compile)' if compiled else ''}; device {accelerator.device}{threads}"
+        f"{' (torch.compile)' if compiled else ''}; device {accelerator.device}{threads}\n"
+        + distributed.summary(distributed.describe(accelerator))
     )
 
 
@@ -310,7 +319,7 @@ class Runner:
     def save(self, step: int, job_first: bool = False) -> None:
         """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a signal
         asked for) the job's own work before it."""
-        check_finite_weights(self.job.model, step, self.run_dir)
+        check_finite_weights(self.accelerator, self.job.model, step, self.run_dir)
         if job_first:
             self.job.before_checkpoint(step)
         loop = self.job.loop_state(step)
@@ -332,10 +341,15 @@ def stop_for_signal(
     )
 
 
-def check_finite_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
-    """A finite loss can still come with an update that overflowed; never checkpoint such weights.
-    (Replicas are identical, so every process reaches the same verdict.)"""
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+def check_finite_weights(accelerator: Accelerator, model: torch.nn.Module, step: int, run_dir: Path) -> None:
+    """Collective under FSDP: a finite loss can still come with an update that overflowed; never
+    checkpoint such weights. (DDP replicas are identical, so every process reaches the same verdict;
+    FSDP processes hold different slices, so they agree on the first bad one any of them found.)"""
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    names = (n for n, _ in model.named_parameters())
+    bad = next((n for n, p in zip(names, local, strict=True) if not torch.isfinite(p).all()), None)
+    if distributed.is_sharded(accelerator):
+        bad = next((b for b in gather_object([bad]) if b is not None), None)
     if bad is not None:
         raise non_finite_error(f"weights became non-finite ({bad})", step, run_dir)
 

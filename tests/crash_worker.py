@@ -1,7 +1,9 @@
 """Run by test_resilience.py as a real process: ``pretrain.py`` with slow-downs that leave room to
 kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to every micro-batch,
 ``SAVE_SLEEP`` seconds inside every checkpoint write (after the files, before the rename that
-commits it), ``SAVE_MARK`` a file created when such a write begins. Neither changes what is computed."""
+commits it), ``SAVE_MARK`` a file created when such a write begins. None changes what is computed.
+``CRASH_AT_STEP`` with ``CRASH_RANK`` and ``CRASH_MARK``: that process dies (exit 3, no cleanup)
+after that optimizer step, once: the mark file records that it did."""
 
 import os
 import sys
@@ -26,5 +28,17 @@ if __name__ == "__main__":
         time.sleep(save_sleep)
         fsync(path)
 
+    after_step = runner.Runner._after_step
+    crash_at, crash_rank = int(os.environ.get("CRASH_AT_STEP", 0)), int(os.environ.get("CRASH_RANK", 0))
+
+    def crashing_after_step(self, step, *args):
+        done = after_step(self, step, *args)
+        mark = Path(os.environ.get("CRASH_MARK", "crashed"))
+        if step == crash_at and self.accelerator.process_index == crash_rank and not mark.exists():
+            mark.write_text(str(step))
+            os._exit(3)
+        return done
+
     runner.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
+    runner.Runner._after_step = crashing_after_step
     sys.exit(main("pretrain under test", load_config, pretrain.train, sys.argv[1:]))

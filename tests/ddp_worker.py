@@ -1,5 +1,6 @@
-"""Run by test_ddp.py under ``accelerate launch``: train, then dump this process's weights and the
-(epoch, index) pairs it loaded."""
+"""Run by test_ddp.py and test_distributed.py under ``accelerate launch``: train, then dump this
+process's weights (unless they are an FSDP slice), the (epoch, index) pairs it loaded, and how many
+parameter elements it held at the end of training against the model's total (``held_R.json``)."""
 
 import json
 import sys
@@ -8,7 +9,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
+from mae import pretrain
 from mae.config import load_config
 from mae.data import images, on_device
 from mae.pretrain import train
@@ -34,9 +37,21 @@ if __name__ == "__main__":
     # train.compile=true: dynamo traces and guards as usual, without inductor's minutes of C++ compiling
     real_compile = torch.compile
     torch.compile = lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": "eager"})
+    held = {}
+    gathered = pretrain.gathered
+
+    def counting_gathered(accelerator, model, build):  # the prepared model, as this process holds it
+        params = list(model.parameters())
+        held["held"] = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        held["total"] = sum(p.numel() for p in params)  # (a DTensor's numel is the whole tensor's)
+        return gathered(accelerator, model, build)
+
+    pretrain.gathered = counting_gathered
     result = train(cfg)
     state = PartialState()
-    weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
     out = Path(cfg.output_dir) / f"rank{state.process_index}_of_{state.num_processes}"
-    save_file(weights, f"{out}.safetensors")
+    Path(cfg.output_dir, f"held_{state.process_index}.json").write_text(json.dumps(held))
+    if not any(isinstance(v, DTensor) for v in result.model.state_dict().values()):  # FSDP: only the main one
+        weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
+        save_file(weights, f"{out}.safetensors")
     Path(f"{out}.json").write_text(json.dumps(seen))
