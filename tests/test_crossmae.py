@@ -16,6 +16,7 @@ from mae.interop import from_hf, load_into, load_weights
 from mae.masking import num_kept, predicted_patches, random_masking
 from mae.models import CrossMaskedAutoencoder, MaskedAutoencoder, build_model
 
+pytestmark = pytest.mark.xdist_group("crossmae")  # one pretrained cross run
 CROSS = ["model.decoder=cross", "model.reconstruct_ratio=0.25"]
 WEIGHTED = [*CROSS, "model.decoder_features=weighted"]
 
@@ -119,6 +120,7 @@ def test_the_export_is_the_timm_encoder_of_mae(cross_run):
     assert (cross_run / "recon_4.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["linear", "knn", "finetune"])
 def test_probes_and_fine_tuning_take_the_encoder(cross_run, tmp_path, mode):
     out = tmp_path / mode
@@ -135,6 +137,7 @@ def test_probes_and_fine_tuning_take_the_encoder(cross_run, tmp_path, mode):
     assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", [[], CROSS, WEIGHTED], ids=["into_mae", "into_last", "into_weighted"])
 def test_init_takes_a_cross_run_into_either_decoder(cross_run, tmp_path, decoder):
     out = tmp_path / "from_init"
@@ -159,6 +162,7 @@ def test_a_cross_run_starts_from_an_mae_checkpoint(tmp_path):
     assert torch.equal(cross.encoder.blocks[1].mlp.fc2.weight, mae.encoder.blocks[1].mlp.fc2.weight)
 
 
+@pytest.mark.slow
 def test_the_hugging_face_export_is_the_encoder(cross_run, tmp_path):
     out = tmp_path / "hf"
     proc = subprocess.run(

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from mae.config import load_config
 from mae.models import build_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "extra",

@@ -1,6 +1,7 @@
 """Distributed launches as docs/distributed.md gives them, on CPU with gloo: FSDP against DDP, two
 machines on one host, a machine that stops or dies, and torchrun's restarts. Every run trains the
-same 20 steps; the 2-process DDP run of one machine is the reference."""
+same 20 steps; the 2-process DDP run of one machine is the reference (made once in each of the two
+xdist groups, FSDP and machines, which run side by side)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def fsdp(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_ddp_processes_read_disjoint_shards_and_stay_identical(ddp):
     seen = [{tuple(x) for x in json.loads((ddp / f"rank{r}_of_2.json").read_text())} for r in (0, 1)]
     assert min(map(len, seen)) >= STEPS * 8 and not seen[0] & seen[1]  # (the loader reads ahead)
@@ -125,6 +127,7 @@ def test_ddp_processes_read_disjoint_shards_and_stay_identical(ddp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_fsdp_is_recorded_and_really_shards_the_parameters(ddp, fsdp):
     assert json.loads((fsdp / "derived.json").read_text())["distributed"] == {
         "type": "fsdp", "backend": "gloo", "world_size": 2, "machines": 1, "device": "cpu", "fsdp_version": 2,
@@ -141,6 +144,7 @@ def test_fsdp_is_recorded_and_really_shards_the_parameters(ddp, fsdp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_fsdp_losses_equal_ddp_at_every_step(ddp, fsdp):
     a, b = losses(fsdp), losses(ddp)
     assert len(a) == len(b) == STEPS
@@ -148,6 +152,7 @@ def test_fsdp_losses_equal_ddp_at_every_step(ddp, fsdp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_the_fsdp_export_loads_in_timm_and_equals_ddp(ddp, fsdp):
     assert_close(export(fsdp), export(ddp), rel=1e-5)
     models = [timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval() for run in (fsdp, ddp)]
@@ -157,6 +162,7 @@ def test_the_fsdp_export_loads_in_timm_and_equals_ddp(ddp, fsdp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_an_fsdp_checkpoint_is_read_whole_by_one_process(ddp, fsdp):
     """``init=RUN/checkpoints/step_N`` takes an FSDP checkpoint's shards as it takes a DDP checkpoint's file."""
     sharded = load_weights(fsdp / "checkpoints" / f"step_{STEPS}")
@@ -164,6 +170,7 @@ def test_an_fsdp_checkpoint_is_read_whole_by_one_process(ddp, fsdp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_run(tmp_path, fsdp):
     out = tmp_path / "killed"
     cmd = launch_cmd(CRASHER, *ARGS, f"output_dir={out}", config="fsdp.yaml", port=free_port())
@@ -179,6 +186,7 @@ def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_run(tmp_path, fsdp):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_fsdp_compiled_training_equals_ddp(ddp, tmp_path):
     out = tmp_path / "compiled"
     run(launch_cmd(WORKER, *ARGS, f"output_dir={out}", "train.compile=true", config="fsdp.yaml", port=free_port()))
@@ -187,6 +195,7 @@ def test_fsdp_compiled_training_equals_ddp(ddp, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
 def test_fsdp_fine_tunes(ddp, tmp_path):
     out = tmp_path / "finetuned"
     args = ["mode=finetune", f"encoder={ddp}", f"output_dir={out}", "data.num_workers=0", "finetune.max_steps=4",
@@ -200,6 +209,7 @@ def test_fsdp_fine_tunes(ddp, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machines")
 def test_two_machines_on_one_host_end_with_the_single_machine_weights(ddp, tmp_path):
     out = tmp_path / "two"
     results = [finish(p) for p in two_machines(WORKER, out)]
@@ -209,6 +219,7 @@ def test_two_machines_on_one_host_end_with_the_single_machine_weights(ddp, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machines")
 def test_sigterm_to_one_machine_stops_both_at_one_step_and_they_resume_exactly(ddp, tmp_path):
     out = tmp_path / "stopped"
     procs = two_machines(CRASHER, out, "train.checkpoint_every=100", STEP_SLEEP="0.3")
@@ -229,6 +240,7 @@ def test_sigterm_to_one_machine_stops_both_at_one_step_and_they_resume_exactly(d
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machines")
 def test_a_machine_that_dies_stops_the_other_within_the_timeout_and_both_resume(ddp, tmp_path):
     out = tmp_path / "died"
     procs = two_machines(CRASHER, out, "train.dist_timeout=30", STEP_SLEEP="0.3")
@@ -245,6 +257,7 @@ def test_a_machine_that_dies_stops_the_other_within_the_timeout_and_both_resume(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machines")
 def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path):
     out = tmp_path / "hung"
     procs = two_machines(CRASHER, out, "train.dist_timeout=10", STEP_SLEEP="0.3")
@@ -261,6 +274,7 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("machines")
 def test_torchrun_restarts_a_crashed_job_which_resumes_by_itself(ddp, tmp_path):
     out = tmp_path / "restarted"
     mark = tmp_path / "crashed"

@@ -219,6 +219,7 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     assert resumed["history"] == straight["history"] and all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -235,6 +236,7 @@ def test_bad_input_is_one_clear_line(tmp_path, run_dir, overrides, message):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_fine_tune_and_evaluate_every_image_once(tmp_path, run_dir, colours):
     out = tmp_path / "ddp"
     args = [

@@ -103,6 +103,7 @@ print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 to read malloc's state")
 def test_the_tuned_allocator_takes_large_blocks_from_the_heap_not_fresh_mappings():
     env = {k: v for k, v in os.environ.items() if k not in ("MAE_DEFAULT_MALLOC", "LD_PRELOAD")}

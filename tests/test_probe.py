@@ -256,6 +256,7 @@ def test_unlabelled_evaluation_split_is_refused(tmp_path, run_dir):
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == 2
 
 
+@pytest.mark.slow
 def test_command_line_knn_on_sample(tmp_path, run_dir):
     out = tmp_path / "knn"
     cmd = [

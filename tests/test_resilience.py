@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from mae import checkpoint, pretrain
 from mae.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resilience")]  # one reference run
 WORKER = str(Path(__file__).parent / "crash_worker.py")
 EXACT = [*TINY, "train.mixed_precision=no", "train.log_every=1"]
 

@@ -68,6 +68,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(str
     assert losses == [json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_with_no_checkpoint_that_verifies_the_run_stops_and_changes_nothing(tmp_path):
     out = tmp_path / "run"
     run(out, "train.keep_checkpoints=1")
@@ -96,6 +97,7 @@ def test_verification_names_a_missing_file_and_a_bad_manifest(tmp_path):
     assert checkpoint.verify(folder) == f"{checkpoint.MANIFEST} is unreadable"
 
 
+@pytest.mark.slow
 def test_a_second_launch_into_a_held_directory_is_refused_and_changes_nothing(straight, tmp_path):
     out = tmp_path / "run"
     run(out, "train.max_steps=10")
@@ -119,6 +121,7 @@ def test_a_second_launch_into_a_held_directory_is_refused_and_changes_nothing(st
     run(out)  # free again: the run goes on
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_line_that_says_so(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -24,6 +24,7 @@ def stream_run(out, data, *extra):
                               f"output_dir={out}", *extra])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_processes_and_workers_read_disjoint_parts_that_cover_every_epoch(tmp_path):
     data = parquet_stream(tmp_path / "data")
     cfg = load_config(None, [*EXACT, f"data.dataset={data}", "data.label_column=label"]).data
@@ -42,6 +43,7 @@ def test_processes_and_workers_read_disjoint_parts_that_cover_every_epoch(tmp_pa
     assert tags[:24, 1].eq(0).all() and tags[24:, 1].eq(1).all()  # (worker, epoch, examples read)
 
 
+@pytest.mark.slow
 def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(tmp_path, monkeypatch):
     """2 workers (4 files), batch 8, epochs of 24 per worker: 9 steps cross epochs. A SIGTERM after step 5
     (an odd batch count: the worker round robin is mid-round) and a relaunch end with the weights of the
@@ -90,6 +92,7 @@ def test_an_epoch_needs_a_size_when_the_stream_does_not_say(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_undecodable_images_in_a_stream_are_skipped_counted_and_limited(tmp_path):
     data = parquet_stream(tmp_path / "data", shards=2, bad=(3, 17))
     out = tmp_path / "run"
@@ -101,6 +104,7 @@ def test_undecodable_images_in_a_stream_are_skipped_counted_and_limited(tmp_path
         pretrain.train(stream_run(tmp_path / "strict", data, "train.max_steps=5", "data.max_bad_images=1"))
 
 
+@pytest.mark.slow
 def test_a_worker_whose_files_hold_no_usable_row_stops_the_run_with_the_fix(tmp_path):
     """data.classes keeps one image, in the first file: the second worker's files give nothing in a whole
     epoch. Without the check the loop would wait for that worker forever."""
