@@ -269,7 +269,7 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
     finally:
         kill_machine(procs[1], signal.SIGKILL)
         procs[1].wait(timeout=60)
-    assert code != 0 and 10 <= time.time() - tic < 60, err[-3000:]
+    assert code != 0 and 9 <= time.time() - tic < 60, err[-3000:]  # (a collective may start just before the stop)
     assert "train.dist_timeout=10" in err and "Timed out" in err, err[-3000:]
 
 
