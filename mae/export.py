@@ -103,6 +103,25 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     return model, cfg
 
 
+def save_hf(model: torch.nn.Module, cfg: Config, folder: Path) -> None:
+    """The Hugging Face folder: the model (``save_pretrained``) and its image processor, as the published
+    facebook/vit-mae-* repos have it (ViTImageProcessor: bicubic resize to the run's size, /255, the run's
+    mean and std), so ``transformers.pipeline("image-feature-extraction", model=folder)`` takes it as it is.
+    (The processor resizes to the square, where the project's evaluation transform resizes the short side
+    and crops the centre: the same for square images.)"""
+    from transformers import ViTImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    to_hf(model, cfg).save_pretrained(str(folder))
+    size = cfg.data.image_size
+    processor = ViTImageProcessor(
+        do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(cfg.data.mean), image_std=list(cfg.data.std),
+    )  # fmt: skip
+    processor.save_pretrained(str(folder))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mae.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run directory written by pretrain.py")
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.model.name != "mae":
                 raise ValueError(f"--format hf needs an MAE run; {args.run_dir} is model.name={cfg.model.name}")
             out = Path(args.out or Path(args.run_dir) / "export_hf")
-            replace_dir(out, lambda tmp: to_hf(model, cfg).save_pretrained(str(tmp)))
+            replace_dir(out, lambda tmp: save_hf(model, cfg, tmp))
         else:
             out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -166,6 +166,31 @@ def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in first.model.state_dict().items())
 
 
+def test_the_hugging_face_export_serves_the_feature_extraction_pipeline(tmp_path):
+    """The export's image processor (preprocessor_config.json) is what transformers.pipeline needs."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
+
+    from mae.export import save_hf
+
+    cfg = load_config(None, [*TINY])
+    model = build_model(cfg).eval()
+    save_hf(model, cfg, tmp_path / "hf")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    # ViTMAEModel masks 75% of the patches at inference too; mask_ratio=0 keeps them all (shuffled)
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path / "hf"), model_kwargs={"mask_ratio": 0.0})
+    features = torch.tensor(extractor(image))
+    assert features.shape == (1, 1 + (16 // 4) ** 2, 32)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert (processor.size.height, processor.size.width) == (16, 16)
+    assert list(processor.image_mean) == list(cfg.data.mean) and list(processor.image_std) == list(cfg.data.std)
+    x = processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = model.encoder.forward_features(x)[:, 0]  # the class token: the same whatever the patch order
+    assert torch.allclose(features[:, 0], ours, atol=1e-5)
+
+
 def test_a_hugging_face_folder_is_an_encoder_source_for_probes_and_fine_tuning(tmp_path):
     from mae.encoders import load_encoder
     from mae.eval_config import load_eval_config
