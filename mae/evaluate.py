@@ -38,7 +38,6 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 from torchmetrics.functional.image import structural_similarity_index_measure
-from torchvision.utils import save_image
 
 from mae.config import Config, DataConfig
 from mae.data.images import ImageDataset, eval_transform
@@ -49,7 +48,7 @@ from mae.export import load_run_model
 from mae.models.dae import corrupt_pixels
 from mae.probe import accuracy, knn_scores, linear_probe
 from mae.results_table import write_report
-from mae.visualize import denormalize
+from mae.visualize import denormalize, save_tiles
 
 TASKS = ("reconstruct", "denoise", "anomaly", "reduce", "sample", "report")
 
@@ -155,7 +154,7 @@ class Evaluation:
     def grid(self, path: Path, panels: list[torch.Tensor], rows: int = 8) -> None:
         """One row per image, one column per panel (pixels in [0, 1])."""
         stacked = torch.stack([p[:rows].clamp(0, 1) for p in panels], dim=1).flatten(0, 1)
-        save_image(stacked, str(path), nrow=len(panels), padding=2, pad_value=1.0)
+        save_tiles(stacked, path, nrow=len(panels))
 
 
 def _pyplot() -> Any:
@@ -317,7 +316,7 @@ def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
         raise EvaluateError(f"sample needs a generative model (model.name=vae); this run is {ev.cfg.model.name!r}")
     g = torch.Generator().manual_seed(ev.seed)
     samples = ev.to_pixels(ev.model.sample(n, generator=g))
-    save_image(samples, str(out / "samples.png"), nrow=int(math.ceil(math.sqrt(n))), padding=2, pad_value=1.0)
+    save_tiles(samples, out / "samples.png", nrow=int(math.ceil(math.sqrt(n))))
     data = ev.images(limit=16)
     pairs = min(4, len(data) // 2)
     if pairs == 0:
@@ -327,7 +326,7 @@ def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
     t = torch.linspace(0, 1, 8).view(1, -1, 1)
     path = z[0::2, None] * (1 - t) + z[1::2, None] * t  # (pairs, 8, latent)
     frames = ev.to_pixels(ev.model.decode(path.flatten(0, 1)))
-    save_image(frames, str(out / "interpolations.png"), nrow=8, padding=2, pad_value=1.0)
+    save_tiles(frames, out / "interpolations.png", nrow=8)
     return {"samples": n, "interpolations": pairs, "steps": 8}
 
 

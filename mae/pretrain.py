@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
-from torchvision.utils import save_image
 
 from mae.config import Config, ConfigError, Derived, derive, from_dict
 from mae.data.base import DataSource
@@ -41,7 +40,7 @@ from mae.runner import (
     prepare_with_data,
     schedule_lines,
 )
-from mae.visualize import denormalize, save_recon_grid
+from mae.visualize import denormalize, save_recon_grid, save_tiles
 
 BAD_IMAGES = "bad_images.jsonl"
 # what may change when a pretraining run is resumed, beside the runner's own (``mae.rundir``)
@@ -173,9 +172,8 @@ class Pretraining:
                 save_recon_grid(path, images, out, cfg.data.mean, cfg.data.std)
                 if hasattr(net, "sample") and not sharded:  # a generative model: prior samples beside it
                     samples = net.sample(len(images) * 4).float().cpu()
-                    save_image(denormalize(samples, cfg.data.mean, cfg.data.std),
-                               str(path.with_name(path.name.replace("recon_", "samples_"))),
-                               nrow=len(images), padding=2, pad_value=1.0)  # fmt: skip
+                    save_tiles(denormalize(samples, cfg.data.mean, cfg.data.std),
+                               path.with_name(path.name.replace("recon_", "samples_")), nrow=len(images))  # fmt: skip
         net.train(was_training)
 
 

@@ -1,4 +1,8 @@
-"""Reconstruction grids: one row per image, (masked or corrupted input | reconstruction | original)."""
+"""Reconstruction grids: one row per image, (masked or corrupted input | reconstruction | original).
+
+Every grid the project writes goes through ``save_tiles``, which enlarges small tiles (nearest
+neighbour, by a whole factor) to at least ``MIN_TILE`` pixels, so that 32-px images can be read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,16 @@ import torch
 from torchvision.utils import save_image
 
 from mae.models.base import AEOutput
+
+MIN_TILE = 96  # pixels: the shorter side of a tile in a saved grid, at least
+
+
+def save_tiles(tiles: torch.Tensor, path: str | Path, nrow: int) -> None:
+    """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least MIN_TILE px."""
+    factor = -(-MIN_TILE // min(tiles.shape[-2:]))  # ceil
+    if factor > 1:
+        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)  # nearest neighbour
+    save_image(tiles, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -37,4 +51,4 @@ def save_recon_grid(
 ) -> None:
     panels = [denormalize(p.cpu(), mean, std) for p in recon_panels(images, out)]
     rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * panels, C, H, W), row-major
-    save_image(rows, str(path), nrow=len(panels), padding=2, pad_value=1.0)
+    save_tiles(rows, path, nrow=len(panels))

@@ -4,9 +4,11 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, colour_folder, write_image_folder
+from PIL import Image
 from safetensors.torch import load_file
 
 from mae import checkpoint, pretrain, runner
@@ -31,7 +33,14 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
     assert all(r["images_per_s"] > 0 and "terms/mse" in r for r in lines)
     assert [p.name for p in complete_checkpoints(d)] == ["step_20", "step_30"]  # keep_checkpoints=2
     assert (d / "recon_30.png").is_file() and (d / "config.yaml").is_file()
+    grid = np.asarray(Image.open(d / "recon_30.png").convert("RGB"))
+    # 2 images x (masked | reconstruction | original), 16-px tiles enlarged 6x to 96 px, 2-px padding
+    assert grid.shape == (2 + 2 * (96 + 2), 2 + 3 * (96 + 2), 3)
+    tile = grid[2 : 2 + 96, 2 * 98 + 2 : 2 * 98 + 2 + 96]  # the first original
+    assert (tile == np.repeat(np.repeat(tile[::6, ::6], 6, axis=0), 6, axis=1)).all()  # nearest neighbour
     derived = json.loads((d / "derived.json").read_text())
+    single = {"type": "single", "backend": None, "world_size": 1, "machines": 1, "device": "cpu"}
+    assert derived["distributed"] == single
     assert (
         derived["effective_batch"] == 8
         and derived["total_steps"] == 30
