@@ -140,6 +140,8 @@ class TrainConfig:
     # seconds a collective waits for the other processes before the run stops with an error naming this key
     # (a process or machine that died); a failed collective stops it at once
     dist_timeout: int = 300
+    # Accelerate's experiment trackers (mae.config_checks.TRACKERS); [] logs to metrics.jsonl alone
+    log_with: tuple[str, ...] = ("tensorboard",)
     log_every: int = 10  # optimizer steps between metric lines
     checkpoint_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept

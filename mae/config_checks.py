@@ -39,9 +39,18 @@ class Schedule(Protocol):
     @property
     def dist_timeout(self) -> int: ...
     @property
+    def log_with(self) -> tuple[str, ...]: ...
+    @property
     def log_every(self) -> int: ...
     @property
     def keep_checkpoints(self) -> int: ...
+
+
+# Accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), each with the module it needs
+TRACKERS = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
+    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}  # fmt: skip
 
 
 def raise_first_invalid(checks: list[Check]) -> None:
@@ -65,6 +74,7 @@ def schedule_checks(t: Schedule, key: str) -> list[Check]:
         (t.clip_grad is None or t.clip_grad > 0, f"{key}.clip_grad", t.clip_grad, "a positive number or null"),
         (t.cpu_threads is None or t.cpu_threads > 0, f"{key}.cpu_threads", t.cpu_threads, "a positive integer or null"),
         (t.dist_timeout > 0, f"{key}.dist_timeout", t.dist_timeout, "a positive number of seconds"),
+        (set(t.log_with) <= set(TRACKERS), f"{key}.log_with", list(t.log_with), f"a list of {', '.join(TRACKERS)}"),
         (t.log_every > 0, f"{key}.log_every", t.log_every, "a positive integer"),
         (t.keep_checkpoints > 0, f"{key}.keep_checkpoints", t.keep_checkpoints, "a positive integer"),
     ]

@@ -94,6 +94,7 @@ class FinetuneConfig:
     attention: Literal["auto", "fused", "math"] = "auto"
     cpu_threads: int | None = None  # as train.cpu_threads
     dist_timeout: int = 300  # as train.dist_timeout
+    log_with: tuple[str, ...] = ("tensorboard",)  # as train.log_with
     eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
     log_every: int = 10  # optimizer steps between metric lines
     keep_checkpoints: int = 2

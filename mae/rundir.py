@@ -19,7 +19,7 @@ from mae.config import ConfigError, Derived, read_yaml, to_dict
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
 # Keys of the training section (``train`` or ``finetune``) that may change between a run and its
 # resumption: they do not change what is learned up to the resume point.
-SECTION_RESUMABLE = ("epochs", "max_steps", "log_every", "keep_checkpoints", "cpu_threads", "dist_timeout")
+SECTION_RESUMABLE = ("epochs", "max_steps", "log_every", "keep_checkpoints", "cpu_threads", "dist_timeout", "log_with")
 
 
 def resumable_keys(section: str, *extra: str) -> set[str]:
@@ -88,7 +88,7 @@ def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derive
         record = dataclasses.asdict(derived) | {"distributed": distributed.describe(accelerator)}
         (run_dir / "derived.json").write_text(json.dumps(record, indent=1))
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
-    accelerator.init_trackers(name, config=hparams)
+    accelerator.init_trackers(name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}})  # its files here
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -10,6 +10,7 @@ step or before a checkpoint), a ``DataSource`` gives the batches from an optimiz
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from mae import checkpoint as ckpt
 from mae import distributed
 from mae.config import ConfigError, Derived, TrainConfig
+from mae.config_checks import TRACKERS
 from mae.data.base import DataSource
 from mae.errors import UserError
 from mae.eval_config import FinetuneConfig
@@ -99,6 +101,18 @@ def _accelerate_device() -> torch.device:
     return torch.device("cuda" if gpu else "cpu")
 
 
+def trackers(t: Section, key: str) -> list[str]:
+    """The section's ``log_with``, each tracker's package checked: Accelerate would drop a missing one
+    with a log line and train on without it."""
+    missing = [name for name in t.log_with if importlib.util.find_spec(TRACKERS[name]) is None]
+    if missing:
+        raise ConfigError(
+            f"{key}.log_with={list(t.log_with)}: {', '.join(missing)} is not installed; pip install "
+            f"{' '.join(TRACKERS[m] for m in missing)}, or leave it out of {key}.log_with"
+        )
+    return list(t.log_with)
+
+
 def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
@@ -106,7 +120,7 @@ def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters:
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
         gradient_accumulation_steps=t.accum_steps,
-        log_with="tensorboard",
+        log_with=trackers(t, key) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),

@@ -324,3 +324,16 @@ def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monk
     assert names[0] == names[1] and not any("_orig_mod" in k for k in names[1])
     resumed = run(tmp_path, "compiled", *common[1:], "train.max_steps=6")
     assert resumed.steps == 6 and len(compiled_calls) == 1
+
+
+def test_log_with_passes_accelerates_trackers_through(tmp_path, monkeypatch):
+    """W&B in offline mode beside TensorBoard; a tracker that is not installed is refused with the fix."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = run(tmp_path, "r", "train.max_steps=10", "train.log_with=[tensorboard,wandb]")
+    runs = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B's own record of the run
+    assert len(runs) == 1 and runs[0].read_bytes().count(b"images_per_s") >= 2  # both metric lines (steps 5, 10)
+    assert list((result.run_dir / "tb").rglob("events.out.tfevents*"))
+    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None)  # as without the package
+    with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
+        run(tmp_path, "s", "train.max_steps=1", "train.log_with=[wandb]")
