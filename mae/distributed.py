@@ -64,7 +64,7 @@ def check_restartable() -> None:
 
     By default torchrun's agent shares its rendezvous store with the processes, and the keys of one
     attempt outlive it: a restarted process can read the previous attempt's addresses and fail to
-    connect (pytorch/pytorch#135712; measured here: 4 restarts in 5 failed with "Gloo connectFullMesh
+    connect (pytorch/pytorch#135712; measured with gloo: 4 restarts in 5 failed with "Gloo connectFullMesh
     failed ... Connection refused"). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for the launcher,
     each attempt has a store of its own (6 in 6 restarted)."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
