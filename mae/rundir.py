@@ -72,7 +72,7 @@ def check_resumable(
         )
     was = before.get("distributed", {}).get("type")  # (not recorded by older runs)
     now = distributed.describe(accelerator)["type"]
-    if was is not None and {was, now} & {"fsdp"} and was != now:  # sharded and whole checkpoints differ in kind
+    if was is not None and was != now and "fsdp" in (was, now):  # sharded and whole checkpoints differ in kind
         raise ConfigError(
             f"output_dir={str(run_dir)!r} holds a run trained under {was} and this launch runs {now}; its "
             f"checkpoints are {'sharded' if was == 'fsdp' else 'whole'}: resume it with the launch it was made with"

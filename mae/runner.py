@@ -24,7 +24,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
-    DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
     gather_object,
@@ -359,9 +358,8 @@ def check_finite_weights(accelerator: Accelerator, model: torch.nn.Module, step:
     """Collective under FSDP: a finite loss can still come with an update that overflowed; never
     checkpoint such weights. (DDP replicas are identical, so every process reaches the same verdict;
     FSDP processes hold different slices, so they agree on the first bad one any of them found.)"""
-    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
-    names = (n for n, _ in model.named_parameters())
-    bad = next((n for n, p in zip(names, local, strict=True) if not torch.isfinite(p).all()), None)
+    params = ((n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters())
+    bad = next((n for n, p in params if not torch.isfinite(p).all()), None)
     if distributed.is_sharded(accelerator):
         bad = next((b for b in gather_object([bad]) if b is not None), None)
     if bad is not None:
@@ -380,7 +378,7 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[
     (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh copy from
     ``build`` on the main process; elsewhere it is the unwrapped model itself."""
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if not distributed.is_sharded(accelerator):
         return net
     state = accelerator.get_state_dict(model)  # full tensors on the main process
     if not accelerator.is_main_process:

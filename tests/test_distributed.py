@@ -65,6 +65,13 @@ def two_machines(script: str, out: Path, *extra: str, **env: str) -> list[subpro
             for r in (0, 1)]  # fmt: skip
 
 
+def run_two_machines(script: str, out: Path, *extra: str) -> list[str]:
+    """Both machines to the end, each successful; their standard outputs."""
+    results = [finish(p) for p in two_machines(script, out, *extra)]
+    assert all(code == 0 for code, _, _ in results), "".join(err[-3000:] for _, _, err in results)
+    return [stdout for _, stdout, _ in results]
+
+
 def kill_machine(proc: subprocess.Popen, sig: int) -> None:
     """``sig`` to a launcher and every process it started (torch's launcher starts its workers in
     sessions of their own, so the launcher's process group does not reach them)."""
@@ -212,8 +219,7 @@ def test_fsdp_fine_tunes(ddp, tmp_path):
 @pytest.mark.xdist_group("machines")
 def test_two_machines_on_one_host_end_with_the_single_machine_weights(ddp, tmp_path):
     out = tmp_path / "two"
-    results = [finish(p) for p in two_machines(WORKER, out)]
-    assert all(code == 0 for code, _, _ in results), results[0][2][-3000:] + results[1][2][-3000:]
+    run_two_machines(WORKER, out)
     assert json.loads((out / "derived.json").read_text())["distributed"]["machines"] == 2
     assert_close(export(out), export(ddp), rel=1e-6)
 
@@ -233,9 +239,7 @@ def test_sigterm_to_one_machine_stops_both_at_one_step_and_they_resume_exactly(d
     assert all(code != 0 for code, _, _ in results) and len(stops) == 1, results[1][2][-3000:]
     step = int(stops.pop())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{step}"] and step < STEPS
-    results = [finish(p) for p in two_machines(CRASHER, out, "train.checkpoint_every=100")]
-    assert all(code == 0 for code, _, _ in results), results[0][2][-3000:]
-    assert f"at step {step}" in results[0][1]
+    assert f"at step {step}" in run_two_machines(CRASHER, out, "train.checkpoint_every=100")[0]
     assert_close(export(out), export(ddp), rel=1e-6)
 
 
@@ -250,9 +254,7 @@ def test_a_machine_that_dies_stops_the_other_within_the_timeout_and_both_resume(
     code, _, err = finish(procs[0], 120)
     assert code != 0 and time.time() - tic < 60, err[-3000:]
     assert "train.dist_timeout=30" in err and "Relaunch every machine" in err, err[-3000:]
-    results = [finish(p) for p in two_machines(CRASHER, out, "train.dist_timeout=30")]
-    assert all(code == 0 for code, _, _ in results), results[0][2][-3000:]
-    assert "at step 10" in results[0][1]
+    assert "at step 10" in run_two_machines(CRASHER, out, "train.dist_timeout=30")[0]
     assert_close(export(out), export(ddp), rel=1e-6)
 
 
