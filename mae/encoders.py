@@ -10,7 +10,11 @@ Sources (the ``encoder=`` key of ``finetune.py``):
   ``weights_only=True``), a ViT ``.safetensors`` file or a checkpoint folder: built as the project's
   MAE with the architecture read off the file (``mae.interop.infer_architecture``) and loaded
   strictly; its input size is the one its position embeddings were made for;
-- ``timm:NAME`` — a timm architecture with its own random initialisation (sized to nothing:
+- ``hf-hub:ORG/NAME[@REVISION]`` — a Hugging Face ViTMAE repository (``hf-hub:facebook/vit-mae-base``),
+  from the Hugging Face cache (``mae.hub``: fetched into it when the hub can be reached), then as its folder;
+- ``timm:NAME.TAG`` — timm's pretrained weights of that tag (``timm:vit_base_patch16_224.mae``), from the same
+  cache (``mae.hub``), with timm's preprocessing for them;
+- ``timm:NAME`` (no tag) — a timm architecture with its own random initialisation (sized to nothing:
   its default input size);
 - ``random:DIR`` — the architecture of an export or run directory with fresh weights: a run's
   model is built as pretraining builds it (same initialisation scheme, ``seed``), an export's by
@@ -47,6 +51,7 @@ from mae.config import (
 from mae.data.images import timm_data_config
 from mae.export import load_run_model
 from mae.hardware import resolve_attention, resolve_precision, set_attention
+from mae.hub import is_timm_pretrained, local_path, timm_pretrained
 from mae.interop import from_hf, infer_architecture, is_hf_folder, load_into, load_weights
 from mae.models import build_model
 
@@ -251,6 +256,8 @@ def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncode
             raise ConfigError(f"encoder={source!r}: give the image size in pixels, e.g. pixels:32")
         data = DataConfig(image_size=int(size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return _freeze(Pixels(), source, "autoencoder", timm_data_config(data), "encode", {"pixels": int(size)})
+    if is_timm_pretrained(source):  # NAME.TAG: timm's pretrained weights, through the Hugging Face cache
+        return _timm_encoder(timm_pretrained(source), source)
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         if not timm.is_model(name):
@@ -258,7 +265,7 @@ def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncode
         torch.manual_seed(seed)
         return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
     fresh = source.startswith("random:")
-    path = Path(source.removeprefix("random:"))
+    path = local_path(source.removeprefix("random:"))  # an hf-hub: name is its snapshot folder in the cache
     if is_hf_folder(path):
         return _hf_encoder(path, source, fresh, seed)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -275,6 +282,6 @@ def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncode
         return _weights_encoder(path, source, fresh, seed, num_heads)
     raise ConfigError(
         f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "
-        "(config.yaml), a weights file (.pth, .safetensors) or checkpoint folder, timm:NAME, random:SOURCE or "
-        "pixels:SIZE"
+        "(config.yaml), a weights file (.pth, .safetensors) or checkpoint folder, hf-hub:ORG/NAME, timm:NAME[.TAG], "
+        "random:SOURCE or pixels:SIZE"
     )

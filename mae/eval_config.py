@@ -103,7 +103,8 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     # export dir | run dir | weights file or checkpoint folder (official MAE .pth, .safetensors) |
-    # Hugging Face ViTMAE folder | timm:NAME | random:SOURCE | pixels:SIZE
+    # Hugging Face ViTMAE folder | hf-hub:ORG/NAME (a ViTMAE repository, mae.hub) | timm:NAME.TAG (timm's
+    # pretrained weights, mae.hub) | timm:NAME (random init) | random:SOURCE | pixels:SIZE
     encoder: str | None = None
     init: str | None = None  # the same as encoder= (the key pretrain.py uses for starting weights)
     # heads per block of a weights-file encoder: files do not record it (default: its preset's, else 64
@@ -129,7 +130,7 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
             cfg.encoder is not None,
             "encoder",
             cfg.encoder,
-            "an export dir, a run dir, a weights file, timm:NAME, random:SOURCE or pixels:SIZE",
+            "an export dir, a run dir, a weights file, hf-hub:ORG/NAME, timm:NAME[.TAG], random:SOURCE or pixels:SIZE",
         ),
         (d.eval_split != d.split, "data.eval_split", d.eval_split, f"another split than data.split={d.split!r}"),
         (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),

@@ -37,6 +37,7 @@ from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
 from mae.distributed import check_shardable, peers_watched
 from mae.eval_config import EvalConfig, FinetuneConfig
+from mae.hub import fetch
 from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.rundir import check_resumable, resumable_keys, start_run
 from mae.runlock import hold_run_dir
@@ -193,6 +194,7 @@ class Finetuning:
 def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
+    fetch(cfg.encoder)  # a hub name that cannot be served stops here, before output_dir is made
     accelerator = runner.accelerator_for(f, run_dir, "finetune")
     watched = peers_watched(accelerator, run_dir, "finetune.dist_timeout", f.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:

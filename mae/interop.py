@@ -8,7 +8,8 @@
 - a timm ``VisionTransformer`` (an export folder, or a ``.safetensors`` file);
 - a Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` ``save_pretrained`` folder (``from_hf``;
   ``to_hf`` goes the other way, ``python -m mae.export RUN --format hf`` writes one);
-- a run's checkpoint folder or ``model.safetensors`` of the project.
+- a run's checkpoint folder or ``model.safetensors`` of the project;
+- by name through the Hugging Face cache (``mae.hub``): ``hf-hub:ORG/NAME`` (ViTMAE) and ``timm:NAME.TAG``.
 
 ``load_into(model, state)`` maps the names onto ``MaskedAutoencoder`` (the official encoder keys
 gain the ``encoder.`` prefix of the timm encoder; decoder keys are shared) and loads strictly; when
@@ -43,6 +44,7 @@ from mae.checkpoint import read_sharded_model
 from mae.config import Config, ConfigError, DataConfig, ModelConfig, preset_values, resolve
 from mae.config_loader import load_raw
 from mae.errors import UserError
+from mae.hub import is_timm_pretrained, local_path, timm_heads, timm_pretrained
 from mae.presets import PRESETS, Preset
 
 if TYPE_CHECKING:
@@ -62,7 +64,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     import torch
     from safetensors.torch import load_file
 
-    p = Path(path)
+    if is_timm_pretrained(path):  # timm's model of that tag: its weights under timm's names
+        return _to_ours(timm_pretrained(str(path)).state_dict())
+    p = local_path(path)  # an hf-hub: name is its snapshot folder in the cache
     if is_hf_folder(p):
         return from_hf(p)[0].state_dict()
     if p.is_dir():
@@ -105,7 +109,7 @@ class Architecture:
 
 def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Architecture:
     """The MAE / ViT architecture of the weights at ``path`` (see the module docstring)."""
-    p = Path(path)
+    p = local_path(path)
     if is_hf_folder(p):  # its config.json says everything; no weights need loading
         from transformers import ViTMAEConfig
 
@@ -143,6 +147,9 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
         decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
         model |= {k: getattr(preset, k) for k in decoder}
         guessed += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
+    if is_timm_pretrained(path) and (heads := timm_heads(str(path))) is not None:  # timm's definition has them
+        model["num_heads"], guessed = heads, [k for k in guessed if k != "num_heads"]
+        return Architecture(model, image_size, channels, guessed, "timm model definition and tensor shapes")
     config = p / "config.json" if p.is_dir() else None
     if config is not None and config.is_file():  # a timm export: its model_args record the heads
         args = json.loads(config.read_text()).get("model_args", {})

@@ -8,6 +8,7 @@ import io
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -89,6 +90,22 @@ def parquet_stream(root, shards=4, per_shard=12, bad=()) -> str:
             str(root / f"train-{s:05d}-of-{shards:05d}.parquet")
         )
     return str(root)
+
+
+def metric_write_then(step: int, action: Callable[[], None]) -> Callable[..., None]:
+    """A stand-in for ``MetricLog.write`` that writes as ever, then runs ``action`` once the line of optimizer
+    step ``step`` is written: a run stopped (an exception, a signal) at a known step."""
+    from mae.runner import MetricLog
+
+    real_write = MetricLog.write
+
+    def write(self, at, *args):
+        out = real_write(self, at, *args)
+        if at == step:
+            action()
+        return out
+
+    return write
 
 
 def env_without_accelerate() -> dict[str, str]:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import ROOT, TINY, accelerate_launch, colour_folder, env_without_accelerate, reset_accelerate
+from helpers import (
+    ROOT,
+    TINY,
+    accelerate_launch,
+    colour_folder,
+    env_without_accelerate,
+    metric_write_then,
+    reset_accelerate,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -177,15 +185,12 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
         "finetune.warmup_epochs=1", "finetune.blr=1e-2", "finetune.keep_checkpoints=1",
     ]  # fmt: skip
     straight = ft.finetune(ft_cfg(tmp_path / "a", *common))
-    real_write = runner.MetricLog.write
 
-    def write_then_crash(self, step, *args):
-        out = real_write(self, step, *args)
-        if step == 10:  # 54 training images, 6 steps per epoch: after the epoch-1 checkpoint, mid-epoch 2
-            raise Crash()
-        return out
+    def crash():
+        raise Crash()
 
-    monkeypatch.setattr(runner.MetricLog, "write", write_then_crash)
+    # 54 training images, 6 steps per epoch: step 10 is after the epoch-1 checkpoint, mid-epoch 2
+    monkeypatch.setattr(runner.MetricLog, "write", metric_write_then(10, crash))
     with pytest.raises(Crash):
         ft.finetune(ft_cfg(tmp_path / "b", *common))
     monkeypatch.undo()
@@ -202,13 +207,8 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
         ft.finetune(ft_cfg(tmp_path / "b", *common[:-2], "finetune.blr=1e-3"))
 
     # SIGTERM mid-epoch: the step ends, a checkpoint of it is written, the relaunch ends identically
-    def write_then_sigterm(self, step, *args):
-        out = real_write(self, step, *args)
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(runner.MetricLog, "write", write_then_sigterm)
+    sigterm = metric_write_then(10, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(runner.MetricLog, "write", sigterm)
     with pytest.raises(Preempted, match="stopped by SIGTERM after step 10 of 18") as stopped:
         ft.finetune(ft_cfg(tmp_path / "c", *common))
     monkeypatch.undo()
