@@ -20,6 +20,7 @@ from timm.models import get_model_args
 from torch import nn
 
 from mae.config import ConfigError
+from mae.config_checks import size_hw
 from mae.encoders import FrozenEncoder, load_encoder
 from mae.eval_config import EvalConfig
 from mae.export import replace_dir, save_timm
@@ -75,14 +76,16 @@ def _encode_classifier(
     """``EncodeClassifier`` of a project autoencoder; the parameters ``encode`` does not reach (found by
     one backward pass on a blank batch, in eval mode) stay frozen, kept as they are and listed as frozen."""
     f, data_config = cfg.finetune, dict(encoder.data_config)
-    size = data_config["input_size"][1]
+    size = tuple(data_config["input_size"][1:])
     if not any(True for _ in encoder.module.parameters()):
         raise ConfigError(
             f"mode=finetune needs an encoder with weights to train; {cfg.encoder!r} has none: evaluate it with "
             "mode=linear or mode=knn"
         )
-    if f.image_size is not None and f.image_size != size:
-        raise ConfigError(f"finetune.image_size={f.image_size}: {cfg.encoder!r} works at its own size only ({size})")
+    if f.image_size is not None and size_hw(f.image_size) != size:
+        raise ConfigError(
+            f"finetune.image_size={f.image_size}: {cfg.encoder!r} works at its own size only ({list(size)})"
+        )
     torch.manual_seed(cfg.seed)
     model = EncodeClassifier(encoder.module, num_classes)
     _init_head(model.head)
@@ -126,14 +129,14 @@ def _timm_classifier(
     data_config = dict(encoder.data_config)
     channels, *size = data_config["input_size"]
     resampled = None
-    if f.image_size is not None and f.image_size != size[0]:
+    if f.image_size is not None and size_hw(f.image_size) != tuple(size):
         if not hasattr(model, "set_input_size"):
             raise ConfigError(f"finetune.image_size={f.image_size}: {cfg.encoder!r} cannot change its input size")
         before = tuple(model.pos_embed.shape) if getattr(model, "pos_embed", None) is not None else None
-        model.set_input_size(img_size=(f.image_size, f.image_size))  # timm resamples the position embeddings
+        model.set_input_size(img_size=size_hw(f.image_size))  # timm resamples the position embeddings
         if before is not None:
             resampled = {"from": list(before), "to": list(model.pos_embed.shape)}
-        data_config["input_size"] = (channels, f.image_size, f.image_size)
+        data_config["input_size"] = (channels, *size_hw(f.image_size))
     init = {"fresh": sorted(missing), "dropped": sorted(unexpected), "pos_embed_resampled": resampled}
     return model, init, data_config
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mae.config_checks import Schedule, crop_scale_check, raise_first_invalid, schedule_checks
+from mae.config_checks import Schedule, crop_scale_check, raise_first_invalid, schedule_checks, size_hw, stats_checks
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
 
@@ -88,12 +88,17 @@ class DataConfig:
     split: str = "train"
     image_column: str | None = None  # default: the dataset's first Image feature
     label_column: str | None = None  # default: the dataset's first ClassLabel feature
-    image_size: int = 32
+    image_size: int | tuple[int, int] = 32  # one side (square), or [H, W]
+    # 1 (grayscale), 3 (RGB), 4 (RGBA) for images; any count for arrays (a column of arrays or a folder of .npy)
     channels: int = 3
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range
     hflip: bool = True
-    mean: tuple[float, ...] | None = None  # default: ImageNet statistics for 3 channels, 0.5 otherwise
-    std: tuple[float, ...] | None = None
+    # per channel, of pixels scaled to [0, 1] (arrays: uint8 / 255, uint16 / 65535, floats as they are); default:
+    # ImageNet statistics for 3 channels, 0.5 otherwise; auto: measured on a sample of the training split
+    # (mae.data.stats) and recorded in config.yaml, derived.json and the export
+    mean: tuple[float, ...] | Literal["auto"] | None = None
+    std: tuple[float, ...] | Literal["auto"] | None = None  # auto with mean=auto
+    grid_channels: tuple[int, ...] | None = None  # the channels reconstruction grids show; default the first 3
     num_workers: int = 2  # DataLoader worker processes per training process
     classes: tuple[int, ...] | None = None  # train on images of these label ids only (e.g. anomaly detection)
     # pretraining replaces an image that cannot be decoded by the next one and lists it in
@@ -107,6 +112,11 @@ class DataConfig:
     # with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the same size, at most
     # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
     on_device: bool = False
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """``image_size`` as (height, width)."""
+        return size_hw(self.image_size)
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,8 @@ def resolve(cfg: Config) -> Config:
     if model.reconstruct_ratio is None:
         model = dataclasses.replace(model, reconstruct_ratio=model.mask_ratio)
     data = cfg.data
+    if data.mean == "auto" and data.std is None:
+        data = dataclasses.replace(data, std="auto")
     if data.mean is None or data.std is None:
         imagenet = data.channels == 3
         data = dataclasses.replace(
@@ -212,11 +224,10 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "a fraction strictly between 0 and 1"),
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
-        (d.image_size > 0, "data.image_size", d.image_size, "a positive integer"),
-        (d.channels in (1, 3, 4), "data.channels", d.channels, "1 (grayscale), 3 (RGB) or 4 (RGBA)"),
+        (min(d.hw) > 0, "data.image_size", d.image_size, "a positive integer or [H, W]"),
+        (d.channels > 0, "data.channels", d.channels, "a positive integer"),
         crop_scale_check(d.crop_scale, "data.crop_scale"),
-        (len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels})"),
-        (len(d.std) == d.channels and all(v > 0 for v in d.std), "data.std", d.std, f"{d.channels} positive values"),
+        *stats_checks(d),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
         (d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "a positive integer"),
@@ -232,16 +243,16 @@ def validate(cfg: Config) -> None:
         for key in PRESET_KEYS:
             if getattr(m, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer")
-        patches = (d.image_size // m.patch_size) ** 2
+        patches = (d.hw[0] // m.patch_size) * (d.hw[1] // m.patch_size)
         if not 0 < int(patches * (1 - m.mask_ratio)) < patches:
             raise ConfigError(
                 f"model.mask_ratio={m.mask_ratio} leaves {int(patches * (1 - m.mask_ratio))} of {patches} patches "
                 "visible; choose a ratio that keeps at least one patch visible and hides at least one"
             )
-        if d.image_size % m.patch_size:
+        if d.hw[0] % m.patch_size or d.hw[1] % m.patch_size:
             raise ConfigError(
-                f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
-                f"choose an image size that is a multiple of {m.patch_size}"
+                f"data.image_size={list(d.hw) if d.hw[0] != d.hw[1] else d.hw[0]} is not divisible by "
+                f"model.patch_size={m.patch_size}; choose a height and width that are multiples of {m.patch_size}"
             )
         for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
             if getattr(m, dim) % 4:
@@ -318,7 +329,7 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
             "is the fraction of code units zeroed; choose a value in [0, 1]"
         )
     stride = 2 ** len(m.widths)
-    if m.arch == "conv" and d.image_size % stride:
+    if m.arch == "conv" and (d.hw[0] % stride or d.hw[1] % stride):
         raise ConfigError(
             f"data.image_size={d.image_size} is not divisible by {stride} (model.widths has {len(m.widths)} stride-2 "
             f"stages); choose a multiple of {stride} or fewer model.widths"

@@ -53,6 +53,11 @@ TRACKERS = {
 }  # fmt: skip
 
 
+def size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An image size as (height, width): one side is a square."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
 def raise_first_invalid(checks: list[Check]) -> None:
     for ok, key, value, allowed in checks:
         if not ok:
@@ -82,3 +87,18 @@ def schedule_checks(t: Schedule, key: str) -> list[Check]:
 
 def crop_scale_check(scale: tuple[float, float], key: str) -> Check:
     return (0.0 < scale[0] <= scale[1] <= 1.0, key, scale, "[lo, hi] with 0 < lo <= hi <= 1")
+
+
+def stats_checks(d: Any) -> list[Check]:
+    """``data.mean`` / ``data.std`` (``auto``, or one value per channel) and ``data.grid_channels``."""
+    auto, own_std = d.mean == "auto", d.std != "auto"
+    shown = d.grid_channels
+    return [
+        (not auto or not own_std, "data.std", d.std, "unset or auto with data.mean=auto"),
+        (auto or own_std, "data.std", d.std, "values of your own with a data.mean of your own; or set data.mean=auto"),
+        (auto or len(d.mean) == d.channels, "data.mean", d.mean, f"one value per channel ({d.channels}), or auto"),
+        (not own_std or (len(d.std) == d.channels and all(v > 0 for v in d.std)), "data.std", d.std,
+         f"{d.channels} positive values, or auto"),
+        (shown is None or (len(shown) in (1, 3) and all(0 <= c < d.channels for c in shown)), "data.grid_channels",
+         shown, f"1 or 3 channel indices in [0, {d.channels})"),
+    ]  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mae.config_checks import crop_scale_check, raise_first_invalid, schedule_checks
+from mae.config_checks import crop_scale_check, raise_first_invalid, schedule_checks, size_hw
 from mae.config_loader import ConfigError, load_raw
 
 __all__ = ["EvalConfig", "EvalDataConfig", "FinetuneConfig", "ProbeConfig", "load_eval_config"]
@@ -75,7 +75,8 @@ class FinetuneConfig:
     drop_path: float = 0.1  # stochastic depth rate of the last block
     clip_grad: float | None = None
     global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
-    image_size: int | None = None  # default: the encoder's; another size resamples the position embeddings
+    # default: the encoder's; another size (one side, or [H, W]) resamples the position embeddings
+    image_size: int | tuple[int, int] | None = None
     # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing, mixup/cutmix
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
@@ -152,7 +153,12 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
         *schedule_checks(f, "finetune"),
         (0 < f.layer_decay <= 1, "finetune.layer_decay", f.layer_decay, "in (0, 1]; 1 disables it"),
         (0 <= f.drop_path < 1, "finetune.drop_path", f.drop_path, "in [0, 1)"),
-        (f.image_size is None or f.image_size > 0, "finetune.image_size", f.image_size, "a positive integer or null"),
+        (
+            f.image_size is None or min(size_hw(f.image_size)) > 0,
+            "finetune.image_size",
+            f.image_size,
+            "a positive integer, [H, W] or null",
+        ),  # fmt: skip
         crop_scale_check(f.crop_scale, "finetune.crop_scale"),
         (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
         (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),

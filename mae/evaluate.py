@@ -280,7 +280,7 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
         )
     mean, comps = pca_fit(fit_flat, dims)
     pca_fit_codes, pca_codes = (fit_flat - mean) @ comps.T, (flat - mean) @ comps.T
-    pca_recon = (pca_codes @ comps + mean).view(-1, ev.data.channels, ev.data.image_size, ev.data.image_size)
+    pca_recon = (pca_codes @ comps + mean).view(-1, ev.data.channels, *ev.data.hw)
     target = ev.to_pixels(flat.view_as(pca_recon))
     pca_mse = pixel_mse(ev.to_pixels(pca_recon), target)
     result: dict[str, Any] = {"dims": dims, "fit_images": len(fit_flat), "images": len(flat)}

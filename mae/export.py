@@ -107,15 +107,15 @@ def save_hf(model: torch.nn.Module, cfg: Config, folder: Path) -> None:
     """The Hugging Face folder: the model (``save_pretrained``) and its image processor, as the published
     facebook/vit-mae-* repos have it (ViTImageProcessor: bicubic resize to the run's size, /255, the run's
     mean and std), so ``transformers.pipeline("image-feature-extraction", model=folder)`` takes it as it is.
-    (The processor resizes to the square, where the project's evaluation transform resizes the short side
-    and crops the centre: the same for square images.)"""
+    (The processor resizes to the run's size, where the project's evaluation transform resizes to cover it,
+    keeping the aspect ratio, and crops the centre: the same for images of the run's aspect ratio.)"""
     from transformers import ViTImageProcessor
     from transformers.image_utils import PILImageResampling
 
     to_hf(model, cfg).save_pretrained(str(folder))
-    size = cfg.data.image_size
+    height, width = cfg.data.hw
     processor = ViTImageProcessor(
-        do_resize=True, size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
+        do_resize=True, size={"height": height, "width": width}, resample=PILImageResampling.BICUBIC,
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(cfg.data.mean), image_std=list(cfg.data.std),
     )  # fmt: skip

@@ -328,7 +328,7 @@ def hf_config(cfg: Any) -> Any:
         decoder_num_hidden_layers=m.decoder_depth,
         decoder_num_attention_heads=m.decoder_num_heads,
         decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),
-        image_size=d.image_size,
+        image_size=d.hw[0],
         patch_size=m.patch_size,
         num_channels=d.channels,
         mask_ratio=m.mask_ratio,
@@ -344,7 +344,12 @@ def to_hf(model: nn.Module, cfg: Any) -> Any:
     CrossMAE (``model.decoder=cross``) gives its encoder alone, a ``ViTMAEModel``: Hugging Face's decoder is MAE's."""
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-    m = cfg.model
+    m, (height, width) = cfg.model, cfg.data.hw
+    if height != width:  # transformers' ViTMAE builds its sin-cos grids as sqrt(patches) squared
+        raise ValueError(
+            f"data.image_size={list(cfg.data.hw)}: Hugging Face's ViTMAE has square position grids only; export this "
+            "run in timm's format (python -m mae.export RUN), which keeps its H x W grid"
+        )
     encoder_only = m.decoder == "cross"
     decoder_depth = 0 if encoder_only else m.decoder_depth
     hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(hf_config(cfg)).eval()

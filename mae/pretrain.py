@@ -40,7 +40,7 @@ from mae.runner import (
     prepare_with_data,
     schedule_lines,
 )
-from mae.visualize import denormalize, save_recon_grid, save_tiles
+from mae.visualize import denormalize, save_recon_grid, save_tiles, shown_channels
 
 BAD_IMAGES = "bad_images.jsonl"
 # what may change when a pretraining run is resumed, beside the runner's own (``mae.rundir``)
@@ -105,6 +105,7 @@ class Pretraining:
         # fixed images for reconstruction grids: the first ones of the split, deterministic transform
         shown = ImageDataset(source.first_rows(t.recon_images), cfg.data, eval_transform(cfg.data))
         self.recon_images = torch.stack([shown[i][0] for i in range(min(t.recon_images, len(shown)))])
+        self.arrays = shown.rows.columns.arrays  # grids of arrays are stretched to their range
 
     def _online_probe(self, source: DataSource) -> torch.nn.Module | None:
         if not self.cfg.train.online_probe:
@@ -169,11 +170,11 @@ class Pretraining:
             images = self.recon_images.to(acc.device)
             out = net(images)
             if acc.is_main_process:
-                save_recon_grid(path, images, out, cfg.data.mean, cfg.data.std)
+                save_recon_grid(path, images, out, cfg.data, self.arrays)
                 if hasattr(net, "sample") and not sharded:  # a generative model: prior samples beside it
                     samples = net.sample(len(images) * 4).float().cpu()
-                    save_tiles(denormalize(samples, cfg.data.mean, cfg.data.std),
-                               path.with_name(path.name.replace("recon_", "samples_")), nrow=len(images))  # fmt: skip
+                    tiles = shown_channels(denormalize(samples, cfg.data.mean, cfg.data.std), cfg.data.grid_channels)
+                    save_tiles(tiles, path.with_name(path.name.replace("recon_", "samples_")), nrow=len(images))
         net.train(was_training)
 
 
@@ -192,9 +193,11 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     resume_from = open_run_dir(accelerator, run_dir)
     set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
 
-    noise = (cfg.data.image_size // cfg.model.patch_size) ** 2 if cfg.model.name == "mae" else None
+    h, w, p = *cfg.data.hw, cfg.model.patch_size
+    noise = (h // p) * (w // p) if cfg.model.name == "mae" else None
     rank, world = accelerator.process_index, accelerator.num_processes
     source = build_source(cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first)
+    cfg = dataclasses.replace(cfg, data=source.data_config)  # data.mean=auto: the measured statistics
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
         check_resumable(accelerator, run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
@@ -214,7 +217,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     )
     if (about_data := source.describe()) is not None:
         accelerator.print(about_data)
-    start_run(accelerator, run_dir, cfg, derived, "pretrain")
+    stats = {} if source.data_stats is None else {"data_stats": source.data_stats}
+    start_run(accelerator, run_dir, cfg, derived, "pretrain", stats)
     step = Runner(accelerator, run_dir, t, derived, source, job).run(resume_from, "pretrain")
 
     export_dir = run_dir / "export"

@@ -252,9 +252,9 @@ def augmented_linear_probe(
     """The paper's protocol: every epoch the training images pass, freshly cropped and flipped
     (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head."""
     p = cfg.probe
-    c, h, _ = encoder.data_config["input_size"]
+    c, h, w = encoder.data_config["input_size"]
     data_cfg = DataConfig(
-        image_size=h, channels=c, crop_scale=(0.08, 1.0), mean=tuple(encoder.data_config["mean"]),
+        image_size=(h, w), channels=c, crop_scale=(0.08, 1.0), mean=tuple(encoder.data_config["mean"]),
         std=tuple(encoder.data_config["std"]), image_column=cfg.data.image_column,
         label_column=cfg.data.label_column,
     )  # fmt: skip

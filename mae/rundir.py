@@ -79,13 +79,15 @@ def check_resumable(
         )
 
 
-def start_run(accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str) -> None:
+def start_run(
+    accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str, extra: dict | None = None
+) -> None:
     """Write ``config.yaml`` and ``derived.json`` (main process), with the distributed setup the run
-    really has, and start the trackers."""
+    really has and ``extra`` records, and start the trackers."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        record = dataclasses.asdict(derived) | {"distributed": distributed.describe(accelerator)}
+        record = dataclasses.asdict(derived) | {"distributed": distributed.describe(accelerator)} | (extra or {})
         (run_dir / "derived.json").write_text(json.dumps(record, indent=1))
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
     accelerator.init_trackers(name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}})  # its files here

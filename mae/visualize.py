@@ -12,24 +12,46 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from mae.config import DataConfig
 from mae.models.base import AEOutput
 
 MIN_TILE = 96  # pixels: the shorter side of a tile in a saved grid, at least
 
 
 def save_tiles(tiles: torch.Tensor, path: str | Path, nrow: int) -> None:
-    """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least MIN_TILE px."""
+    """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least MIN_TILE px (an
+    array of other than 1, 3 or 4 channels: its first three, ``shown_channels``)."""
+    tiles = shown_channels(tiles, None)
     factor = -(-MIN_TILE // min(tiles.shape[-2:]))  # ceil
     if factor > 1:
         tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)  # nearest neighbour
     save_image(tiles, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, C, H, W) normalised -> [0, 1]."""
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], clamp: bool = True) -> torch.Tensor:
+    """(B, C, H, W) normalised -> pixel units, clamped to [0, 1] unless ``clamp`` is false."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m).clamp(0, 1)
+    return (x * s + m).clamp(0, 1) if clamp else x * s + m
+
+
+def shown_channels(x: torch.Tensor, channels: Sequence[int] | None) -> torch.Tensor:
+    """The channels a grid shows: ``data.grid_channels``; by default all of a grey, RGB or RGBA image, else the
+    first three (the first one of a two-channel array)."""
+    if channels is None:
+        if x.shape[1] in (1, 3, 4):
+            return x
+        channels = range(3) if x.shape[1] >= 3 else range(1)
+    return x[:, list(channels)]
+
+
+def stretch(panels: list[torch.Tensor], reference: torch.Tensor) -> list[torch.Tensor]:
+    """Arrays (16-bit, float) rarely fill [0, 1]: each channel of every panel is mapped linearly from the
+    reference's 1st-99th percentile to [0, 1], as remote-sensing viewers do."""
+    flat = reference.transpose(0, 1).flatten(1).float()
+    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
+    span = (hi - lo).clamp(min=1e-8)
+    return [((p - lo.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)).clamp(0, 1) for p in panels]
 
 
 def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
@@ -47,8 +69,13 @@ def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
 
 
 def save_recon_grid(
-    path: str | Path, images: torch.Tensor, out: AEOutput, mean: Sequence[float], std: Sequence[float]
+    path: str | Path, images: torch.Tensor, out: AEOutput, data: DataConfig, arrays: bool = False
 ) -> None:
-    panels = [denormalize(p.cpu(), mean, std) for p in recon_panels(images, out)]
+    """Panels of ``recon_panels`` in ``data``'s pixel units, the channels ``shown_channels`` picks; arrays
+    ``stretch``ed to the originals' range."""
+    panels = [shown_channels(denormalize(p.cpu(), data.mean, data.std, clamp=not arrays), data.grid_channels)
+              for p in recon_panels(images, out)]  # fmt: skip
+    if arrays:
+        panels = stretch(panels, panels[-1])
     rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * panels, C, H, W), row-major
     save_tiles(rows, path, nrow=len(panels))

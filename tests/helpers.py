@@ -59,12 +59,14 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: i
 
 
 def colour_folder(root, per_class=20, size=16):
-    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder."""
+    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder.
+    ``size``: one side, or (height, width)."""
     rng = np.random.default_rng(0)
+    h, w = (size, size) if isinstance(size, int) else size
     for c, rgb in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(per_class):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
     return root
 

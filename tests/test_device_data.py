@@ -88,13 +88,13 @@ def smooth_image(size=32, seed=0):
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
 
 
-@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("size", [(32, 32), (224, 224), (48, 32)])
 def test_resized_crops_match_pillow_bicubic_and_flip_exactly(size):
     img, box = smooth_image(), torch.tensor([[3.0, 5.0, 20.0, 24.0]])
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
     ours = resized_crops(img, box, torch.tensor([False]), size, mean, std)[0]
     pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
-    ref = TF.resized_crop(pil, 3, 5, 20, 24, [size, size], interpolation=v2.InterpolationMode.BICUBIC)
+    ref = TF.resized_crop(pil, 3, 5, 20, 24, list(size), interpolation=v2.InterpolationMode.BICUBIC)
     ref = TF.normalize(TF.to_dtype(TF.to_image(ref), torch.float32, scale=True), mean.tolist(), std.tolist())
     diff = ((ours - ref) * std.view(3, 1, 1)).abs()  # in [0, 1] pixel units
     assert diff.mean() < 0.008 and diff.max() < 0.12

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from mae.config import DataConfig
+from mae.data.arrays import ArrayError, to_tensor
 from mae.data.loading import DataError, image_column, label_column
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # data.channels -> the Pillow mode images are converted to
@@ -30,14 +31,26 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class ImageColumns:
-    """Which columns of a dataset (map-style or stream) hold the images and labels, and the mode
-    images are converted to."""
+    """Which columns of a dataset (map-style or stream) hold the images and labels; whether the images are
+    arrays (``mae.data.arrays``) or Pillow images, and the mode these are converted to."""
 
     def __init__(self, ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> None:
         self.image, self.label = image_column(ds, cfg), label_column(ds, cfg)
+        self.arrays = not isinstance(ds.features[self.image], datasets.Image)
+        self.channels = cfg.channels
         self.mode = MODES.get(cfg.channels)
-        if self.mode is None:
-            raise DataError(f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(MODES)}")
+        if self.mode is None and not self.arrays:
+            raise DataError(
+                f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(MODES)} (arrays "
+                "take any count: mae.data.arrays)"
+            )
+
+    def decode(self, row: dict[str, Any], where: str) -> Image.Image | torch.Tensor:
+        """The row's image: in ``data.channels``' Pillow mode, or an array's float32 (C, H, W) tensor."""
+        value = row[self.image]
+        if not self.arrays:
+            return to_mode(value, self.mode)
+        return to_tensor(value, self.channels, f"{where} ({value})" if isinstance(value, str) else where)
 
     def select(self, ds: Any) -> Any:
         """``ds`` with only the image and label columns."""
@@ -50,7 +63,7 @@ class ImageColumns:
 def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
     """This preprocessing in timm's terms: what an export records and evaluation feeds the encoder."""
     return {
-        "input_size": (cfg.channels, cfg.image_size, cfg.image_size),
+        "input_size": (cfg.channels, *cfg.hw),
         "mean": tuple(cfg.mean),
         "std": tuple(cfg.std),
         "interpolation": "bicubic",
@@ -63,7 +76,7 @@ def augment_transform(cfg: DataConfig) -> v2.Compose:
     """The MAE paper's augmentation: RandomResizedCrop(scale, bicubic), horizontal flip, normalisation."""
     return v2.Compose(
         [
-            v2.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomResizedCrop(list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip() if cfg.hflip else v2.Identity(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -73,16 +86,34 @@ def augment_transform(cfg: DataConfig) -> v2.Compose:
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """Deterministic: resize the short side, centre crop, normalise."""
+    """Deterministic: resize to cover ``data.image_size`` keeping the aspect ratio (a square: the short side
+    to its size), centre crop, normalise."""
+    h, w = cfg.hw
+    bicubic = v2.InterpolationMode.BICUBIC
     return v2.Compose(
         [
-            v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC),
-            v2.CenterCrop(cfg.image_size),
+            v2.Resize(h, interpolation=bicubic) if h == w else CoverResize((h, w), bicubic),
+            v2.CenterCrop([h, w]),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(cfg.mean, cfg.std),
         ]
     )
+
+
+class CoverResize(v2.Transform):
+    """Resize to the smallest size that covers ``size`` (H, W) with the image's own aspect ratio, so that a
+    centre crop of ``size`` follows (torchvision's Resize takes one side or an exact size)."""
+
+    def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode) -> None:
+        super().__init__()
+        self.size, self.interpolation = size, interpolation
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        height, width = v2.functional.get_size(inpt)
+        scale = max(self.size[0] / height, self.size[1] / width)
+        out = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
+        return v2.functional.resize(inpt, out, interpolation=self.interpolation, antialias=True)
 
 
 @contextlib.contextmanager
@@ -130,13 +161,15 @@ class ImageRows:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def decodable(self, i: int) -> tuple[dict[str, Any], Image.Image]:
+    def decodable(self, i: int) -> tuple[dict[str, Any], Image.Image | torch.Tensor]:
         """Row ``i`` and its image; past an undecodable one, the next decodable row."""
         for attempt in range(min(len(self.ds), 1000)):
             j = (i + attempt) % len(self.ds)
             try:
                 row = self.ds[j]
-                return row, to_mode(row[self.columns.image], self.columns.mode)
+                return row, self.columns.decode(row, f"image {j} of the dataset")
+            except ArrayError:  # a wrong array is the data's mistake, not a damaged file: not skipped
+                raise
             except DECODE_ERRORS as e:
                 where = self._source(j)
                 if self.bad_log is None:

@@ -2,7 +2,8 @@
 
 ``data.dataset`` is one of: ``sample`` (the class-balanced CIFAR-10 subset shipped in the
 package), a local directory (an image folder with class subfolders, or parquet shards laid
-out like a hub dataset repo; both read by ``datasets``), or a Hugging Face hub id. A split is
+out like a hub dataset repo, both read by ``datasets``; or a folder of ``.npy`` arrays,
+``mae.data.arrays``), or a Hugging Face hub id. A split is
 loaded whole (map-style, ``load_split``) or opened as a stream (``load_stream``).
 """
 
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets import IterableDatasetDict
 
 from mae.config import DataConfig
+from mae.data.arrays import ArrayError, has_npy_files, is_array_feature, is_npy_column, npy_folder
 from mae.errors import UserError
 
 SAMPLE_DIR = Path(__file__).parent.parent / "assets" / "cifar10_sample"
@@ -73,13 +76,16 @@ def load_splits(cfg: DataConfig, streaming: bool = False) -> datasets.DatasetDic
         if source == "sample":
             files = {s: str(SAMPLE_DIR / f"{s}-*.parquet") for s in ("train", "test")}
             dsd = datasets.load_dataset("parquet", data_files=files, streaming=streaming)
+        elif Path(source).is_dir() and has_npy_files(Path(source)):  # datasets has no .npy builder
+            dsd = npy_folder(Path(source).resolve())
+            dsd = IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dsd.items()}) if streaming else dsd
         elif Path(source).is_dir():
             dsd = datasets.load_dataset(str(Path(source).resolve()), streaming=streaming)
         elif Path(source).exists():
             raise DataError(f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'")
         else:
             dsd = datasets.load_dataset(source, streaming=streaming)
-    except DataError:
+    except (DataError, ArrayError):
         raise
     except Exception as e:  # datasets raises many types; all mean the same thing to a user
         raise DataError(
@@ -108,16 +114,22 @@ def _named_column(ds: datasets.Dataset, key: str, name: str, accepts: Any, what:
 
 
 def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
-    """The column named by ``data.image_column`` (checked), else the first ``Image`` feature."""
+    """The column named by ``data.image_column`` (checked), else the first ``Image`` feature, else the first
+    column of arrays (``mae.data.arrays``: nested lists, Array2D/3D, or a ``.npy`` folder's paths)."""
+
+    def holds_images(name: str, f: Any) -> bool:
+        return isinstance(f, datasets.Image) or is_array_feature(f) or is_npy_column(ds, name)
+
     if cfg.image_column is not None:
-        return _named_column(
-            ds, "data.image_column", cfg.image_column, lambda f: isinstance(f, datasets.Image), "images"
-        )
-    col = next((name for name, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+        name = cfg.image_column
+        return _named_column(ds, "data.image_column", name, lambda f: holds_images(name, f), "images or arrays")
+    features = ds.features.items()
+    col = next((n for n, f in features if isinstance(f, datasets.Image)), None)
+    col = col or next((n for n, f in features if holds_images(n, f)), None)
     if col is None:
         raise DataError(
-            f"the dataset has no Image feature (columns: {ds.column_names}); name the image column "
-            "with data.image_column=NAME"
+            f"the dataset has no Image feature or column of arrays (columns: {ds.column_names}); name the image "
+            "column with data.image_column=NAME"
         )
     return col
 

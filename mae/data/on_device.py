@@ -110,17 +110,22 @@ def crop_boxes(
 
 
 def resized_crops(
-    images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    flip: torch.Tensor,
+    size: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, C, size, size) float: each uint8 image's box (top, left, h, w), flipped where ``flip``,
-    resampled bicubically to ``size`` and normalised, in one ``grid_sample``."""
+    """(B, C, H, W) float for ``size`` (H, W): each uint8 image's box (top, left, h, w), flipped where ``flip``,
+    resampled bicubically and normalised, in one ``grid_sample``."""
     b, c, height, width = images.shape
     top, left, h, w = boxes.unbind(1)
     sx = torch.where(flip, -w / width, w / width)  # output x in [-1, 1] -> input x, mirrored for a flip
     theta = torch.zeros(b, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / width - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    grid = F.affine_grid(theta, [b, c, *size], align_corners=False)
     x = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
     x = x.clamp_(0, 255).div_(255)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
@@ -137,6 +142,8 @@ class DecodedImages:
         self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, max_bytes: int = 16 << 30
     ) -> None:
         self.rows = ImageRows(ds, cfg, bad_log)
+        if self.rows.columns.arrays:
+            raise DataError("data.on_device=true holds 8-bit images; this dataset is arrays: set data.on_device=false")
         tic = time.perf_counter()
         arrays, labels, shape = [], [], None
         for i in range(len(self.rows)):
@@ -145,7 +152,7 @@ class DecodedImages:
             a = a[:, :, None] if a.ndim == 2 else a
             if shape is None:
                 shape = a.shape
-                _check_fits(shape, len(self.rows) * a.nbytes, cfg.image_size, max_bytes)
+                _check_fits(shape, len(self.rows) * a.nbytes, cfg, max_bytes)
             elif a.shape != shape:
                 raise DataError(
                     f"data.on_device=true needs every image the same size; image {i} is {a.shape[1]}x{a.shape[0]}, "
@@ -168,11 +175,11 @@ class DecodedImages:
         return [(keys, self.labels[keys[:, 1]])]
 
 
-def _check_fits(shape: tuple[int, ...], total: int, image_size: int, max_bytes: int) -> None:
-    if max(shape[:2]) > image_size:
+def _check_fits(shape: tuple[int, ...], total: int, cfg: DataConfig, max_bytes: int) -> None:
+    if shape[0] > cfg.hw[0] or shape[1] > cfg.hw[1]:
         raise DataError(
-            f"data.on_device=true is for images stored at most data.image_size={image_size} "
-            f"(it does not antialias a downscale); these are {shape[1]}x{shape[0]}: set "
+            f"data.on_device=true is for images stored at most data.image_size={cfg.image_size} (height, width; "
+            f"it does not antialias a downscale); these are {shape[0]}x{shape[1]}: set "
             "data.on_device=false, or data.image_size to at least their size"
         )
     if total > max_bytes:
@@ -230,7 +237,7 @@ class DeviceAugment:
         _, _, height, width = self.images.shape
         boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
         flip = u[:, n] < 0.5 if self.cfg.hflip else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
-        x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.image_size, self.mean, self.std)
+        x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.hw, self.mean, self.std)
         labels = labels.to(self.images.device)
         return (x, labels) if self.noise_length is None else (x, labels, u[:, n + 1 :].contiguous())
 

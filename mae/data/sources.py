@@ -13,6 +13,7 @@ from mae.data.images import ImageDataset, augment_transform
 from mae.data.loaded import LoadedSource
 from mae.data.loading import load_split, load_stream, stream_size
 from mae.data.on_device import DecodedImages, DeviceSource
+from mae.data.stats import survey
 from mae.data.streamed import ImageStream, StreamSource
 
 
@@ -26,11 +27,14 @@ def build_source(
 ) -> DataSource:
     """The training split of ``cfg.data``: streamed (``data.streaming``), decoded once onto the device
     (``data.on_device``), or loaded and decoded by loader workers. ``noise_length``: MAE's masking noise
-    per sample (None: no noise). The split is opened inside ``loading()`` (e.g. one process per machine
-    first, so that it alone builds the datasets cache); decoding happens after it, in every process at once."""
+    per sample (None: no noise). ``source.data_config`` is ``cfg.data`` with ``data.mean=auto`` measured
+    (``mae.data.stats``, recorded in ``source.data_stats``, else None). The split is opened inside
+    ``loading()`` (e.g. one process per machine first, so that it alone builds the datasets cache);
+    decoding happens after it, in every process at once."""
     d, t = cfg.data, cfg.train
     with loading():
         split = load_stream(d) if d.streaming else load_split(d)
+    d, stats = survey(split, d, bad_log)  # data.mean=auto measured; arrays checked on a sample
     if d.streaming:
         items = ImageStream(split, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log)
         source = StreamSource(split, stream_size(split, d, d.split), d, items, t.batch_size)
@@ -40,4 +44,5 @@ def build_source(
         dataset = ImageDataset(split, d, augment_transform(d), t.seed, noise_length, bad_log)
         source = LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed)
     source.max_bad_images = d.max_bad_images
+    source.data_config, source.data_stats = d, stats
     return source

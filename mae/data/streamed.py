@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from mae.config import ConfigError, DataConfig, Derived
+from mae.data.arrays import ArrayError
 from mae.data.base import DataSource
 from mae.data.images import DECODE_ERRORS, ImageColumns, log_bad_image, seeded_sample, to_mode
 from mae.data.loading import DataError
@@ -61,7 +62,8 @@ class ImageStream(IterableDataset):
     ) -> None:
         self.columns = ImageColumns(stream, cfg)
         stream = self.columns.select(stream)
-        stream = stream.cast_column(self.columns.image, datasets.Image(decode=False))  # decode only what is used
+        if not self.columns.arrays:  # decode only what is used
+            stream = stream.cast_column(self.columns.image, datasets.Image(decode=False))
         self.base, self.buffer, self.num_processes = stream, cfg.shuffle_buffer, num_processes
         self.transform, self.seed, self.rank = transform, seed, rank
         self.num_shards = self.epoch_stream(0).num_shards
@@ -104,7 +106,12 @@ class ImageStream(IterableDataset):
     def _item(self, row: dict[str, Any], worker: int, epoch: int, read: int) -> tuple[Any, ...] | None:
         raw = row[self.columns.image]
         try:
-            image = to_mode(datasets.Image().decode_example(raw), self.columns.mode)
+            if self.columns.arrays:
+                image = self.columns.decode(row, f"array {read} of epoch {epoch} (worker {worker}) of the stream")
+            else:
+                image = to_mode(datasets.Image().decode_example(raw), self.columns.mode)
+        except ArrayError:
+            raise
         except DECODE_ERRORS as e:
             where = (raw or {}).get("path") or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
             if self.bad_log is None:

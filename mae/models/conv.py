@@ -24,7 +24,7 @@ from mae.models.base import AEOutput, Autoencoder
 
 
 class ConvEncoder(nn.Module):
-    def __init__(self, channels: int, image_size: int, widths: Sequence[int], out_dim: int) -> None:
+    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = channels
@@ -32,19 +32,19 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GELU()]
             c = w
         self.features = nn.Sequential(*layers)
-        side = image_size // 2 ** len(widths)
-        self.fc = nn.Linear(c * side * side, out_dim)
+        h, wd = (side // 2 ** len(widths) for side in hw)
+        self.fc = nn.Linear(c * h * wd, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
 
 
 class ConvDecoder(nn.Module):
-    def __init__(self, channels: int, image_size: int, widths: Sequence[int], latent_dim: int) -> None:
+    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int) -> None:
         super().__init__()
         rev = list(widths)[::-1]
-        self.side = image_size // 2 ** len(rev)
-        self.fc = nn.Linear(latent_dim, rev[0] * self.side * self.side)
+        self.side = tuple(side // 2 ** len(rev) for side in hw)  # (h, w) of the first feature map
+        self.fc = nn.Linear(latent_dim, rev[0] * self.side[0] * self.side[1])
         layers: list[nn.Module] = [nn.GELU()]
         for a, b in zip(rev, [*rev[1:], channels], strict=True):
             layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1), nn.GELU()]
@@ -52,7 +52,7 @@ class ConvDecoder(nn.Module):
         self.first = rev[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(self.fc(z).view(len(z), self.first, self.side, self.side))
+        return self.net(self.fc(z).view(len(z), self.first, *self.side))
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -63,19 +63,19 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class MLPEncoder(nn.Module):
-    def __init__(self, channels: int, image_size: int, widths: Sequence[int], out_dim: int) -> None:
+    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int) -> None:
         super().__init__()
-        self.net = _mlp([channels * image_size * image_size, *widths, out_dim])
+        self.net = _mlp([channels * hw[0] * hw[1], *widths, out_dim])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, channels: int, image_size: int, widths: Sequence[int], latent_dim: int) -> None:
+    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int) -> None:
         super().__init__()
-        self.shape = (channels, image_size, image_size)
-        self.net = _mlp([latent_dim, *list(widths)[::-1], channels * image_size * image_size])
+        self.shape = (channels, *hw)
+        self.net = _mlp([latent_dim, *list(widths)[::-1], channels * hw[0] * hw[1]])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(len(z), *self.shape)
@@ -93,8 +93,8 @@ class ClassicAutoencoder(Autoencoder):
         m, d = cfg.model, cfg.data
         if nets:
             enc, dec = (ConvEncoder, ConvDecoder) if m.arch == "conv" else (MLPEncoder, MLPDecoder)
-            self.encoder = enc(d.channels, d.image_size, m.widths, encoder_out or m.latent_dim)
-            self.decoder = dec(d.channels, d.image_size, m.widths, m.latent_dim)
+            self.encoder = enc(d.channels, d.hw, m.widths, encoder_out or m.latent_dim)
+            self.decoder = dec(d.channels, d.hw, m.widths, m.latent_dim)
         self.feature_dim, self.loss_kind = m.latent_dim, m.loss
         self.register_buffer("mean", torch.tensor(d.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(d.std).view(1, -1, 1, 1), persistent=False)

@@ -57,7 +57,7 @@ class MaskedAutoencoder(Autoencoder):
     def __init__(
         self,
         *,
-        image_size: int,
+        image_size: int | tuple[int, int],  # one side, or (H, W)
         channels: int,
         patch_size: int,
         embed_dim: int,
@@ -72,7 +72,8 @@ class MaskedAutoencoder(Autoencoder):
     ) -> None:
         super().__init__()
         self.patch_size, self.channels = patch_size, channels
-        self.grid = (image_size // patch_size, image_size // patch_size)
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.grid = (hw[0] // patch_size, hw[1] // patch_size)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.feature_dim = embed_dim
         norm_layer = partial(nn.LayerNorm, eps=1e-6)

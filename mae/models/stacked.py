@@ -26,21 +26,21 @@ from mae.models.conv import ClassicAutoencoder
 from mae.models.dae import corrupt_pixels
 
 
-def _layers(m, channels: int, image_size: int) -> tuple[list[nn.Module], list[nn.Module]]:
+def _layers(m, channels: int, hw: tuple[int, int]) -> tuple[list[nn.Module], list[nn.Module]]:
     enc: list[nn.Module] = []
     dec: list[nn.Module] = []
     if m.arch == "conv":
-        c, side = channels, image_size
+        c, (h, wd) = channels, hw
         for w in m.widths:
             enc.append(nn.Sequential(nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GELU()))
             dec.append(nn.ConvTranspose2d(w, c, 4, stride=2, padding=1))
-            c, side = w, side // 2
-        enc.append(nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, m.latent_dim)))
-        dec.append(nn.Sequential(nn.Linear(m.latent_dim, c * side * side), nn.Unflatten(1, (c, side, side))))
+            c, h, wd = w, h // 2, wd // 2
+        enc.append(nn.Sequential(nn.Flatten(), nn.Linear(c * h * wd, m.latent_dim)))
+        dec.append(nn.Sequential(nn.Linear(m.latent_dim, c * h * wd), nn.Unflatten(1, (c, h, wd))))
     else:
-        d = channels * image_size * image_size
+        d = channels * hw[0] * hw[1]
         enc.append(nn.Flatten())  # no parameters: not a stage
-        dec.append(nn.Unflatten(1, (channels, image_size, image_size)))
+        dec.append(nn.Unflatten(1, (channels, *hw)))
         for w in m.widths:
             enc.append(nn.Sequential(nn.Linear(d, w), nn.GELU()))
             dec.append(nn.Linear(w, d))
@@ -57,7 +57,7 @@ class StackedAutoencoder(ClassicAutoencoder):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, nets=False)
         m, d = cfg.model, cfg.data
-        enc, dec = _layers(m, d.channels, d.image_size)
+        enc, dec = _layers(m, d.channels, d.hw)
         # the stages: layers with parameters (an mlp's leading Flatten has none)
         self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
         # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too, which
