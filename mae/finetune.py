@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from mae import runner
 from mae.classifier import Classifier, build_classifier, save_classifier
-from mae.config import DataConfig, Derived, derive_schedule, to_dict
+from mae.config import ConfigError, DataConfig, Derived, derive_schedule, to_dict
 from mae.config_loader import build
 from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
@@ -217,6 +217,11 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
         channels=clf.data_config["input_size"][0], num_workers=d.num_workers,
     )  # fmt: skip
     train_set = ImageDataset(fit_ds, data_cfg, train_transform(f, clf.data_config), seed=cfg.seed)
+    if train_set.rows.columns.arrays and f.auto_augment is not None:  # timm's RandAugment is Pillow's operations
+        raise ConfigError(
+            f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} holds arrays; set "
+            "finetune.auto_augment=null"
+        )
     eval_set = ImageDataset(eval_ds, data_cfg, create_transform(**clf.data_config, is_training=False))
     source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
     derived = derive_schedule(f, source.size, accelerator.num_processes, "finetune")

@@ -162,6 +162,14 @@ def test_six_channel_uint16_arrays_pretrain_with_measured_statistics_and_probe(t
     assert res.model.encoder.patch_embed.proj.weight.shape[1] == 6
     assert Image.open(res.run_dir / "recon_3.png").mode == "RGB"  # three of the six bands
     assert result["top1"] > 0.6  # chance 1/3
+    reset_accelerate()
+    tune = [f"output_dir={tmp_path / 'ft'}", "mode=finetune", f"encoder={res.run_dir}", "finetune.epochs=1",
+            f"data.dataset={tmp_path / 'npy'}", "data.holdout_fraction=0.25", "data.num_workers=0",
+            "finetune.batch_size=8"]  # fmt: skip
+    with pytest.raises(ConfigError, match="holds arrays; set finetune.auto_augment=null"):
+        ft.finetune(load_eval_config(None, tune))
+    reset_accelerate()
+    assert ft.finetune(load_eval_config(None, [*tune, "finetune.auto_augment=null"]))["steps"] == 3
 
 
 def test_thirteen_channel_float32_column_pretrains_and_probes(tmp_path):
