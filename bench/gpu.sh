@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
 #   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
 #   DATA=DIR bash bench/gpu.sh ...            # the ViT-Tiny/4 rows on DIR (default: the bundled sample)
+#   IMAGENET=DIR bash bench/gpu.sh ...        # the ImageNet-size rows' folder (default /tmp/imagenet_like)
 #
 # The last steps run the trainer itself (pretrain.py: Accelerate, bf16, the data loader, checkpoints and
 # export) on ViT-B/16 at 224 px, eager and with train.compile=true; images/s are in their metrics.jsonl.
@@ -21,6 +22,7 @@ shift $(($# > 0 ? 1 : 0))
 only=" $* "
 runs=${RUNS:-$out}  # where the trainer's runs go (checkpoints, export)
 data=${DATA:-sample}  # the 32-px rows' dataset: sample, or a folder of CIFAR-10 parquet shards
+imagenet=${IMAGENET:-/tmp/imagenet_like}  # the ImageNet-size rows' JPEG folder (made when missing) and its _256 shards
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -108,6 +110,13 @@ tiny=(data.dataset="$data" data.image_size=32 train.batch_size=512 train.max_ste
     train.checkpoint_every=100 train.recon_every=100 train.compile=true)
 train train_tiny_workers "${tiny[@]}" data.num_workers=14
 train train_tiny_on_device "${tiny[@]}" data.on_device=true
+# ImageNet-size JPEGs: bench/loader.py makes 5,000 (around 500x375) and their 256-px shards (mae.prepare on every
+# core) and times the loader per core; then the compiled ViT-B/16 trainer at 224 px fed by 14 workers from each,
+# end to end against the compiled model step (base_b512_compile)
+step imagenet_like 300 bench/loader.py --folder "$imagenet" --images 5000 --repeats 3 --batches 4 \
+    --out "$out/loader_imagenet_like.json"
+train train_imagenet_like "${train[@]}" train.compile=true train.batch_size=256 data.dataset="$imagenet"
+train train_imagenet_like_256 "${train[@]}" train.compile=true train.batch_size=256 data.dataset="${imagenet}_256"
 step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
     --out "$out/vs_hf_large_compile.json"
 step base_compile 150 bench/vs_hf.py --setting base --device cuda --precisions bf16 --no-memory --compile \

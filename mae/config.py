@@ -112,6 +112,10 @@ class DataConfig:
     # with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the same size, at most
     # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
     on_device: bool = False
+    # how the worker loader decodes: pillow, whole images; pillow_draft, JPEGs at 1/2, 1/4 or 1/8 of their size
+    # where the crop keeps at least data.image_size's pixels (mae.data.draft: the same crops, pixels within a few
+    # levels; faster only where crops are 2x the output or more: docs/data.md)
+    decoder: Literal["pillow", "pillow_draft"] = "pillow"
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -278,6 +282,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.on_device=true holds the whole split on the device and data.streaming=true never holds it; "
             "choose one of them"
+        )
+    if d.decoder != "pillow" and (d.on_device or d.streaming):
+        raise ConfigError(
+            f"data.decoder={d.decoder} decodes in the worker loader; data.on_device and data.streaming decode as "
+            "usual: set data.decoder=pillow, or data.on_device=false and data.streaming=false"
         )
     if t.online_probe and m.name == "stacked_ae":
         raise ConfigError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from mae.config import DataConfig
 from mae.data.arrays import ArrayError, to_tensor
+from mae.data.draft import DraftResizedCrop, open_jpeg, takes_undecoded
 from mae.data.loading import DataError, image_column, label_column
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # data.channels -> the Pillow mode images are converted to
@@ -32,11 +33,15 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 class ImageColumns:
     """Which columns of a dataset (map-style or stream) hold the images and labels; whether the images are
-    arrays (``mae.data.arrays``) or Pillow images, and the mode these are converted to."""
+    arrays (``mae.data.arrays``) or Pillow images, and the mode these are converted to. ``undecoded``:
+    JPEGs are only opened (``mae.data.draft``), from a column cast to ``datasets.Image(decode=False)``."""
 
-    def __init__(self, ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> None:
+    def __init__(
+        self, ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, undecoded: bool = False
+    ) -> None:
         self.image, self.label = image_column(ds, cfg), label_column(ds, cfg)
         self.arrays = not isinstance(ds.features[self.image], datasets.Image)
+        self.undecoded = undecoded and not self.arrays
         self.channels = cfg.channels
         self.mode = MODES.get(cfg.channels)
         if self.mode is None and not self.arrays:
@@ -48,13 +53,16 @@ class ImageColumns:
     def decode(self, row: dict[str, Any], where: str) -> Image.Image | torch.Tensor:
         """The row's image: in ``data.channels``' Pillow mode, or an array's float32 (C, H, W) tensor."""
         value = row[self.image]
+        if self.undecoded:
+            return open_jpeg(value) or to_mode(datasets.Image().decode_example(value), self.mode)
         if not self.arrays:
             return to_mode(value, self.mode)
         return to_tensor(value, self.channels, f"{where} ({value})" if isinstance(value, str) else where)
 
     def select(self, ds: Any) -> Any:
-        """``ds`` with only the image and label columns."""
-        return ds.select_columns([c for c in (self.image, self.label) if c is not None])
+        """``ds`` with only the image and label columns (the images undecoded where ``undecoded``)."""
+        ds = ds.select_columns([c for c in (self.image, self.label) if c is not None])
+        return ds.cast_column(self.image, datasets.Image(decode=False)) if self.undecoded else ds
 
     def label_of(self, row: dict[str, Any]) -> int:
         return row[self.label] if self.label is not None else -1
@@ -74,9 +82,13 @@ def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
 
 def augment_transform(cfg: DataConfig) -> v2.Compose:
     """The MAE paper's augmentation: RandomResizedCrop(scale, bicubic), horizontal flip, normalisation."""
+    if cfg.decoder == "pillow_draft":  # the same crops, JPEGs decoded at a reduced scale where they allow
+        crop = DraftResizedCrop(list(cfg.hw), cfg.crop_scale, MODES.get(cfg.channels, "RGB"))
+    else:
+        crop = v2.RandomResizedCrop(list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+            crop,
             v2.RandomHorizontalFlip() if cfg.hflip else v2.Identity(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -151,23 +163,27 @@ class ImageRows:
     An image that cannot be decoded (corrupt, truncated, empty, not an image, over Pillow's
     decompression-bomb limit) raises ``DataError`` naming it; with ``bad_log`` set it is replaced by
     the next decodable image instead and recorded as one JSON line in ``bad_log`` (which
-    ``count_bad_images`` reads)."""
+    ``count_bad_images`` reads). ``undecoded``: JPEGs are only opened (``ImageColumns``)."""
 
-    def __init__(self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None) -> None:
-        self.columns = ImageColumns(ds, cfg)
+    def __init__(
+        self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, undecoded: bool = False
+    ) -> None:
+        self.columns = ImageColumns(ds, cfg, undecoded)
         self.ds = self.columns.select(ds)
         self.bad_log = bad_log
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def decodable(self, i: int) -> tuple[dict[str, Any], Image.Image | torch.Tensor]:
-        """Row ``i`` and its image; past an undecodable one, the next decodable row."""
+    def decodable(self, i: int, finish: Callable[[Any], Any] | None = None) -> tuple[dict[str, Any], Any]:
+        """Row ``i`` and its image (passed through ``finish``, whose decoding errors count as the image's);
+        past an undecodable one, the next decodable row."""
         for attempt in range(min(len(self.ds), 1000)):
             j = (i + attempt) % len(self.ds)
             try:
                 row = self.ds[j]
-                return row, self.columns.decode(row, f"image {j} of the dataset")
+                image = self.columns.decode(row, f"image {j} of the dataset")
+                return row, image if finish is None else finish(image)
             except ArrayError:  # a wrong array is the data's mistake, not a damaged file: not skipped
                 raise
             except DECODE_ERRORS as e:
@@ -195,7 +211,8 @@ class ImageDataset(Dataset):
     Indices are ``(epoch, i)`` pairs (see ``EpochSampler``) or plain ints (epoch 0).
     Items are ``(image (C, H, W) float, label int or -1)``, plus ``noise (noise_length,)`` when
     ``noise_length`` is given (``seeded_sample``). Undecodable images: see ``ImageRows``. 16-bit and
-    32-bit grayscale images are scaled to 8 bits; every mode is converted to ``data.channels``.
+    32-bit grayscale images are scaled to 8 bits; every mode is converted to ``data.channels``. A
+    transform that starts with ``DraftResizedCrop`` gets JPEGs opened, not decoded, and decodes them.
     """
 
     def __init__(
@@ -207,7 +224,7 @@ class ImageDataset(Dataset):
         noise_length: int | None = None,
         bad_log: Path | None = None,
     ) -> None:
-        self.rows = ImageRows(ds, cfg, bad_log)
+        self.rows = ImageRows(ds, cfg, bad_log, undecoded=takes_undecoded(transform))
         self.transform, self.seed, self.noise_length = transform, seed, noise_length
 
     def __len__(self) -> int:
@@ -215,8 +232,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        row, image = self.rows.decodable(i)
-        x, noise = seeded_sample(self.transform, image, hash((self.seed, epoch, i)), self.noise_length)
+        seed = hash((self.seed, epoch, i))
+
+        def sample(image: Any) -> tuple[Any, Any]:
+            return seeded_sample(self.transform, image, seed, self.noise_length)
+
+        if self.rows.columns.undecoded:  # the transform decodes: its errors are the image's
+            row, (x, noise) = self.rows.decodable(i, sample)
+        else:
+            row, image = self.rows.decodable(i)
+            x, noise = sample(image)
         label = self.rows.columns.label_of(row)
         return (x, label) if noise is None else (x, label, noise)
 

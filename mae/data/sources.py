@@ -10,7 +10,7 @@ from pathlib import Path
 from mae.config import Config
 from mae.data.base import DataSource
 from mae.data.images import ImageDataset, augment_transform
-from mae.data.loaded import LoadedSource
+from mae.data.loaded import LoadedSource, split_normalisation
 from mae.data.loading import load_split, load_stream, stream_size
 from mae.data.on_device import DecodedImages, DeviceSource
 from mae.data.stats import survey
@@ -41,8 +41,9 @@ def build_source(
     elif d.on_device:  # decoded once; augmented on the device
         source = DeviceSource(DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length)
     else:
-        dataset = ImageDataset(split, d, augment_transform(d), t.seed, noise_length, bad_log)
-        source = LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed)
+        transform, normalise = split_normalisation(augment_transform(d))  # workers hand over uint8
+        dataset = ImageDataset(split, d, transform, t.seed, noise_length, bad_log)
+        source = LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise)
     source.max_bad_images = d.max_bad_images
     source.data_config, source.data_stats = d, stats
     return source
