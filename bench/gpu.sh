@@ -117,6 +117,10 @@ step imagenet_like 300 bench/loader.py --folder "$imagenet" --images 5000 --repe
     --out "$out/loader_imagenet_like.json"
 train train_imagenet_like "${train[@]}" train.compile=true train.batch_size=256 data.dataset="$imagenet"
 train train_imagenet_like_256 "${train[@]}" train.compile=true train.batch_size=256 data.dataset="${imagenet}_256"
+# the same from the original JPEGs decoded, cropped and normalised by DALI on the GPU (nvJPEG; the optional
+# extra: pip install -e ".[dali]"; without it the row stops at its one-line error), 14 DALI threads
+train train_imagenet_like_dali "${train[@]}" train.compile=true train.batch_size=256 data.dataset="$imagenet" \
+    data.decoder=dali
 step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
     --out "$out/vs_hf_large_compile.json"
 step base_compile 150 bench/vs_hf.py --setting base --device cuda --precisions bf16 --no-memory --compile \

@@ -114,8 +114,9 @@ class DataConfig:
     on_device: bool = False
     # how the worker loader decodes: pillow, whole images; pillow_draft, JPEGs at 1/2, 1/4 or 1/8 of their size
     # where the crop keeps at least data.image_size's pixels (mae.data.draft: the same crops, pixels within a few
-    # levels; faster only where crops are 2x the output or more: docs/data.md)
-    decoder: Literal["pillow", "pillow_draft"] = "pillow"
+    # levels; faster only where crops are 2x the output or more: docs/data.md); dali, NVIDIA DALI decodes, crops
+    # and normalises (nvJPEG on a GPU; the same crops, flips and masks; pip install -e ".[dali]": mae.data.dali)
+    decoder: Literal["pillow", "pillow_draft", "dali"] = "pillow"
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -285,8 +286,8 @@ def validate(cfg: Config) -> None:
         )
     if d.decoder != "pillow" and (d.on_device or d.streaming):
         raise ConfigError(
-            f"data.decoder={d.decoder} decodes in the worker loader; data.on_device and data.streaming decode as "
-            "usual: set data.decoder=pillow, or data.on_device=false and data.streaming=false"
+            f"data.decoder={d.decoder} is for the loaded split; data.on_device and data.streaming decode as usual: "
+            "set data.decoder=pillow, or data.on_device=false and data.streaming=false"
         )
     if t.online_probe and m.name == "stacked_ae":
         raise ConfigError(

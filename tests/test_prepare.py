@@ -177,6 +177,17 @@ def test_draft_decoding_draws_the_exact_paths_crops_flips_and_noise_within_a_few
     assert d.mean() < 1.0 and d.max() < 6, (d.mean(), d.max())  # a wrong box or flip: tens of levels
 
 
+def test_a_draft_decoding_run_trains_and_draws_its_reconstruction_grid(tmp_path):
+    """The grid's images come from the split the loader reads undecoded: decoded again for the grid."""
+    root = gradient_jpegs(tmp_path / "jpegs", count=8)
+    overrides = [*TINY, f"data.dataset={root}", "data.decoder=pillow_draft", "train.max_steps=2"]
+    try:
+        result = pretrain.train(load_config(None, [*overrides, f"output_dir={tmp_path / 'run'}"]))
+    finally:
+        reset_accelerate()
+    assert result.steps == 2 and (result.run_dir / "recon_2.png").is_file()
+
+
 def test_draft_decoding_replaces_a_truncated_jpeg_and_logs_it(tmp_path):
     root = gradient_jpegs(tmp_path / "jpegs", count=4)
     whole = (root / "c0" / "0.jpg").read_bytes()

@@ -8,9 +8,10 @@ image in the workers (on a CPU core, about a third of the time of a 256-px image
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
@@ -22,8 +23,11 @@ from mae.data.images import EpochSampler
 from mae.preemption import ignore_in_worker
 
 
-def worker_loader(ds: Dataset, sampler: EpochSampler, num_workers: int, batch_size: int) -> DataLoader:
-    """Training batches in ``sampler``'s order, decoded by ``num_workers`` processes."""
+def worker_loader(
+    ds: Dataset, sampler: EpochSampler, num_workers: int, batch_size: int, collate_fn: Callable | None = None
+) -> DataLoader:
+    """Training batches in ``sampler``'s order, decoded by ``num_workers`` processes (``collate_fn``:
+    how items make a batch; default torch's)."""
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -34,6 +38,7 @@ def worker_loader(ds: Dataset, sampler: EpochSampler, num_workers: int, batch_si
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
+        collate_fn=collate_fn,
         # the loader's own generator, so creating an iterator never draws from the global RNG
         # (which drives masking and must continue identically after a resume)
         generator=torch.Generator().manual_seed(0),
@@ -86,6 +91,12 @@ class LoadedSource(DataSource):
         self.split, self.label_column, self.bad_log = rows.ds, rows.columns.label, rows.bad_log
         self.num_workers, self.batch_size, self.accum_steps, self.seed = num_workers, batch_size, accum_steps, seed
         self.normalise = normalise
+
+    def first_rows(self, n: int) -> datasets.Dataset:
+        """The split, its images decodable where the dataset reads them undecoded (``data.decoder=pillow_draft``,
+        ``dali``)."""
+        rows = self.dataset.rows
+        return rows.ds.cast_column(rows.columns.image, datasets.Image()) if rows.columns.undecoded else rows.ds
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return worker_loader(self.dataset, sampler, self.num_workers, self.batch_size)

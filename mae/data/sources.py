@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mae.config import Config
 from mae.data.base import DataSource
+from mae.data.dali import DaliSource
 from mae.data.images import ImageDataset, augment_transform
 from mae.data.loaded import LoadedSource, split_normalisation
 from mae.data.loading import load_split, load_stream, stream_size
@@ -25,12 +26,12 @@ def build_source(
     noise_length: int | None,
     loading: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> DataSource:
-    """The training split of ``cfg.data``: streamed (``data.streaming``), decoded once onto the device
-    (``data.on_device``), or loaded and decoded by loader workers. ``noise_length``: MAE's masking noise
-    per sample (None: no noise). ``source.data_config`` is ``cfg.data`` with ``data.mean=auto`` measured
-    (``mae.data.stats``, recorded in ``source.data_stats``, else None). The split is opened inside
-    ``loading()`` (e.g. one process per machine first, so that it alone builds the datasets cache);
-    decoding happens after it, in every process at once."""
+    """The training split of ``cfg.data``: streamed (``data.streaming``), decoded by DALI
+    (``data.decoder=dali``), decoded once onto the device (``data.on_device``), or loaded and decoded by
+    loader workers. ``noise_length``: MAE's masking noise per sample (None: no noise). ``source.data_config``
+    is ``cfg.data`` with ``data.mean=auto`` measured (``mae.data.stats``, recorded in ``source.data_stats``,
+    else None). The split is opened inside ``loading()`` (e.g. one process per machine first, so that it
+    alone builds the datasets cache); decoding happens after it, in every process at once."""
     d, t = cfg.data, cfg.train
     with loading():
         split = load_stream(d) if d.streaming else load_split(d)
@@ -38,6 +39,8 @@ def build_source(
     if d.streaming:
         items = ImageStream(split, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log)
         source = StreamSource(split, stream_size(split, d, d.split), d, items, t.batch_size)
+    elif d.decoder == "dali":  # decoded, cropped and normalised by DALI
+        source = DaliSource(split, d, t.batch_size, t.accum_steps, t.seed, noise_length, bad_log)
     elif d.on_device:  # decoded once; augmented on the device
         source = DeviceSource(DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length)
     else:
