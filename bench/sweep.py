@@ -78,6 +78,12 @@ def main() -> int:
     parser.add_argument("--pretrain-data", help="pretraining data (default: --data); 'sample': the bundled sample")
     parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
     parser.add_argument("--doc", help="also write the table, with this command line, to this Markdown file")
+    parser.add_argument(
+        "--evaluate", action="append", choices=sorted(TASK_COLUMNS), default=[],
+        help="also run python -m mae.evaluate TASK on every variant (first 2,000 test images; PCA fitted on 20,000 "
+        "training images) and add its PSNR beside PCA's to the table; repeat for several",
+    )  # fmt: skip
+    parser.add_argument("--no-probes", action="store_true", help="skip the linear and kNN probes")
     args = parser.parse_args()
     base = recipe(args.method) if args.recipe is None else None if args.recipe == "default" else Path(args.recipe)
     if base is not None and not base.is_file():
@@ -116,9 +122,11 @@ def main() -> int:
             cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")
             row = {"overrides": overrides, **run_size(run_dir), "steps_per_s": rate, "wall_s": seconds}
-        for mode in ("linear", "knn"):
+        for mode in () if args.no_probes else ("linear", "knn"):
             for kind, res in probe_pair(name, run_dir, mode, args.data, work, first).items():
                 row[f"{kind}_{mode}"] = res["top1"]
+        for task in args.evaluate:
+            row[task] = evaluate(task, run_dir, args.data, work / f"{name}_evaluate_{task}.log")
         rows[name] = row
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{name}: {row}", flush=True)
@@ -134,11 +142,14 @@ def main() -> int:
         + ("the bundled sample" if pretrain_data == "sample" else f"`{relative(Path(pretrain_data))}`")
         + f", probed on `{relative(Path(args.data))}`.",
         "",
-        "| variant | overrides | steps | images seen | linear | kNN | random-init linear | random-init kNN |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | overrides | steps | images seen | linear | kNN | random-init linear | random-init kNN |"
+        + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(args.evaluate),
     ]
     for name, r in rows.items():
-        cells = (f"{100 * r[k]:.1f}%" for k in ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn"))
+        keys = ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn")
+        cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k in keys]
+        cells += [f"{r[t][0]:.2f} / {r[t][1]:.2f}" if t in r else "–" for t in args.evaluate]
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"
         lines.append(f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
@@ -148,6 +159,22 @@ def main() -> int:
         command = "python bench/sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         write_doc(Path(args.doc), f"Measured with `{command}` on a 2-core CPU.\n\n{table}")
     return 0
+
+
+TASK_COLUMNS = {"reduce": "recon PSNR: code / PCA (dB)", "denoise": "denoised PSNR: model / PCA projection (dB)"}
+
+
+def evaluate(task: str, run_dir: Path, data: str, log: Path) -> tuple[float, float]:
+    """``python -m mae.evaluate TASK`` on a run (its defaults: the first 2,000 test images); the model's PSNR
+    and PCA's at the code's size."""
+    out = run_dir / "evaluate" / task
+    if not (out / "metrics.json").is_file():
+        run([sys.executable, "-m", "mae.evaluate", task, "--run", str(run_dir), "--dataset", data], log)
+    m = json.loads((out / "metrics.json").read_text())
+    pair = (
+        (m["reconstruction"]["encoder"], m["reconstruction"]["pca"]) if task == "reduce" else (m["restored"], m["pca"])
+    )
+    return pair[0]["psnr_db"], pair[1]["psnr_db"]
 
 
 def write_doc(path: Path, measured: str) -> None:

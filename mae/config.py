@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from mae.config_checks import Schedule, crop_scale_check, raise_first_invalid, schedule_checks, size_hw, stats_checks
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
+from mae.family_defaults import FAMILY_DEFAULTS
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
 
 __all__ = [
@@ -64,7 +65,8 @@ class ModelConfig:
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
     arch: Literal["conv", "mlp"] = "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
-    widths: tuple[int, ...] = (32, 64, 128)  # conv channels per stride-2 stage, or mlp hidden sizes
+    # conv channels per stride-2 stage, or mlp hidden sizes; default conv (32, 64, 128), mlp (512, 256)
+    widths: tuple[int, ...] | None = None
     latent_dim: int = 128  # the code (bottleneck) size: what encode() returns
     loss: Literal["mse", "bce"] = "mse"  # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
     corruption: Literal["gaussian", "masking", "salt_pepper"] = "gaussian"  # dae: applied to the input only
@@ -91,8 +93,11 @@ class DataConfig:
     image_size: int | tuple[int, int] = 32  # one side (square), or [H, W]
     # 1 (grayscale), 3 (RGB), 4 (RGBA) for images; any count for arrays (a column of arrays or a folder of .npy)
     channels: int = 3
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range
-    hflip: bool = True
+    # crop: RandomResizedCrop(crop_scale) + flip (hflip), MAE's; flip: the whole image, flipped half the time;
+    # none: the whole image. Default per model family (mae.family_defaults)
+    augment: Literal["crop", "flip", "none"] | None = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range (data.augment=crop)
+    hflip: bool = True  # data.augment=crop: flip half the crops
     # per channel, of pixels scaled to [0, 1] (arrays: uint8 / 255, uint16 / 65535, floats as they are); default:
     # ImageNet statistics for 3 channels, 0.5 otherwise; auto: measured on a sample of the training split
     # (mae.data.stats) and recorded in config.yaml, derived.json and the export
@@ -132,10 +137,10 @@ class TrainConfig:
     accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
     # base lr; lr = blr * effective batch / 256. Swept for the default run (20 epochs of the 3,000-image
     # sample, docs/sweep_mae_sample.md); the paper's 1.5e-4 is for 800 epochs (configs/mae_vit_*.yaml)
-    blr: float = 1.0e-3
+    blr: float | None = None  # default per model family (mae.family_defaults): MAE 1e-3
     min_lr: float = 0.0
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
+    warmup_epochs: float | None = None  # default per model family: MAE 1
+    weight_decay: float | None = None  # default per model family: MAE 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = None  # max global grad norm; None disables clipping
     # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
@@ -209,7 +214,12 @@ def resolve(cfg: Config) -> Config:
         model = dataclasses.replace(model, mlp_ratio=4.0)
     if model.reconstruct_ratio is None:
         model = dataclasses.replace(model, reconstruct_ratio=model.mask_ratio)
-    data = cfg.data
+    if model.widths is None:
+        model = dataclasses.replace(model, widths=(32, 64, 128) if model.arch == "conv" else (512, 256))
+    family = FAMILY_DEFAULTS[model.name]
+    data = cfg.data if cfg.data.augment is not None else dataclasses.replace(cfg.data, augment=family["augment"])
+    unset = {k: family[k] for k in ("blr", "weight_decay", "warmup_epochs") if getattr(cfg.train, k) is None}
+    train = dataclasses.replace(cfg.train, **unset)
     if data.mean == "auto" and data.std is None:
         data = dataclasses.replace(data, std="auto")
     if data.mean is None or data.std is None:
@@ -219,7 +229,7 @@ def resolve(cfg: Config) -> Config:
             mean=data.mean if data.mean is not None else (IMAGENET_MEAN if imagenet else (0.5,) * data.channels),
             std=data.std if data.std is not None else (IMAGENET_STD if imagenet else (0.5,) * data.channels),
         )
-    cfg = dataclasses.replace(cfg, model=model, data=data)
+    cfg = dataclasses.replace(cfg, model=model, data=data, train=train)
     validate(cfg)
     return cfg
 
@@ -293,6 +303,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "
             "code of the whole stack); set train.online_probe=false"
+        )
+    if d.decoder != "pillow" and d.augment != "crop":
+        raise ConfigError(
+            f"data.decoder={d.decoder} decodes the crops of data.augment=crop; with data.augment={d.augment} use "
+            "data.decoder=pillow"
         )
 
 

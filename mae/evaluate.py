@@ -5,15 +5,17 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
 - ``reconstruct``: MSE, PSNR and SSIM (pixels in [0, 1]) between a split's images and their
   reconstructions, and a grid (input as the encoder saw it | reconstruction | original). For MAE
   the reconstruction keeps the visible patches and predicts the hidden ones (``--mask-ratio``).
-- ``denoise``: corrupt the split (``--corruption``, ``--level``), reconstruct, PSNR before and
-  after; grid (noisy | restored | clean).
+- ``denoise``: corrupt the split (``--corruption``, ``--level``; default the corruption a denoising run
+  trained with, else Gaussian std 0.2), reconstruct, PSNR before and after, and of the noisy image
+  projected on PCA with as many components as the code; grid (noisy | restored | PCA | clean).
 - ``anomaly``: classes ``--normal`` are normal, every other class an anomaly; the score of an
   image is its reconstruction error. AUROC and AUPR (anomaly = positive) per anomalous class and
   for all of them, and the two score histograms. Train on the normal classes only with
   ``pretrain.py data.classes=[...]``, or score with a model trained on everything.
 - ``reduce``: the encoder as dimensionality reduction against PCA with as many components as the
-  code has: reconstruction error of both on the split, linear-probe and kNN accuracy of both
-  (fitted on ``--fit-split``), and a 2-D PCA scatter of the codes coloured by class.
+  code has (``mae.evaluate_pca``, pixel space): reconstruction PSNR of both on the split (printed side by
+  side), linear-probe and kNN accuracy of both (fitted on ``--fit-split``), and a 2-D PCA scatter of the
+  codes coloured by class.
 - ``sample`` (generative models): a grid of prior samples and latent interpolations between
   pairs of the split's images.
 - ``report``: the tables of ``mae.results_table`` (runs with their probes and the tasks above;
@@ -36,85 +38,22 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from mae.config import Config, DataConfig
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError, load_splits, pick_split
 from mae.errors import UserError
-from mae.eval_config import ProbeConfig
+from mae.evaluate_pca import denoise, reduce
 from mae.export import load_run_model
-from mae.models.dae import corrupt_pixels
-from mae.probe import accuracy, knn_scores, linear_probe
+from mae.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
 from mae.results_table import write_report
-from mae.visualize import denormalize, save_tiles
+from mae.visualize import denormalize, pyplot, save_tiles
 
 TASKS = ("reconstruct", "denoise", "anomaly", "reduce", "sample", "report")
 
 
 class EvaluateError(UserError, ValueError):
     """A task that cannot run as asked; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def psnr_summary(mse: torch.Tensor) -> dict[str, Any]:
-    """PSNR over images with per-image MSE ``mse`` (pixels in [0, 1]); identical images handled."""
-    identical = mse == 0
-    mean_mse = mse.mean().item()
-    per_image = -10 * torch.log10(mse[~identical])
-    return {
-        "mse": mean_mse,
-        "psnr_db": "inf" if mean_mse == 0 else -10 * math.log10(mean_mse),
-        "psnr_db_mean": per_image.mean().item() if len(per_image) else "inf",
-        "identical": int(identical.sum()),
-    }
-
-
-def pixel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared error of (B, ...) tensors: (B,)."""
-    return (a - b).pow(2).flatten(1).mean(dim=1)
-
-
-def image_metrics(pixels: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image MSE and SSIM of (B, C, H, W) pixels in [0, 1]."""
-    mse = pixel_mse(pixels, target)
-    side = min(target.shape[-2:])
-    size = 11 if side >= 11 else side - (side + 1) % 2  # the usual 11x11 window, or the largest odd one that fits
-    ssim = structural_similarity_index_measure(
-        pixels.float(), target.float(), data_range=1.0, reduction="none", kernel_size=size
-    )
-    return {"mse": mse, "ssim": ssim}
-
-
-def detection_scores(scores: torch.Tensor, labels: torch.Tensor, normal: list[int]) -> dict[str, Any]:
-    """AUROC / AUPR of ``scores`` (higher = more anomalous), each anomalous class against the normal ones."""
-    is_normal = torch.isin(labels, torch.tensor(normal))
-    out: dict[str, Any] = {"per_class": {}}
-    groups = {int(c): labels == c for c in labels.unique().tolist() if c not in normal}
-    groups_all = {"all": ~is_normal}
-    for name, positive in {**groups, **groups_all}.items():
-        keep = positive | is_normal
-        target = positive[keep].long()
-        row = {
-            "auroc": binary_auroc(scores[keep], target).item(),
-            "aupr": binary_average_precision(scores[keep], target).item(),
-            "count": int(positive.sum()),
-        }
-        if name == "all":
-            out["all"] = row
-        else:
-            out["per_class"][str(name)] = row
-    return out
-
-
-def pca_fit(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (D,), components (dims, D)) of the rows of ``x`` (N, D), by SVD of the centred data."""
-    mean = x.mean(dim=0)
-    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    return mean, vh[:dims]
 
 
 # ---------------------------------------------------------------------------------------------- data + model
@@ -157,16 +96,6 @@ class Evaluation:
         save_tiles(stacked, path, nrow=len(panels))
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (imported only by the tasks that plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ---------------------------------------------------------------------------------------------- tasks
 
 
@@ -200,31 +129,8 @@ def reconstruct(ev: Evaluation, out: Path, mask_ratio: float | None) -> dict[str
     return result
 
 
-def denoise(ev: Evaluation, out: Path, corruption: str, level: float, patch: int) -> dict[str, Any]:
-    if level < 0 or (corruption != "gaussian" and level > 1):
-        raise EvaluateError(f"--level={level}: a std >= 0 for gaussian, a fraction in [0, 1] otherwise")
-    torch.manual_seed(ev.seed)
-    before, after, first = [], [], None
-    for images, _ in ev.batches(ev.images()):
-        clean = ev.to_pixels(images)
-        noisy = corrupt_pixels(clean, corruption, level, patch).clamp(0, 1)
-        restored = ev.to_pixels(ev.model.reconstruct(ev.from_pixels(noisy)))
-        before.append(pixel_mse(noisy, clean))
-        after.append(pixel_mse(restored, clean))
-        if first is None:
-            first = [noisy, restored, clean]
-    ev.grid(out / "denoise.png", first)
-    return {
-        "corruption": corruption,
-        "level": level,
-        "noisy": psnr_summary(torch.cat(before)),
-        "restored": psnr_summary(torch.cat(after)),
-        "images": len(torch.cat(after)),
-    }
-
-
 def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
-    plt = _pyplot()
+    plt = pyplot()
     data = ev.images()
     if data.rows.columns.label is None:
         raise EvaluateError("anomaly needs class labels; the split has no ClassLabel column")
@@ -252,61 +158,6 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "anomaly_scores.png", dpi=120)
-    plt.close(fig)
-    return result
-
-
-def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[str, Any]:
-    plt = _pyplot()
-
-    def codes_and_pixels(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        codes, flat, recon_mse, labels = [], [], [], []
-        torch.manual_seed(ev.seed)
-        for images, y in ev.batches(data):
-            codes.append(ev.model.encode(images).float())
-            flat.append(images.flatten(1))
-            recon = ev.model.reconstruct(images)
-            recon_mse.append(pixel_mse(ev.to_pixels(recon), ev.to_pixels(images)))
-            labels.append(y)
-        return torch.cat(codes), torch.cat(flat), torch.cat(recon_mse), torch.cat(labels)
-
-    with torch.no_grad():
-        fit_codes, fit_flat, _, fit_labels = codes_and_pixels(ev.images(fit_split, fit_images))
-        codes, flat, ae_mse, labels = codes_and_pixels(ev.images())
-    dims = codes.shape[1]
-    if dims > min(fit_flat.shape):
-        raise EvaluateError(
-            f"the code has {dims} dimensions; PCA needs at least as many fit images: raise --fit-images"
-        )
-    mean, comps = pca_fit(fit_flat, dims)
-    pca_fit_codes, pca_codes = (fit_flat - mean) @ comps.T, (flat - mean) @ comps.T
-    pca_recon = (pca_codes @ comps + mean).view(-1, ev.data.channels, *ev.data.hw)
-    target = ev.to_pixels(flat.view_as(pca_recon))
-    pca_mse = pixel_mse(ev.to_pixels(pca_recon), target)
-    result: dict[str, Any] = {"dims": dims, "fit_images": len(fit_flat), "images": len(flat)}
-    result["reconstruction"] = {"encoder": psnr_summary(ae_mse), "pca": psnr_summary(pca_mse)}
-    if (labels >= 0).all() and (fit_labels >= 0).all():
-        classes = int(max(labels.max(), fit_labels.max())) + 1
-        names = [str(c) for c in range(classes)]
-        probe = ProbeConfig(epochs=50, warmup_epochs=5, batch_size=min(256, len(fit_labels)))
-        for name, (a, b) in {"encoder": (fit_codes, codes), "pca": (pca_fit_codes, pca_codes)}.items():
-            train, test = {"features": a, "labels": fit_labels}, {"features": b, "labels": labels}
-            result.setdefault("linear", {})[name] = accuracy(
-                linear_probe(train, test, classes, probe, ev.seed), labels, names
-            )["top1"]
-            result.setdefault("knn", {})[name] = accuracy(knn_scores(train, test, classes, 20, 0.07), labels, names)[
-                "top1"
-            ]
-    # 2-D view of the codes: their first two principal components
-    c_mean, c_comps = pca_fit(codes, 2)
-    xy = (codes - c_mean) @ c_comps.T
-    fig, ax = plt.subplots(figsize=(5, 5))
-    sc = ax.scatter(xy[:, 0].tolist(), xy[:, 1].tolist(), c=labels.tolist(), s=4, cmap="tab10")
-    ax.set_title(f"codes ({dims}-d), first two principal components")
-    if (labels >= 0).all():
-        ax.legend(*sc.legend_elements(), fontsize=6, loc="best", title="class")
-    fig.tight_layout()
-    fig.savefig(out / "codes_pca.png", dpi=120)
     plt.close(fig)
     return result
 
@@ -349,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)")
-    parser.add_argument("--corruption", default="gaussian", choices=("gaussian", "masking", "salt_pepper"))
-    parser.add_argument("--level", type=float, default=0.2, help="denoise: noise std or fraction")
-    parser.add_argument("--patch", type=int, default=1, help="denoise: side of masked squares")
+    parser.add_argument(
+        "--corruption", choices=("gaussian", "masking", "salt_pepper"),
+        help="denoise: default the run's own (a dae run's model.corruption), else gaussian",
+    )  # fmt: skip
+    parser.add_argument("--level", type=float, help="denoise: noise std or fraction (default the run's, else 0.2)")
+    parser.add_argument("--patch", type=int, help="denoise: side of masked squares (default the run's, else 1)")
     parser.add_argument("--normal", default="0", help="anomaly: comma-separated normal class ids")
-    parser.add_argument("--fit-split", default="train", help="reduce: split PCA and the probes are fitted on")
-    parser.add_argument("--fit-images", type=int, default=5000, help="reduce: images of --fit-split used")
+    parser.add_argument("--fit-split", default="train", help="reduce, denoise: the split PCA (and probes) fit on")
+    parser.add_argument("--fit-images", type=int, default=20000, help="reduce, denoise: images of --fit-split")
     parser.add_argument("-n", type=int, default=64, help="sample: images to generate")
     args = parser.parse_args(argv)
     try:
@@ -374,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "reconstruct":
             result = reconstruct(ev, out, args.mask_ratio)
         elif args.task == "denoise":
-            result = denoise(ev, out, args.corruption, args.level, args.patch)
+            result = denoise(ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images)
         elif args.task == "anomaly":
             try:
                 normal = [int(c) for c in args.normal.split(",")]

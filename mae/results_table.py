@@ -118,10 +118,18 @@ def run_row(run: Path, probes: dict[str, dict[str, float]], figures: Path) -> di
     if "denoise" in tasks:
         row["denoise_psnr"] = tasks["denoise"]["restored"]["psnr_db"]
         row["denoise_noisy_psnr"] = tasks["denoise"]["noisy"]["psnr_db"]
+        if "pca" in tasks["denoise"]:  # the noisy image projected on PCA of the code's size
+            row["pca"] = {"dims": tasks["denoise"]["pca_dims"], "denoise_psnr": tasks["denoise"]["pca"]["psnr_db"]}
     if "anomaly" in tasks:
         row["anomaly_auroc"] = tasks["anomaly"]["all"]["auroc"]
     if "reduce" in tasks and "linear" in tasks["reduce"]:
         row["reduce_linear"] = (tasks["reduce"]["linear"]["encoder"], tasks["reduce"]["linear"]["pca"])
+    if "reduce" in tasks:
+        red = tasks["reduce"]
+        row["pca"] = row.get("pca", {"dims": red["dims"]}) | {
+            "reconstruct_psnr": red["reconstruction"]["pca"]["psnr_db"]
+        }
+        row["pca"] |= {k: red[k]["pca"] for k in ("linear", "knn") if k in red}
     row["figures"] = []
     for png in sorted(run.glob("evaluate/*/*.png")):
         name = f"{run.name}_{png.name}"
@@ -148,11 +156,33 @@ def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         cells = [run_cell(r.get(k), k) for k, _ in RUN_COLUMNS]
         lines.append(f"| {r['method']} | {r['steps'] or '–'} | " + " | ".join(cells) + " |")
+    baselines = pca_rows(rows)
+    for pca in baselines:
+        cells = [run_cell(pca.get(k), k) + ("†" if k in ("linear", "knn") and k in pca else "") for k, _ in RUN_COLUMNS]
+        lines.append(f"| PCA-{pca['dims']} (pixels) | – | " + " | ".join(cells) + " |")
+    if baselines:
+        lines += [
+            "",
+            "PCA rows: as many components as the codes, fitted on the training images of `mae.evaluate reduce`; "
+            "reconstruction is the projection of the test images, denoising the projection of the noisy ones. "
+            "† linear and kNN of the PCA codes by `reduce`'s own probes (fitted on its training images, tested on "
+            "its test images), not `finetune.py`'s full split.",
+        ]
     lines += ["", "Figures:", ""]
     for r in rows:
         links = ", ".join(f"[{Path(f).stem.removeprefix(Path(r['run']).name + '_')}]({f})" for f in r["figures"])
         lines.append(f"- {r['method']} (`{r['run']}`): {links or 'none'}")
     return lines
+
+
+def pca_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One PCA baseline per code size among ``rows``: the values of the first run of that size that has them
+    (PCA depends on the data and the size alone, not the run)."""
+    found: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if "pca" in r:
+            found.setdefault(r["pca"]["dims"], {}).update({k: v for k, v in r["pca"].items() if v is not None})
+    return [found[d] for d in sorted(found)]
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.utils import save_image
@@ -79,3 +80,13 @@ def save_recon_grid(
         panels = stretch(panels, panels[-1])
     rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * panels, C, H, W), row-major
     save_tiles(rows, path, nrow=len(panels))
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported only by the tasks that plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

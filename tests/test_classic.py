@@ -1,14 +1,19 @@
 """The classic autoencoders: the model contract over the registry, closed forms, end to end."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, reset_accelerate
+from PIL import Image
 
 from mae import pretrain, runner
 from mae.config import ConfigError, load_config
 from mae.encoders import load_encoder
+from mae.evaluate import main as evaluate_main
+from mae.family_defaults import FAMILY_DEFAULTS
 from mae.losses import bernoulli_kl, kl_diag_gaussians, kl_to_standard_normal
 from mae.models import MODELS, build_model
 from mae.models.dae import corrupt_pixels
@@ -244,3 +249,75 @@ def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.model.stage() == 3  # ended in the end-to-end stage
+
+
+def blob_folder(root, train=600, test=200, size=28):
+    """Grayscale images of one Gaussian blob at a random position and width: three numbers per image, which
+    a non-linear code of a few dimensions can hold and a linear one (PCA) cannot."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, n in (("train", train), ("test", test)):
+        (root / split / "blobs").mkdir(parents=True)
+        for i in range(n):
+            cy, cx = rng.uniform(6, size - 6, 2)
+            sigma = rng.uniform(1.5, 4.0)
+            a = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+            Image.fromarray((255 * a).astype(np.uint8), "L").save(root / split / "blobs" / f"{i}.png")
+    return root
+
+
+def test_an_mlp_autoencoder_with_its_defaults_beats_pca_at_equal_code_size(tmp_path):
+    data = blob_folder(tmp_path / "blobs")
+    run = tmp_path / "ae"
+    cfg = load_config(None, ["model.name=ae", "model.arch=mlp", "model.latent_dim=4", f"data.dataset={data}",
+                             "data.image_size=28", "data.channels=1", f"output_dir={run}", "train.epochs=100",
+                             "data.on_device=true"])  # fmt: skip
+    family = FAMILY_DEFAULTS["ae"]
+    assert (cfg.data.augment, cfg.train.blr, cfg.model.widths) == (family["augment"], family["blr"], (512, 256))
+    pretrain.train(cfg)
+    assert evaluate_main(["reduce", "--run", str(run), "--fit-images", "600"]) == 0
+    result = json.loads((run / "evaluate/reduce/metrics.json").read_text())["reconstruction"]
+    assert result["encoder"]["psnr_db"] > result["pca"]["psnr_db"] + 1.0  # dB, on the 200 test images
+
+
+def test_each_family_resolves_its_own_defaults_and_mae_keeps_the_papers():
+    mae = load_config(None, [])
+    assert (mae.data.augment, mae.train.blr, mae.train.weight_decay, mae.train.warmup_epochs) == ("crop", 1e-3, 0.05, 1)
+    for name in ("ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"):
+        cfg = load_config(None, [f"model.name={name}"])
+        family = FAMILY_DEFAULTS[name]
+        assert (cfg.data.augment, cfg.train.blr, cfg.train.weight_decay) == (
+            family["augment"],
+            family["blr"],
+            family["weight_decay"],
+        )
+    given = load_config(None, ["model.name=ae", "data.augment=crop", "train.blr=3e-3", "train.weight_decay=0.05"])
+    assert (given.data.augment, given.train.blr, given.train.weight_decay) == ("crop", 3e-3, 0.05)  # yours stay
+    with pytest.raises(ConfigError, match="data.decoder=dali decodes the crops of data.augment=crop"):
+        load_config(None, ["model.name=ae", "data.augment=flip", "data.decoder=dali"])
+
+
+@pytest.mark.parametrize("augment", ["none", "flip"])
+def test_data_augment_none_and_flip_show_the_whole_image(augment):
+    from mae.data.images import augment_transform, eval_transform, seeded_sample
+    from mae.data.loading import load_split
+    from mae.data.on_device import DecodedImages, DeviceAugment
+
+    cfg = load_config(None, ["model.name=ae", f"data.augment={augment}"]).data
+    split = load_split(cfg).select(range(16))
+    whole = eval_transform(cfg)
+    data = DecodedImages(split, cfg)
+    device = DeviceAugment(data, cfg, seed=0, noise_length=None, device=torch.device("cpu"))
+    keys = torch.tensor([[0, i] for i in range(16)])
+    on_device, _ = device(keys, data.labels[:16])
+    flipped = set()
+    for i in range(16):
+        image = split[i]["image"]
+        x, _ = seeded_sample(augment_transform(cfg), image, seed=i, noise_length=None)
+        ref = whole(image)
+        assert torch.equal(x, ref) or (augment == "flip" and torch.equal(x, ref.flip(-1)))
+        flipped.add(not torch.equal(x, ref))
+        assert torch.allclose(on_device[i], ref, atol=1e-5) or (
+            augment == "flip" and torch.allclose(on_device[i], ref.flip(-1), atol=1e-5)
+        )
+    assert flipped == ({False} if augment == "none" else {False, True})

@@ -10,7 +10,9 @@ from helpers import colour_folder, reset_accelerate
 from mae import pretrain
 from mae.config import load_config
 from mae.data.loading import DataError, load_split
-from mae.evaluate import detection_scores, image_metrics, main, pca_fit, psnr_summary
+from mae.evaluate import main
+from mae.evaluate_pca import PCA
+from mae.metrics import detection_scores, image_metrics, psnr_summary
 
 
 def test_psnr_of_identical_images_is_infinite_and_handled():
@@ -37,8 +39,8 @@ def test_perfectly_separated_scores_give_auroc_and_aupr_one():
 def test_pca_reconstruction_error_is_the_sum_of_the_discarded_eigenvalues():
     torch.manual_seed(0)
     x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
-    mean, comps = pca_fit(x, 2)
-    recon = ((x - mean) @ comps.T) @ comps + mean
+    pca = PCA(x, 2)
+    comps, recon = pca.components, pca.project(x)
     eig = torch.linalg.eigvalsh(torch.cov(x.T, correction=0)).flip(0)  # descending
     assert ((x - recon).pow(2).sum(1).mean()).item() == pytest.approx(eig[2:].sum().item(), rel=1e-9)
     assert torch.allclose(comps @ comps.T, torch.eye(2, dtype=torch.float64), atol=1e-10)
@@ -76,6 +78,7 @@ def test_every_task_end_to_end(tmp_path, vae_run):
     assert rec["images"] == 60 and 0 < rec["mse"] < 1 and -1 <= rec["ssim"] <= 1 and (out / "reconstruct.png").is_file()
     den, out = run_task(tmp_path, vae_run, "denoise", "--corruption", "salt_pepper", "--level", "0.3")
     assert den["noisy"]["mse"] > 0 and den["restored"]["psnr_db"] != "inf" and (out / "denoise.png").is_file()
+    assert den["pca_dims"] == 8 and den["pca"]["mse"] > 0  # the noisy image projected on PCA-8
     ano, out = run_task(tmp_path, vae_run, "anomaly", "--normal", "0")
     assert set(ano["per_class"]) == {"1", "2"} and 0 <= ano["all"]["auroc"] <= 1
     assert (out / "anomaly_scores.png").is_file()
@@ -104,6 +107,8 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
 
     assert main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0
     assert main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "1"]) == 0
+    for task in ("reduce", "denoise"):
+        assert main([task, "--run", str(vae_run), "--split", "train", "--fit-images", "40"]) == 0
     folder = json.loads((vae_run / "evaluate/reconstruct/metrics.json").read_text())["dataset"]
     for source in (str(vae_run), f"random:{vae_run}"):
         name = "random" if source.startswith("random") else "run"
@@ -120,8 +125,32 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     assert rows[0]["reconstruct_psnr"] == rec["psnr_db"] and 0 <= rows[0]["anomaly_auroc"] <= 1
     table = (out / "report.md").read_text()
     assert f"| vae | 6 | – | {100 * knn:.1f}% |" in table
-    assert all((out / f).is_file() for f in rows[0]["figures"]) and len(rows[0]["figures"]) == 2
+    assert all((out / f).is_file() for f in rows[0]["figures"]) and len(rows[0]["figures"]) == 4
+    # the PCA baseline's row: reconstruction and denoising by projection, its linear and kNN from reduce
+    red = json.loads((vae_run / "evaluate/reduce/metrics.json").read_text())
+    den = json.loads((vae_run / "evaluate/denoise/metrics.json").read_text())
+    pca_row = next(line for line in table.splitlines() if line.startswith("| PCA-8 (pixels) |")).split(" | ")
+    assert pca_row[6] == f"{red['reconstruction']['pca']['psnr_db']:.2f}"
+    assert pca_row[8] == f"{den['pca']['psnr_db']:.2f}" and pca_row[2] == f"{100 * red['linear']['pca']:.1f}%†"
     results = json.loads((out / "report.json").read_text())["results"]  # and one row per results.json
     assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
     assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 2  # not a run
     assert main(["report", "--out", str(out)]) == 2  # neither runs nor results
+
+
+def test_denoise_defaults_to_the_corruption_the_run_trained_with(tmp_path):
+    folder = colour_folder(tmp_path / "colours", per_class=6)
+    out = tmp_path / "dae"
+    args = [
+        "model.name=dae", "model.corruption=masking", "model.noise_level=0.25", "model.corruption_patch=2",
+        "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=8", f"data.dataset={folder}",
+        "data.num_workers=0", "train.batch_size=6", "train.max_steps=2", "train.recon_images=2", f"output_dir={out}",
+    ]  # fmt: skip
+    pretrain.train(load_config(None, args))
+    reset_accelerate()
+    den, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18")
+    assert (den["corruption"], den["level"], den["patch"]) == ("masking", 0.25, 2)
+    other, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--corruption", "gaussian")
+    assert (other["corruption"], other["level"], other["patch"]) == ("gaussian", 0.2, 1)  # another kind: its own
+    finer, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--patch", "1")
+    assert (finer["corruption"], finer["level"], finer["patch"]) == ("masking", 0.25, 1)

@@ -175,5 +175,6 @@ def test_the_mae_modules_import_each_other_without_cycles():
 
 def test_the_config_sits_below_everything_and_presets_below_the_config():
     graph = import_graph(ROOT, "mae")
-    assert reachable(graph, "mae.config") <= {"mae.config_checks", "mae.config_loader", "mae.errors", "mae.presets"}
-    assert graph["mae.presets"] == {}
+    leaves = {"mae.presets", "mae.family_defaults"}
+    assert reachable(graph, "mae.config") <= {"mae.config_checks", "mae.config_loader", "mae.errors", *leaves}
+    assert graph["mae.presets"] == {} and graph["mae.family_defaults"] == {}

@@ -81,7 +81,12 @@ def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
 
 
 def augment_transform(cfg: DataConfig) -> v2.Compose:
-    """The MAE paper's augmentation: RandomResizedCrop(scale, bicubic), horizontal flip, normalisation."""
+    """The training transform of ``data.augment``: crop, the MAE paper's (RandomResizedCrop(scale, bicubic),
+    horizontal flip); flip, the evaluation transform's resize with a horizontal flip; none, the evaluation
+    transform. Then normalisation. (Unset: crop.)"""
+    if (cfg.augment or "crop") != "crop":
+        steps = eval_transform(cfg).transforms
+        return v2.Compose([v2.RandomHorizontalFlip(), *steps] if cfg.augment == "flip" else steps)
     if cfg.decoder == "pillow_draft":  # the same crops, JPEGs decoded at a reduced scale where they allow
         crop = DraftResizedCrop(list(cfg.hw), cfg.crop_scale, MODES.get(cfg.channels, "RGB"))
     else:

@@ -235,8 +235,13 @@ class DeviceAugment:
         n = 4 * CROP_TRIES
         u = uniforms(self.seed, keys, n + 1 + (self.noise_length or 0))
         _, _, height, width = self.images.shape
-        boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
-        flip = u[:, n] < 0.5 if self.cfg.hflip else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+        augment = self.cfg.augment or "crop"
+        if augment == "crop":
+            boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
+        else:  # the whole image (stored at most data.image_size: resized up, as the evaluation transform does)
+            boxes = torch.tensor([[0.0, 0.0, height, width]], device=keys.device).expand(len(keys), 4)
+        flips = augment == "flip" or (augment == "crop" and self.cfg.hflip)
+        flip = u[:, n] < 0.5 if flips else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
         x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.hw, self.mean, self.std)
         labels = labels.to(self.images.device)
         return (x, labels) if self.noise_length is None else (x, labels, u[:, n + 1 :].contiguous())
