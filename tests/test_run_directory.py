@@ -139,7 +139,8 @@ def test_a_launch_while_another_trains_is_refused(tmp_path):
     """The real case: a requeued job whose first copy is still running."""
     out = tmp_path / "run"
     worker = str(Path(__file__).parent / "crash_worker.py")
-    env = {**env_without_accelerate(), "STEP_SLEEP": "0.3"}
+    # 20 steps of 1 s: the second launch starts (imports, data) well within the first's run, even on a busy machine
+    env = {**env_without_accelerate(), "STEP_SLEEP": "1.0"}
     first = subprocess.Popen([sys.executable, worker, *TINY, *COMMON, f"output_dir={out}"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
