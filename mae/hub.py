@@ -162,13 +162,15 @@ def _snapshot(source: str, repo: str, revision: str | None, patterns: list[str])
         HfHubHTTPError,
         HFValidationError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError as e:  # offline or no network, and not (completely) in the cache
+    try:  # offline: the cache alone (some huggingface_hub 1.x releases still ask the hub for a commit's files)
+        local = bool(constants.HF_HUB_OFFLINE)
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # offline or no network, not (all) in the cache
         offline = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
         raise ConfigError(
             f"{source} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
