@@ -44,14 +44,10 @@ class PCA:
         return self.codes(x) @ self.components + self.mean
 
 
-def fit_pixel_pca(ev: Evaluation, split: str, images: int, dims: int) -> tuple[PCA, torch.Tensor, torch.Tensor]:
-    """PCA of ``images`` images of ``split`` in pixel space; also their pixels (N, D) and labels."""
-    pixels, labels = [], []
-    for x, y in ev.batches(ev.images(split, images)):
-        pixels.append(ev.to_pixels(x).flatten(1).double())
-        labels.append(y)
-    flat = torch.cat(pixels)
-    return PCA(flat, dims), flat, torch.cat(labels)
+def fit_pixel_pca(ev: Evaluation, split: str, images: int, dims: int) -> PCA:
+    """PCA of ``images`` images of ``split`` in pixel space."""
+    pixels = [ev.to_pixels(x).flatten(1).double() for x, _ in ev.batches(ev.images(split, images))]
+    return PCA(torch.cat(pixels), dims)
 
 
 def code_size(ev: Evaluation) -> int:
@@ -73,7 +69,7 @@ def denoise(ev: Evaluation, out: Path, corruption: str | None, level: float | No
     corruption, level, patch = run_corruption(ev, corruption, level, patch)
     if level < 0 or (corruption != "gaussian" and level > 1):
         raise UserError(f"--level={level}: a std >= 0 for gaussian, a fraction in [0, 1] otherwise")
-    pca, _, _ = fit_pixel_pca(ev, fit_split, fit_images, code_size(ev))
+    pca = fit_pixel_pca(ev, fit_split, fit_images, code_size(ev))
     torch.manual_seed(ev.seed)
     before, after, projected, first = [], [], [], None
     for images, _ in ev.batches(ev.images()):
@@ -115,7 +111,7 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
         codes, flat, ae_mse, labels = _codes(ev, None, None)
     dims = codes.shape[1]
     pca = PCA(fit_flat, dims)
-    pca_mse = ((pca.project(flat).clamp(0, 1) - flat) ** 2).mean(dim=1).float()
+    pca_mse = pixel_mse(pca.project(flat).clamp(0, 1), flat).float()
     result: dict[str, Any] = {"dims": dims, "fit_images": len(fit_flat), "images": len(flat)}
     result["reconstruction"] = {"encoder": psnr_summary(ae_mse), "pca": psnr_summary(pca_mse)}
     print(

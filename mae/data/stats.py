@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +34,35 @@ def _pixels(image: Any) -> torch.Tensor:
     return v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True).double()
 
 
-def _sample(split: Any, d: DataConfig, bad_log: Path | None) -> list[torch.Tensor]:
-    """The sample's pixels."""
+def _sample(split: Any, d: DataConfig, bad_log: Path | None) -> Iterator[torch.Tensor]:
+    """The sample's pixels, one image at a time (a thousand large images would not fit in memory at once)."""
     if not isinstance(split, datasets.Dataset):  # a stream: its first images
         columns = ImageColumns(split, d)
         rows = itertools.islice(iter(columns.select(split)), SAMPLE)
-        return [_pixels(columns.decode(r, f"example {k} of the stream")) for k, r in enumerate(rows)]
+        yield from (_pixels(columns.decode(r, f"example {k} of the stream")) for k, r in enumerate(rows))
+        return
     rows = ImageRows(split, d, bad_log)
     picks = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), SAMPLE)).round().astype(int))
-    return [_pixels(rows.decodable(int(i))[1]) for i in picks]
+    yield from (_pixels(rows.decodable(int(i))[1]) for i in picks)
 
 
-def measure(images: list[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation over every pixel of ``images`` (any sizes)."""
-    total = sum(x.sum(dim=(1, 2)) for x in images)
-    squares = sum((x * x).sum(dim=(1, 2)) for x in images)
-    count = sum(x.shape[1] * x.shape[2] for x in images)
+def measure(images: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel mean and standard deviation over every pixel of ``images`` (any sizes), and the image count."""
+    total = squares = 0
+    count = n = 0
+    for x in images:
+        total = total + x.sum(dim=(1, 2))
+        squares = squares + (x * x).sum(dim=(1, 2))
+        count, n = count + x.shape[1] * x.shape[2], n + 1
     mean = total / count
     std = (squares / count - mean * mean).clamp(min=0).sqrt()
     flat = [int(c) for c in torch.nonzero(std < 1e-8).flatten()]
     if flat:
         raise ConfigError(
-            f"data.mean=auto: channel(s) {flat} hold one value across the {len(images)} images sampled, so they "
+            f"data.mean=auto: channel(s) {flat} hold one value across the {n} images sampled, so they "
             "cannot be normalised; give data.mean and data.std yourself, or drop those channels"
         )
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std), n
 
 
 def survey(split: Any, d: DataConfig, bad_log: Path | None = None) -> tuple[DataConfig, dict[str, Any] | None]:
@@ -68,7 +73,9 @@ def survey(split: Any, d: DataConfig, bad_log: Path | None = None) -> tuple[Data
         return d, None
     images = _sample(split, d, bad_log)
     if d.mean != "auto":
+        for _ in images:  # decoding checks each array
+            pass
         return d, None
-    mean, std = measure(images)
-    record = {"mean": list(mean), "std": list(std), "images": len(images), "split": d.split}
+    mean, std, n = measure(images)
+    record = {"mean": list(mean), "std": list(std), "images": n, "split": d.split}
     return dataclasses.replace(d, mean=mean, std=std), record
