@@ -3,8 +3,9 @@
 For each method's recipe (``configs/<method>_cifar10_budget.yaml``; MAE:
 ``configs/mae_vit_tiny_cifar10_budget.yaml``, CrossMAE: ``configs/crossmae_vit_tiny_cifar10_budget.yaml``):
 
-1. calibrate: a short run measures the optimizer steps per second of this recipe on this machine
-   (median of its logged rates, start-up excluded);
+1. calibrate: a short run measures the optimizer steps per second of each recipe on this machine
+   (median of its logged rates, start-up excluded), every method before any trains; ``--rates`` takes
+   them from another budget's ``results.json`` instead, so its steps are exactly proportional;
 2. pretrain for ``--budget`` seconds' worth of steps (``train.max_steps`` = budget x rate; a
    stacked autoencoder gives each greedy stage a sixth of them), and time the whole run;
 3. probe the export with ``finetune.py`` (linear, then kNN on the same cached features) on the
@@ -19,6 +20,7 @@ with the same settings (delete ``--out`` to start over).
     python bench/budget.py --budget 600                 # all methods, ~1.5 h on 2 cores
     python bench/budget.py --budget 300 --methods ae,dae
     python bench/budget.py --budget 600 --methods mae --finetune   # + fine-tuning: pretrained vs random init
+    python bench/budget.py --budget 300 --rates bench/results/budget/results.json --out bench/results/budget300
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,6 +71,24 @@ def steps_per_second(
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     batch = json.loads((out / "derived.json").read_text())["effective_batch"]
     return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up
+
+
+def calibrate(methods: list[str], data: str, work: Path, rates_from: str | None) -> dict[str, float]:
+    """Steps per second of every method that has no export in ``work`` yet, all measured before any of them
+    trains (so later work sharing the machine cannot skew a calibration), or read from ``rates_from``."""
+    todo = [m for m in methods if not (work / "runs" / m / "export").is_dir()]
+    if rates_from is None:
+        known = (
+            json.loads((work / "results.json").read_text()).get("rates", {})
+            if (work / "results.json").is_file()
+            else {}
+        )
+        return {m: known.get(m) or steps_per_second(m, data, work) for m in todo}
+    other = json.loads(Path(rates_from).read_text()).get("rates", {})
+    missing = [m for m in todo if m not in other]
+    if missing:
+        sys.exit(f"error: --rates {rates_from} has no rate for {','.join(missing)}; calibrate them there first")
+    return {m: other[m] for m in todo}
 
 
 def open_record(data: str, out: str) -> tuple[Path, Path, dict]:
@@ -120,6 +141,11 @@ def main() -> int:
         "run and write the report of all methods (table + figures) into this folder",
     )
     parser.add_argument(
+        "--rates",
+        help="results.json of another --out: take each method's steps per second from it instead of calibrating "
+        "here, so two budgets train exactly proportional steps (and may share the machine after calibration)",
+    )
+    parser.add_argument(
         "--finetune",
         action="store_true",
         help="also fine-tune each token encoder (MAE, CrossMAE) and its random init with "
@@ -141,13 +167,16 @@ def main() -> int:
         for m in ("linear", "knn")
     }
     record["pixels"] = {m: pixels[m]["top1"] for m in pixels}
+    rates = calibrate(methods, args.data, work, args.rates)
+    record["rates"] = record.get("rates", {}) | rates
+    record_path.write_text(json.dumps(record, indent=1))
     for method in methods:
         row = rows.get(method, {})
         run_dir = work / "runs" / method
         if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a run stopped before probing
             row |= run_size(run_dir) | {"steps_per_s": None, "wall_s": None}
         if not (run_dir / "export").is_dir():
-            rate = steps_per_second(method, args.data, work)
+            rate = record["rates"][method]
             steps = max(1, int(args.budget * rate))
             extra = [f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
             if method == "stacked_ae":
@@ -212,6 +241,11 @@ TASKS = {
 }
 
 
+def relative(arg: str) -> str:
+    """``arg`` with the repository's absolute path, where it holds one, made relative to it."""
+    return arg.replace(str(ROOT) + "/", "")
+
+
 def write_report(work: Path, methods: list[str], data: str, out: Path, table: str) -> None:
     """Every evaluate task on every run (skipping finished ones), then one report across them."""
     runs = [work / "runs" / m for m in methods]
@@ -224,11 +258,10 @@ def write_report(work: Path, methods: list[str], data: str, out: Path, table: st
     cmd = [sys.executable, "-m", "mae.evaluate", "report", "--results", str(work / "eval"), "--out", str(out)]
     run(cmd + [a for r in runs for a in ("--run", str(r))], work / "report.log")
     body = (out / "report.md").read_text().replace(str(work) + "/", "")  # run paths relative to the bench output
-    budget = json.loads((work / "results.json").read_text())["budget"]
-    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    shown = " ".join(shlex.quote(relative(a)) for a in sys.argv[1:])  # the command as given, from the repository
     (out / "report.md").write_text(
         "# Every method on CIFAR-10 at the same CPU budget\n\n"
-        f"Produced by `python bench/budget.py --budget {budget:g} --report {shown}`"
+        f"Produced by `python bench/budget.py {shown}`"
         " on a 2-core CPU; the evaluate tasks use the first 2,000 test images (anomaly: class 0 normal, scored by "
         "the model trained on all classes; denoise: Gaussian noise of std 0.2).\n\n## Pretraining and probes\n\n"
         + table
