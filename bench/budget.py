@@ -73,16 +73,12 @@ def steps_per_second(
     return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up
 
 
-def calibrate(methods: list[str], data: str, work: Path, rates_from: str | None) -> dict[str, float]:
+def calibrate(methods: list[str], data: str, work: Path, known: dict, rates_from: str | None) -> dict[str, float]:
     """Steps per second of every method that has no export in ``work`` yet, all measured before any of them
-    trains (so later work sharing the machine cannot skew a calibration), or read from ``rates_from``."""
+    trains (so later work sharing the machine cannot skew a calibration): ``known`` (rates recorded by an
+    earlier run in ``work``), else read from ``rates_from``, else measured."""
     todo = [m for m in methods if not (work / "runs" / m / "export").is_dir()]
     if rates_from is None:
-        known = (
-            json.loads((work / "results.json").read_text()).get("rates", {})
-            if (work / "results.json").is_file()
-            else {}
-        )
         return {m: known.get(m) or steps_per_second(m, data, work) for m in todo}
     other = json.loads(Path(rates_from).read_text()).get("rates", {})
     missing = [m for m in todo if m not in other]
@@ -167,7 +163,7 @@ def main() -> int:
         for m in ("linear", "knn")
     }
     record["pixels"] = {m: pixels[m]["top1"] for m in pixels}
-    rates = calibrate(methods, args.data, work, args.rates)
+    rates = calibrate(methods, args.data, work, record.get("rates", {}), args.rates)
     record["rates"] = record.get("rates", {}) | rates
     record_path.write_text(json.dumps(record, indent=1))
     for method in methods:
