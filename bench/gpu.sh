@@ -4,7 +4,10 @@
 #   against MAE's (ViT-B/16 eager and compiled, ViT-Tiny/4), ViT-B/16 at a
 #   larger batch eager (with an operator profile) and through torch.compile, then the end-to-end
 #   throughput of ViT-B/16 and ViT-L/16 fed by the real data loader (bundled sample, 224 px), and of
-#   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true; FSDP2 on one GPU.
+#   ViT-Tiny/4 at 32 px fed by loader workers and by data.on_device=true; FSDP2 on one GPU; then the rows toward
+#   40% MFU (batch 1024, CUDA graphs, fused AdamW) and the ImageNet-size rows (bench/loader.py's folder and its
+#   256-px shards feeding the compiled ViT-B/16 trainer, against the compiled model step at the same batch).
+#   STEPs run in this file's order; several calls with the same OUT_DIR append to one log.
 #
 #   bash bench/gpu.sh [OUT_DIR [STEP ...]]    # OUT_DIR default bench/results/gpu; STEP: only these
 #   RUNS=DIR bash bench/gpu.sh ...            # the trainer's run folders in DIR (default OUT_DIR)
@@ -48,13 +51,15 @@ train() {  # train NAME OVERRIDES...: pretrain.py afresh in $runs/NAME, then its
     wanted "$name" || return 0
     rm -rf "${runs:?}/$name"  # a finished run left there would only be resumed
     step "$name" 200 pretrain.py "$@" output_dir="$runs/$name"
-    grep -h images_per_s "$runs/$name/metrics.jsonl" 2>/dev/null | tail -n 3 | tee -a "$log"
+    grep -h images_per_s "$runs/$name/metrics.jsonl" 2>/dev/null | tail -n "${TAIL:-3}" | tee -a "$log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
-"$py" -c "import torch, timm, transformers, datasets; print('torch', torch.__version__, '| timm', timm.__version__,
-'| transformers', transformers.__version__, '| datasets', datasets.__version__, '|', torch.cuda.get_device_name())" \
-    2>&1 | tee -a "$log"
+if [[ ! -s $log ]]; then  # once per OUT_DIR: a later call with other STEPs appends to the same log
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
+    "$py" -c "import torch, timm, transformers, datasets, pyarrow; print('torch', torch.__version__, '| timm',
+timm.__version__, '| transformers', transformers.__version__, '| datasets', datasets.__version__, '| pyarrow',
+pyarrow.__version__, '|', torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
+fi
 
 step base 200 bench/vs_hf.py --setting base --device cuda --out "$out/vs_hf_base.json"
 step large 200 bench/vs_hf.py --setting large --device cuda --out "$out/vs_hf_large.json"
@@ -101,9 +106,9 @@ fi
 step large_bf16_alone 120 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory \
     --out "$out/vs_hf_large_bf16.json"
 step base_b1024_compile 200 bench/vs_hf.py --setting base --device cuda --batch 1024 --precisions bf16 \
-    --no-memory --compile --out "$out/vs_hf_base_b1024_compile.json"
+    --no-memory --compile --impls ours --out "$out/vs_hf_base_b1024_compile.json"
 step base_b512_graphs 240 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
-    --compile reduce-overhead --out "$out/vs_hf_base_b512_graphs.json"
+    --compile reduce-overhead --impls ours --out "$out/vs_hf_base_b512_graphs.json"
 step large_b256_compile 240 bench/vs_hf.py --setting large --device cuda --batch 256 --precisions bf16 \
     --no-memory --compile --out "$out/vs_hf_large_b256_compile.json"
 tiny=(data.dataset="$data" data.image_size=32 train.batch_size=512 train.max_steps=100 train.log_every=20
@@ -113,14 +118,23 @@ train train_tiny_on_device "${tiny[@]}" data.on_device=true
 # ImageNet-size JPEGs: bench/loader.py makes 5,000 (around 500x375) and their 256-px shards (mae.prepare on every
 # core) and times the loader per core; then the compiled ViT-B/16 trainer at 224 px fed by 14 workers from each,
 # end to end against the compiled model step (base_b512_compile)
-step imagenet_like 300 bench/loader.py --folder "$imagenet" --images 5000 --repeats 3 --batches 4 \
+# 10,000 images: an epoch of 39 steps at batch 256, so most logged windows of 10 steps hold no epoch start
+step imagenet_like 300 bench/loader.py --folder "$imagenet" --images 10000 --repeats 3 --batches 4 \
     --out "$out/loader_imagenet_like.json"
-train train_imagenet_like "${train[@]}" train.compile=true train.batch_size=256 data.dataset="$imagenet"
-train train_imagenet_like_256 "${train[@]}" train.compile=true train.batch_size=256 data.dataset="${imagenet}_256"
+# the compiled model step alone at the trainer's batch (ours only, random images in memory): what "fed at full
+# speed" is measured against
+step base_b256_compile 200 bench/vs_hf.py --setting base --device cuda --batch 256 --precisions bf16 --no-memory \
+    --compile --impls ours --out "$out/vs_hf_base_b256_compile.json"
+imagenet_train=("${train[@]}" train.compile=true train.batch_size=256 train.max_steps=80 train.checkpoint_every=80
+    train.recon_every=80)
+TAIL=8 train train_imagenet_like_256 "${imagenet_train[@]}" data.dataset="${imagenet}_256"
+TAIL=8 train train_imagenet_like "${imagenet_train[@]}" data.dataset="$imagenet"
 # the same from the original JPEGs decoded, cropped and normalised by DALI on the GPU (nvJPEG; the optional
 # extra: pip install -e ".[dali]"; without it the row stops at its one-line error), 14 DALI threads
-train train_imagenet_like_dali "${train[@]}" train.compile=true train.batch_size=256 data.dataset="$imagenet" \
-    data.decoder=dali
+TAIL=8 train train_imagenet_like_dali "${imagenet_train[@]}" data.dataset="$imagenet" data.decoder=dali
+# toward 40% MFU: torch's fused AdamW against the engine's foreach AdamW, same compiled step, side by side
+step base_b512_fused 240 bench/vs_hf.py --setting base --device cuda --batch 512 --precisions bf16 --no-memory \
+    --compile --impls ours --optimizers foreach fused --out "$out/vs_hf_base_b512_fused.json"
 step large_compile 200 bench/vs_hf.py --setting large --device cuda --precisions bf16 --no-memory --compile \
     --out "$out/vs_hf_large_compile.json"
 step base_compile 150 bench/vs_hf.py --setting base --device cuda --precisions bf16 --no-memory --compile \

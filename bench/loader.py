@@ -4,7 +4,8 @@
 
 1. ``--folder`` is made when missing: ``--images`` JPEGs (quality 90) in 10 class folders, of random
    sizes around 500x375 (ImageNet's mean), with natural-ish content (smooth colour fields, shapes with
-   edges, fine grain), since what a JPEG costs to decode depends on what it holds.
+   edges, fine grain), since what a JPEG costs to decode depends on what it holds. ``--jobs`` processes
+   make it; image i comes from its own seed, so the folder is the same for any number of them.
 2. ``--prepared`` (default FOLDER_256) is made when missing: ``python -m mae.prepare FOLDER PREPARED
    --max-side 256 --quality 90`` on every core; its time is reported.
 3. The pretraining loader (``ImageDataset`` + the training transform: RandomResizedCrop to
@@ -29,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +71,17 @@ def natural_image(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
 
 
-def make_folder(folder: Path, images: int) -> None:
-    rng = np.random.default_rng(0)
+def save_image(tmp: Path, i: int) -> None:
+    """Image ``i``, from its own random stream (so any number of processes make the same folder)."""
+    natural_image(np.random.default_rng([0, i])).save(tmp / f"class_{i % 10}" / f"{i:05d}.jpg", quality=90)
+
+
+def make_folder(folder: Path, images: int, jobs: int) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
-    for i in range(images):
-        (tmp / f"class_{i % 10}").mkdir(parents=True, exist_ok=True)
-        natural_image(rng).save(tmp / f"class_{i % 10}" / f"{i:05d}.jpg", quality=90)
+    for c in range(10):
+        (tmp / f"class_{c}").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(partial(save_image, tmp), range(images), chunksize=64))
     tmp.rename(folder)
 
 
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=Path("/tmp/imagenet_like"))
     p.add_argument("--images", type=int, default=3000, help="images in --folder when it is made")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes making --folder")
     p.add_argument("--prepared", type=Path, help="pre-resized shards (default FOLDER_256), made when missing")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if not args.folder.is_dir():
         tic = time.perf_counter()
-        make_folder(args.folder, args.images)
+        make_folder(args.folder, args.images, args.jobs)
         print(f"made {args.folder}: {args.images} JPEGs in {time.perf_counter() - tic:.0f} s")
     files = list(args.folder.rglob("*.jpg"))
     sizes = np.array([Image.open(f).size for f in files])

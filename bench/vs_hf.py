@@ -61,7 +61,7 @@ SETTINGS = {  # name -> (preset, image size, CPU batch, GPU batch)
 }
 # dense peak TFLOP/s (bf16, fp32 without TF32) from the vendors' data sheets
 GPU_PEAK = {"H100": (989.4, 66.9), "H200": (989.4, 66.9), "A100": (312.0, 19.5), "L4": (121.0, 30.3)}
-IMPLS, PRECISIONS = ("ours", "hf"), ("fp32", "bf16")
+IMPLS, PRECISIONS, OPTIMIZERS = ("ours", "hf"), ("fp32", "bf16"), ("foreach", "fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs, CPU matmul)")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="which to time (both still agree)")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=OPTIMIZERS,
+        default=["foreach"],
+        help="AdamW's implementation: the engine's (foreach) and/or torch's fused kernel, timed side by side",
+    )
     p.add_argument(
         "--compile",
         nargs="?",
@@ -115,13 +123,15 @@ def make_step(
     precision: str,
     images: torch.Tensor,
     compile: str | None = None,
+    optimizer_impl: str = "foreach",
 ) -> Callable[[], torch.Tensor]:
     """One optimizer step of ``model`` on ``images``; the engine's optimizer for both implementations.
     ``compile``: the forward (and so its backward) through ``torch.compile`` in that mode; the optimizer step
-    stays eager."""
+    stays eager. ``optimizer_impl``: ``fused`` takes torch's single-kernel AdamW instead of the default."""
     if impl == "ours":
         set_attention(model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no"))
-    optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
+    derived = derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1)
+    optimizer = build_optimizer(model, cfg, derived, fused=optimizer_impl == "fused")
     forward = torch.compile(model, mode=None if compile == "default" else compile) if compile else model
 
     def step() -> torch.Tensor:
@@ -245,7 +255,7 @@ def peak_rss_mib() -> float:
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for impl in IMPLS:
+    for impl in args.impls:
         for precision in args.precisions:
             cmd = [sys.executable, __file__, "--setting", args.setting, "--batch", str(args.batch)]
             cmd += ["--compile", args.compile] if args.compile else []
@@ -279,18 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     flops = step_flops(ours, cfg, device)
     images = torch.randn(args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
     models = {"ours": ours, "hf": hf}
-    steps = {  # each precision trains its own copy, so that all start from the same weights
-        f"{impl}-{precision}": make_step(
-            impl, copy.deepcopy(models[impl]), cfg, device, precision, images, args.compile
+    steps = {  # each setting trains its own copy, so that all start from the same weights
+        f"{impl}-{precision}" + ("" if opt == "foreach" else f"-{opt}"): make_step(
+            impl, copy.deepcopy(models[impl]), cfg, device, precision, images, args.compile, opt
         )
-        for impl in IMPLS
+        for impl in args.impls
         for precision in args.precisions
+        for opt in args.optimizers
     }
     rates = round_robin(steps, args, device)
     median = {k: statistics.median(v) for k, v in rates.items()}
     default = resolve_precision("auto", device)
     ours_default = "ours-bf16" if default == "bf16" else "ours-fp32"
-    ratios = {p: median[f"ours-{p}"] / median[f"hf-{p}"] for p in args.precisions}
+    ratios = {p: median[f"ours-{p}"] / median[f"hf-{p}"] for p in args.precisions if f"hf-{p}" in median}
     if ours_default in median and "hf-fp32" in median:
         ratios["defaults"] = median[ours_default] / median["hf-fp32"]
     peaks = {}
@@ -309,17 +320,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{transformers.__version__}{compiled}")  # fmt: skip
     print(f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
           f"bf16 {diffs['bf16']['abs_diff']:.1e}")  # fmt: skip
-    print(f"{'setting':<10} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
+    print(f"{'setting':<16} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
     for key, r in rates.items():
         tflops = flops * median[key] / 1e12
         mfu = tflops / peaks[key.split("-")[1]]["tflops"]
         m = mem.get(key, {})
         peak_mem = m.get("cuda_max_allocated_mib") or m.get("peak_rss_mib")
-        print(f"{key:<10} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
+        print(f"{key:<16} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
               f"{'-' if peak_mem is None else round(peak_mem):>9}")  # fmt: skip
-    print("ours / HF: " + ", ".join(f"{p} {ratios[p]:.2f}x" for p in args.precisions)
-          + (f"; each at its default ({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x"
-             if "defaults" in ratios else ""))  # fmt: skip
+    if ratios:
+        print("ours / HF: " + ", ".join(f"{p} {ratios[p]:.2f}x" for p in ratios if p != "defaults")
+              + (f"; each at its default ({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x"
+                 if "defaults" in ratios else ""))  # fmt: skip
     print(f"FLOPs per image (fwd + bwd, FlopCounterMode): {flops / 1e9:.3f} G; MFU against "
           + ", ".join(f"{p} {v['tflops']:.2f} TFLOP/s ({v['source']})" for p, v in peaks.items()))  # fmt: skip
 
@@ -328,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "setting": args.setting, "preset": preset, "image_size": size, "batch": args.batch,
             "threads": args.threads, "device": where, "repeats": args.repeats, "steps": args.steps,
             "warmup": args.warmup, "torch": torch.__version__, "transformers": transformers.__version__,
-            "compile": args.compile,
+            "compile": args.compile, "impls": args.impls, "optimizers": args.optimizers,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "ours_default_precision": default,
         },

@@ -11,6 +11,8 @@ must not kill the workers the final checkpoint still needs.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 import threading
@@ -69,3 +71,20 @@ def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the main process."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_left() -> None:
+    """At exit, SIGKILL the daemonic children still running. A loader still open when the process ends (an
+    error raised mid-run or in the export) keeps its workers; multiprocessing's own exit hook sends them
+    SIGTERM, which they ignore (``ignore_in_worker``), then waits for them forever. PyTorch's SIGCHLD handler
+    would report each killed worker as an error of its own, after the one that ended the run: it is set back
+    to the default first."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+
+
+# registered after multiprocessing's exit hook (imported with torch), so it runs before it
+atexit.register(_kill_workers_left)

@@ -157,6 +157,14 @@ def _convert(chunk: Chunk) -> list[Converted]:
     return out
 
 
+def toolkit_version() -> str | None:
+    """This package's installed version; None when it runs from a checkout that was never installed."""
+    try:
+        return metadata.version("mae-toolkit")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def write_split(pool: Any, job: Job, name: str, features: datasets.Features, shard_size: int, out: Path) -> dict:
     """The shards of split ``name`` in ``out/data`` (``pool``: worker processes, or None for this one);
     returns its images, shards and skipped images."""
@@ -239,7 +247,7 @@ def prepare(args: argparse.Namespace) -> Path:
         manifest.update(
             written=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             seconds=round(time.perf_counter() - tic, 1),
-            version=metadata.version("mae-toolkit"),
+            version=toolkit_version(),
             pillow=Image.__version__,
         )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -3,14 +3,15 @@ kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to
 ``SAVE_SLEEP`` seconds inside every checkpoint write (after the files, before the rename that
 commits it), ``SAVE_MARK`` a file created when such a write begins. None changes what is computed.
 ``CRASH_AT_STEP`` with ``CRASH_RANK`` and ``CRASH_MARK``: that process dies (exit 3, no cleanup)
-after that optimizer step, once: the mark file records that it did."""
+after that optimizer step, once: the mark file records that it did. ``EXPORT_FAIL``: the export raises
+that message (a failure after training, with the loader still open)."""
 
 import os
 import sys
 import time
 from pathlib import Path
 
-from mae import checkpoint, pretrain, runner
+from mae import checkpoint, export, pretrain, runner
 from mae.cli import main
 from mae.config import load_config
 
@@ -39,6 +40,11 @@ if __name__ == "__main__":
             os._exit(3)
         return done
 
+    def failing_save(*args, **kwargs):
+        raise RuntimeError(os.environ["EXPORT_FAIL"])
+
+    if os.environ.get("EXPORT_FAIL"):
+        export.save_timm = failing_save
     runner.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
     runner.Runner._after_step = crashing_after_step
     sys.exit(main("pretrain under test", load_config, pretrain.train, sys.argv[1:]))

@@ -141,3 +141,27 @@ def test_weight_decay_exemptions():
     assert not any(n.endswith(".bias") or "norm" in n or "token" in n for n in decayed)
     trainable = {names[id(p)] for g in opt.param_groups for p in g["params"]}
     assert "encoder.pos_embed" not in trainable  # fixed sin-cos
+
+
+def test_fused_adamw_takes_the_same_groups_and_steps_alike():
+    # the trainer's GPU optimizer (fused=True) against the default one: same groups, the same update up to rounding
+    from mae.config import derive
+    from mae.pretrain import build_optimizer
+
+    cfg = load_config(None, [*TINY_ARCH, "data.image_size=16"])
+    torch.manual_seed(0)
+    models = [build_model(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    opts = [build_optimizer(m, cfg, derive(cfg, 1000, 1), fused=f) for m, f in zip(models, (False, True), strict=True)]
+    assert opts[1].defaults["fused"] is True and not opts[0].defaults.get("fused")
+    assert [len(g["params"]) for g in opts[0].param_groups] == [len(g["params"]) for g in opts[1].param_groups]
+    images, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    for model, opt in zip(models, opts, strict=True):
+        for _ in range(3):
+            model(images, noise=noise).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(not torch.equal(a, b) for a, b in zip(models[1].parameters(), start, strict=True) if a.requires_grad)

@@ -95,6 +95,19 @@ def test_prepare_writes_capped_jpeg_shards_with_labels_splits_and_a_manifest(tmp
     assert [s["source"].endswith("broken.png") for s in manifest["splits"]["train"]["skipped"]] == [True]
 
 
+def test_prepare_runs_from_a_checkout_that_was_never_installed(tmp_path, monkeypatch):
+    # the package's metadata is absent (python -m mae.prepare from a plain checkout): the manifest says so
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    out = tmp_path / "out"
+    assert prepare_main([str(mixed_folder(tmp_path / "src")), str(out), "--max-side", "16", "--workers", "1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["version"] is None
+
+
 def shard_bytes(out):
     return {p.name: p.read_bytes() for p in sorted((out / "data").iterdir())}
 

@@ -17,7 +17,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, accelerate_launch, env_without_accelerate, parquet_stream, reset_accelerate
+from helpers import (
+    ROOT,
+    TINY,
+    accelerate_launch,
+    env_without_accelerate,
+    parquet_stream,
+    reset_accelerate,
+    write_image_folder,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -290,6 +298,21 @@ def test_undecodable_images_are_skipped_counted_and_listed(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     listed = {Path(json.loads(x)["source"]).name for x in (out / pretrain.BAD_IMAGES).read_text().splitlines()}
     assert listed == {"empty.png", "truncated.jpg", "notes.jpg"}
+
+
+def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_that_error(tmp_path):
+    # the workers ignore SIGTERM (they are the main process's to stop), so multiprocessing's exit hook alone
+    # would wait for them forever; at exit they are killed, and the run's own error is the last word
+    args = (f"data.dataset={write_image_folder(tmp_path / 'data')}", "train.max_steps=3", "data.num_workers=2")
+    proc = launch(tmp_path / "run", *args, EXPORT_FAIL="export failed on purpose")
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the process did not end after its error")
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1] == "RuntimeError: export failed on purpose"
+    assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()  # trained and checkpointed before the export
 
 
 def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_path):
