@@ -8,11 +8,11 @@ For each method's recipe (``configs/<method>_cifar10_budget.yaml``; MAE:
    them from another budget's ``results.json`` instead, so its steps are exactly proportional;
 2. pretrain for ``--budget`` seconds' worth of steps (``train.max_steps`` = budget x rate; a
    stacked autoencoder gives each greedy stage a sixth of them), and time the whole run;
-3. probe the export with ``finetune.py`` (linear, then kNN on the same cached features) on the
-   full train/test split, and the same architecture at random init (``random:RUN``) the same way;
-   raw pixels once.
+3. probe the export with ``finetune.py`` (linear, then kNN and kNN on standardised features on the
+   same cached features) on the full train/test split, and the same architecture at random init
+   (``random:RUN``) the same way; raw pixels once.
 
-Prints one Markdown table (method, steps, images seen, pretraining wall time, linear and kNN
+Prints one Markdown table (method, steps, images seen, pretraining wall time, linear, kNN and standardised kNN
 top-1 of the pretrained and the random-init encoder) and writes it with every number to
 ``--out`` (``table.md``, ``results.json``). Finished steps are reused when the script is run again
 with the same settings (delete ``--out`` to start over).
@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mae", "crossmae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
+PROBES = ("linear", "knn", "knn_standardised")  # configs/eval/<probe>_cifar10.yaml, on each run and its random init
 
 
 def recipe(method: str) -> Path:
@@ -158,10 +159,7 @@ def main() -> int:
     record["budget"] = args.budget
     rows = record.setdefault("methods", {})
 
-    pixels = {
-        m: probe("pixels:32", m, args.data, work / f"eval/pixels_{m}", work / f"pixels_{m}.log")
-        for m in ("linear", "knn")
-    }
+    pixels = {m: probe("pixels:32", m, args.data, work / f"eval/pixels_{m}", work / f"pixels_{m}.log") for m in PROBES}
     record["pixels"] = {m: pixels[m]["top1"] for m in pixels}
     rates = calibrate(methods, args.data, work, record.get("rates", {}), args.rates)
     record["rates"] = record.get("rates", {}) | rates
@@ -181,7 +179,7 @@ def main() -> int:
                 [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra], work / f"{method}.log"
             )
             row = run_size(run_dir) | {"steps_per_s": rate, "wall_s": seconds}
-        for mode in ("linear", "knn"):
+        for mode in PROBES:
             for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]
         if args.finetune and method in ("mae", "crossmae"):  # classic encoders are not timm models: probes only
@@ -194,10 +192,13 @@ def main() -> int:
 
     lines = [
         f"Budget: {args.budget:g} s of pretraining per method (steps from the measured rate). Raw pixels: "
-        f"linear {100 * record['pixels']['linear']:.1f}%, kNN {100 * record['pixels']['knn']:.1f}%.",
+        f"linear {100 * record['pixels']['linear']:.1f}%, kNN {100 * record['pixels']['knn']:.1f}%, kNN standardised "
+        f"{100 * record['pixels']['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
+        "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
         "",
-        "| method | steps | images seen | pretraining wall | linear | kNN | random-init linear | random-init kNN |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | steps | images seen | pretraining wall | linear | kNN | kNN standardised | random-init linear "
+        "| random-init kNN | random-init kNN standardised |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, r in rows.items():
         lines.append(
@@ -205,7 +206,7 @@ def main() -> int:
             + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
             + " | "
             + " | ".join(
-                f"{100 * r[k]:.1f}%" for k in ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn")
+                f"{100 * r[k]:.1f}%" for k in [f"{kind}_{mode}" for kind in ("pretrained", "random") for mode in PROBES]
             )
             + " |"
         )

@@ -41,6 +41,11 @@ class ProbeConfig:
     warmup_epochs: int = 10
     k: int = 20  # kNN neighbours
     temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
+    # the features kNN takes the cosine of: raw; centred, less the training features' mean (SimpleShot's "CL2N");
+    # standardised, also divided by their std per dimension, as the linear probe's BatchNorm head sees them. Codes
+    # that share a large common offset (sigmoid codes: every pair at cosine ~0.97) are otherwise told apart by
+    # what little is left of their angle
+    knn_features: Literal["raw", "centred", "standardised"] = "raw"
     # true: fit on features extracted once (fast; no augmentation). false: the paper's protocol, each
     # epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per image per epoch)
     cached: bool = True

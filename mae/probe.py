@@ -9,7 +9,8 @@ the torch/timm versions, so a change to any of them extracts the features again.
   batch / 256, linear warmup + cosine, cross-entropy; on cached features, or (``probe.cached=false``)
   on freshly augmented images passed through the frozen encoder every epoch.
 - kNN: cosine similarity to every training feature, the ``k`` nearest vote with weight
-  ``exp(similarity / temperature)``.
+  ``exp(similarity / temperature)``; ``probe.knn_features``: of the raw features, or less the training
+  mean (centred), or also divided by the training std (standardised, as the linear head's BatchNorm sees them).
 """
 
 from __future__ import annotations
@@ -276,13 +277,19 @@ def augmented_linear_probe(
         return head(test["features"])
 
 
-def knn_scores(train: dict, test: dict, num_classes: int, k: int, temperature: float, chunk: int = 512) -> torch.Tensor:
-    """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C)."""
-    bank = F.normalize(train["features"], dim=1)
+def knn_scores(
+    train: dict, test: dict, num_classes: int, k: int, temperature: float, features: str = "raw", chunk: int = 512
+) -> torch.Tensor:
+    """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C). ``features``:
+    ``raw``; ``centred`` (less the training features' mean); ``standardised`` (and divided by their std)."""
+    x = train["features"].float()
+    mean = x.mean(dim=0) if features != "raw" else 0.0
+    scale = x.std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
+    bank = F.normalize((train["features"] - mean) / scale, dim=1)
     bank_labels = train["labels"].long()
     k = min(k, len(bank))
     out = []
-    for q in F.normalize(test["features"], dim=1).split(chunk):
+    for q in F.normalize((test["features"] - mean) / scale, dim=1).split(chunk):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (n, k), most similar first
         votes = torch.zeros(len(q), num_classes)
         # exp((s - s_max) / T): the same ranking as exp(s / T), without overflow at small T
@@ -337,7 +344,7 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.mode == "linear":
             scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
         else:
-            scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature)
+            scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature, cfg.probe.knn_features)
     results = {
         "mode": cfg.mode,
         **accuracy(scores, test["labels"], names),

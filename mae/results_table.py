@@ -18,12 +18,18 @@ from typing import Any
 from mae.config import from_dict, read_yaml
 from mae.errors import UserError
 
+# shown only when some run has them
+OPTIONAL_COLUMNS = {f"{k}knn_{f}" for k in ("", "random_") for f in ("centred", "standardised")}
 RESULT_COLUMNS = ("encoder", "mode", "top1", "top5", "features", "train", "eval", "eval split", "details")
 RUN_COLUMNS = (
     ("linear", "linear top-1"),
     ("knn", "kNN top-1"),
+    ("knn_centred", "kNN top-1, centred"),
+    ("knn_standardised", "kNN top-1, standardised"),
     ("random_linear", "random-init linear"),
     ("random_knn", "random-init kNN"),
+    ("random_knn_centred", "random-init kNN, centred"),
+    ("random_knn_standardised", "random-init kNN, standardised"),
     ("reconstruct_psnr", "recon PSNR (dB)"),
     ("reconstruct_ssim", "recon SSIM"),
     ("denoise_psnr", "denoised PSNR (dB)"),
@@ -55,11 +61,14 @@ def find_results(paths: list[str]) -> list[Path]:
 def result_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
     """One row of the results table from a ``results.json`` written by ``finetune.py``."""
     mode = results["mode"]
+    knn_features = results.get("config", {}).get("probe", {}).get("knn_features", "raw")
+    if mode == "knn" and knn_features != "raw":
+        mode = f"knn_{knn_features}"  # probe.knn_features: kept apart from the plain kNN of the same encoder
     if mode == "linear":
         details = f"batch {results['probe_batch']}, lr {results['probe_lr']:g}" + (
             "" if results.get("cached", True) else ", augmented"
         )
-    elif mode == "knn":
+    elif mode.startswith("knn"):
         probe = results["config"]["probe"]
         details = f"k {probe['k']}, T {probe['temperature']}"
     else:
@@ -143,22 +152,23 @@ def run_cell(value: Any, key: str) -> str:
         return "–"
     if key == "reduce_linear":
         return f"{100 * value[0]:.1f}% / {100 * value[1]:.1f}%"
-    if key in ("linear", "knn", "random_linear", "random_knn"):
+    if key in ("linear", "knn", "random_linear", "random_knn", *OPTIONAL_COLUMNS):
         return f"{100 * value:.1f}%"
     return value if isinstance(value, str) else f"{value:.2f}" if "psnr" in key else f"{value:.3f}"
 
 
 def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    columns = [(k, t) for k, t in RUN_COLUMNS if k not in OPTIONAL_COLUMNS or any(k in r for r in rows)]
     lines = [
-        "| method | steps | " + " | ".join(title for _, title in RUN_COLUMNS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in RUN_COLUMNS) + " |",
+        "| method | steps | " + " | ".join(title for _, title in columns) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
     ]
     for r in rows:
-        cells = [run_cell(r.get(k), k) for k, _ in RUN_COLUMNS]
+        cells = [run_cell(r.get(k), k) for k, _ in columns]
         lines.append(f"| {r['method']} | {r['steps'] or '–'} | " + " | ".join(cells) + " |")
     baselines = pca_rows(rows)
     for pca in baselines:
-        cells = [run_cell(pca.get(k), k) + ("†" if k in ("linear", "knn") and k in pca else "") for k, _ in RUN_COLUMNS]
+        cells = [run_cell(pca.get(k), k) + ("†" if k in ("linear", "knn") and k in pca else "") for k, _ in columns]
         lines.append(f"| PCA-{pca['dims']} (pixels) | – | " + " | ".join(cells) + " |")
     if baselines:
         lines += [

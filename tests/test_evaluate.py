@@ -134,6 +134,16 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     assert pca_row[8] == f"{den['pca']['psnr_db']:.2f}" and pca_row[2] == f"{100 * red['linear']['pca']:.1f}%†"
     results = json.loads((out / "report.json").read_text())["results"]  # and one row per results.json
     assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
+    # a kNN on standardised features is a column of its own, beside the plain one
+    std_dir = tmp_path / "probes" / "run_standardised"
+    overrides = [f"encoder={vae_run}", "mode=knn", "probe.knn_features=standardised", f"data.dataset={folder}"]
+    overrides += ["data.num_workers=0", f"output_dir={std_dir}", f"probe.cache_dir={tmp_path / 'cache'}"]
+    probe(load_eval_config(None, overrides))
+    reset_accelerate()
+    assert main(["report", "--run", str(vae_run), "--results", str(tmp_path / "probes"), "--out", str(out)]) == 0
+    row = json.loads((out / "report.json").read_text())["runs"][0]
+    assert row["knn"] == knn and row["knn_standardised"] == json.loads((std_dir / "results.json").read_text())["top1"]
+    assert "| kNN top-1, standardised |" in (out / "report.md").read_text()
     assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 2  # not a run
     assert main(["report", "--out", str(out)]) == 2  # neither runs nor results
 

@@ -62,6 +62,33 @@ def test_knn_votes_are_temperature_weighted():
     assert knn_scores(bank, query, 2, k=3, temperature=100.0).argmax().item() == 1
 
 
+def test_centred_and_standardised_knn_tell_apart_what_plain_cosine_cannot_see():
+    # two classes of all-positive codes that differ in how strongly every unit is on (0.8x or 1.2x a common
+    # pattern, as sigmoid codes' overall activation does): the same direction, so the cosine of the raw codes
+    # is blind to the class; less the training mean they point in opposite directions
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.rand(64, generator=g) * 0.8 + 0.2
+
+    def features(n):
+        labels = torch.arange(2).repeat(n // 2)
+        x = torch.tensor([0.8, 1.2])[labels, None] * pattern + 0.02 * torch.randn(n, 64, generator=g)
+        return {"features": x, "labels": labels}
+
+    bank, query = features(400), features(200)
+    names = ["a", "b"]
+    plain = accuracy(knn_scores(bank, query, 2, k=20, temperature=0.07), query["labels"], names)["top1"]
+    for features in ("centred", "standardised"):
+        scores = knn_scores(bank, query, 2, k=20, temperature=0.07, features=features)
+        assert accuracy(scores, query["labels"], names)["top1"] > 0.99, features
+    assert plain < 0.7, plain
+    # features already centred on the training mean: the same votes either way
+    mean = bank["features"].mean(0)
+    for d in (bank, query):
+        d["features"] = d["features"] - mean
+    again = knn_scores(bank, query, 2, k=20, temperature=0.07)
+    assert torch.allclose(again, knn_scores(bank, query, 2, k=20, temperature=0.07, features="centred"), atol=1e-4)
+
+
 def test_linear_probe_separates_gaussian_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 3
