@@ -282,9 +282,8 @@ def knn_scores(
 ) -> torch.Tensor:
     """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C). ``features``:
     ``raw``; ``centred`` (less the training features' mean); ``standardised`` (and divided by their std)."""
-    x = train["features"].float()
-    mean = x.mean(dim=0) if features != "raw" else 0.0
-    scale = x.std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
+    mean = train["features"].float().mean(dim=0) if features != "raw" else 0.0
+    scale = train["features"].float().std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
     bank = F.normalize((train["features"] - mean) / scale, dim=1)
     bank_labels = train["labels"].long()
     k = min(k, len(bank))
