@@ -28,7 +28,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from budget import METHODS, ROOT, open_record, probe_pair, recipe, run, run_size, steps_per_second
+from budget import METHODS, PROBES, ROOT, open_record, probe_pair, recipe, run, run_size, steps_per_second
 
 
 def relative(path: Path) -> str:
@@ -122,7 +122,7 @@ def main() -> int:
             cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")
             row = {"overrides": overrides, **run_size(run_dir), "steps_per_s": rate, "wall_s": seconds}
-        for mode in () if args.no_probes else ("linear", "knn"):
+        for mode in () if args.no_probes else PROBES:
             for kind, res in probe_pair(name, run_dir, mode, args.data, work, first).items():
                 row[f"{kind}_{mode}"] = res["top1"]
         for task in args.evaluate:
@@ -142,12 +142,12 @@ def main() -> int:
         + ("the bundled sample" if pretrain_data == "sample" else f"`{relative(Path(pretrain_data))}`")
         + f", probed on `{relative(Path(args.data))}`.",
         "",
-        "| variant | overrides | steps | images seen | linear | kNN | random-init linear | random-init kNN |"
-        + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(args.evaluate),
+        "| variant | overrides | steps | images seen | linear | kNN | kNN standardised | random-init linear "
+        "| random-init kNN | random-init kNN standardised |" + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(args.evaluate),
     ]
     for name, r in rows.items():
-        keys = ("pretrained_linear", "pretrained_knn", "random_linear", "random_knn")
+        keys = [f"{kind}_{mode}" for kind in ("pretrained", "random") for mode in PROBES]
         cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k in keys]
         cells += [f"{r[t][0]:.2f} / {r[t][1]:.2f}" if t in r else "–" for t in args.evaluate]
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"

@@ -152,8 +152,8 @@ def test_resume_refuses_another_data_layout(tmp_path):
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     real = pretrain.build_optimizer
 
-    def poisoned(model, cfg, derived):
-        opt = real(model, cfg, derived)
+    def poisoned(model, cfg, derived, **kwargs):
+        opt = real(model, cfg, derived, **kwargs)
         step, count = opt.step, iter(range(10**6))
 
         def step_then_poison(*a, **k):
