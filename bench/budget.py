@@ -38,6 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mae", "crossmae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
 PROBES = ("linear", "knn", "knn_standardised")  # configs/eval/<probe>_cifar10.yaml, on each run and its random init
+PROBE_TITLES = {"linear": "linear", "knn": "kNN", "knn_standardised": "kNN standardised"}
+# the tables' probe columns: (results key, title), pretrained then random init
+PROBE_COLUMNS = [
+    (f"{kind}_{p}", ("random-init " if kind == "random" else "") + PROBE_TITLES[p])
+    for kind in ("pretrained", "random")
+    for p in PROBES
+]
 
 
 def recipe(method: str) -> Path:
@@ -196,18 +203,15 @@ def main() -> int:
         f"{100 * record['pixels']['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
         "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
         "",
-        "| method | steps | images seen | pretraining wall | linear | kNN | kNN standardised | random-init linear "
-        "| random-init kNN | random-init kNN standardised |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | steps | images seen | pretraining wall | " + " | ".join(t for _, t in PROBE_COLUMNS) + " |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
     ]
     for method, r in rows.items():
         lines.append(
             f"| {method} | {r['steps']} | {r['images']:,} | "
             + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
             + " | "
-            + " | ".join(
-                f"{100 * r[k]:.1f}%" for k in [f"{kind}_{mode}" for kind in ("pretrained", "random") for mode in PROBES]
-            )
+            + " | ".join(f"{100 * r[k]:.1f}%" for k, _ in PROBE_COLUMNS)
             + " |"
         )
     tuned = {m: r for m, r in rows.items() if "pretrained_finetune" in r}

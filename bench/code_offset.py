@@ -23,9 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from mae.encoders import load_encoder  # noqa: E402
 from mae.eval_config import load_eval_config  # noqa: E402
-from mae.probe import cached_features, fit_and_eval_splits  # noqa: E402
+from mae.probe import cached_features, fit_and_eval_splits, probe_encoder  # noqa: E402
 
 
 def offset_stats(x: torch.Tensor, pairs_of: int = 4000) -> dict[str, float]:
@@ -46,10 +45,9 @@ def offset_stats(x: torch.Tensor, pairs_of: int = 4000) -> dict[str, float]:
 
 def training_features(source: str, data: str) -> torch.Tensor:
     cfg = load_eval_config(str(ROOT / "configs/eval/knn_cifar10.yaml"), [f"encoder={source}", f"data.dataset={data}"])
-    encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads)
-    encoder.set_precision(cfg.probe.mixed_precision)
+    encoder, pool = probe_encoder(cfg)
     fit, _, _ = fit_and_eval_splits(cfg)
-    return cached_features(encoder, fit, cfg.data.split, cfg, encoder.pool(cfg.probe.features))[0]["features"]
+    return cached_features(encoder, fit, cfg.data.split, cfg, pool)[0]["features"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from budget import METHODS, PROBES, ROOT, open_record, probe_pair, recipe, run, run_size, steps_per_second
+from budget import (
+    METHODS,
+    PROBE_COLUMNS,
+    PROBES,
+    ROOT,
+    open_record,
+    probe_pair,
+    recipe,
+    run,
+    run_size,
+    steps_per_second,
+)
 
 
 def relative(path: Path) -> str:
@@ -142,13 +153,14 @@ def main() -> int:
         + ("the bundled sample" if pretrain_data == "sample" else f"`{relative(Path(pretrain_data))}`")
         + f", probed on `{relative(Path(args.data))}`.",
         "",
-        "| variant | overrides | steps | images seen | linear | kNN | kNN standardised | random-init linear "
-        "| random-init kNN | random-init kNN standardised |" + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(args.evaluate),
+        "| variant | overrides | steps | images seen | "
+        + " | ".join(t for _, t in PROBE_COLUMNS)
+        + " |"
+        + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
+        "| --- | --- | ---: | ---: |" + " ---: |" * (len(PROBE_COLUMNS) + len(args.evaluate)),
     ]
     for name, r in rows.items():
-        keys = [f"{kind}_{mode}" for kind in ("pretrained", "random") for mode in PROBES]
-        cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k in keys]
+        cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k, _ in PROBE_COLUMNS]
         cells += [f"{r[t][0]:.2f} / {r[t][1]:.2f}" if t in r else "–" for t in args.evaluate]
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"
         lines.append(f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |")

@@ -315,14 +315,20 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def probe(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
+def probe_encoder(cfg: EvalConfig) -> tuple[FrozenEncoder, str]:
+    """The frozen encoder as the probes use it (on the GPU where there is one, the configured precision and
+    blocks) and its pooling."""
     encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads).to(
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     encoder.set_precision(cfg.probe.mixed_precision)
     encoder.set_blocks(cfg.probe.blocks)
-    pool = encoder.pool(cfg.probe.features)
+    return encoder, encoder.pool(cfg.probe.features)
+
+
+def probe(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
+    encoder, pool = probe_encoder(cfg)
     fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
