@@ -133,6 +133,47 @@ def probe_pair(
     }
 
 
+def in_order(rows: dict[str, dict], methods: list[str]) -> dict[str, dict]:
+    """``rows`` in the order of ``methods``, then any others recorded: a row computed again (its old one
+    removed from ``results.json``) would otherwise come last."""
+    return {m: rows[m] for m in dict.fromkeys([*methods, *rows]) if m in rows}
+
+
+def budget_table(record: dict) -> str:
+    """The Markdown table of a ``results.json`` record: one row per method, then fine-tuning if any."""
+    rows, pixels = record["methods"], record["pixels"]
+    lines = [
+        f"Budget: {record['budget']:g} s of pretraining per method (steps from the measured rate). Raw pixels: "
+        f"linear {100 * pixels['linear']:.1f}%, kNN {100 * pixels['knn']:.1f}%, kNN standardised "
+        f"{100 * pixels['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
+        "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
+        "",
+        "| method | steps | images seen | pretraining wall | " + " | ".join(t for _, t in PROBE_COLUMNS) + " |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
+    ]
+    for method, r in rows.items():
+        lines.append(
+            f"| {method} | {r['steps']} | {r['images']:,} | "
+            + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
+            + " | "
+            + " | ".join(f"{100 * r[k]:.1f}%" for k, _ in PROBE_COLUMNS)
+            + " |"
+        )
+    tuned = {m: r for m, r in rows.items() if "pretrained_finetune" in r}
+    if tuned:
+        lines += ["", "Fine-tuning at equal budget (`configs/eval/finetune_cifar10.yaml`, test top-1):", ""]
+        lines += [
+            "| method | fine-tuning steps | from the pretrained encoder | from random init |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for method, r in tuned.items():
+            lines.append(
+                f"| {method} | {r['finetune_steps']} | {100 * r['pretrained_finetune']:.1f}% | "
+                f"{100 * r['random_finetune']:.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=600, help="pretraining seconds per method")
@@ -196,37 +237,9 @@ def main() -> int:
         rows[method] = row
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{method}: {row}", flush=True)
-
-    lines = [
-        f"Budget: {args.budget:g} s of pretraining per method (steps from the measured rate). Raw pixels: "
-        f"linear {100 * record['pixels']['linear']:.1f}%, kNN {100 * record['pixels']['knn']:.1f}%, kNN standardised "
-        f"{100 * record['pixels']['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
-        "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
-        "",
-        "| method | steps | images seen | pretraining wall | " + " | ".join(t for _, t in PROBE_COLUMNS) + " |",
-        "| --- | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
-    ]
-    for method, r in rows.items():
-        lines.append(
-            f"| {method} | {r['steps']} | {r['images']:,} | "
-            + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
-            + " | "
-            + " | ".join(f"{100 * r[k]:.1f}%" for k, _ in PROBE_COLUMNS)
-            + " |"
-        )
-    tuned = {m: r for m, r in rows.items() if "pretrained_finetune" in r}
-    if tuned:
-        lines += ["", "Fine-tuning at equal budget (`configs/eval/finetune_cifar10.yaml`, test top-1):", ""]
-        lines += [
-            "| method | fine-tuning steps | from the pretrained encoder | from random init |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for method, r in tuned.items():
-            lines.append(
-                f"| {method} | {r['finetune_steps']} | {100 * r['pretrained_finetune']:.1f}% | "
-                f"{100 * r['random_finetune']:.1f}% |"
-            )
-    table = "\n".join(lines) + "\n"
+    record["methods"] = rows = in_order(rows, methods)
+    record_path.write_text(json.dumps(record, indent=1))
+    table = budget_table(record)
     (work / "table.md").write_text(table)
     print(table)
     if args.report:

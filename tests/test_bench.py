@@ -6,6 +6,7 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+from budget import budget_table, in_order  # noqa: E402
 from sweep import write_doc  # noqa: E402
 
 
@@ -15,3 +16,24 @@ def test_a_rerun_sweep_rewrites_its_table_and_keeps_the_written_sections(tmp_pat
     doc.write_text(doc.read_text() + "\n## What it says\n\nThe old table says this.\n")
     write_doc(doc, "Measured with `b`.\n\n| new |\n")
     assert doc.read_text() == "Measured with `b`.\n\n| new |\n\n## What it says\n\nThe old table says this.\n"
+
+
+def _row(top1: float) -> dict:
+    probes = {
+        f"{kind}_{mode}": top1 for kind in ("pretrained", "random") for mode in ("linear", "knn", "knn_standardised")
+    }
+    return {"steps": 10, "images": 1280, "wall_s": 5.0} | probes
+
+
+def test_a_method_pretrained_again_keeps_its_place_in_the_budget_table():
+    # sparse_ae's row was removed from results.json and computed again: the dict now holds it last
+    recorded = {"ae": _row(0.5), "cae": _row(0.3), "sparse_ae": _row(0.4)}
+    rows = in_order(recorded, ["ae", "sparse_ae", "cae"])
+    assert list(rows) == ["ae", "sparse_ae", "cae"]
+    assert list(in_order(recorded, ["cae"])) == ["cae", "ae", "sparse_ae"]  # others recorded follow
+    pixels = {"linear": 0.387, "knn": 0.454, "knn_standardised": 0.461}
+    table = budget_table({"budget": 300.0, "pixels": pixels, "methods": rows})
+    body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in body] == ["| ae", "| sparse_ae", "| cae"]
+    assert body[1] == "| sparse_ae | 10 | 1,280 | 5 s | " + " | ".join(["40.0%"] * 6) + " |"
+    assert "Budget: 300 s" in table and "linear 38.7%" in table
