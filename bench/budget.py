@@ -133,10 +133,10 @@ def probe_pair(
     }
 
 
-def in_order(rows: dict[str, dict], methods: list[str]) -> dict[str, dict]:
-    """``rows`` in the order of ``methods``, then any others recorded: a row computed again (its old one
-    removed from ``results.json``) would otherwise come last."""
-    return {m: rows[m] for m in dict.fromkeys([*methods, *rows]) if m in rows}
+def in_order(rows: dict[str, dict]) -> dict[str, dict]:
+    """``rows`` in the order of ``METHODS``, whichever ran and in whatever order: a row computed again (its
+    old one removed from ``results.json``) would otherwise come last."""
+    return {m: rows[m] for m in METHODS if m in rows}
 
 
 def budget_table(record: dict) -> str:
@@ -237,7 +237,7 @@ def main() -> int:
         rows[method] = row
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{method}: {row}", flush=True)
-    record["methods"] = rows = in_order(rows, methods)
+    record["methods"] = rows = in_order(rows)
     record_path.write_text(json.dumps(record, indent=1))
     table = budget_table(record)
     (work / "table.md").write_text(table)
