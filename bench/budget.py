@@ -63,6 +63,14 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - tic
 
 
+def stage_overrides(method: str, steps: int, overrides: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """A stacked autoencoder's greedy stages for a run of ``steps``: a sixth of them each (four stages, then
+    end to end for the last third), unless ``overrides`` set ``model.stage_steps``; other methods: none."""
+    if method != "stacked_ae" or any(o.startswith("model.stage_steps=") for o in overrides):
+        return []
+    return [f"model.stage_steps={max(1, steps // 6)}"]
+
+
 def steps_per_second(
     method: str, data: str, work: Path, overrides: tuple[str, ...] = (), name: str = "", config: list[str] | None = None
 ) -> float:
@@ -221,8 +229,7 @@ def main() -> int:
             rate = record["rates"][method]
             steps = max(1, int(args.budget * rate))
             extra = [f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
-            if method == "stacked_ae":
-                extra.append(f"model.stage_steps={max(1, steps // 6)}")
+            extra += stage_overrides(method, steps)
             seconds = run(
                 [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra], work / f"{method}.log"
             )

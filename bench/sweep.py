@@ -38,6 +38,7 @@ from budget import (
     recipe,
     run,
     run_size,
+    stage_overrides,
     steps_per_second,
 )
 
@@ -62,7 +63,7 @@ def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="mae", choices=[m for m in METHODS if m != "stacked_ae"])
+    parser.add_argument("--method", default="mae", choices=METHODS)
     parser.add_argument("--budget", type=float, default=300, help="pretraining seconds per variant")
     parser.add_argument(
         "--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE", help="repeat"
@@ -128,7 +129,13 @@ def main() -> int:
             else:
                 rate = steps_per_second(args.method, pretrain_data, work, tuple(overrides), name, config)
                 steps = max(1, int(args.budget * rate))
-            extra = [*overrides, f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={pretrain_data}"]
+            extra = [
+                *overrides,
+                *stage_overrides(args.method, steps, overrides),
+                f"train.max_steps={steps}",
+                f"output_dir={run_dir}",
+                f"data.dataset={pretrain_data}",
+            ]
             extra += [f"train.checkpoint_every={steps}", f"train.recon_every={steps}"]
             cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")

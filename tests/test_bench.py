@@ -6,7 +6,7 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from budget import budget_table, in_order  # noqa: E402
+from budget import budget_table, in_order, stage_overrides  # noqa: E402
 from sweep import write_doc  # noqa: E402
 
 
@@ -35,3 +35,10 @@ def test_a_method_pretrained_again_keeps_its_place_in_the_budget_table():
     assert [line.split(" | ")[0] for line in body] == ["| ae", "| sparse_ae", "| cae"]
     assert body[1] == "| sparse_ae | 10 | 1,280 | 5 s | " + " | ".join(["40.0%"] * 6) + " |"
     assert "Budget: 300 s" in table and "linear 38.7%" in table
+
+
+def test_a_stacked_sweep_gives_each_greedy_stage_a_sixth_of_its_steps_unless_a_variant_sets_it():
+    assert stage_overrides("stacked_ae", 2104) == ["model.stage_steps=350"]
+    assert stage_overrides("stacked_ae", 2104, ["model.stage_steps=175", "train.blr=1e-3"]) == []
+    assert stage_overrides("stacked_ae", 3) == ["model.stage_steps=1"]
+    assert stage_overrides("ae", 2104) == []
