@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - tic
 
 
-def stage_overrides(method: str, steps: int, overrides: tuple[str, ...] | list[str] = ()) -> list[str]:
+def stage_overrides(method: str, steps: int, overrides: Sequence[str] = ()) -> list[str]:
     """A stacked autoencoder's greedy stages for a run of ``steps``: a sixth of them each (four stages, then
     end to end for the last third), unless ``overrides`` set ``model.stage_steps``; other methods: none."""
     if method != "stacked_ae" or any(o.startswith("model.stage_steps=") for o in overrides):

@@ -5,7 +5,9 @@ Every variant is a recipe (by default the method's ``configs/<method>_cifar10_bu
 few ``key=value`` overrides. Like ``budget.py``, each one is first calibrated (its own steps
 per second on this machine, so a slower variant gets fewer steps), pretrained for ``--budget``
 seconds' worth of steps, then probed with ``finetune.py`` (linear, and kNN on the same cached
-features) on the full CIFAR-10 train/test split, next to the same architecture at random init.
+features) on the full CIFAR-10 train/test split, next to the same architecture at random init. A
+stacked autoencoder gives each greedy stage a sixth of the steps, as in ``budget.py``, unless a variant
+sets ``model.stage_steps``.
 Finished variants are reused when the script runs again with the same ``--out``.
 
     python bench/sweep.py --budget 300 --out bench/results/sweep_mae \\
