@@ -8,7 +8,9 @@ import sys
 
 from mae.cli import main
 from mae.config import Config
-from mae.interop import load_pretrain_config  # the recipe, with the architecture of an init= checkpoint
+from mae.interop import (
+    load_pretrain_config,
+)  # the recipe, with the architecture of an init= checkpoint
 
 
 def pretrain(cfg: Config) -> None:

@@ -51,7 +51,9 @@ def child(args: argparse.Namespace) -> None:
     """One process, one setting: a JSON line with the median images/s and the peak RSS."""
     applied = tune_cpu_allocator() if args.child == "tuned" else False
     if args.child == "tuned" and not applied:
-        sys.exit("error: tune_cpu_allocator did not apply here (no glibc, or malloc settings already chosen)")
+        sys.exit(
+            "error: tune_cpu_allocator did not apply here (no glibc, or malloc settings already chosen)"
+        )
     torch.set_num_threads(args.threads)
     cfg = vs_hf.make_config(args)
     torch.manual_seed(0)
@@ -64,7 +66,9 @@ def child(args: argparse.Namespace) -> None:
         tic = time.perf_counter()
         step(), step()
         rates.append(2 * args.batch / (time.perf_counter() - tic))
-    print(json.dumps({"images_per_s": statistics.median(rates), "peak_rss_mib": vs_hf.peak_rss_mib()}))
+    print(
+        json.dumps({"images_per_s": statistics.median(rates), "peak_rss_mib": vs_hf.peak_rss_mib()})
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,26 +78,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs: dict[str, list[dict]] = {"default": [], "tuned": []}
     base = [sys.executable, __file__, "--setting", args.setting, "--precision", args.precision]
-    base += ["--batch", str(args.batch), "--threads", str(args.threads), "--rounds", str(args.rounds)]
+    base += [
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--rounds",
+        str(args.rounds),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MAE_DEFAULT_MALLOC"}
     for pair in range(args.pairs):
         for which in ("default", "tuned") if pair % 2 == 0 else ("tuned", "default"):
-            proc = subprocess.run([*base, "--child", which], capture_output=True, text=True, env=env, check=False)
+            proc = subprocess.run(
+                [*base, "--child", which], capture_output=True, text=True, env=env, check=False
+            )
             if proc.returncode:
                 sys.exit(proc.stderr.strip().splitlines()[-1])
             runs[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     median = {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
     preset, size, *_ = vs_hf.SETTINGS[args.setting]
-    print(f"{preset} at {size} px, batch {args.batch}, {args.precision}, {args.threads} threads; "
-          f"{args.pairs} processes each, {args.rounds} x 2 steps per process")  # fmt: skip
+    print(
+        f"{preset} at {size} px, batch {args.batch}, {args.precision}, {args.threads} threads; "
+        f"{args.pairs} processes each, {args.rounds} x 2 steps per process"
+    )
     for k in runs:
         each = ", ".join(f"{r['images_per_s']:.2f}" for r in runs[k])
         print(f"{k:<8} {median[k]:8.2f} img/s (processes: {each}); peak RSS {rss[k]:.0f} MiB")
     print(f"tuned / default: {median['tuned'] / median['default']:.3f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "runs": runs, "median": median}, indent=1) + "\n")
+    out.write_text(
+        json.dumps({"settings": vars(args), "runs": runs, "median": median}, indent=1) + "\n"
+    )
     return 0
 
 

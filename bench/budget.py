@@ -38,7 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mae", "crossmae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
-PROBES = ("linear", "knn", "knn_standardised")  # configs/eval/<probe>_cifar10.yaml, on each run and its random init
+PROBES = (
+    "linear",
+    "knn",
+    "knn_standardised",
+)  # configs/eval/<probe>_cifar10.yaml, on each run and its random init
 PROBE_TITLES = {"linear": "linear", "knn": "kNN", "knn_standardised": "kNN standardised"}
 # the tables' probe columns: (results key, title), pretrained then random init
 PROBE_COLUMNS = [
@@ -73,24 +77,41 @@ def stage_overrides(method: str, steps: int, overrides: Sequence[str] = ()) -> l
 
 
 def steps_per_second(
-    method: str, data: str, work: Path, overrides: tuple[str, ...] = (), name: str = "", config: list[str] | None = None
+    method: str,
+    data: str,
+    work: Path,
+    overrides: tuple[str, ...] = (),
+    name: str = "",
+    config: list[str] | None = None,
 ) -> float:
     """Optimizer steps per second of ``method``'s recipe plus ``overrides`` on this machine (``config``:
     pretrain.py's ``--config`` arguments instead of the recipe's; [] for its defaults)."""
     name = name or method
     config = ["--config", str(recipe(method))] if config is None else config
     out = work / f"calibrate_{name}"
-    args = [*overrides, f"output_dir={out}", f"data.dataset={data}", "train.max_steps=30", "train.log_every=5"]
+    args = [
+        *overrides,
+        f"output_dir={out}",
+        f"data.dataset={data}",
+        "train.max_steps=30",
+        "train.log_every=5",
+    ]
     args += ["train.checkpoint_every=1000", "train.recon_every=1000"]
-    if method == "stacked_ae":  # time the whole stack (the slowest stage), not the first layer alone
+    if (
+        method == "stacked_ae"
+    ):  # time the whole stack (the slowest stage), not the first layer alone
         args.append("model.stage_steps=1")
     run([sys.executable, "pretrain.py", *config, *args], work / f"calibrate_{name}.log")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     batch = json.loads((out / "derived.json").read_text())["effective_batch"]
-    return statistics.median(r["images_per_s"] for r in lines[1:]) / batch  # the first line holds start-up
+    return (
+        statistics.median(r["images_per_s"] for r in lines[1:]) / batch
+    )  # the first line holds start-up
 
 
-def calibrate(methods: list[str], data: str, work: Path, known: dict, rates_from: str | None) -> dict[str, float]:
+def calibrate(
+    methods: list[str], data: str, work: Path, known: dict, rates_from: str | None
+) -> dict[str, float]:
     """Steps per second of every method that has no export in ``work`` yet, all measured before any of them
     trains (so later work sharing the machine cannot skew a calibration): ``known`` (rates recorded by an
     earlier run in ``work``), else read from ``rates_from``, else measured."""
@@ -100,7 +121,9 @@ def calibrate(methods: list[str], data: str, work: Path, known: dict, rates_from
     other = json.loads(Path(rates_from).read_text()).get("rates", {})
     missing = [m for m in todo if m not in other]
     if missing:
-        sys.exit(f"error: --rates {rates_from} has no rate for {','.join(missing)}; calibrate them there first")
+        sys.exit(
+            f"error: --rates {rates_from} has no rate for {','.join(missing)}; calibrate them there first"
+        )
     return {m: other[m] for m in todo}
 
 
@@ -118,14 +141,26 @@ def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
     """``finetune.py`` with ``configs/eval/<mode>_cifar10.yaml`` (linear, knn or finetune), reused when done."""
     if not (out / "results.json").is_file():
         args = [f"encoder={encoder}", f"output_dir={out}", f"data.dataset={data}"]
-        run([sys.executable, "finetune.py", "--config", str(ROOT / f"configs/eval/{mode}_cifar10.yaml"), *args], log)
+        run(
+            [
+                sys.executable,
+                "finetune.py",
+                "--config",
+                str(ROOT / f"configs/eval/{mode}_cifar10.yaml"),
+                *args,
+            ],
+            log,
+        )
     return json.loads((out / "results.json").read_text())
 
 
 def run_size(run_dir: Path) -> dict:
     """The optimizer steps and images a finished pretraining run in ``run_dir`` took."""
     derived = json.loads((run_dir / "derived.json").read_text())
-    return {"steps": derived["total_steps"], "images": derived["total_steps"] * derived["effective_batch"]}
+    return {
+        "steps": derived["total_steps"],
+        "images": derived["total_steps"] * derived["effective_batch"],
+    }
 
 
 def probe_pair(
@@ -136,7 +171,9 @@ def probe_pair(
     sources = {"pretrained": str(run_dir), "random": f"random:{random_of or run_dir}"}
     random_name = name if random_of is None else random_of.name
     return {
-        kind: probe(source, mode, data, work / f"eval/{n}_{kind}_{mode}", work / f"{n}_{kind}_{mode}.log")
+        kind: probe(
+            source, mode, data, work / f"eval/{n}_{kind}_{mode}", work / f"{n}_{kind}_{mode}.log"
+        )
         for kind, source in sources.items()
         for n in [random_name if kind == "random" else name]
     }
@@ -157,7 +194,9 @@ def budget_table(record: dict) -> str:
         f"{100 * pixels['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
         "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
         "",
-        "| method | steps | images seen | pretraining wall | " + " | ".join(t for _, t in PROBE_COLUMNS) + " |",
+        "| method | steps | images seen | pretraining wall | "
+        + " | ".join(t for _, t in PROBE_COLUMNS)
+        + " |",
         "| --- | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
     ]
     for method, r in rows.items():
@@ -170,7 +209,11 @@ def budget_table(record: dict) -> str:
         )
     tuned = {m: r for m, r in rows.items() if "pretrained_finetune" in r}
     if tuned:
-        lines += ["", "Fine-tuning at equal budget (`configs/eval/finetune_cifar10.yaml`, test top-1):", ""]
+        lines += [
+            "",
+            "Fine-tuning at equal budget (`configs/eval/finetune_cifar10.yaml`, test top-1):",
+            "",
+        ]
         lines += [
             "| method | fine-tuning steps | from the pretrained encoder | from random init |",
             "| --- | ---: | ---: | ---: |",
@@ -216,7 +259,10 @@ def main() -> int:
     record["budget"] = args.budget
     rows = record.setdefault("methods", {})
 
-    pixels = {m: probe("pixels:32", m, args.data, work / f"eval/pixels_{m}", work / f"pixels_{m}.log") for m in PROBES}
+    pixels = {
+        m: probe("pixels:32", m, args.data, work / f"eval/pixels_{m}", work / f"pixels_{m}.log")
+        for m in PROBES
+    }
     record["pixels"] = {m: pixels[m]["top1"] for m in pixels}
     rates = calibrate(methods, args.data, work, record.get("rates", {}), args.rates)
     record["rates"] = record.get("rates", {}) | rates
@@ -224,21 +270,31 @@ def main() -> int:
     for method in methods:
         row = rows.get(method, {})
         run_dir = work / "runs" / method
-        if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a run stopped before probing
+        if (
+            run_dir / "export"
+        ).is_dir() and "steps" not in row:  # pretrained by a run stopped before probing
             row |= run_size(run_dir) | {"steps_per_s": None, "wall_s": None}
         if not (run_dir / "export").is_dir():
             rate = record["rates"][method]
             steps = max(1, int(args.budget * rate))
-            extra = [f"train.max_steps={steps}", f"output_dir={run_dir}", f"data.dataset={args.data}"]
+            extra = [
+                f"train.max_steps={steps}",
+                f"output_dir={run_dir}",
+                f"data.dataset={args.data}",
+            ]
             extra += stage_overrides(method, steps)
             seconds = run(
-                [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra], work / f"{method}.log"
+                [sys.executable, "pretrain.py", "--config", str(recipe(method)), *extra],
+                work / f"{method}.log",
             )
             row = run_size(run_dir) | {"steps_per_s": rate, "wall_s": seconds}
         for mode in PROBES:
             for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]
-        if args.finetune and method in ("mae", "crossmae"):  # classic encoders are not timm models: probes only
+        if args.finetune and method in (
+            "mae",
+            "crossmae",
+        ):  # classic encoders are not timm models: probes only
             for kind, res in probe_pair(method, run_dir, "finetune", args.data, work).items():
                 row[f"{kind}_finetune"] = res["top1"]
                 row["finetune_steps"] = res["steps"]
@@ -275,12 +331,35 @@ def write_report(work: Path, methods: list[str], data: str, out: Path, table: st
         tasks = dict(TASKS) | ({"sample": ["-n", "64"]} if run_dir.name == "vae" else {})
         for task, extra in tasks.items():
             if not (run_dir / "evaluate" / task / "metrics.json").is_file():
-                cmd = [sys.executable, "-m", "mae.evaluate", task, "--run", str(run_dir), "--dataset", data, *extra]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "mae.evaluate",
+                    task,
+                    "--run",
+                    str(run_dir),
+                    "--dataset",
+                    data,
+                    *extra,
+                ]
                 run(cmd, work / f"{run_dir.name}_evaluate_{task}.log")
-    cmd = [sys.executable, "-m", "mae.evaluate", "report", "--results", str(work / "eval"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mae.evaluate",
+        "report",
+        "--results",
+        str(work / "eval"),
+        "--out",
+        str(out),
+    ]
     run(cmd + [a for r in runs for a in ("--run", str(r))], work / "report.log")
-    body = (out / "report.md").read_text().replace(str(work) + "/", "")  # run paths relative to the bench output
-    shown = " ".join(shlex.quote(relative(a)) for a in sys.argv[1:])  # the command as given, from the repository
+    body = (
+        (out / "report.md").read_text().replace(str(work) + "/", "")
+    )  # run paths relative to the bench output
+    shown = " ".join(
+        shlex.quote(relative(a)) for a in sys.argv[1:]
+    )  # the command as given, from the repository
     (out / "report.md").write_text(
         "# Every method on CIFAR-10 at the same CPU budget\n\n"
         f"Produced by `python bench/budget.py {shown}`"

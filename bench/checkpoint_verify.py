@@ -44,14 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="vit_base_patch16")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dir", default=None, help="where the temporary checkpoint goes (default: the system's tmp)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where the temporary checkpoint goes (default: the system's tmp)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/checkpoint_verify.json"))
     args = p.parse_args(argv)
 
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.image_size={args.image_size}"])
     model = build_model(cfg)
-    optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
-    for param in model.parameters():  # one step gives AdamW its two moments per parameter, as in training
+    optimizer = build_optimizer(
+        model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1)
+    )
+    for (
+        param
+    ) in model.parameters():  # one step gives AdamW its two moments per parameter, as in training
         if param.requires_grad:
             param.grad = torch.zeros_like(param)
     optimizer.step()
@@ -70,14 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     if any(problems):
         sys.exit(f"error: the fresh checkpoint did not verify: {problems}")
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.preset} at {args.image_size} px: a checkpoint of {size / 2**20:,.0f} MiB, written in {save_s:.2f} s; "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{args.preset} at {args.image_size} px: a checkpoint of {size / 2**20:,.0f} MiB, written in {save_s:.2f} s; "
+        f"torch {torch.__version__}"
+    )
     for key, value in median.items():
         runs = ", ".join(f"{t:.2f}" for t in times[key])
         print(f"{key:<13} {value:6.2f} s  ({size / 2**20 / value:,.0f} MiB/s; runs {runs})")
     print(f"verify / load: {median['verify'] / median['load']:.2f}x")
-    result = {"preset": args.preset, "image_size": args.image_size, "bytes": size, "save_s": save_s,
-              "times_s": times, "median_s": median, "verify_over_load": median["verify"] / median["load"]}  # fmt: skip
+    result = {
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "bytes": size,
+        "save_s": save_s,
+        "times_s": times,
+        "median_s": median,
+        "verify_over_load": median["verify"] / median["load"],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

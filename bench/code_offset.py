@@ -44,7 +44,9 @@ def offset_stats(x: torch.Tensor, pairs_of: int = 4000) -> dict[str, float]:
 
 
 def training_features(source: str, data: str) -> torch.Tensor:
-    cfg = load_eval_config(str(ROOT / "configs/eval/knn_cifar10.yaml"), [f"encoder={source}", f"data.dataset={data}"])
+    cfg = load_eval_config(
+        str(ROOT / "configs/eval/knn_cifar10.yaml"), [f"encoder={source}", f"data.dataset={data}"]
+    )
     encoder, pool = probe_encoder(cfg)
     fit, _, _ = fit_and_eval_splits(cfg)
     return cached_features(encoder, fit, cfg.data.split, cfg, pool)[0]["features"]

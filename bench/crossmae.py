@@ -34,21 +34,35 @@ from mae.models import build_model  # noqa: E402
 # name -> (encoder preset, image size, CPU batch, GPU batch, {decoder: overrides})
 SETTINGS = {
     "base": (
-        "vit_base_patch16", 224, 16, 256,
+        "vit_base_patch16",
+        224,
+        16,
+        256,
         {
             "mae": [],  # the paper's decoder: 512 wide, 8 blocks, every patch
-            "cross": ["model.decoder=cross", "model.decoder_depth=12", "model.reconstruct_ratio=0.25",
-                      "model.decoder_features=weighted"],  # CrossMAE's ViT-B recipe
+            "cross": [
+                "model.decoder=cross",
+                "model.decoder_depth=12",
+                "model.reconstruct_ratio=0.25",
+                "model.decoder_features=weighted",
+            ],  # CrossMAE's ViT-B recipe
         },
     ),
     "tiny": (
-        "vit_tiny_patch4", 32, 256, 1024,
+        "vit_tiny_patch4",
+        32,
+        256,
+        1024,
         {
             "mae": [],  # configs/mae_vit_tiny_cifar10_budget.yaml's decoder: 128 wide, 2 blocks
-            "cross": ["model.decoder=cross", "model.reconstruct_ratio=0.25", "model.decoder_features=weighted"],
+            "cross": [
+                "model.decoder=cross",
+                "model.reconstruct_ratio=0.25",
+                "model.decoder_features=weighted",
+            ],
         },
     ),
-}  # fmt: skip
+}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -56,13 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
     p.add_argument("--batch", type=int, help="default: per setting and device (see SETTINGS)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on CPU")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on CPU"
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--compile", nargs="?", const="default", metavar="MODE", help="torch.compile the forwards")
+    p.add_argument(
+        "--compile", nargs="?", const="default", metavar="MODE", help="torch.compile the forwards"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "crossmae.json"))
     return p.parse_args(argv)
 
@@ -86,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         for precision in args.precisions:  # each precision trains its own copy
             torch.manual_seed(0)
             copy = build_model(cfg).to(device).train()
-            steps[f"{name}-{precision}"] = make_step("ours", copy, cfg, device, precision, images, args.compile)
+            steps[f"{name}-{precision}"] = make_step(
+                "ours", copy, cfg, device, precision, images, args.compile
+            )
     rates = round_robin(steps, args, device)
     median = {k: statistics.median(v) for k, v in rates.items()}
     speedup = {p: median[f"cross-{p}"] / median[f"mae-{p}"] for p in args.precisions}
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{args.threads} CPU threads"
+    )
     print(f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}")
     for name, extra in decoders.items():
         print(f"  {name}: {' '.join(extra) or 'the preset decoder'}")
@@ -100,17 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         gflops = flops[key.split("-")[0]] / 1e9
         print(f"{key:<12} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {gflops:>10.2f}")
     ratio = flops["mae"] / flops["cross"]
-    print("cross / mae images/s: " + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items())
-          + f"; FLOPs per image mae / cross: {ratio:.2f}x")  # fmt: skip
+    print(
+        "cross / mae images/s: "
+        + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items())
+        + f"; FLOPs per image mae / cross: {ratio:.2f}x"
+    )
     result = {
         "settings": {
-            "setting": args.setting, "preset": preset, "image_size": size, "batch": args.batch, "device": where,
-            "threads": args.threads, "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,
-            "compile": args.compile, "decoders": decoders, "torch": torch.__version__,
+            "setting": args.setting,
+            "preset": preset,
+            "image_size": size,
+            "batch": args.batch,
+            "device": where,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "compile": args.compile,
+            "decoders": decoders,
+            "torch": torch.__version__,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         },
-        "images_per_s": rates, "median": median, "speedup": speedup, "flops_per_image": flops, "flops_ratio": ratio,
-    }  # fmt: skip
+        "images_per_s": rates,
+        "median": median,
+        "speedup": speedup,
+        "flops_per_image": flops,
+        "flops_ratio": ratio,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -73,7 +73,9 @@ def natural_image(rng: np.random.Generator) -> Image.Image:
 
 def save_image(tmp: Path, i: int) -> None:
     """Image ``i``, from its own random stream (so any number of processes make the same folder)."""
-    natural_image(np.random.default_rng([0, i])).save(tmp / f"class_{i % 10}" / f"{i:05d}.jpg", quality=90)
+    natural_image(np.random.default_rng([0, i])).save(
+        tmp / f"class_{i % 10}" / f"{i:05d}.jpg", quality=90
+    )
 
 
 def make_folder(folder: Path, images: int, jobs: int) -> None:
@@ -87,7 +89,11 @@ def make_folder(folder: Path, images: int, jobs: int) -> None:
 
 def dataset(path: Path, image_size: int, decoder: str, split: bool = False) -> ImageDataset:
     """The dataset pretraining reads (``split``: its transform stops at uint8, ``split_normalisation``)."""
-    overrides = [f"data.dataset={json.dumps(str(path))}", f"data.image_size={image_size}", f"data.decoder={decoder}"]
+    overrides = [
+        f"data.dataset={json.dumps(str(path))}",
+        f"data.image_size={image_size}",
+        f"data.decoder={decoder}",
+    ]
     cfg = load_config(None, overrides).data  # resolved: the defaults' mean and std
     transform = split_normalisation(augment_transform(cfg))[0] if split else augment_transform(cfg)
     return ImageDataset(load_split(cfg), cfg, transform, seed=0)
@@ -115,13 +121,21 @@ def time_loader(ds: ImageDataset, epoch: int, batches: int) -> tuple[float, floa
 def draft_difference(folder: Path, image_size: int, samples: int) -> dict[str, float]:
     """The same samples decoded exactly and with draft decoding: the share of crops a reduced scale served
     (a crop decoded whole is bit for bit the exact one) and |difference| in 0-255 levels over those."""
-    exact, draft = dataset(folder, image_size, "pillow"), dataset(folder, image_size, "pillow_draft")
+    exact, draft = (
+        dataset(folder, image_size, "pillow"),
+        dataset(folder, image_size, "pillow_draft"),
+    )
     std = torch.tensor(exact.transform.transforms[-1].std).view(3, 1, 1)
     diffs = [((exact[(0, i)][0] - draft[(0, i)][0]).abs() * std * 255) for i in range(samples)]
     drafted = [d for d in diffs if d.max() > 0]
     d = torch.cat([x.flatten() for x in drafted]) if drafted else torch.zeros(1)
     share = len(drafted) / samples
-    return {"samples": samples, "drafted": share, "mean_abs": d.mean().item(), "max_abs": d.max().item()}
+    return {
+        "samples": samples,
+        "drafted": share,
+        "mean_abs": d.mean().item(),
+        "max_abs": d.max().item(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folder", type=Path, default=Path("/tmp/imagenet_like"))
     p.add_argument("--images", type=int, default=3000, help="images in --folder when it is made")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes making --folder")
-    p.add_argument("--prepared", type=Path, help="pre-resized shards (default FOLDER_256), made when missing")
+    p.add_argument(
+        "--prepared", type=Path, help="pre-resized shards (default FOLDER_256), made when missing"
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batches", type=int, default=8, help="timed batches of 64 per variant and round")
-    p.add_argument("--compare", type=int, default=100, help="samples for the draft-decoding difference")
+    p.add_argument(
+        "--batches", type=int, default=8, help="timed batches of 64 per variant and round"
+    )
+    p.add_argument(
+        "--compare", type=int, default=100, help="samples for the draft-decoding difference"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per core
@@ -146,11 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"made {args.folder}: {args.images} JPEGs in {time.perf_counter() - tic:.0f} s")
     files = list(args.folder.rglob("*.jpg"))
     sizes = np.array([Image.open(f).size for f in files])
-    results["folder"] = {"images": len(files), "mean_size": sizes.mean(0).round().tolist(),
-                         "mean_kib": round(sum(f.stat().st_size for f in files) / len(files) / 1024, 1)}  # fmt: skip
+    results["folder"] = {
+        "images": len(files),
+        "mean_size": sizes.mean(0).round().tolist(),
+        "mean_kib": round(sum(f.stat().st_size for f in files) / len(files) / 1024, 1),
+    }
     if not prepared.is_dir():
         tic = time.perf_counter()
-        cmd = [sys.executable, "-m", "mae.prepare", str(args.folder), str(prepared), "--max-side", "256"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mae.prepare",
+            str(args.folder),
+            str(prepared),
+            "--max-side",
+            "256",
+        ]
         subprocess.run([*cmd, "--quality", "90"], check=True, cwd=ROOT)
         results["prepare_s"] = round(time.perf_counter() - tic, 1)
         results["prepare_workers"] = os.cpu_count()
@@ -171,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s_per_core": {k: statistics.median(v) for k, v in table.items()},
             "samples": table,
             "ratio_to_original": {
-                k: statistics.median(a / b for a, b in zip(v, table["original"], strict=True)) for k, v in table.items()
+                k: statistics.median(a / b for a, b in zip(v, table["original"], strict=True))
+                for k, v in table.items()
             },
         }
     results["draft"] = draft_difference(args.folder, args.image_size, args.compare)
@@ -179,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(key.replace("_", " ") + ":")
         for name, v in results[key]["samples"].items():
             ratio = results[key]["ratio_to_original"][name]
-            print(f"  {name:<15} {statistics.median(v):8.1f} img/s per core ({min(v):.1f}-{max(v):.1f}); x{ratio:.2f}")
+            print(
+                f"  {name:<15} {statistics.median(v):8.1f} img/s per core ({min(v):.1f}-{max(v):.1f}); x{ratio:.2f}"
+            )
     print(json.dumps({k: results[k] for k in ("folder", "draft")}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

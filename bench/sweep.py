@@ -56,7 +56,9 @@ def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
     for name, *overrides in given:
         bad = [o for o in overrides if "=" not in o]
         if "=" in name or "/" in name or bad:
-            sys.exit(f"error: --variant {' '.join([name, *overrides])}: write --variant NAME [KEY=VALUE ...]")
+            sys.exit(
+                f"error: --variant {' '.join([name, *overrides])}: write --variant NAME [KEY=VALUE ...]"
+            )
         out.append((name, overrides))
     if len({n for n, _ in out}) != len(out):
         sys.exit("error: two --variant options have the same NAME")
@@ -68,7 +70,12 @@ def main() -> int:
     parser.add_argument("--method", default="mae", choices=METHODS)
     parser.add_argument("--budget", type=float, default=300, help="pretraining seconds per variant")
     parser.add_argument(
-        "--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE", help="repeat"
+        "--variant",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="NAME [KEY=VALUE",
+        help="repeat",
     )
     parser.add_argument(
         "--steps",
@@ -88,26 +95,48 @@ def main() -> int:
         help="probe the random init of each variant's encoder, or only the first's (variants that keep the "
         "encoder's architecture and seed start from the same weights: the same numbers)",
     )
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"), help="the probes' data")
-    parser.add_argument("--pretrain-data", help="pretraining data (default: --data); 'sample': the bundled sample")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
-    parser.add_argument("--doc", help="also write the table, with this command line, to this Markdown file")
     parser.add_argument(
-        "--evaluate", action="append", choices=sorted(TASK_COLUMNS), default=[],
+        "--data", default=str(ROOT.parent / "shared/data/cifar10"), help="the probes' data"
+    )
+    parser.add_argument(
+        "--pretrain-data", help="pretraining data (default: --data); 'sample': the bundled sample"
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench/results/sweep"))
+    parser.add_argument(
+        "--doc", help="also write the table, with this command line, to this Markdown file"
+    )
+    parser.add_argument(
+        "--evaluate",
+        action="append",
+        choices=sorted(TASK_COLUMNS),
+        default=[],
         help="also run python -m mae.evaluate TASK on every variant (first 2,000 test images; PCA fitted on 20,000 "
         "training images) and add its PSNR beside PCA's to the table; repeat for several",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-probes", action="store_true", help="skip the linear and kNN probes")
     args = parser.parse_args()
-    base = recipe(args.method) if args.recipe is None else None if args.recipe == "default" else Path(args.recipe)
+    base = (
+        recipe(args.method)
+        if args.recipe is None
+        else None
+        if args.recipe == "default"
+        else Path(args.recipe)
+    )
     if base is not None and not base.is_file():
         sys.exit(f"error: --recipe {args.recipe} is not a file; give a recipe YAML or 'default'")
     shown_recipe = "pretrain.py's defaults" if base is None else f"`{relative(base)}`"
     pretrain_data = args.pretrain_data or args.data
     if pretrain_data != "sample" and not Path(pretrain_data).is_dir():
-        sys.exit(f"error: --pretrain-data {pretrain_data} is not a folder; give a dataset folder or 'sample'")
+        sys.exit(
+            f"error: --pretrain-data {pretrain_data} is not a folder; give a dataset folder or 'sample'"
+        )
     work, record_path, record = open_record(args.data, args.out)
-    setting = {"budget": args.budget, "method": args.method, "recipe": shown_recipe, "pretrain_data": pretrain_data}
+    setting = {
+        "budget": args.budget,
+        "method": args.method,
+        "recipe": shown_recipe,
+        "pretrain_data": pretrain_data,
+    }
     if any(record.get(k, v) != v for k, v in setting.items()):
         sys.exit(
             f"error: {work} holds a sweep of another --method, --budget, --recipe or --pretrain-data; use another --out"
@@ -120,16 +149,27 @@ def main() -> int:
     for name, overrides in variants:
         row = rows.get(name, {})
         if row.get("overrides") not in (None, overrides):
-            sys.exit(f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name")
+            sys.exit(
+                f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name"
+            )
         run_dir = work / "runs" / name
-        if (run_dir / "export").is_dir() and "steps" not in row:  # pretrained by a sweep stopped before probing
+        if (
+            run_dir / "export"
+        ).is_dir() and "steps" not in row:  # pretrained by a sweep stopped before probing
             size = run_size(run_dir)
-            row |= {"overrides": overrides, **size, "steps_per_s": size["steps"] / args.budget, "wall_s": None}
+            row |= {
+                "overrides": overrides,
+                **size,
+                "steps_per_s": size["steps"] / args.budget,
+                "wall_s": None,
+            }
         if not (run_dir / "export").is_dir():
             if args.steps:
                 rate, steps = args.steps / args.budget, args.steps
             else:
-                rate = steps_per_second(args.method, pretrain_data, work, tuple(overrides), name, config)
+                rate = steps_per_second(
+                    args.method, pretrain_data, work, tuple(overrides), name, config
+                )
                 steps = max(1, int(args.budget * rate))
             extra = [
                 *overrides,
@@ -141,7 +181,12 @@ def main() -> int:
             extra += [f"train.checkpoint_every={steps}", f"train.recon_every={steps}"]
             cmd = [sys.executable, "pretrain.py", *config, *extra]
             seconds = run(cmd, work / f"{name}.log")
-            row = {"overrides": overrides, **run_size(run_dir), "steps_per_s": rate, "wall_s": seconds}
+            row = {
+                "overrides": overrides,
+                **run_size(run_dir),
+                "steps_per_s": rate,
+                "wall_s": seconds,
+            }
         for mode in () if args.no_probes else PROBES:
             for kind, res in probe_pair(name, run_dir, mode, args.data, work, first).items():
                 row[f"{kind}_{mode}"] = res["top1"]
@@ -159,7 +204,11 @@ def main() -> int:
             else "steps from each variant's measured rate"
         )
         + f"), recipe {shown_recipe} plus the overrides shown; pretrained on "
-        + ("the bundled sample" if pretrain_data == "sample" else f"`{relative(Path(pretrain_data))}`")
+        + (
+            "the bundled sample"
+            if pretrain_data == "sample"
+            else f"`{relative(Path(pretrain_data))}`"
+        )
         + f", probed on `{relative(Path(args.data))}`.",
         "",
         "| variant | overrides | steps | images seen | "
@@ -172,7 +221,9 @@ def main() -> int:
         cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k, _ in PROBE_COLUMNS]
         cells += [f"{r[t][0]:.2f} / {r[t][1]:.2f}" if t in r else "–" for t in args.evaluate]
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"
-        lines.append(f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |"
+        )
     table = "\n".join(lines) + "\n"
     (work / "table.md").write_text(table)
     print(table)
@@ -182,7 +233,10 @@ def main() -> int:
     return 0
 
 
-TASK_COLUMNS = {"reduce": "recon PSNR: code / PCA (dB)", "denoise": "denoised PSNR: model / PCA projection (dB)"}
+TASK_COLUMNS = {
+    "reduce": "recon PSNR: code / PCA (dB)",
+    "denoise": "denoised PSNR: model / PCA projection (dB)",
+}
 
 
 def evaluate(task: str, run_dir: Path, data: str, log: Path) -> tuple[float, float]:
@@ -190,10 +244,15 @@ def evaluate(task: str, run_dir: Path, data: str, log: Path) -> tuple[float, flo
     and PCA's at the code's size."""
     out = run_dir / "evaluate" / task
     if not (out / "metrics.json").is_file():
-        run([sys.executable, "-m", "mae.evaluate", task, "--run", str(run_dir), "--dataset", data], log)
+        run(
+            [sys.executable, "-m", "mae.evaluate", task, "--run", str(run_dir), "--dataset", data],
+            log,
+        )
     m = json.loads((out / "metrics.json").read_text())
     pair = (
-        (m["reconstruction"]["encoder"], m["reconstruction"]["pca"]) if task == "reduce" else (m["restored"], m["pca"])
+        (m["reconstruction"]["encoder"], m["reconstruction"]["pca"])
+        if task == "reduce"
+        else (m["restored"], m["pca"])
     )
     return pair[0]["psnr_db"], pair[1]["psnr_db"]
 

@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="vit_tiny_patch4", choices=sorted(PRESETS))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads"
+    )
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
@@ -68,12 +70,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--on-device", action="store_true", help="data.on_device=true: decoded uint8 on --device")
-    p.add_argument("--default-malloc", action="store_true", help="skip tune_cpu_allocator, which training on CPU calls")
+    p.add_argument(
+        "--on-device", action="store_true", help="data.on_device=true: decoded uint8 on --device"
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="skip tune_cpu_allocator, which training on CPU calls",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="timed batches per repeat")
-    p.add_argument("--warmup", type=int, default=2, help="untimed model steps before the first repeat")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="parquet dataset folder; 'sample' if it is missing")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed model steps before the first repeat"
+    )
+    p.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="parquet dataset folder; 'sample' if it is missing",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     return p.parse_args(argv)
 
@@ -81,16 +95,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace, dataset: str) -> Config:
     data = f"data.image_size={args.image_size} data.num_workers={args.workers} train.batch_size={args.batch}"
     # the path is quoted because override values are parsed as YAML
-    return load_config(None, [f"model.preset={args.preset}", f"data.dataset={json.dumps(dataset)}", *data.split()])
+    return load_config(
+        None, [f"model.preset={args.preset}", f"data.dataset={json.dumps(dataset)}", *data.split()]
+    )
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, precision: str) -> Step:
     """One optimizer step on a batch with the engine's optimizer (lr for one process); returns the loss."""
-    optimizer = build_optimizer(model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1))
-    set_attention(model, resolve_attention(cfg.train.attention, device, "bf16" if precision == "bf16" else "no"))
+    optimizer = build_optimizer(
+        model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1)
+    )
+    set_attention(
+        model,
+        resolve_attention(cfg.train.attention, device, "bf16" if precision == "bf16" else "no"),
+    )
 
     def autocast() -> AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        return (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else nullcontext()
+        )
 
     def step(images: torch.Tensor) -> torch.Tensor:
         with autocast():
@@ -108,7 +133,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(step: Step, images: torch.Tensor, args: argparse.Namespace, device: torch.device) -> list[float]:
+def bench_model(
+    step: Step, images: torch.Tensor, args: argparse.Namespace, device: torch.device
+) -> list[float]:
     for _ in range(args.warmup):
         step(images)
     rates = []
@@ -155,7 +182,12 @@ def bench_loader(
 
 
 def summary(rates: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "samples": rates}
+    return {
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "samples": rates,
+    }
 
 
 def max_rss_mib(who: int) -> float:
@@ -165,7 +197,10 @@ def max_rss_mib(who: int) -> float:
 def cpu_model() -> str:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        "unknown",
+    )
 
 
 def others_cpu_s() -> float:
@@ -188,12 +223,16 @@ def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None
     print(f"{'measurement':<12} {'img/s':>9} {'min':>9} {'max':>9}  notes")
     for key, note in notes.items():
         r = results[key]
-        print(f"{key.replace('_', ' '):<12} {r['median']:>9.1f} {r['min']:>9.1f} {r['max']:>9.1f}  {note}")
+        print(
+            f"{key.replace('_', ' '):<12} {r['median']:>9.1f} {r['min']:>9.1f} {r['max']:>9.1f}  {note}"
+        )
     rates = {k.replace("_", " "): results[k]["median"] for k in ("model_step", "data_loader")}
     bound, other = sorted(rates, key=rates.get)
     results["bound_by"] = bound
     share = 100 * results["end_to_end"]["median"] / rates[bound]
-    print(f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); end to end: {share:.0f}% of it")
+    print(
+        f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); end to end: {share:.0f}% of it"
+    )
     rss, cuda = results["peak_rss_mib"], results.get("cuda_max_memory_allocated_mib")
     worker = f", largest worker {rss['largest_worker']:.0f} MiB" if rss["largest_worker"] else ""
     print(
@@ -202,7 +241,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None
     )
     others, wall = results["other_processes_cpu_s"], results["wall_s"]
     if others > 0.05 * wall * (os.cpu_count() or 1):
-        print(f"warning: other processes used {others:.0f} CPU-s during this {wall:.0f} s run; timings are disturbed")
+        print(
+            f"warning: other processes used {others:.0f} CPU-s during this {wall:.0f} s run; timings are disturbed"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         args.precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    malloc_tuned = device.type == "cpu" and not args.default_malloc and tune_cpu_allocator()  # as the engine does
+    malloc_tuned = (
+        device.type == "cpu" and not args.default_malloc and tune_cpu_allocator()
+    )  # as the engine does
     start, others_before = time.perf_counter(), others_cpu_s()
 
     dataset = args.data if args.data != "sample" and Path(args.data).is_dir() else "sample"
@@ -226,12 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = 0
         data = DecodedImages(load_split(cfg.data), cfg.data)
     else:
-        data = ImageDataset(load_split(cfg.data), cfg.data, augment_transform(cfg.data), seed=cfg.train.seed)
+        data = ImageDataset(
+            load_split(cfg.data), cfg.data, augment_transform(cfg.data), seed=cfg.train.seed
+        )
     load_s = time.perf_counter() - tic
     skip = max(1, args.workers)  # one untimed batch per worker: start-up and first decode
     per_epoch = (skip + args.steps) * args.batch
     if len(data) < per_epoch:
-        sys.exit(f"error: {len(data)} images < {per_epoch} needed per repeat; lower --batch or --steps")
+        sys.exit(
+            f"error: {len(data)} images < {per_epoch} needed per repeat; lower --batch or --steps"
+        )
     sampler = EpochSampler(len(data), per_epoch, seed=cfg.train.seed)
     if args.on_device:
         loader = key_loader(data, sampler, args.batch)
@@ -248,12 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         f"data {dataset}: {len(data)} images (loaded in {load_s:.1f} s)"
     )
 
-    images = torch.randn(args.batch, cfg.data.channels, args.image_size, args.image_size, device=device)
+    images = torch.randn(
+        args.batch, cfg.data.channels, args.image_size, args.image_size, device=device
+    )
     model_rates = bench_model(step, images, args, device)
     rss_model = max_rss_mib(resource.RUSAGE_SELF)
     del images
     loader_rates, firsts = bench_loader(loader, skip, 0, None, args, device, augment)
-    e2e_rates, _ = bench_loader(loader, skip, args.repeats, lambda x: step(x.to(device)), args, device, augment)
+    e2e_rates, _ = bench_loader(
+        loader, skip, args.repeats, lambda x: step(x.to(device)), args, device, augment
+    )
     del loader  # shuts the persistent workers down, so their peak RSS is counted below
     gc.collect()
 
@@ -261,12 +312,17 @@ def main(argv: list[str] | None = None) -> int:
         "model_step": summary(model_rates),
         "data_loader": summary(loader_rates),
         "end_to_end": summary(e2e_rates),
-        "loader_first_batches_s": {"cold": firsts[0], "warm_median": statistics.median(firsts[1:] or firsts)},
+        "loader_first_batches_s": {
+            "cold": firsts[0],
+            "warm_median": statistics.median(firsts[1:] or firsts),
+        },
         "dataset_load_s": load_s,
         "peak_rss_mib": {
             "after_model_step": rss_model,
             "main": max_rss_mib(resource.RUSAGE_SELF),
-            "largest_worker": max_rss_mib(resource.RUSAGE_CHILDREN) if args.workers else None,  # shares pages
+            "largest_worker": max_rss_mib(resource.RUSAGE_CHILDREN)
+            if args.workers
+            else None,  # shares pages
         },
         "wall_s": time.perf_counter() - start,
         "other_processes_cpu_s": others_cpu_s() - others_before,
@@ -276,17 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     report(results, args, skip)
 
     m = cfg.model
-    keys = ("image_size", "batch", "threads", "workers", "on_device", "precision", "device", "repeats", "steps")
+    keys = (
+        "image_size",
+        "batch",
+        "threads",
+        "workers",
+        "on_device",
+        "precision",
+        "device",
+        "repeats",
+        "steps",
+    )
     settings = {
         "preset": args.preset,
-        "dims": {k: getattr(m, k) for k in PRESET_KEYS} | {"mlp_ratio": m.mlp_ratio, "mask_ratio": m.mask_ratio},
+        "dims": {k: getattr(m, k) for k in PRESET_KEYS}
+        | {"mlp_ratio": m.mlp_ratio, "mask_ratio": m.mask_ratio},
         "params": params,
         **{k: getattr(args, k) for k in keys},
         "warmup_model_steps": args.warmup,
         "malloc_tuned": malloc_tuned,
         "untimed_loader_batches": skip,
         "dataset": {"path": dataset, "images": len(data)},
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": sys.version.split()[0],
+        },
         "cpu": {"model": cpu_model(), "count": os.cpu_count()},
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

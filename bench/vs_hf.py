@@ -60,7 +60,12 @@ SETTINGS = {  # name -> (preset, image size, CPU batch, GPU batch)
     "large": ("vit_large_patch16", 224, 16, 64),
 }
 # dense peak TFLOP/s (bf16, fp32 without TF32) from the vendors' data sheets
-GPU_PEAK = {"H100": (989.4, 66.9), "H200": (989.4, 66.9), "A100": (312.0, 19.5), "L4": (121.0, 30.3)}
+GPU_PEAK = {
+    "H100": (989.4, 66.9),
+    "H200": (989.4, 66.9),
+    "A100": (312.0, 19.5),
+    "L4": (121.0, 30.3),
+}
 IMPLS, PRECISIONS, OPTIMIZERS = ("ours", "hf"), ("fp32", "bf16"), ("foreach", "fused")
 
 
@@ -68,14 +73,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
     p.add_argument("--batch", type=int, help="default: per setting and device (see SETTINGS)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on CPU")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on CPU"
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs, CPU matmul)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak for MFU (default: known GPUs, CPU matmul)",
+    )
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="which to time (both still agree)")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(IMPLS),
+        help="which to time (both still agree)",
+    )
     p.add_argument(
         "--optimizers",
         nargs="+",
@@ -90,20 +109,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="MODE",
         help="torch.compile both models' forward, in MODE (default | reduce-overhead | max-autotune...)",
     )
-    p.add_argument("--profile", type=int, default=0, help="then profile this many steps of ours (first precision)")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-setting memory subprocesses")
-    p.add_argument("--memory-of", help=argparse.SUPPRESS)  # IMPL-PRECISION: one setting's memory, then exit
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="then profile this many steps of ours (first precision)",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the per-setting memory subprocesses"
+    )
+    p.add_argument(
+        "--memory-of", help=argparse.SUPPRESS
+    )  # IMPL-PRECISION: one setting's memory, then exit
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> Config:
     preset, size, *_ = SETTINGS[args.setting]
-    return load_config(None, [f"model.preset={preset}", f"data.image_size={size}", f"train.batch_size={args.batch}"])
+    return load_config(
+        None,
+        [f"model.preset={preset}", f"data.image_size={size}", f"train.batch_size={args.batch}"],
+    )
 
 
 def autocast(device: torch.device, precision: str) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    return (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    )
 
 
 def build_pair(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -129,10 +162,14 @@ def make_step(
     ``compile``: the forward (and so its backward) through ``torch.compile`` in that mode; the optimizer step
     stays eager. ``optimizer_impl``: ``fused`` takes torch's single-kernel AdamW instead of the default."""
     if impl == "ours":
-        set_attention(model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no"))
+        set_attention(
+            model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no")
+        )
     derived = derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1)
     optimizer = build_optimizer(model, cfg, derived, fused=optimizer_impl == "fused")
-    forward = torch.compile(model, mode=None if compile == "default" else compile) if compile else model
+    forward = (
+        torch.compile(model, mode=None if compile == "default" else compile) if compile else model
+    )
 
     def step() -> torch.Tensor:
         with autocast(device, precision):
@@ -145,7 +182,9 @@ def make_step(
     return step
 
 
-def round_robin(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace, device: torch.device):
+def round_robin(
+    steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace, device: torch.device
+):
     """Images/s of each step function: ``args.warmup`` untimed steps each, then ``args.repeats`` rounds of
     ``args.steps`` steps of every one in turn, so drift hits all alike. Stops on a non-finite loss."""
     for step in steps.values():
@@ -165,19 +204,30 @@ def round_robin(steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Nam
     return rates
 
 
-def same_results(ours: torch.nn.Module, hf: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, float]:
+def same_results(
+    ours: torch.nn.Module, hf: torch.nn.Module, cfg: Config, device: torch.device
+) -> dict[str, float]:
     """|loss ours - loss HF| for the same images and mask noise, per precision (before any step)."""
     torch.manual_seed(1)
-    images = torch.randn(8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    images = torch.randn(
+        8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device
+    )
     noise = torch.rand(8, (cfg.data.image_size // cfg.model.patch_size) ** 2, device=device)
     diffs = {}
     for precision in PRECISIONS:
-        set_attention(ours, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no"))
+        set_attention(
+            ours, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no")
+        )
         with torch.no_grad(), autocast(device, precision):
-            a, b = ours(images, noise=noise).loss.float(), hf(pixel_values=images, noise=noise).loss.float()
+            a, b = (
+                ours(images, noise=noise).loss.float(),
+                hf(pixel_values=images, noise=noise).loss.float(),
+            )
         diffs[precision] = {"ours": a.item(), "hf": b.item(), "abs_diff": (a - b).abs().item()}
     if diffs["fp32"]["abs_diff"] > 1e-5:
-        sys.exit(f"error: the two models disagree at fp32 ({diffs['fp32']}); the comparison would be meaningless")
+        sys.exit(
+            f"error: the two models disagree at fp32 ({diffs['fp32']}); the comparison would be meaningless"
+        )
     return diffs
 
 
@@ -189,7 +239,9 @@ def step_flops(model: torch.nn.Module, cfg: Config, device: torch.device) -> flo
 
     probe = copy.deepcopy(model)
     set_attention(probe, "math")
-    images = torch.randn(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    images = torch.randn(
+        2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device
+    )
     limit, hardware.MATH_MAX_TOKENS = hardware.MATH_MAX_TOKENS, 1 << 30  # every sequence as matmuls
     try:
         with FlopCounterMode(display=False) as counter:
@@ -199,7 +251,9 @@ def step_flops(model: torch.nn.Module, cfg: Config, device: torch.device) -> flo
     return counter.get_total_flops() / len(images)
 
 
-def matmul_tflops(device: torch.device, precision: str, size: int = 2048, repeats: int = 5) -> float:
+def matmul_tflops(
+    device: torch.device, precision: str, size: int = 2048, repeats: int = 5
+) -> float:
     """This machine's rate on a large square matmul at ``precision`` (median of ``repeats``)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
@@ -232,7 +286,9 @@ def memory_of(args: argparse.Namespace, device: torch.device) -> None:
         from mae.interop import hf_config
 
         model = ViTMAEForPreTraining(hf_config(cfg)).to(device).train()
-    images = torch.randn(args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    images = torch.randn(
+        args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device
+    )
     step = make_step(impl, model, cfg, device, precision, images, args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,7 +296,14 @@ def memory_of(args: argparse.Namespace, device: torch.device) -> None:
         step()
     sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "cuda_max_allocated_mib": peak / 2**20 if peak else None}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mib": peak_rss_mib(),
+                "cuda_max_allocated_mib": peak / 2**20 if peak else None,
+            }
+        )
+    )
 
 
 def peak_rss_mib() -> float:
@@ -259,7 +322,14 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         for precision in args.precisions:
             cmd = [sys.executable, __file__, "--setting", args.setting, "--batch", str(args.batch)]
             cmd += ["--compile", args.compile] if args.compile else []
-            cmd += ["--threads", str(args.threads), "--device", args.device, "--memory-of", f"{impl}-{precision}"]
+            cmd += [
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--memory-of",
+                f"{impl}-{precision}",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
                 out[f"{impl}-{precision}"] = {"error": proc.stderr.strip().splitlines()[-1:]}
@@ -287,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ours, hf = build_pair(cfg, device)
     diffs = same_results(ours, hf, cfg, device)
     flops = step_flops(ours, cfg, device)
-    images = torch.randn(args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+    images = torch.randn(
+        args.batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device
+    )
     models = {"ours": ours, "hf": hf}
     steps = {  # each setting trains its own copy, so that all start from the same weights
         f"{impl}-{precision}" + ("" if opt == "foreach" else f"-{opt}"): make_step(
@@ -301,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     median = {k: statistics.median(v) for k, v in rates.items()}
     default = resolve_precision("auto", device)
     ours_default = "ours-bf16" if default == "bf16" else "ours-fp32"
-    ratios = {p: median[f"ours-{p}"] / median[f"hf-{p}"] for p in args.precisions if f"hf-{p}" in median}
+    ratios = {
+        p: median[f"ours-{p}"] / median[f"hf-{p}"] for p in args.precisions if f"hf-{p}" in median
+    }
     if ours_default in median and "hf-fp32" in median:
         ratios["defaults"] = median[ours_default] / median["hf-fp32"]
     peaks = {}
@@ -314,39 +388,74 @@ def main(argv: list[str] | None = None) -> int:
     mem = {} if args.no_memory else memory(args)
 
     preset, size, *_ = SETTINGS[args.setting]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{args.threads} CPU threads"
+    )
     compiled = f"; both forwards through torch.compile ({args.compile})" if args.compile else ""
-    print(f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}{compiled}")  # fmt: skip
-    print(f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
-          f"bf16 {diffs['bf16']['abs_diff']:.1e}")  # fmt: skip
-    print(f"{'setting':<16} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
+    print(
+        f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}{compiled}"
+    )
+    print(
+        f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
+        f"bf16 {diffs['bf16']['abs_diff']:.1e}"
+    )
+    print(
+        f"{'setting':<16} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}"
+    )
     for key, r in rates.items():
         tflops = flops * median[key] / 1e12
         mfu = tflops / peaks[key.split("-")[1]]["tflops"]
         m = mem.get(key, {})
         peak_mem = m.get("cuda_max_allocated_mib") or m.get("peak_rss_mib")
-        print(f"{key:<16} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
-              f"{'-' if peak_mem is None else round(peak_mem):>9}")  # fmt: skip
+        print(
+            f"{key:<16} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
+            f"{'-' if peak_mem is None else round(peak_mem):>9}"
+        )
     if ratios:
-        print("ours / HF: " + ", ".join(f"{p} {ratios[p]:.2f}x" for p in ratios if p != "defaults")
-              + (f"; each at its default ({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x"
-                 if "defaults" in ratios else ""))  # fmt: skip
-    print(f"FLOPs per image (fwd + bwd, FlopCounterMode): {flops / 1e9:.3f} G; MFU against "
-          + ", ".join(f"{p} {v['tflops']:.2f} TFLOP/s ({v['source']})" for p, v in peaks.items()))  # fmt: skip
+        print(
+            "ours / HF: "
+            + ", ".join(f"{p} {ratios[p]:.2f}x" for p in ratios if p != "defaults")
+            + (
+                f"; each at its default ({ours_default} vs hf-fp32): {ratios['defaults']:.2f}x"
+                if "defaults" in ratios
+                else ""
+            )
+        )
+    print(
+        f"FLOPs per image (fwd + bwd, FlopCounterMode): {flops / 1e9:.3f} G; MFU against "
+        + ", ".join(f"{p} {v['tflops']:.2f} TFLOP/s ({v['source']})" for p, v in peaks.items())
+    )
 
     result = {
         "settings": {
-            "setting": args.setting, "preset": preset, "image_size": size, "batch": args.batch,
-            "threads": args.threads, "device": where, "repeats": args.repeats, "steps": args.steps,
-            "warmup": args.warmup, "torch": torch.__version__, "transformers": transformers.__version__,
-            "compile": args.compile, "impls": args.impls, "optimizers": args.optimizers,
+            "setting": args.setting,
+            "preset": preset,
+            "image_size": size,
+            "batch": args.batch,
+            "threads": args.threads,
+            "device": where,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "compile": args.compile,
+            "impls": args.impls,
+            "optimizers": args.optimizers,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "ours_default_precision": default,
         },
-        "same_results": diffs, "images_per_s": rates, "median": median, "ratios": ratios,
-        "flops_per_image": flops, "peak_tflops": peaks, "memory": mem,
-    }  # fmt: skip
+        "same_results": diffs,
+        "images_per_s": rates,
+        "median": median,
+        "ratios": ratios,
+        "flops_per_image": flops,
+        "peak_tflops": peaks,
+        "memory": mem,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -53,7 +53,9 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _COMPLETE.match(p.name)) and (p / LOOP_STATE).is_file()
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _COMPLETE.match(p.name)) and (p / LOOP_STATE).is_file()
     ]
     return [p for _, p in sorted(found)]
 
@@ -114,14 +116,21 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if process_state is not None:
-            (tmp / PROCESS_STATE.format(rank=accelerator.process_index)).write_text(json.dumps(process_state))
+            (tmp / PROCESS_STATE.format(rank=accelerator.process_index)).write_text(
+                json.dumps(process_state)
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
             write_manifest(tmp)
             _fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:  # disk full, quota, permissions: complete checkpoints stay as they are
-        if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch.save reports a failed write so
+    except (
+        OSError,
+        RuntimeError,
+    ) as e:  # disk full, quota, permissions: complete checkpoints stay as they are
+        if isinstance(e, RuntimeError) and "writ" not in str(
+            e
+        ):  # torch.save reports a failed write so
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(output_dir)
@@ -163,7 +172,8 @@ def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     digests = _sha256_all(files)
     entries = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests, strict=True)
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": d}
+        for p, d in zip(files, digests, strict=True)
     }
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
 
@@ -181,7 +191,11 @@ def verify(folder: Path) -> str | None:
     for name, entry in files.items():  # sizes first: a cut file is found without reading anything
         size = (folder / name).stat().st_size if (folder / name).is_file() else None
         if size != entry["size"]:
-            return f"{name} is missing" if size is None else f"{name} has {size} of its {entry['size']} bytes"
+            return (
+                f"{name} is missing"
+                if size is None
+                else f"{name} has {size} of its {entry['size']} bytes"
+            )
     digests = _sha256_all([folder / name for name in files])
     for (name, entry), digest in zip(files.items(), digests, strict=True):
         if digest != entry["sha256"]:
@@ -228,7 +242,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
             ) from e
     try:
         accelerator.load_state(str(path))
-    except pickle.UnpicklingError as e:  # weights_only refused an object: a file that would run code
+    except (
+        pickle.UnpicklingError
+    ) as e:  # weights_only refused an object: a file that would run code
         raise CheckpointError(
             f"{path} holds a file that cannot be read as plain data ({e.__class__.__name__}); it is never unpickled "
             f"in full (that could run code): delete {path} to resume from the checkpoint before it"

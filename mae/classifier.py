@@ -60,8 +60,13 @@ def build_classifier(cfg: EvalConfig, num_classes: int) -> Classifier:
         model, init, data_config = _timm_classifier(cfg, encoder, num_classes)
     else:
         model, init, data_config = _encode_classifier(cfg, encoder, num_classes)
-    return Classifier(model, data_config, {"source": cfg.encoder, "sha256": encoder.sha256, **init}, encoder.kind,
-                      encoder.arch)  # fmt: skip
+    return Classifier(
+        model,
+        data_config,
+        {"source": cfg.encoder, "sha256": encoder.sha256, **init},
+        encoder.kind,
+        encoder.arch,
+    )
 
 
 def _init_head(head: nn.Linear) -> None:
@@ -90,13 +95,20 @@ def _encode_classifier(
     model = EncodeClassifier(encoder.module, num_classes)
     _init_head(model.head)
     net = encoder.module.requires_grad_(True)
-    net.encode(torch.zeros(2, *data_config["input_size"])).float().sum().backward()  # eval mode: no BN update
+    net.encode(
+        torch.zeros(2, *data_config["input_size"])
+    ).float().sum().backward()  # eval mode: no BN update
     unused = sorted(n for n, p in net.named_parameters() if p.grad is None)
     for name, p in net.named_parameters():
         p.grad = None
         p.requires_grad_(name not in unused)
     model.train()
-    init = {"fresh": ["head.bias", "head.weight"], "dropped": [], "frozen": unused, "pos_embed_resampled": None}
+    init = {
+        "fresh": ["head.bias", "head.weight"],
+        "dropped": [],
+        "frozen": unused,
+        "pos_embed_resampled": None,
+    }
     return model, init, data_config
 
 
@@ -107,23 +119,39 @@ def _timm_classifier(
     head (and ``fc_norm``) and a final norm that average pooling replaces; position embeddings
     resampled for ``finetune.image_size``."""
     f, src = cfg.finetune, encoder.module
-    args = {k: v for k, v in get_model_args(src).items() if k != "fc_norm"}  # the pooling decides fc_norm
-    args |= {"num_classes": num_classes, "global_pool": f.global_pool, "drop_path_rate": f.drop_path}
+    args = {
+        k: v for k, v in get_model_args(src).items() if k != "fc_norm"
+    }  # the pooling decides fc_norm
+    args |= {
+        "num_classes": num_classes,
+        "global_pool": f.global_pool,
+        "drop_path_rate": f.drop_path,
+    }
     if f.global_pool == "token" and getattr(src, "cls_token", None) is None:
-        raise ConfigError(f"finetune.global_pool=token: {cfg.encoder!r} has no cls token; use finetune.global_pool=avg")
+        raise ConfigError(
+            f"finetune.global_pool=token: {cfg.encoder!r} has no cls token; use finetune.global_pool=avg"
+        )
     torch.manual_seed(cfg.seed)
     try:
         model = timm.create_model(src.pretrained_cfg["architecture"], pretrained=False, **args)
     except TypeError as e:  # an architecture without drop path or pooling options
-        raise ConfigError(f"mode=finetune cannot rebuild {cfg.encoder!r} as a classifier ({e})") from e
+        raise ConfigError(
+            f"mode=finetune cannot rebuild {cfg.encoder!r} as a classifier ({e})"
+        ) from e
     names = model.pretrained_cfg.get("classifier") or "head"
-    head = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))  # "head.", "fc.", "head.fc."
+    head = tuple(
+        f"{n}." for n in ([names] if isinstance(names, str) else names)
+    )  # "head.", "fc.", "head.fc."
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh, dropped = (*head, *_FRESH), (*head, *_DROPPED)
-    bad = [k for k in missing if not k.startswith(fresh)] + [k for k in unexpected if not k.startswith(dropped)]
+    bad = [k for k in missing if not k.startswith(fresh)] + [
+        k for k in unexpected if not k.startswith(dropped)
+    ]
     if bad:
-        raise ConfigError(f"{cfg.encoder!r} does not match its classifier: parameters {bad} are missing or unexpected")
+        raise ConfigError(
+            f"{cfg.encoder!r} does not match its classifier: parameters {bad} are missing or unexpected"
+        )
     if isinstance(model.get_classifier(), nn.Linear):
         _init_head(model.get_classifier())
     data_config = dict(encoder.data_config)
@@ -131,13 +159,23 @@ def _timm_classifier(
     resampled = None
     if f.image_size is not None and size_hw(f.image_size) != tuple(size):
         if not hasattr(model, "set_input_size"):
-            raise ConfigError(f"finetune.image_size={f.image_size}: {cfg.encoder!r} cannot change its input size")
-        before = tuple(model.pos_embed.shape) if getattr(model, "pos_embed", None) is not None else None
-        model.set_input_size(img_size=size_hw(f.image_size))  # timm resamples the position embeddings
+            raise ConfigError(
+                f"finetune.image_size={f.image_size}: {cfg.encoder!r} cannot change its input size"
+            )
+        before = (
+            tuple(model.pos_embed.shape) if getattr(model, "pos_embed", None) is not None else None
+        )
+        model.set_input_size(
+            img_size=size_hw(f.image_size)
+        )  # timm resamples the position embeddings
         if before is not None:
             resampled = {"from": list(before), "to": list(model.pos_embed.shape)}
         data_config["input_size"] = (channels, *size_hw(f.image_size))
-    init = {"fresh": sorted(missing), "dropped": sorted(unexpected), "pos_embed_resampled": resampled}
+    init = {
+        "fresh": sorted(missing),
+        "dropped": sorted(unexpected),
+        "pos_embed_resampled": resampled,
+    }
     return model, init, data_config
 
 
@@ -148,11 +186,17 @@ def save_classifier(net: nn.Module, clf: Classifier, out_dir: Path, num_classes:
     if clf.kind == "timm":
         save_timm(net, out_dir, clf.data_config, f"finetuned_{num_classes}cls")
         return
-    meta = {"encoder_arch": json.loads(clf.arch), "num_classes": num_classes, "data_config": clf.data_config}
+    meta = {
+        "encoder_arch": json.loads(clf.arch),
+        "num_classes": num_classes,
+        "data_config": clf.data_config,
+    }
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors")
+        )
         (tmp / "classifier.json").write_text(json.dumps(meta, indent=1, default=list))
 
     replace_dir(out_dir, write)

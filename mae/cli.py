@@ -10,7 +10,12 @@ from typing import Any
 from mae.errors import UserError
 
 
-def main(description: str, load: Callable[..., Any], run: Callable[[Any], None], argv: Sequence[str] | None) -> int:
+def main(
+    description: str,
+    load: Callable[..., Any],
+    run: Callable[[Any], None],
+    argv: Sequence[str] | None,
+) -> int:
     """Load the config (no heavy imports before it is known to be valid), then run it. A ``UserError``
     becomes one ``error: ...`` line on stderr and its exit code."""
     parser = argparse.ArgumentParser(description=description)

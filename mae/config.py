@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mae.config_checks import Schedule, crop_scale_check, raise_first_invalid, schedule_checks, size_hw, stats_checks
+from mae.config_checks import (
+    Schedule,
+    crop_scale_check,
+    raise_first_invalid,
+    schedule_checks,
+    size_hw,
+    stats_checks,
+)
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 from mae.family_defaults import FAMILY_DEFAULTS
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
@@ -52,7 +59,9 @@ class ModelConfig:
     decoder_embed_dim: int | None = None
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
-    mlp_ratio: float | None = None  # MLP hidden size / width (default 4; with init=, the checkpoint's)
+    mlp_ratio: float | None = (
+        None  # MLP hidden size / width (default 4; with init=, the checkpoint's)
+    )
     mask_ratio: float = 0.75
     # mae: the paper's decoder (self-attention over every patch); cross: CrossMAE's (each predicted patch a query
     # cross-attending to the encoder's tokens; mae.models.crossmae)
@@ -61,32 +70,52 @@ class ModelConfig:
     # from the mask's noise (0 < r <= mask_ratio; default mask_ratio, the only value for decoder=mae)
     reconstruct_ratio: float | None = None
     decoder_self_attn: bool = False  # cross: self-attention among the queries too (CrossMAE: off)
-    decoder_features: Literal["last", "weighted"] = "last"  # cross: the encoder's output, or a mix per block
+    decoder_features: Literal["last", "weighted"] = (
+        "last"  # cross: the encoder's output, or a mix per block
+    )
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
-    arch: Literal["conv", "mlp"] = "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
+    arch: Literal["conv", "mlp"] = (
+        "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
+    )
     # conv channels per stride-2 stage, or mlp hidden sizes; default conv (32, 64, 128), mlp (512, 256)
     widths: tuple[int, ...] | None = None
     latent_dim: int = 128  # the code (bottleneck) size: what encode() returns
-    loss: Literal["mse", "bce"] = "mse"  # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
-    corruption: Literal["gaussian", "masking", "salt_pepper"] = "gaussian"  # dae: applied to the input only
-    noise_level: float = 0.3  # dae: Gaussian std (in [0, 1] pixel units) or the fraction of pixels/patches hit
+    loss: Literal["mse", "bce"] = (
+        "mse"  # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
+    )
+    corruption: Literal["gaussian", "masking", "salt_pepper"] = (
+        "gaussian"  # dae: applied to the input only
+    )
+    noise_level: float = (
+        0.3  # dae: Gaussian std (in [0, 1] pixel units) or the fraction of pixels/patches hit
+    )
     corruption_patch: int = 1  # dae masking: side of the zeroed squares (1: single pixels)
-    sparsity: Literal["l1", "kl"] = "kl"  # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
+    sparsity: Literal["l1", "kl"] = (
+        "kl"  # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
+    )
     sparsity_weight: float = 1e-3
     sparsity_target: float = 0.05  # rho, for sparsity=kl
     contractive_weight: float = 0.1  # cae: weight of the squared Frobenius norm of d code / d input
-    contractive_projections: int = 1  # cae (deep encoders): random projections per step of the estimate
+    contractive_projections: int = (
+        1  # cae (deep encoders): random projections per step of the estimate
+    )
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # vae decoder
     beta: float = 1.0  # vae: KL weight
     beta_warmup_steps: int = 0  # vae: KL weight ramps linearly from 0 over these optimizer steps
-    stage_steps: int = 100  # stacked_ae: optimizer steps per greedy layer stage; the rest trains end to end
-    stack_denoising: bool = False  # stacked_ae: each layer a denoising autoencoder (model.corruption, noise_level)
+    stage_steps: int = (
+        100  # stacked_ae: optimizer steps per greedy layer stage; the rest trains end to end
+    )
+    stack_denoising: bool = (
+        False  # stacked_ae: each layer a denoising autoencoder (model.corruption, noise_level)
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "sample"  # Hugging Face hub id | local folder (image folder or parquet shards) | sample
+    dataset: str = (
+        "sample"  # Hugging Face hub id | local folder (image folder or parquet shards) | sample
+    )
     split: str = "train"
     image_column: str | None = None  # default: the dataset's first Image feature
     label_column: str | None = None  # default: the dataset's first ClassLabel feature
@@ -96,23 +125,32 @@ class DataConfig:
     # crop: RandomResizedCrop(crop_scale) + flip (hflip), MAE's; flip: the whole image, flipped half the time;
     # none: the whole image. Default per model family (mae.family_defaults)
     augment: Literal["crop", "flip", "none"] | None = None
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale range (data.augment=crop)
+    crop_scale: tuple[float, float] = (
+        0.2,
+        1.0,
+    )  # RandomResizedCrop scale range (data.augment=crop)
     hflip: bool = True  # data.augment=crop: flip half the crops
     # per channel, of pixels scaled to [0, 1] (arrays: uint8 / 255, uint16 / 65535, floats as they are); default:
     # ImageNet statistics for 3 channels, 0.5 otherwise; auto: measured on a sample of the training split
     # (mae.data.stats) and recorded in config.yaml, derived.json and the export
     mean: tuple[float, ...] | Literal["auto"] | None = None
     std: tuple[float, ...] | Literal["auto"] | None = None  # auto with mean=auto
-    grid_channels: tuple[int, ...] | None = None  # the channels reconstruction grids show; default the first 3
+    grid_channels: tuple[int, ...] | None = (
+        None  # the channels reconstruction grids show; default the first 3
+    )
     num_workers: int = 2  # DataLoader worker processes per training process
-    classes: tuple[int, ...] | None = None  # train on images of these label ids only (e.g. anomaly detection)
+    classes: tuple[int, ...] | None = (
+        None  # train on images of these label ids only (e.g. anomaly detection)
+    )
     # pretraining replaces an image that cannot be decoded by the next one and lists it in
     # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
     max_bad_images: int = 100
     # pretraining reads the split as a stream (datasets streaming mode: never stored whole; mae.data.streamed)
     streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming: examples shuffled together (files are shuffled too)
-    stream_size: int | None = None  # streaming: images per epoch, when the dataset's metadata does not say
+    stream_size: int | None = (
+        None  # streaming: images per epoch, when the dataset's metadata does not say
+    )
     # pretraining: decode the split once into one uint8 tensor on the training device and augment there,
     # with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the same size, at most
     # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
@@ -163,11 +201,17 @@ class TrainConfig:
     # Accelerate's experiment trackers (mae.config_checks.TRACKERS); [] logs to metrics.jsonl alone
     log_with: tuple[str, ...] = ("tensorboard",)
     log_every: int = 10  # optimizer steps between metric lines
-    checkpoint_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = (
+        100  # optimizer steps between checkpoints (one is always written at the end)
+    )
     keep_checkpoints: int = 2  # newest complete checkpoints kept
-    recon_every: int = 100  # optimizer steps between reconstruction grids (one is always written at the end)
+    recon_every: int = (
+        100  # optimizer steps between reconstruction grids (one is always written at the end)
+    )
     recon_images: int = 8
-    online_probe: bool = False  # train a linear head on each step's detached features (needs labels)
+    online_probe: bool = (
+        False  # train a linear head on each step's detached features (needs labels)
+    )
 
 
 @dataclass(frozen=True)
@@ -184,7 +228,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated.
 
     ``init=`` is only a path here: the architecture keys come from the recipe and its preset. Reading
@@ -215,10 +261,20 @@ def resolve(cfg: Config) -> Config:
     if model.reconstruct_ratio is None:
         model = dataclasses.replace(model, reconstruct_ratio=model.mask_ratio)
     if model.widths is None:
-        model = dataclasses.replace(model, widths=(32, 64, 128) if model.arch == "conv" else (512, 256))
+        model = dataclasses.replace(
+            model, widths=(32, 64, 128) if model.arch == "conv" else (512, 256)
+        )
     family = FAMILY_DEFAULTS[model.name]
-    data = cfg.data if cfg.data.augment is not None else dataclasses.replace(cfg.data, augment=family["augment"])
-    unset = {k: family[k] for k in ("blr", "weight_decay", "warmup_epochs") if getattr(cfg.train, k) is None}
+    data = (
+        cfg.data
+        if cfg.data.augment is not None
+        else dataclasses.replace(cfg.data, augment=family["augment"])
+    )
+    unset = {
+        k: family[k]
+        for k in ("blr", "weight_decay", "warmup_epochs")
+        if getattr(cfg.train, k) is None
+    }
     train = dataclasses.replace(cfg.train, **unset)
     if data.mean == "auto" and data.std is None:
         data = dataclasses.replace(data, std="auto")
@@ -226,8 +282,12 @@ def resolve(cfg: Config) -> Config:
         imagenet = data.channels == 3
         data = dataclasses.replace(
             data,
-            mean=data.mean if data.mean is not None else (IMAGENET_MEAN if imagenet else (0.5,) * data.channels),
-            std=data.std if data.std is not None else (IMAGENET_STD if imagenet else (0.5,) * data.channels),
+            mean=data.mean
+            if data.mean is not None
+            else (IMAGENET_MEAN if imagenet else (0.5,) * data.channels),
+            std=data.std
+            if data.std is not None
+            else (IMAGENET_STD if imagenet else (0.5,) * data.channels),
         )
     cfg = dataclasses.replace(cfg, model=model, data=data, train=train)
     validate(cfg)
@@ -237,7 +297,12 @@ def resolve(cfg: Config) -> Config:
 def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     checks = [
-        (0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "a fraction strictly between 0 and 1"),
+        (
+            0.0 < m.mask_ratio < 1.0,
+            "model.mask_ratio",
+            m.mask_ratio,
+            "a fraction strictly between 0 and 1",
+        ),
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
         (min(d.hw) > 0, "data.image_size", d.image_size, "a positive integer or [H, W]"),
         (d.channels > 0, "data.channels", d.channels, "a positive integer"),
@@ -246,10 +311,20 @@ def validate(cfg: Config) -> None:
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
         (d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "a positive integer"),
-        (d.stream_size is None or d.stream_size > 0, "data.stream_size", d.stream_size, "a positive integer or null"),
+        (
+            d.stream_size is None or d.stream_size > 0,
+            "data.stream_size",
+            d.stream_size,
+            "a positive integer or null",
+        ),
         *schedule_checks(t, "train"),
         (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
-        (t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive integer"),
+        (
+            t.checkpoint_every > 0,
+            "train.checkpoint_every",
+            t.checkpoint_every,
+            "a positive integer",
+        ),
         (t.recon_every > 0, "train.recon_every", t.recon_every, "a positive integer"),
         (t.recon_images > 0, "train.recon_images", t.recon_images, "a positive integer"),
     ]
@@ -257,7 +332,9 @@ def validate(cfg: Config) -> None:
     if m.name == "mae":
         for key in PRESET_KEYS:
             if getattr(m, key) <= 0:
-                raise ConfigError(f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer")
+                raise ConfigError(
+                    f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer"
+                )
         patches = (d.hw[0] // m.patch_size) * (d.hw[1] // m.patch_size)
         if not 0 < int(patches * (1 - m.mask_ratio)) < patches:
             raise ConfigError(
@@ -282,7 +359,9 @@ def validate(cfg: Config) -> None:
     else:
         _validate_classic(m, d)
     if cfg.init is not None and m.name != "mae":
-        raise ConfigError(f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}")
+        raise ConfigError(
+            f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}"
+        )
     if t.compile and m.name in ("vae", "stacked_ae"):
         raise ConfigError(
             f"train.compile=true does not work with model.name={m.name}: its forward follows the training step "
@@ -313,7 +392,9 @@ def validate(cfg: Config) -> None:
 
 def _validate_decoder(m: ModelConfig, patches: int) -> None:
     r = m.reconstruct_ratio
-    if m.decoder == "mae" and (r != m.mask_ratio or m.decoder_self_attn or m.decoder_features != "last"):
+    if m.decoder == "mae" and (
+        r != m.mask_ratio or m.decoder_self_attn or m.decoder_features != "last"
+    ):
         raise ConfigError(
             "model.reconstruct_ratio, model.decoder_self_attn and model.decoder_features=weighted need "
             "model.decoder=cross (the paper's decoder predicts every masked patch with self-attention); "
@@ -330,7 +411,12 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
     fraction = m.corruption in ("masking", "salt_pepper")
     checks = [
         (all(w > 0 for w in m.widths), "model.widths", m.widths, "positive integers"),
-        (m.arch == "mlp" or len(m.widths) > 0, "model.widths", m.widths, "at least one conv stage for arch=conv"),
+        (
+            m.arch == "mlp" or len(m.widths) > 0,
+            "model.widths",
+            m.widths,
+            "at least one conv stage for arch=conv",
+        ),
         (m.latent_dim > 0, "model.latent_dim", m.latent_dim, "a positive integer"),
         (
             m.noise_level >= 0 and (m.noise_level <= 1 or not fraction),
@@ -338,11 +424,21 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
             m.noise_level,
             "a fraction in [0, 1] for masking/salt_pepper, a std >= 0 for gaussian",
         ),
-        (m.corruption_patch > 0, "model.corruption_patch", m.corruption_patch, "a positive integer"),
+        (
+            m.corruption_patch > 0,
+            "model.corruption_patch",
+            m.corruption_patch,
+            "a positive integer",
+        ),
         (m.sparsity_weight >= 0, "model.sparsity_weight", m.sparsity_weight, "0 or more"),
         (0 < m.sparsity_target < 1, "model.sparsity_target", m.sparsity_target, "in (0, 1)"),
         (m.contractive_weight >= 0, "model.contractive_weight", m.contractive_weight, "0 or more"),
-        (m.contractive_projections > 0, "model.contractive_projections", m.contractive_projections, "1 or more"),
+        (
+            m.contractive_projections > 0,
+            "model.contractive_projections",
+            m.contractive_projections,
+            "1 or more",
+        ),
         (m.beta >= 0, "model.beta", m.beta, "0 or more"),
         (m.beta_warmup_steps >= 0, "model.beta_warmup_steps", m.beta_warmup_steps, "0 or more"),
         (m.stage_steps > 0, "model.stage_steps", m.stage_steps, "a positive integer"),
@@ -391,7 +487,9 @@ def derive_schedule(t: Schedule, dataset_size: int, num_processes: int, key: str
     warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
     lr = t.blr * effective / 256
     if t.min_lr > lr:
-        raise ConfigError(f"{key}.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it")
+        raise ConfigError(
+            f"{key}.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it"
+        )
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
 
 

@@ -44,9 +44,13 @@ _Yaml12Loader.add_implicit_resolver(
 
 def parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no object construction
+        return yaml.load(
+            text, Loader=_Yaml12Loader
+        )  # a SafeLoader subclass: no object construction
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from e
+        raise ConfigError(
+            f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax"
+        ) from e
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -57,7 +61,9 @@ def _field_type(schema: type, key: str) -> Any:
     """The schema type at a dotted key, or None when the key does not exist."""
     kind: Any = schema
     for part in key.split("."):
-        if not dataclasses.is_dataclass(kind) or part not in {f.name for f in dataclasses.fields(kind)}:
+        if not dataclasses.is_dataclass(kind) or part not in {
+            f.name for f in dataclasses.fields(kind)
+        }:
             return None
         kind = typing.get_type_hints(kind)[part]
     return kind
@@ -66,7 +72,9 @@ def _field_type(schema: type, key: str) -> Any:
 def _is_text(kind: Any) -> bool:
     """str, str | None, or a Literal of strings: an override's raw text is the value."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and args == [str]):
+    if kind is str or (
+        typing.get_origin(kind) in (typing.Union, types.UnionType) and args == [str]
+    ):
         return True
     return typing.get_origin(kind) is Literal and all(isinstance(a, str) for a in args)
 
@@ -77,14 +85,20 @@ def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...], sc
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass an existing YAML file to --config"
+            )
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}"
+            )
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
+            raise ConfigError(
+                f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)"
+            )
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
@@ -93,7 +107,9 @@ def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...], sc
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         if value in ("", "null", "~"):
             node[leaf] = None
-        elif _is_text(_field_type(schema, key)) and not value.startswith(("'", '"')):  # output_dir=2024 stays text
+        elif _is_text(_field_type(schema, key)) and not value.startswith(
+            ("'", '"')
+        ):  # output_dir=2024 stays text
             node[leaf] = value
         else:
             node[leaf] = parse_yaml(value, f"the value of {key!r}")
@@ -108,7 +124,9 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}; valid keys here: {sorted(names)}")
+            raise ConfigError(
+                f"unknown config key {prefix + str(key)!r}; valid keys here: {sorted(names)}"
+            )
     kwargs = {}
     for key, value in raw.items():
         kind = hints[key]
@@ -131,7 +149,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{key}={value!r} has the wrong type; expected {_name(kind)}"
+            errors[0]
+            if len(errors) == 1
+            else f"{key}={value!r} has the wrong type; expected {_name(kind)}"
         )
     if origin is Literal:
         if value not in args:
@@ -139,7 +159,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list ({_name(kind)})")
+            raise ConfigError(
+                f"{key}={value!r} has the wrong type; expected a list ({_name(kind)})"
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):

@@ -42,7 +42,12 @@ FSDP_UNIT = "Block"  # timm's transformer block: the shard unit of configs/accel
 # A backend's failed or timed-out collective: NCCL raises DistBackendError; gloo a plain RuntimeError
 # whose message names its transport ("gloo/transport/tcp/pair.cc: Connection closed by peer",
 # "unbound_buffer.cc: Timed out waiting 30000ms for recv operation to complete").
-COLLECTIVE_FAILED = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL")
+COLLECTIVE_FAILED = (
+    "gloo/transport",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "NCCL",
+)
 
 
 class PeerLostError(UserError, RuntimeError):
@@ -86,7 +91,9 @@ def enable_fsdp(accelerator: Accelerator, key: str) -> None:
             f"{accelerator.device.type}, which would train unsharded; FSDP needs a process group: launch with "
             "accelerate launch --config_file configs/accelerate/fsdp.yaml (without a GPU, with ACCELERATE_USE_CPU=true)"
         )
-    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment, as Accelerate builds it
+    plugin = (
+        FullyShardedDataParallelPlugin()
+    )  # from the launch's FSDP_* environment, as Accelerate builds it
     if plugin.fsdp_version != 2:
         raise ConfigError(
             f"FSDP on CPU runs FSDP2 only and the launch asks for version {plugin.fsdp_version}; "
@@ -100,7 +107,9 @@ def enable_fsdp(accelerator: Accelerator, key: str) -> None:
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     if not accelerator.is_fsdp2:
-        raise ConfigError(f"FSDP could not be set up on {accelerator.device.type}; run {key} with DDP instead")
+        raise ConfigError(
+            f"FSDP could not be set up on {accelerator.device.type}; run {key} with DDP instead"
+        )
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -133,7 +142,9 @@ def describe(accelerator: Accelerator) -> dict[str, Any]:
     if kind == "fsdp":
         plugin = accelerator.state.fsdp_plugin
         record["fsdp_version"] = plugin.fsdp_version
-        record["checkpoints"] = "sharded" if plugin.state_dict_type.name == "SHARDED_STATE_DICT" else "full"
+        record["checkpoints"] = (
+            "sharded" if plugin.state_dict_type.name == "SHARDED_STATE_DICT" else "full"
+        )
     return record
 
 
@@ -166,15 +177,21 @@ def same_init_everywhere(accelerator: Accelerator, seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def peers_watched(accelerator: Accelerator, run_dir: Path, timeout_key: str, timeout_s: int) -> Iterator[None]:
+def peers_watched(
+    accelerator: Accelerator, run_dir: Path, timeout_key: str, timeout_s: int
+) -> Iterator[None]:
     """Turn a failed or timed-out collective into ``PeerLostError``, with the fix."""
     try:
         yield
     except RuntimeError as e:
-        lost = isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in COLLECTIVE_FAILED)
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            s in str(e) for s in COLLECTIVE_FAILED
+        )
         if accelerator.num_processes == 1 or not lost or isinstance(e, UserError):
             raise
-        text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # without gloo's [source.cc:line] prefix
+        text = re.sub(
+            r"^\[[^\]]*\]\s*", "", str(e).strip()
+        )  # without gloo's [source.cc:line] prefix
         first = text.splitlines()[0] if text else type(e).__name__
         last = ckpt.latest_checkpoint(run_dir)
         raise PeerLostError(

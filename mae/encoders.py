@@ -87,21 +87,27 @@ class FrozenEncoder:
         """Concatenate the pooled features of the last ``blocks`` transformer blocks, each normalised as
         the encoder's own output is (final norm; ``fc_norm`` after average pooling when the model has
         one), as DINO's and iBOT's linear probes do; 1 is the encoder's output alone."""
-        if blocks > 1 and (self.kind != "timm" or not hasattr(self.module, "forward_intermediates")):
+        if blocks > 1 and (
+            self.kind != "timm" or not hasattr(self.module, "forward_intermediates")
+        ):
             raise ConfigError(
                 f"probe.blocks={blocks} needs a transformer encoder with intermediate outputs; {self.source} gives "
                 "one feature vector: use probe.blocks=1"
             )
         depth = len(getattr(self.module, "blocks", ()))
         if depth and blocks > depth:
-            raise ConfigError(f"probe.blocks={blocks}: {self.source} has {depth} blocks; use at most {depth}")
+            raise ConfigError(
+                f"probe.blocks={blocks}: {self.source} has {depth} blocks; use at most {depth}"
+            )
         self.blocks = blocks
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or the
         model's own."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        ):
             return self._features(images.to(self.device), pool).float().cpu()
 
     def _features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
@@ -109,18 +115,28 @@ class FrozenEncoder:
             return self.module.encode(images)
         if self.blocks > 1:
             outs = self.module.forward_intermediates(
-                images, indices=self.blocks, norm=True, output_fmt="NLC", intermediates_only=True,
+                images,
+                indices=self.blocks,
+                norm=True,
+                output_fmt="NLC",
+                intermediates_only=True,
                 return_prefix_tokens=True,
-            )  # fmt: skip
+            )
             fc_norm = getattr(self.module, "fc_norm", None) if pool == self.default_pool else None
-            pooled = [prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs]
-            if fc_norm is not None and pool == "avg":  # the model's own avg head norms after pooling
+            pooled = [
+                prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs
+            ]
+            if (
+                fc_norm is not None and pool == "avg"
+            ):  # the model's own avg head norms after pooling
                 pooled = [fc_norm(f) for f in pooled]
             return torch.cat(pooled, dim=1)
         tokens = self.module.forward_features(images)
         if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
             return self.module.forward_head(tokens, pre_logits=True)
-        if pool == self.default_pool:  # the model's own pooling, with its own head norm (fc_norm, attention pool)
+        if (
+            pool == self.default_pool
+        ):  # the model's own pooling, with its own head norm (fc_norm, attention pool)
             return self.module.forward_head(tokens, pre_logits=True)
         if pool == "cls":
             return tokens[:, 0]
@@ -137,7 +153,9 @@ class FrozenEncoder:
                 "encode(): use probe.features=default"
             )
         if requested == "cls" and getattr(self.module, "cls_token", None) is None:
-            raise ConfigError(f"probe.features=cls: {self.source} has no cls token; use probe.features=avg")
+            raise ConfigError(
+                f"probe.features=cls: {self.source} has no cls token; use probe.features=avg"
+            )
         return requested
 
 
@@ -156,7 +174,9 @@ def _freeze(
 ) -> FrozenEncoder:
     module.eval().requires_grad_(False)
     arch_text = json.dumps(arch, sort_keys=True, default=str)
-    return FrozenEncoder(module, source, kind, data_config, default_pool, arch_text, weights_sha256(module))
+    return FrozenEncoder(
+        module, source, kind, data_config, default_pool, arch_text, weights_sha256(module)
+    )
 
 
 def _timm_pool(model: nn.Module) -> str:
@@ -164,9 +184,14 @@ def _timm_pool(model: nn.Module) -> str:
 
 
 def _timm_encoder(model: nn.Module, source: str) -> FrozenEncoder:
-    arch = {"timm": model.pretrained_cfg.get("architecture"), "args": getattr(model, "pretrained_model_args", None)}
+    arch = {
+        "timm": model.pretrained_cfg.get("architecture"),
+        "args": getattr(model, "pretrained_model_args", None),
+    }
     arch["repr"] = repr(model)  # layer structure; heads and the like sit in model_args above
-    return _freeze(model, source, "timm", resolve_data_config({}, model=model), _timm_pool(model), arch)
+    return _freeze(
+        model, source, "timm", resolve_data_config({}, model=model), _timm_pool(model), arch
+    )
 
 
 def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
@@ -184,7 +209,11 @@ def _model_encoder(model: nn.Module, cfg: Any, source: str) -> FrozenEncoder:
     """A project model's encoder, fed as its config preprocesses images."""
     d = cfg.data
     data_config = timm_data_config(d)  # the run's own input size and normalisation
-    arch = {"run_model": dataclasses.asdict(cfg.model), "image_size": d.image_size, "channels": d.channels}
+    arch = {
+        "run_model": dataclasses.asdict(cfg.model),
+        "image_size": d.image_size,
+        "channels": d.channels,
+    }
     encoder = model.encoder
     if hasattr(encoder, "pretrained_cfg"):  # a timm model: token features, both poolings
         return _freeze(encoder, source, "timm", data_config, _timm_pool(encoder), arch)
@@ -201,7 +230,9 @@ def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncode
     return _model_encoder(model, cfg, source)
 
 
-def _weights_encoder(path: Path, source: str, fresh: bool, seed: int, num_heads: int | None) -> FrozenEncoder:
+def _weights_encoder(
+    path: Path, source: str, fresh: bool, seed: int, num_heads: int | None
+) -> FrozenEncoder:
     """A weights file or checkpoint folder (``mae.interop``): the project's MAE of its architecture."""
     state = load_weights(path)
     arch = infer_architecture(path, state)
@@ -237,8 +268,15 @@ def load_encoder(source: str, seed: int = 0, num_heads: int | None = None) -> Fr
         return _load_encoder(source, seed, num_heads)
     except ConfigError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing files, bad configs, shape mismatches
-        raise ConfigError(f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})") from e
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+    ) as e:  # missing files, bad configs, shape mismatches
+        raise ConfigError(
+            f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _is_weights(path: Path) -> bool:
@@ -255,23 +293,33 @@ def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncode
         if not size.isdigit() or int(size) <= 0:
             raise ConfigError(f"encoder={source!r}: give the image size in pixels, e.g. pixels:32")
         data = DataConfig(image_size=int(size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return _freeze(Pixels(), source, "autoencoder", timm_data_config(data), "encode", {"pixels": int(size)})
-    if is_timm_pretrained(source):  # NAME.TAG: timm's pretrained weights, through the Hugging Face cache
+        return _freeze(
+            Pixels(), source, "autoencoder", timm_data_config(data), "encode", {"pixels": int(size)}
+        )
+    if is_timm_pretrained(
+        source
+    ):  # NAME.TAG: timm's pretrained weights, through the Hugging Face cache
         return _timm_encoder(timm_pretrained(source), source)
     if source.startswith("timm:"):
         name = source.removeprefix("timm:")
         if not timm.is_model(name):
-            raise ConfigError(f"encoder={source!r}: timm has no model {name!r}; see timm.list_models()")
+            raise ConfigError(
+                f"encoder={source!r}: timm has no model {name!r}; see timm.list_models()"
+            )
         torch.manual_seed(seed)
         return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
     fresh = source.startswith("random:")
-    path = local_path(source.removeprefix("random:"))  # an hf-hub: name is its snapshot folder in the cache
+    path = local_path(
+        source.removeprefix("random:")
+    )  # an hf-hub: name is its snapshot folder in the cache
     if is_hf_folder(path):
         return _hf_encoder(path, source, fresh, seed)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         torch.manual_seed(seed)
         return _timm_encoder(timm.create_model(f"local-dir:{path}", pretrained=not fresh), source)
-    if (path / "config.yaml").is_file():  # a run, or a project export (config.yaml + model.safetensors)
+    if (
+        path / "config.yaml"
+    ).is_file():  # a run, or a project export (config.yaml + model.safetensors)
         export = path / "export"
         if not fresh and (export / "config.json").is_file():
             return _timm_encoder(timm.create_model(f"local-dir:{export}", pretrained=True), source)

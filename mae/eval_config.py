@@ -24,7 +24,9 @@ class EvalDataConfig:
 
     dataset: str = "sample"  # as data.dataset of pretraining
     split: str = "train"  # the split the probe is fitted on
-    eval_split: str | None = None  # default: test, else validation, else a stratified holdout of `split`
+    eval_split: str | None = (
+        None  # default: test, else validation, else a stratified holdout of `split`
+    )
     holdout_fraction: float = 0.1  # only when there is no evaluation split
     image_column: str | None = None
     label_column: str | None = None  # default: the first ClassLabel feature (labels are required)
@@ -33,7 +35,9 @@ class EvalDataConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    features: Literal["default", "cls", "avg"] = "default"  # default: the pooling the encoder was made for
+    features: Literal["default", "cls", "avg"] = (
+        "default"  # default: the pooling the encoder was made for
+    )
     batch_size: int = 1024  # linear probe (MAE: 16384 on ImageNet)
     epochs: int = 90
     blr: float = 10.0  # lr = blr x batch_size / 256, LARS (MAE: 0.1 at batch 16384; measured on CIFAR-10 features)
@@ -59,7 +63,9 @@ class ProbeConfig:
     # the linear probe's head: bn, BatchNorm1d(affine=False) + Linear (the MAE paper's: it normalises
     # each feature with the training set's statistics); linear, a plain Linear on the raw features
     head: Literal["bn", "linear"] = "bn"
-    cache_dir: str = "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
+    cache_dir: str = (
+        "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
+    )
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,14 @@ class FinetuneConfig:
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.65  # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
+    layer_decay: float = (
+        0.65  # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
+    )
     drop_path: float = 0.1  # stochastic depth rate of the last block
     clip_grad: float | None = None
-    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
+    global_pool: Literal["avg", "token"] = (
+        "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
+    )
     # default: the encoder's; another size (one side, or [H, W]) resamples the position embeddings
     image_size: int | tuple[int, int] | None = None
     # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing, mixup/cutmix
@@ -101,7 +111,9 @@ class FinetuneConfig:
     cpu_threads: int | None = None  # as train.cpu_threads
     dist_timeout: int = 300  # as train.dist_timeout
     log_with: tuple[str, ...] = ("tensorboard",)  # as train.log_with
-    eval_every: int = 1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
+    eval_every: int = (
+        1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
+    )
     log_every: int = 10  # optimizer steps between metric lines
     keep_checkpoints: int = 2
 
@@ -124,11 +136,15 @@ class EvalConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+def load_eval_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> EvalConfig:
     cfg = load_raw(path, overrides, EvalConfig)
     if cfg.init is not None:
         if cfg.encoder is not None and cfg.encoder != cfg.init:
-            raise ConfigError(f"encoder={cfg.encoder!r} and init={cfg.init!r} name two encoders; give one of them")
+            raise ConfigError(
+                f"encoder={cfg.encoder!r} and init={cfg.init!r} name two encoders; give one of them"
+            )
         cfg = dataclasses.replace(cfg, encoder=cfg.init)
     d, p = cfg.data, cfg.probe
     checks = [
@@ -138,19 +154,44 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
             cfg.encoder,
             "an export dir, a run dir, a weights file, hf-hub:ORG/NAME, timm:NAME[.TAG], random:SOURCE or pixels:SIZE",
         ),
-        (d.eval_split != d.split, "data.eval_split", d.eval_split, f"another split than data.split={d.split!r}"),
-        (0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "a fraction in (0, 1)"),
+        (
+            d.eval_split != d.split,
+            "data.eval_split",
+            d.eval_split,
+            f"another split than data.split={d.split!r}",
+        ),
+        (
+            0 < d.holdout_fraction < 1,
+            "data.holdout_fraction",
+            d.holdout_fraction,
+            "a fraction in (0, 1)",
+        ),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
-        (cfg.num_heads is None or cfg.num_heads > 0, "num_heads", cfg.num_heads, "a positive integer or null"),
+        (
+            cfg.num_heads is None or cfg.num_heads > 0,
+            "num_heads",
+            cfg.num_heads,
+            "a positive integer or null",
+        ),
         (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),
         (p.epochs > 0, "probe.epochs", p.epochs, "a positive integer"),
         (p.blr > 0, "probe.blr", p.blr, "a positive number"),
         (p.weight_decay >= 0, "probe.weight_decay", p.weight_decay, "0 or more"),
-        (0 <= p.warmup_epochs < p.epochs, "probe.warmup_epochs", p.warmup_epochs, "in [0, probe.epochs)"),
+        (
+            0 <= p.warmup_epochs < p.epochs,
+            "probe.warmup_epochs",
+            p.warmup_epochs,
+            "in [0, probe.epochs)",
+        ),
         (p.k > 0, "probe.k", p.k, "a positive integer"),
         (p.blocks > 0, "probe.blocks", p.blocks, "a positive integer"),
         (p.temperature > 0, "probe.temperature", p.temperature, "a positive number"),
-        (p.extract_batch_size > 0, "probe.extract_batch_size", p.extract_batch_size, "a positive integer"),
+        (
+            p.extract_batch_size > 0,
+            "probe.extract_batch_size",
+            p.extract_batch_size,
+            "a positive integer",
+        ),
         (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
     ]
     f = cfg.finetune
@@ -163,18 +204,28 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | tupl
             "finetune.image_size",
             f.image_size,
             "a positive integer, [H, W] or null",
-        ),  # fmt: skip
+        ),
         crop_scale_check(f.crop_scale, "finetune.crop_scale"),
         (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
         (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),
         (f.cutmix >= 0, "finetune.cutmix", f.cutmix, "0 (off) or a positive alpha"),
         (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, "a probability in [0, 1]"),
-        (0 <= f.mixup_switch_prob <= 1, "finetune.mixup_switch_prob", f.mixup_switch_prob, "a probability in [0, 1]"),
+        (
+            0 <= f.mixup_switch_prob <= 1,
+            "finetune.mixup_switch_prob",
+            f.mixup_switch_prob,
+            "a probability in [0, 1]",
+        ),
         (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
         (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
     ]
     raise_first_invalid(checks)
-    if cfg.mode == "finetune" and (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0 and f.batch_size % 2:
+    if (
+        cfg.mode == "finetune"
+        and (f.mixup > 0 or f.cutmix > 0)
+        and f.mixup_prob > 0
+        and f.batch_size % 2
+    ):
         raise ConfigError(
             f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images within a batch); "
             "choose an even batch size or set finetune.mixup=0 finetune.cutmix=0"

@@ -62,14 +62,18 @@ class EvaluateError(UserError, ValueError):
 class Evaluation:
     """A run's model in eval mode and its data, as the run preprocessed it."""
 
-    def __init__(self, run: str, dataset: str | None, split: str, max_images: int, batch: int, seed: int) -> None:
+    def __init__(
+        self, run: str, dataset: str | None, split: str, max_images: int, batch: int, seed: int
+    ) -> None:
         try:
             self.model, cfg = load_run_model(run)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise EvaluateError(f"--run {run}: {e}") from e
         self.model.eval()
         self.cfg: Config = cfg
-        self.data: DataConfig = cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset=dataset)
+        self.data: DataConfig = (
+            cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset=dataset)
+        )
         self.splits = load_splits(self.data)
         self.split, self.max_images, self.batch, self.seed = split, max_images, batch, seed
 
@@ -102,7 +106,9 @@ class Evaluation:
 def reconstruct(ev: Evaluation, out: Path, mask_ratio: float | None) -> dict[str, Any]:
     if mask_ratio is not None:
         if not hasattr(ev.model, "mask_ratio"):
-            raise EvaluateError(f"--mask-ratio applies to MAE runs; this run is {ev.cfg.model.name!r}")
+            raise EvaluateError(
+                f"--mask-ratio applies to MAE runs; this run is {ev.cfg.model.name!r}"
+            )
         if not 0 < mask_ratio < 1:
             raise EvaluateError(f"--mask-ratio={mask_ratio} must be strictly between 0 and 1")
         ev.model.mask_ratio = mask_ratio
@@ -123,7 +129,11 @@ def reconstruct(ev: Evaluation, out: Path, mask_ratio: float | None) -> dict[str
         seen = ev.model(images)
         panels = [ev.to_pixels(images * (1 - seen.mask)), pixels, target]
     ev.grid(out / "reconstruct.png", panels)
-    result = {**psnr_summary(torch.cat(mse)), "ssim": torch.cat(ssim).mean().item(), "images": len(torch.cat(mse))}
+    result = {
+        **psnr_summary(torch.cat(mse)),
+        "ssim": torch.cat(ssim).mean().item(),
+        "images": len(torch.cat(mse)),
+    }
     if mask_ratio is not None or hasattr(ev.model, "mask_ratio"):
         result["mask_ratio"] = ev.model.mask_ratio
     return result
@@ -146,7 +156,12 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
         raise EvaluateError(
             f"--normal {normal}: the split's classes are {sorted(present)}; name normal classes it has, and not all"
         )
-    result = {"normal": normal, "score": "reconstruction MSE", **detection_scores(s, y, normal), "images": len(s)}
+    result = {
+        "normal": normal,
+        "score": "reconstruction MSE",
+        **detection_scores(s, y, normal),
+        "images": len(s),
+    }
     is_normal = torch.isin(y, torch.tensor(normal))
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = torch.linspace(s.min().item(), s.max().item(), 50).tolist()
@@ -164,7 +179,9 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
 
 def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
     if not hasattr(ev.model, "sample"):
-        raise EvaluateError(f"sample needs a generative model (model.name=vae); this run is {ev.cfg.model.name!r}")
+        raise EvaluateError(
+            f"sample needs a generative model (model.name=vae); this run is {ev.cfg.model.name!r}"
+        )
     g = torch.Generator().manual_seed(ev.seed)
     samples = ev.to_pixels(ev.model.sample(n, generator=g))
     save_tiles(samples, out / "samples.png", nrow=int(math.ceil(math.sqrt(n))))
@@ -185,36 +202,59 @@ def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mae.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mae.evaluate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("task", choices=TASKS)
     parser.add_argument(
-        "--run", action="append", default=[], help="a run directory written by pretrain.py (report: several)"
+        "--run",
+        action="append",
+        default=[],
+        help="a run directory written by pretrain.py (report: several)",
     )
     parser.add_argument(
-        "--results", action="append", default=[], help="report: finetune.py output_dirs or folders holding them"
+        "--results",
+        action="append",
+        default=[],
+        help="report: finetune.py output_dirs or folders holding them",
     )
     parser.add_argument("--out", help="output folder (default RUN/evaluate/TASK)")
     parser.add_argument("--dataset", help="data.dataset to evaluate on (default: the run's)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--max-images", type=int, default=2000, help="the first N images of the split")
+    parser.add_argument(
+        "--max-images", type=int, default=2000, help="the first N images of the split"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)")
     parser.add_argument(
-        "--corruption", choices=("gaussian", "masking", "salt_pepper"),
+        "--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)"
+    )
+    parser.add_argument(
+        "--corruption",
+        choices=("gaussian", "masking", "salt_pepper"),
         help="denoise: default the run's own (a dae run's model.corruption), else gaussian",
-    )  # fmt: skip
-    parser.add_argument("--level", type=float, help="denoise: noise std or fraction (default the run's, else 0.2)")
-    parser.add_argument("--patch", type=int, help="denoise: side of masked squares (default the run's, else 1)")
+    )
+    parser.add_argument(
+        "--level", type=float, help="denoise: noise std or fraction (default the run's, else 0.2)"
+    )
+    parser.add_argument(
+        "--patch", type=int, help="denoise: side of masked squares (default the run's, else 1)"
+    )
     parser.add_argument("--normal", default="0", help="anomaly: comma-separated normal class ids")
-    parser.add_argument("--fit-split", default="train", help="reduce, denoise: the split PCA (and probes) fit on")
-    parser.add_argument("--fit-images", type=int, default=20000, help="reduce, denoise: images of --fit-split")
+    parser.add_argument(
+        "--fit-split", default="train", help="reduce, denoise: the split PCA (and probes) fit on"
+    )
+    parser.add_argument(
+        "--fit-images", type=int, default=20000, help="reduce, denoise: images of --fit-split"
+    )
     parser.add_argument("-n", type=int, default=64, help="sample: images to generate")
     args = parser.parse_args(argv)
     try:
         if args.task == "report":
             if not args.out:
-                raise EvaluateError("report needs --out, the folder for report.md, report.json and the figures")
+                raise EvaluateError(
+                    "report needs --out, the folder for report.md, report.json and the figures"
+                )
             print(write_report(args.run, args.results, Path(args.out)), end="")
             return 0
         if len(args.run) != 1:
@@ -228,12 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "reconstruct":
             result = reconstruct(ev, out, args.mask_ratio)
         elif args.task == "denoise":
-            result = denoise(ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images)
+            result = denoise(
+                ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images
+            )
         elif args.task == "anomaly":
             try:
                 normal = [int(c) for c in args.normal.split(",")]
             except ValueError as e:
-                raise EvaluateError(f"--normal {args.normal!r}: give comma-separated class ids, e.g. 0,1") from e
+                raise EvaluateError(
+                    f"--normal {args.normal!r}: give comma-separated class ids, e.g. 0,1"
+                ) from e
             result = anomaly(ev, out, normal)
         elif args.task == "reduce":
             result = reduce(ev, out, args.fit_split, args.fit_images)
@@ -242,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    record = {"task": args.task, "run": run, "split": args.split, "dataset": ev.data.dataset, **result}
+    record = {
+        "task": args.task,
+        "run": run,
+        "split": args.split,
+        "dataset": ev.data.dataset,
+        **result,
+    }
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(result, indent=1))
     print(f"written to {out}")

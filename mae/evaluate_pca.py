@@ -31,7 +31,9 @@ class PCA:
 
     def __init__(self, x: torch.Tensor, dims: int) -> None:
         if dims > min(x.shape):
-            raise UserError(f"PCA of {dims} components needs at least {dims} fit images; raise --fit-images")
+            raise UserError(
+                f"PCA of {dims} components needs at least {dims} fit images; raise --fit-images"
+            )
         self.mean = x.mean(dim=0)
         _, _, vh = torch.linalg.svd(x - self.mean, full_matrices=False)
         self.components = vh[:dims]
@@ -54,18 +56,31 @@ def code_size(ev: Evaluation) -> int:
     return int(ev.model.feature_dim)
 
 
-def run_corruption(ev: Evaluation, corruption: str | None, level: float | None, patch: int | None) -> tuple:
+def run_corruption(
+    ev: Evaluation, corruption: str | None, level: float | None, patch: int | None
+) -> tuple:
     """The corruption to evaluate, what is not given filled from the one a denoising run trained with (other
     runs, or another kind than the run's: Gaussian std 0.2, or a fraction 0.5 of single pixels)."""
     m = ev.cfg.model
-    trained = (m.corruption, m.noise_level, m.corruption_patch) if m.name == "dae" else ("gaussian", 0.2, 1)
+    trained = (
+        (m.corruption, m.noise_level, m.corruption_patch)
+        if m.name == "dae"
+        else ("gaussian", 0.2, 1)
+    )
     kind = corruption or trained[0]
     fill = trained if kind == trained[0] else (kind, 0.2 if kind == "gaussian" else 0.5, 1)
     return kind, fill[1] if level is None else level, patch or fill[2]
 
 
-def denoise(ev: Evaluation, out: Path, corruption: str | None, level: float | None, patch: int | None,
-            fit_split: str, fit_images: int) -> dict[str, Any]:  # fmt: skip
+def denoise(
+    ev: Evaluation,
+    out: Path,
+    corruption: str | None,
+    level: float | None,
+    patch: int | None,
+    fit_split: str,
+    fit_images: int,
+) -> dict[str, Any]:
     corruption, level, patch = run_corruption(ev, corruption, level, patch)
     if level < 0 or (corruption != "gaussian" and level > 1):
         raise UserError(f"--level={level}: a std >= 0 for gaussian, a fraction in [0, 1] otherwise")
@@ -83,13 +98,23 @@ def denoise(ev: Evaluation, out: Path, corruption: str | None, level: float | No
         if first is None:
             first = [noisy, restored, by_pca, clean]
     ev.grid(out / "denoise.png", first)
-    summary = {k: psnr_summary(torch.cat(v)) for k, v in {"noisy": before, "restored": after, "pca": projected}.items()}
+    summary = {
+        k: psnr_summary(torch.cat(v))
+        for k, v in {"noisy": before, "restored": after, "pca": projected}.items()
+    }
     print(
         f"denoise ({corruption} {level:g}): noisy {summary['noisy']['psnr_db']:.2f} dB, restored "
         f"{summary['restored']['psnr_db']:.2f} dB, projected on PCA-{code_size(ev)} {summary['pca']['psnr_db']:.2f} dB"
     )
-    return {"corruption": corruption, "level": level, "patch": patch, **summary, "pca_dims": code_size(ev),
-            "fit_images": fit_images, "images": len(torch.cat(after))}  # fmt: skip
+    return {
+        "corruption": corruption,
+        "level": level,
+        "patch": patch,
+        **summary,
+        "pca_dims": code_size(ev),
+        "fit_images": fit_images,
+        "images": len(torch.cat(after)),
+    }
 
 
 def _codes(ev: Evaluation, split: str | None, limit: int | None) -> tuple[torch.Tensor, ...]:
@@ -122,7 +147,10 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
         classes = int(max(labels.max(), fit_labels.max())) + 1
         names = [str(c) for c in range(classes)]
         probe = ProbeConfig(epochs=50, warmup_epochs=5, batch_size=min(256, len(fit_labels)))
-        features = {"encoder": (fit_codes, codes), "pca": (pca.codes(fit_flat).float(), pca.codes(flat).float())}
+        features = {
+            "encoder": (fit_codes, codes),
+            "pca": (pca.codes(fit_flat).float(), pca.codes(flat).float()),
+        }
         for name, (a, b) in features.items():
             train, test = {"features": a, "labels": fit_labels}, {"features": b, "labels": labels}
             logits = linear_probe(train, test, classes, probe, ev.seed)

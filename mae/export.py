@@ -32,8 +32,12 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
     """Write ``model.encoder`` (a timm model) with the run's preprocessing into ``out_dir``."""
     encoder = model.encoder
     if not hasattr(encoder, "pretrained_cfg"):
-        raise TypeError(f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format")
-    return save_timm(encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset or 'custom'}")
+        raise TypeError(
+            f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format"
+        )
+    return save_timm(
+        encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset or 'custom'}"
+    )
 
 
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -82,22 +86,30 @@ def replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     return out_dir
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Config]:
+def load_run_model(
+    run_dir: str | Path, checkpoint: str | Path | None = None
+) -> tuple[torch.nn.Module, Config]:
     """Rebuild a run's model from its ``config.yaml`` and load weights strictly: from ``checkpoint``,
     else the folder's own ``model.safetensors`` (a project export), else the newest checkpoint."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a run directory written by pretrain.py")
+        raise FileNotFoundError(
+            f"{run_dir} has no config.yaml; pass a run directory written by pretrain.py"
+        )
     cfg = from_dict(read_yaml(config_file))
     if checkpoint:
         path = Path(checkpoint)
-    elif (run_dir / "model.safetensors").is_file():  # a project export (config.yaml + model.safetensors)
+    elif (
+        run_dir / "model.safetensors"
+    ).is_file():  # a project export (config.yaml + model.safetensors)
         path = run_dir
     else:
         path = ckpt.latest_checkpoint(run_dir)
     if path is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint; train it first or pass --checkpoint")
+        raise FileNotFoundError(
+            f"{run_dir} has no complete checkpoint; train it first or pass --checkpoint"
+        )
     model = build_model(cfg)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model, cfg
@@ -115,18 +127,30 @@ def save_hf(model: torch.nn.Module, cfg: Config, folder: Path) -> None:
     to_hf(model, cfg).save_pretrained(str(folder))
     height, width = cfg.data.hw
     processor = ViTImageProcessor(
-        do_resize=True, size={"height": height, "width": width}, resample=PILImageResampling.BICUBIC,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(cfg.data.mean), image_std=list(cfg.data.std),
-    )  # fmt: skip
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(cfg.data.mean),
+        image_std=list(cfg.data.std),
+    )
     processor.save_pretrained(str(folder))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mae.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mae.export", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("run_dir", help="a run directory written by pretrain.py")
-    parser.add_argument("--checkpoint", help="checkpoint folder (default: the run's newest complete one)")
-    parser.add_argument("--out", help="export folder (default: RUN_DIR/export, or RUN_DIR/export_hf for --format hf)")
+    parser.add_argument(
+        "--checkpoint", help="checkpoint folder (default: the run's newest complete one)"
+    )
+    parser.add_argument(
+        "--out",
+        help="export folder (default: RUN_DIR/export, or RUN_DIR/export_hf for --format hf)",
+    )
     parser.add_argument(
         "--format",
         choices=("timm", "hf"),
@@ -140,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_run_model(args.run_dir, args.checkpoint)
         if args.format == "hf":
             if cfg.model.name != "mae":
-                raise ValueError(f"--format hf needs an MAE run; {args.run_dir} is model.name={cfg.model.name}")
+                raise ValueError(
+                    f"--format hf needs an MAE run; {args.run_dir} is model.name={cfg.model.name}"
+                )
             out = Path(args.out or Path(args.run_dir) / "export_hf")
             replace_dir(out, lambda tmp: save_hf(model, cfg, tmp))
         else:

@@ -125,7 +125,9 @@ def evaluate_model(
         labels.append(y.cpu())
     model.train()
     scores, targets = torch.cat(logits), torch.cat(labels)
-    result = accuracy(scores, targets, names) | {"scored": len(targets)}  # every image once, over all processes
+    result = accuracy(scores, targets, names) | {
+        "scored": len(targets)
+    }  # every image once, over all processes
     return result, nn.functional.cross_entropy(scores, targets.long()).item()
 
 
@@ -134,10 +136,24 @@ class Finetuning:
     (and at the end) accuracy on the evaluation split, the ``last/`` and ``best/`` classifiers and a
     checkpoint."""
 
-    def __init__(self, accelerator: Accelerator, cfg: EvalConfig, clf: Classifier, source: LoadedSource,
-                 eval_loader: DataLoader, derived: Derived, names: list[str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        cfg: EvalConfig,
+        clf: Classifier,
+        source: LoadedSource,
+        eval_loader: DataLoader,
+        derived: Derived,
+        names: list[str],
+    ) -> None:
         f = cfg.finetune
-        self.accelerator, self.cfg, self.clf, self.derived, self.names = accelerator, cfg, clf, derived, names
+        self.accelerator, self.cfg, self.clf, self.derived, self.names = (
+            accelerator,
+            cfg,
+            clf,
+            derived,
+            names,
+        )
         self.run_dir = Path(cfg.output_dir)
         optimizer = build_optimizer(clf.model, f, derived, layered=clf.kind == "timm")
         self.scheduler = runner.cosine_schedule(optimizer, derived, f.min_lr)
@@ -164,7 +180,10 @@ class Finetuning:
 
     def checkpoint_due(self, step: int, done: bool) -> bool:
         epochs = step / self.derived.steps_per_epoch
-        return done or (step % self.derived.steps_per_epoch == 0 and round(epochs) % self.cfg.finetune.eval_every == 0)
+        return done or (
+            step % self.derived.steps_per_epoch == 0
+            and round(epochs) % self.cfg.finetune.eval_every == 0
+        )
 
     def before_checkpoint(self, step: int) -> None:
         """Evaluate, record, and write the ``last/`` (and, when it improved, ``best/``) classifier."""
@@ -173,12 +192,16 @@ class Finetuning:
         self.last_eval = scores
         entry = {"epoch": epochs, "step": step, "top1": scores["top1"], "top5": scores["top5"]}
         self.history.append(entry | {"loss": eval_loss})
-        acc.log({"eval/top1": scores["top1"], "eval/top5": scores["top5"], "eval/loss": eval_loss}, step)
+        acc.log(
+            {"eval/top1": scores["top1"], "eval/top5": scores["top5"], "eval/loss": eval_loss}, step
+        )
         acc.print(f"epoch {epochs:.2f}: top1 {scores['top1']:.4f} top5 {scores['top5']:.4f}")
         improved = self.best is None or scores["top1"] > self.best["top1"]
         if improved:
             self.best = entry
-        net = runner.gathered(acc, self.model, lambda: build_classifier(self.cfg, len(self.names)).model)
+        net = runner.gathered(
+            acc, self.model, lambda: build_classifier(self.cfg, len(self.names)).model
+        )
         if acc.is_main_process:
             save_classifier(net, self.clf, self.run_dir / "last", len(self.names))
             if improved:
@@ -210,25 +233,36 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     clf = build_classifier(cfg, num_classes)  # the same initial weights on every process
     check_shardable(accelerator, clf.model, f"the {clf.kind} classifier")
-    set_seed(cfg.seed, device_specific=True)  # drop path and mixup differ per process; data order does not
+    set_seed(
+        cfg.seed, device_specific=True
+    )  # drop path and mixup differ per process; data order does not
     d = cfg.data
     data_cfg = DataConfig(
-        dataset=d.dataset, image_column=d.image_column, label_column=d.label_column,
-        channels=clf.data_config["input_size"][0], num_workers=d.num_workers,
-    )  # fmt: skip
+        dataset=d.dataset,
+        image_column=d.image_column,
+        label_column=d.label_column,
+        channels=clf.data_config["input_size"][0],
+        num_workers=d.num_workers,
+    )
     train_set = ImageDataset(fit_ds, data_cfg, train_transform(f, clf.data_config), seed=cfg.seed)
-    if train_set.rows.columns.arrays and f.auto_augment is not None:  # timm's RandAugment is Pillow's operations
+    if (
+        train_set.rows.columns.arrays and f.auto_augment is not None
+    ):  # timm's RandAugment is Pillow's operations
         raise ConfigError(
             f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} holds arrays; set "
             "finetune.auto_augment=null"
         )
-    eval_set = ImageDataset(eval_ds, data_cfg, create_transform(**clf.data_config, is_training=False))
+    eval_set = ImageDataset(
+        eval_ds, data_cfg, create_transform(**clf.data_config, is_training=False)
+    )
     source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
     derived = derive_schedule(f, source.size, accelerator.num_processes, "finetune")
     if resume_from is not None:
         resumable = resumable_keys("finetune", *RESUMABLE)
         check_resumable(accelerator, run_dir, cfg, derived, resumable, partial(build, EvalConfig))
-    eval_loader = DataLoader(eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers)
+    eval_loader = DataLoader(
+        eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers
+    )
 
     attention = runner.choose_attention(accelerator, clf.model, f.attention)
     job = Finetuning(accelerator, cfg, clf, source, eval_loader, derived, names)
@@ -262,12 +296,21 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     return results
 
 
-def _print_setup(accelerator: Accelerator, cfg: EvalConfig, clf: Classifier, derived: Derived, eval_size: int,
-                 classes: int, attention: str) -> None:  # fmt: skip
+def _print_setup(
+    accelerator: Accelerator,
+    cfg: EvalConfig,
+    clf: Classifier,
+    derived: Derived,
+    eval_size: int,
+    classes: int,
+    attention: str,
+) -> None:
     f, init = cfg.finetune, clf.init
     params = sum(p.numel() for p in clf.model.parameters() if p.requires_grad)
     resampled = init["pos_embed_resampled"]
-    timm_model = clf.kind == "timm"  # global pool and layer decay are timm's; a classic encoder's are its own
+    timm_model = (
+        clf.kind == "timm"
+    )  # global pool and layer decay are timm's; a classic encoder's are its own
     pool = f.global_pool if timm_model else "encode()"
     accelerator.print(
         f"classifier from {cfg.encoder}: {params / 1e6:.2f}M parameters, {classes} classes, pool {pool}; "

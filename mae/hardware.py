@@ -28,7 +28,9 @@ def cpu_has_native_bf16() -> bool:
     info = Path("/proc/cpuinfo")
     if not info.is_file():
         return False
-    flags = next((line for line in info.read_text().splitlines() if line.startswith("flags")), "").split()
+    flags = next(
+        (line for line in info.read_text().splitlines() if line.startswith("flags")), ""
+    ).split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -74,7 +76,9 @@ def tune_cpu_allocator() -> bool:
     allocator in ``LD_PRELOAD`` (jemalloc, tcmalloc), or with ``MAE_DEFAULT_MALLOC=1``."""
     env = os.environ
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "mmap_threshold", "trim_threshold")
-    chosen = any(n in env for n in names[:2]) or any(n in env.get("GLIBC_TUNABLES", "") for n in names[2:])
+    chosen = any(n in env for n in names[:2]) or any(
+        n in env.get("GLIBC_TUNABLES", "") for n in names[2:]
+    )
     if chosen or env.get("LD_PRELOAD") or env.get("MAE_DEFAULT_MALLOC") == "1":
         return False
     try:
@@ -82,7 +86,10 @@ def tune_cpu_allocator() -> bool:
         libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl and macOS have no mallopt like it)
     except (OSError, AttributeError):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 class MathAttention(Attention):
@@ -90,7 +97,9 @@ class MathAttention(Attention):
     q k^T and (softmax) v in the autocast dtype, the softmax in fp32; longer ones take timm's fused
     path. Same parameters; swapped in and out by ``set_attention``."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         if n > MATH_MAX_TOKENS:
             return super().forward(x, attn_mask, is_causal)
@@ -115,7 +124,9 @@ def set_attention(model: nn.Module, kind: str) -> int:
     for module in model.modules():
         if type(module) in (Attention, MathAttention):
             module.__class__ = MathAttention if kind == "math" else Attention
-            module.fused_attn = True  # (MathAttention: for the sequences it leaves to timm's fused path)
+            module.fused_attn = (
+                True  # (MathAttention: for the sequences it leaves to timm's fused path)
+            )
             count += 1
         elif hasattr(module, "attention_core"):
             module.attention_core = kind

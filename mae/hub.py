@@ -126,7 +126,11 @@ def _timm_name(source: str) -> tuple[str, str | None]:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         raise ConfigError(
             f"{source!r}: timm has no pretrained weights {name!r}; "
-            + (f"{arch}'s tags: {', '.join(tags)}" if tags else f"{arch} has none (timm:{arch} is a random init)")
+            + (
+                f"{arch}'s tags: {', '.join(tags)}"
+                if tags
+                else f"{arch} has none (timm:{arch} is a random init)"
+            )
         )
     return name, get_pretrained_cfg(name).hf_hub_id
 
@@ -138,7 +142,11 @@ def _timm_file(source: str) -> Path | None:
         return None
     repo, _, revision = hub_id.partition("@")
     folder = _weights_snapshot(source, repo, revision or None, ["model.safetensors"])
-    return folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder / _PICKLE
+    return (
+        folder / "model.safetensors"
+        if (folder / "model.safetensors").is_file()
+        else folder / _PICKLE
+    )
 
 
 def _weights_snapshot(source: str, repo: str, revision: str | None, patterns: list[str]) -> Path:
@@ -169,15 +177,24 @@ def _snapshot(source: str, repo: str, revision: str | None, patterns: list[str])
 
     try:  # offline: the cache alone (some huggingface_hub 1.x releases still ask the hub for a commit's files)
         local = bool(constants.HF_HUB_OFFLINE)
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=local))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # offline or no network, not (all) in the cache
+        return Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=patterns, local_files_only=local
+            )
+        )
+    except (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    ) as e:  # offline or no network, not (all) in the cache
         offline = " (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
         raise ConfigError(
             f"{source} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be "
             f"reached{offline}; " + _how_to_fill(repo, revision)
         ) from e
     except HFValidationError as e:
-        raise ConfigError(f"{source!r}: {repo!r} is not a Hugging Face repository id ({_one_line(e)})") from e
+        raise ConfigError(
+            f"{source!r}: {repo!r} is not a Hugging Face repository id ({_one_line(e)})"
+        ) from e
     except RepositoryNotFoundError as e:  # gated and private repositories among them
         raise ConfigError(
             f"{source}: the hub has no repository {repo} that you may read (a gated or private one needs "
@@ -186,7 +203,9 @@ def _snapshot(source: str, repo: str, revision: str | None, patterns: list[str])
     except RevisionNotFoundError as e:
         raise ConfigError(f"{source}: {repo} has no revision {revision!r}") from e
     except (HfHubHTTPError, OSError) as e:  # the hub down, a proxy, a full disk
-        raise ConfigError(f"{source} could not be fetched ({type(e).__name__}: {_one_line(e)})") from e
+        raise ConfigError(
+            f"{source} could not be fetched ({type(e).__name__}: {_one_line(e)})"
+        ) from e
 
 
 def _how_to_fill(repo: str, revision: str | None) -> str:

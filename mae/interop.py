@@ -89,10 +89,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             "safetensors where you trust it, or give the official {'model': state_dict} checkpoint"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"init={path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise WeightsError(
+            f"init={path} is not a readable checkpoint ({type(e).__name__}: {e})"
+        ) from e
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"init={path} holds no state dict of tensors (expected {{'model': state_dict}})")
+        raise WeightsError(
+            f"init={path} holds no state dict of tensors (expected {{'model': state_dict}})"
+        )
     return _to_ours(state)
 
 
@@ -101,13 +105,17 @@ class Architecture:
     """What a weights file says about its model: ``model.*`` keys, its input, and what was guessed."""
 
     model: dict[str, Any]  # model.* keys (the decoder's only when the file holds a decoder)
-    image_size: int | None  # the position embeddings' grid x patch size (None without position embeddings)
+    image_size: (
+        int | None
+    )  # the position embeddings' grid x patch size (None without position embeddings)
     channels: int
     guessed: list[str] = field(default_factory=list)  # keys the file does not record (head counts)
     origin: str = "tensor shapes"
 
 
-def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Architecture:
+def infer_architecture(
+    path: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Architecture:
     """The MAE / ViT architecture of the weights at ``path`` (see the module docstring)."""
     p = local_path(path)
     if is_hf_folder(p):  # its config.json says everything; no weights need loading
@@ -121,11 +129,18 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
             raise WeightsError(f"{p} is not a Hugging Face ViTMAE folder ({e})") from e
     state = load_weights(p) if state is None else state
     if "encoder.patch_embed.proj.weight" not in state:
-        raise WeightsError(f"init={path}: no encoder.patch_embed.proj.weight, so no ViT architecture to read")
+        raise WeightsError(
+            f"init={path}: no encoder.patch_embed.proj.weight, so no ViT architecture to read"
+        )
     dim, channels, patch, _ = state["encoder.patch_embed.proj.weight"].shape
     depth = _count(state, "encoder.blocks")
     hidden = state["encoder.blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
-    model: dict[str, Any] = {"patch_size": patch, "embed_dim": dim, "depth": depth, "mlp_ratio": hidden / dim}
+    model: dict[str, Any] = {
+        "patch_size": patch,
+        "embed_dim": dim,
+        "depth": depth,
+        "mlp_ratio": hidden / dim,
+    }
     image_size = None
     if "encoder.pos_embed" in state:
         tokens = state["encoder.pos_embed"].shape[1] - ("encoder.cls_token" in state)
@@ -141,31 +156,45 @@ def infer_architecture(path: str | Path, state: dict[str, torch.Tensor] | None =
         dpreset = _preset_with(decoder_embed_dim=ddim, decoder_depth=ddepth)
         model["decoder_num_heads"] = dpreset.decoder_num_heads if dpreset else _heads(ddim, 32)
         guessed.append("decoder_num_heads")
-        if ddepth and state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != round(model["mlp_ratio"] * ddim):
-            raise WeightsError(f"init={path}: the encoder and decoder MLP ratios differ; model.mlp_ratio is one value")
+        if ddepth and state["decoder_blocks.0.mlp.fc1.weight"].shape[0] != round(
+            model["mlp_ratio"] * ddim
+        ):
+            raise WeightsError(
+                f"init={path}: the encoder and decoder MLP ratios differ; model.mlp_ratio is one value"
+            )
     elif preset:  # an encoder-only file of a known size: that preset's decoder
         decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
         model |= {k: getattr(preset, k) for k in decoder}
         guessed += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
-    if is_timm_pretrained(path) and (heads := timm_heads(str(path))) is not None:  # timm's definition has them
+    if (
+        is_timm_pretrained(path) and (heads := timm_heads(str(path))) is not None
+    ):  # timm's definition has them
         model["num_heads"], guessed = heads, [k for k in guessed if k != "num_heads"]
-        return Architecture(model, image_size, channels, guessed, "timm model definition and tensor shapes")
+        return Architecture(
+            model, image_size, channels, guessed, "timm model definition and tensor shapes"
+        )
     config = p / "config.json" if p.is_dir() else None
     if config is not None and config.is_file():  # a timm export: its model_args record the heads
         args = json.loads(config.read_text()).get("model_args", {})
         if "num_heads" in args:
             model["num_heads"] = args["num_heads"]
             guessed.remove("num_heads")
-            return Architecture(model, image_size, channels, guessed, "timm config.json and tensor shapes")
+            return Architecture(
+                model, image_size, channels, guessed, "timm config.json and tensor shapes"
+            )
     return Architecture(model, image_size, channels, guessed)
 
 
 def _preset_with(**values: int) -> Preset | None:
     """The first preset with these ``model.*`` values."""
-    return next((p for p in PRESETS.values() if all(getattr(p, k) == v for k, v in values.items())), None)
+    return next(
+        (p for p in PRESETS.values() if all(getattr(p, k) == v for k, v in values.items())), None
+    )
 
 
-def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_pretrain_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """``mae.config.load_config`` for pretraining: with ``init=`` (MAE), the architecture keys the recipe
     leaves unset come from the checkpoint (``infer_architecture``; torch is imported only then)."""
     cfg = load_raw(path, overrides, Config)
@@ -203,7 +232,9 @@ def is_hf_folder(path: Path) -> bool:
 def _hf_architecture(c: Any) -> Architecture:
     """The architecture a ``ViTMAEConfig`` describes (refusing what has no counterpart here)."""
     if c.hidden_act != "gelu" or not c.qkv_bias:
-        raise WeightsError(f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} has no counterpart here")
+        raise WeightsError(
+            f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} has no counterpart here"
+        )
     model = {
         "patch_size": c.patch_size,
         "embed_dim": c.hidden_size,
@@ -247,7 +278,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         state = {k: v for k, v in state.items() if not k.startswith(_DECODER)}
     unknown = sorted(k for k in state if k not in ours)
     if unknown:
-        raise WeightsError(f"init={source}: keys {unknown[:5]} have no counterpart in model.name=mae")
+        raise WeightsError(
+            f"init={source}: keys {unknown[:5]} have no counterpart in model.name=mae"
+        )
     resampled, merged = {}, dict(ours)
     for k, v in state.items():
         want = ours[k].shape
@@ -265,9 +298,16 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     missing = sorted(k for k in ours if k not in state)
     bad = [k for k in missing if not k.startswith(_DECODER)]
     if bad:
-        raise WeightsError(f"init={source}: the file lacks encoder weights {bad[:5]}; is it an MAE / ViT checkpoint?")
+        raise WeightsError(
+            f"init={source}: the file lacks encoder weights {bad[:5]}; is it an MAE / ViT checkpoint?"
+        )
     model.load_state_dict(merged, strict=True)
-    done = {"source": source, "loaded": len(state) - len(resampled), "fresh": missing, "pos_embed_regrid": resampled}
+    done = {
+        "source": source,
+        "loaded": len(state) - len(resampled),
+        "fresh": missing,
+        "pos_embed_regrid": resampled,
+    }
     return done | {"other_decoder": other_decoder}
 
 
@@ -283,7 +323,11 @@ def _decoder_kind(state: dict[str, Any]) -> tuple[bool, bool] | None:
 
 def _block_pairs(ours: str, hf: str) -> list[tuple[str, str]]:
     """(our name, HF name) for one transformer block's tensors except the fused qkv."""
-    pairs = [("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), ("norm2", "layernorm_after")]
+    pairs = [
+        ("norm1", "layernorm_before"),
+        ("attn.proj", "attention.o_proj"),
+        ("norm2", "layernorm_after"),
+    ]
     pairs += [("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
     return [(f"{ours}.{a}.{p}", f"{hf}.{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
 
@@ -310,7 +354,8 @@ def _name_pairs(depth: int, decoder_depth: int) -> list[tuple[str, str]]:
 
 def _qkv_prefixes(depth: int, decoder_depth: int) -> list[tuple[str, str]]:
     return [(f"encoder.blocks.{i}.attn.qkv", f"vit.layers.{i}.attention") for i in range(depth)] + [
-        (f"decoder_blocks.{i}.attn.qkv", f"decoder.decoder_layers.{i}.attention") for i in range(decoder_depth)
+        (f"decoder_blocks.{i}.attn.qkv", f"decoder.decoder_layers.{i}.attention")
+        for i in range(decoder_depth)
     ]
 
 
@@ -354,7 +399,11 @@ def to_hf(model: nn.Module, cfg: Any) -> Any:
     decoder_depth = 0 if encoder_only else m.decoder_depth
     hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(hf_config(cfg)).eval()
     ours = model.state_dict()
-    pairs = [(o, h) for o, h in _name_pairs(m.depth, decoder_depth) if not encoder_only or o.startswith("encoder.")]
+    pairs = [
+        (o, h)
+        for o, h in _name_pairs(m.depth, decoder_depth)
+        if not encoder_only or o.startswith("encoder.")
+    ]
     state = {h: ours[o] for o, h in pairs}
     for o, h in _qkv_prefixes(m.depth, decoder_depth):
         for p in ("weight", "bias"):
@@ -381,8 +430,12 @@ def from_hf(source: Any) -> tuple[nn.Module, Any]:
             raise WeightsError(f"{source} is not a Hugging Face ViTMAE folder ({e})") from e
     c = source.config
     arch = _hf_architecture(c)
-    model_cfg = ModelConfig(name="mae", mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss, **arch.model)
-    cfg = resolve(Config(model=model_cfg, data=DataConfig(image_size=arch.image_size, channels=arch.channels)))
+    model_cfg = ModelConfig(
+        name="mae", mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss, **arch.model
+    )
+    cfg = resolve(
+        Config(model=model_cfg, data=DataConfig(image_size=arch.image_size, channels=arch.channels))
+    )
     model = build_model(cfg)
     theirs = source.state_dict()
     if isinstance(source, ViTMAEModel):  # the encoder alone, its names without the "vit." prefix
@@ -394,6 +447,8 @@ def from_hf(source: Any) -> tuple[nn.Module, Any]:
     for o, h in _qkv_prefixes(c.num_hidden_layers, c.decoder_num_hidden_layers):
         for p in ("weight", "bias"):
             if f"{h}.q_proj.{p}" in theirs:
-                ours[f"{o}.{p}"] = torch.cat([theirs[f"{h}.{n}_proj.{p}"] for n in ("q", "k", "v")], dim=0)
+                ours[f"{o}.{p}"] = torch.cat(
+                    [theirs[f"{h}.{n}_proj.{p}"] for n in ("q", "k", "v")], dim=0
+                )
     model.load_state_dict(ours, strict=True)
     return model, cfg

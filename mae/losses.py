@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalize_patches(
+    patches: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-patch pixel normalisation of (B, L, P): returns (normalised, mean, std), mean/std (B, L, 1).
 
     Uses the unbiased variance, as the official MAE code does.
@@ -29,7 +31,9 @@ def kl_diag_gaussians(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
 ) -> torch.Tensor:
     """KL(q || p) of diagonal Gaussians, summed over the last dimension: (..., D) -> (...)."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(dim=-1)
+    return 0.5 * (
+        logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1
+    ).sum(dim=-1)
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

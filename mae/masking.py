@@ -20,10 +20,18 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int]
+) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W) for a patch grid ``(H/p, W/p)``."""
     return rearrange(
-        patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch_size, q=patch_size, c=channels
+        patches,
+        "b (h w) (p q c) -> b c (h p) (w q)",
+        h=grid[0],
+        w=grid[1],
+        p=patch_size,
+        q=patch_size,
+        c=channels,
     )
 
 
@@ -45,7 +53,9 @@ def random_masking(
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
     elif noise.shape != (batch, length):
-        raise ValueError(f"noise must have shape {(batch, length)} (batch, patches), got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have shape {(batch, length)} (batch, patches), got {tuple(noise.shape)}"
+        )
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]

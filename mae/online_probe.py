@@ -18,9 +18,13 @@ class OnlineProbe(nn.Module):
         # (initialisation, masks) bit-identical
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)
+            )
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, D) detached; labels (B,), -1 for unlabelled rows (ignored). Returns
         (cross-entropy, top-1 accuracy over labelled rows, detached)."""
         logits = self.head(features.detach().float())

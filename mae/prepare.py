@@ -124,13 +124,22 @@ def resized_jpeg(raw: dict[str, Any], max_side: int, quality: int) -> bytes:
     """The image of ``raw`` with its longer side at most ``max_side``, as JPEG bytes (L or RGB)."""
     image = open_image(raw)
     size = target_size(*image.size, max_side)
-    image.draft(None, (2 * size[0], 2 * size[1]))  # a JPEG decodes at 1/2, 1/4 or 1/8 where 2x the target is left
+    image.draft(
+        None, (2 * size[0], 2 * size[1])
+    )  # a JPEG decodes at 1/2, 1/4 or 1/8 where 2x the target is left
     image.load()
-    if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # stored turned by 90 degrees
+    if image.getexif().get(ExifTags.Base.Orientation) in (
+        5,
+        6,
+        7,
+        8,
+    ):  # stored turned by 90 degrees
         size = size[::-1]
     image = ImageOps.exif_transpose(image)  # as datasets decodes it
     gray = image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16")
-    image = to_mode(image, "L" if gray else "RGB")  # before resizing: Pillow resizes palette images nearest
+    image = to_mode(
+        image, "L" if gray else "RGB"
+    )  # before resizing: Pillow resizes palette images nearest
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -165,7 +174,9 @@ def toolkit_version() -> str | None:
         return None
 
 
-def write_split(pool: Any, job: Job, name: str, features: datasets.Features, shard_size: int, out: Path) -> dict:
+def write_split(
+    pool: Any, job: Job, name: str, features: datasets.Features, shard_size: int, out: Path
+) -> dict:
     """The shards of split ``name`` in ``out/data`` (``pool``: worker processes, or None for this one);
     returns its images, shards and skipped images."""
     rows = len(job.splits[name])
@@ -186,23 +197,36 @@ def write_split(pool: Any, job: Job, name: str, features: datasets.Features, sha
         shard = out / "data" / f"{name}-{k:05d}-of-{shards:05d}.parquet"
         datasets.Dataset.from_dict(columns, features=features).to_parquet(str(shard))
         counts["images"] += len(images)
-        print(f"{name}: shard {k + 1}/{shards}, {counts['images']} images, {len(counts['skipped'])} skipped")
+        print(
+            f"{name}: shard {k + 1}/{shards}, {counts['images']} images, {len(counts['skipped'])} skipped"
+        )
     return counts
 
 
-def make_job(dsd: datasets.DatasetDict, cfg: DataConfig, args: argparse.Namespace) -> tuple[Job, datasets.Features]:
+def make_job(
+    dsd: datasets.DatasetDict, cfg: DataConfig, args: argparse.Namespace
+) -> tuple[Job, datasets.Features]:
     """The job for every split, and the features OUT is written with (the label's own, names kept)."""
     first = next(iter(dsd.values()))
     image, label = image_column(first, cfg), label_column(first, cfg)
     if not isinstance(first.features[image], datasets.Image):
-        raise PrepareError(f"{cfg.dataset!r} holds arrays in {image!r}, not images; mae.prepare writes JPEG images")
+        raise PrepareError(
+            f"{cfg.dataset!r} holds arrays in {image!r}, not images; mae.prepare writes JPEG images"
+        )
     keep = [c for c in (image, label) if c]
-    splits = {n: ds.select_columns(keep).cast_column(image, datasets.Image(decode=False)) for n, ds in dsd.items()}
-    features = datasets.Features({image: datasets.Image()} | ({label: first.features[label]} if label else {}))
+    splits = {
+        n: ds.select_columns(keep).cast_column(image, datasets.Image(decode=False))
+        for n, ds in dsd.items()
+    }
+    features = datasets.Features(
+        {image: datasets.Image()} | ({label: first.features[label]} if label else {})
+    )
     return Job(splits, image, label, args.max_side, args.quality), features
 
 
-def needs_writing(source: str, out: Path, fp: str, settings: dict[str, Any], overwrite: bool) -> bool:
+def needs_writing(
+    source: str, out: Path, fp: str, settings: dict[str, Any], overwrite: bool
+) -> bool:
     """Whether OUT needs writing; raises when it holds something this run must not replace."""
     if Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
         raise PrepareError(f"OUT {out} is inside SOURCE {source}; write it elsewhere")
@@ -213,7 +237,9 @@ def needs_writing(source: str, out: Path, fp: str, settings: dict[str, Any], ove
     if old is None:
         if overwrite:
             return True
-        raise PrepareError(f"{out} is not empty and was not written by mae.prepare; pass --overwrite to replace it")
+        raise PrepareError(
+            f"{out} is not empty and was not written by mae.prepare; pass --overwrite to replace it"
+        )
     if old.get("fingerprint") != fp and not overwrite:
         raise PrepareError(
             f"{out} holds shards written from {old.get('source')!r} (fingerprint {str(old.get('fingerprint'))[:12]}), "
@@ -232,18 +258,31 @@ def prepare(args: argparse.Namespace) -> Path:
     fp = fingerprint(args.source, dsd)
     settings = {"format": FORMAT, "max_side": args.max_side, "quality": args.quality}
     if not needs_writing(args.source, out, fp, settings, args.overwrite):
-        print(f"{out} is up to date (same source fingerprint, --max-side and --quality): nothing to do")
+        print(
+            f"{out} is up to date (same source fingerprint, --max-side and --quality): nothing to do"
+        )
         return out
     job, features = make_job(dsd if dsd is not None else load_splits(cfg), cfg, args)
     source = str(Path(args.source).resolve()) if Path(args.source).is_dir() else args.source
-    manifest: dict[str, Any] = {"source": source, "fingerprint": fp, **settings, "resample": "LANCZOS"}
+    manifest: dict[str, Any] = {
+        "source": source,
+        "fingerprint": fp,
+        **settings,
+        "resample": "LANCZOS",
+    }
 
     def write(tmp: Path) -> None:
         (tmp / "data").mkdir(parents=True)
         _start_worker(job)
         workers = min(args.workers, sum(math.ceil(len(ds) / CHUNK) for ds in job.splits.values()))
-        with multiprocessing.Pool(workers, _start_worker, (job,)) if workers > 1 else nullcontext() as pool:
-            manifest["splits"] = {n: write_split(pool, job, n, features, args.shard_size, tmp) for n in job.splits}
+        with (
+            multiprocessing.Pool(workers, _start_worker, (job,))
+            if workers > 1
+            else nullcontext() as pool
+        ):
+            manifest["splits"] = {
+                n: write_split(pool, job, n, features, args.shard_size, tmp) for n in job.splits
+            }
         manifest.update(
             written=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             seconds=round(time.perf_counter() - tic, 1),
@@ -253,25 +292,44 @@ def prepare(args: argparse.Namespace) -> Path:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     replace_dir(out, write)
-    counts = ", ".join(f"{n} {s['images']} ({len(s['skipped'])} skipped)" for n, s in manifest["splits"].items())
+    counts = ", ".join(
+        f"{n} {s['images']} ({len(s['skipped'])} skipped)" for n, s in manifest["splits"].items()
+    )
     print(f"wrote {out}: {counts}; train on it with data.dataset={out}")
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mae.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="an image folder, a parquet folder, a hub id or 'sample' (as data.dataset)")
+    p.add_argument(
+        "source", help="an image folder, a parquet folder, a hub id or 'sample' (as data.dataset)"
+    )
     p.add_argument("out", help="the folder to write (data/{split}-*.parquet and manifest.json)")
-    p.add_argument("--max-side", type=int, required=True, help="the longer side of every image at most this")
+    p.add_argument(
+        "--max-side", type=int, required=True, help="the longer side of every image at most this"
+    )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-95 (default 90)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per parquet file (default 10,000)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT even when another source wrote it")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)"
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=10_000, help="images per parquet file (default 10,000)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT even when another source wrote it"
+    )
     args = p.parse_args(argv)
-    for key, value, low, high in (("max-side", args.max_side, 1, None), ("quality", args.quality, 1, 95),
-                                  ("shard-size", args.shard_size, 1, None)):  # fmt: skip
+    for key, value, low, high in (
+        ("max-side", args.max_side, 1, None),
+        ("quality", args.quality, 1, 95),
+        ("shard-size", args.shard_size, 1, None),
+    ):
         if value < low or (high is not None and value > high):
-            p.error(f"--{key}={value}: give {low} to {high}" if high else f"--{key}={value}: give {low} or more")
+            p.error(
+                f"--{key}={value}: give {low} to {high}"
+                if high
+                else f"--{key}={value}: give {low} or more"
+            )
     return args
 
 

@@ -31,14 +31,32 @@ PRESET_KEYS = tuple(f.name for f in dataclasses.fields(Preset))
 # The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale) images.
 _PAPER_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 PRESETS: dict[str, Preset] = {
-    "vit_base_patch16": Preset(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_PAPER_DECODER),
-    "vit_large_patch16": Preset(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_PAPER_DECODER),
-    "vit_huge_patch14": Preset(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_PAPER_DECODER),
+    "vit_base_patch16": Preset(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, **_PAPER_DECODER
+    ),
+    "vit_large_patch16": Preset(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_PAPER_DECODER
+    ),
+    "vit_huge_patch14": Preset(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_PAPER_DECODER
+    ),
     "vit_small_patch4": Preset(
-        patch_size=4, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8
+        patch_size=4,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
     ),
     "vit_tiny_patch4": Preset(
-        patch_size=4, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4
+        patch_size=4,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=2,
+        decoder_num_heads=4,
     ),
 }
 DEFAULT_PRESET = "vit_tiny_patch4"

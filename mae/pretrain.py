@@ -55,19 +55,24 @@ class RunResult:
     model: Autoencoder  # the trained model, unwrapped, on this process
 
 
-def build_optimizer(model: Autoencoder, cfg: Config, derived: Derived, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: Autoencoder, cfg: Config, derived: Derived, fused: bool = False
+) -> torch.optim.Optimizer:
     # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay,
     # and skips frozen parameters (the fixed position embeddings). ``fused``: torch's one-kernel AdamW.
     t = cfg.train
     extra = {"fused": True} if fused else {}
-    return create_optimizer_v2(model, opt="adamw", lr=derived.lr, weight_decay=t.weight_decay, betas=t.betas, **extra)
+    return create_optimizer_v2(
+        model, opt="adamw", lr=derived.lr, weight_decay=t.weight_decay, betas=t.betas, **extra
+    )
 
 
 def describe_model(m: Any) -> str:
     if m.name != "mae":
         return m.name
-    return f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, decoder {m.decoder_embed_dim}x{m.decoder_depth}" + (
-        f" ({m.preset})" if m.preset else ""
+    return (
+        f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, decoder {m.decoder_embed_dim}x{m.decoder_depth}"
+        + (f" ({m.preset})" if m.preset else "")
     )
 
 
@@ -82,7 +87,11 @@ def load_init(accelerator: Accelerator, model: Autoencoder, cfg: Config) -> None
         f"init from {cfg.init}: {done['loaded']} tensors"
         + (f"; head counts are not recorded in the file, used {heads}" if guessed else "")
         + (f"; fresh: {len(done['fresh'])} decoder tensors" if done["fresh"] else "")
-        + (" (the file's decoder is of the other kind: model.decoder)" if done["other_decoder"] else "")
+        + (
+            " (the file's decoder is of the other kind: model.decoder)"
+            if done["other_decoder"]
+            else ""
+        )
         + (f"; position embeddings for the new grid: {sorted(regrid)}" if regrid else "")
     )
 
@@ -91,17 +100,30 @@ class Pretraining:
     """The runner's job for pretraining: the autoencoder's loss (and the online probe's), grids of
     reconstructions, checkpoints every ``train.checkpoint_every`` steps."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, model: torch.nn.Module, source: DataSource,
-                 derived: Derived) -> None:  # fmt: skip
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        cfg: Config,
+        model: torch.nn.Module,
+        source: DataSource,
+        derived: Derived,
+    ) -> None:
         t = cfg.train
-        self.accelerator, self.cfg, self.derived, self.run_dir = accelerator, cfg, derived, Path(cfg.output_dir)
+        self.accelerator, self.cfg, self.derived, self.run_dir = (
+            accelerator,
+            cfg,
+            derived,
+            Path(cfg.output_dir),
+        )
         # torch's one-kernel AdamW on a GPU: 1.3% more images/s for the compiled ViT-B/16 step on an H200
         # (bench/vs_hf.py --optimizers foreach fused); the same update up to rounding. Kept off under FSDP,
         # whose sharded parameters it was not measured with, and on CPU, so CPU runs stay bit-identical.
         fused = accelerator.device.type == "cuda" and not is_sharded(accelerator)
         self.optimizers = [build_optimizer(model, cfg, derived, fused=fused)]
         self.scheduler = cosine_schedule(self.optimizers[0], derived, t.min_lr)
-        self.model, self.optimizers[0] = prepare_with_data(accelerator, source, derived, model, self.optimizers[0])
+        self.model, self.optimizers[0] = prepare_with_data(
+            accelerator, source, derived, model, self.optimizers[0]
+        )
         self.probe = self._online_probe(source)
         self.modules = [self.model] if self.probe is None else [self.model, self.probe]
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -109,7 +131,9 @@ class Pretraining:
         self.forward = torch.compile(self.model) if t.compile else self.model
         # fixed images for reconstruction grids: the first ones of the split, deterministic transform
         shown = ImageDataset(source.first_rows(t.recon_images), cfg.data, eval_transform(cfg.data))
-        self.recon_images = torch.stack([shown[i][0] for i in range(min(t.recon_images, len(shown)))])
+        self.recon_images = torch.stack(
+            [shown[i][0] for i in range(min(t.recon_images, len(shown)))]
+        )
         self.arrays = shown.rows.columns.arrays  # grids of arrays are stretched to their range
 
     def _online_probe(self, source: DataSource) -> torch.nn.Module | None:
@@ -117,28 +141,40 @@ class Pretraining:
             return None
         if self.cfg.train.mixed_precision == "fp16":
             # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
-            raise ConfigError("train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no")
+            raise ConfigError(
+                "train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no"
+            )
         if is_sharded(self.accelerator):  # Accelerate's FSDP2 prepares one model with its optimizer
-            raise ConfigError("train.online_probe=true does not run under FSDP; set train.online_probe=false")
+            raise ConfigError(
+                "train.online_probe=true does not run under FSDP; set train.online_probe=false"
+            )
         feature = source.label_feature
         if not isinstance(feature, datasets.ClassLabel):
             raise DataError(
                 "train.online_probe=true needs a ClassLabel column (it gives the number of classes) and the dataset "
                 "has none; name one with data.label_column=NAME or set train.online_probe=false"
             )
-        probe = OnlineProbe(self.accelerator.unwrap_model(self.model).feature_dim, feature.num_classes)
+        probe = OnlineProbe(
+            self.accelerator.unwrap_model(self.model).feature_dim, feature.num_classes
+        )
         probe, optimizer = self.accelerator.prepare(probe, probe.optimizer())
         self.optimizers.append(optimizer)
         return probe
 
     def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss:
         images, labels, *noise = batch
-        self.net.set_step(step)  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
-        out = self.forward(images, noise=noise[0]) if noise else self.forward(images)  # MAE: each sample's own mask
+        self.net.set_step(
+            step
+        )  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
+        out = (
+            self.forward(images, noise=noise[0]) if noise else self.forward(images)
+        )  # MAE: each sample's own mask
         loss = out.loss
         if self.probe is not None:
             if out.features is None:
-                raise ConfigError(f"train.online_probe=true: model.name={self.cfg.model.name!r} returns no features")
+                raise ConfigError(
+                    f"train.online_probe=true: model.name={self.cfg.model.name!r} returns no features"
+                )
             probe_loss, probe_acc = self.probe(out.features, labels)
             out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
             loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
@@ -176,17 +212,27 @@ class Pretraining:
             out = net(images)
             if acc.is_main_process:
                 save_recon_grid(path, images, out, cfg.data, self.arrays)
-                if hasattr(net, "sample") and not sharded:  # a generative model: prior samples beside it
+                if (
+                    hasattr(net, "sample") and not sharded
+                ):  # a generative model: prior samples beside it
                     samples = net.sample(len(images) * 4).float().cpu()
-                    tiles = shown_channels(denormalize(samples, cfg.data.mean, cfg.data.std), cfg.data.grid_channels)
-                    save_tiles(tiles, path.with_name(path.name.replace("recon_", "samples_")), nrow=len(images))
+                    tiles = shown_channels(
+                        denormalize(samples, cfg.data.mean, cfg.data.std), cfg.data.grid_channels
+                    )
+                    save_tiles(
+                        tiles,
+                        path.with_name(path.name.replace("recon_", "samples_")),
+                        nrow=len(images),
+                    )
         net.train(was_training)
 
 
 def train(cfg: Config) -> RunResult:
     """Pretrain (or resume) the run in ``cfg.output_dir``, holding its lock; the encoder is exported at the end."""
     run_dir, t = Path(cfg.output_dir), cfg.train
-    idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)  # e.g. greedy layer-wise stages
+    idle = getattr(
+        MODELS[cfg.model.name], "has_unused_parameters", False
+    )  # e.g. greedy layer-wise stages
     accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
     watched = peers_watched(accelerator, run_dir, "train.dist_timeout", t.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
@@ -196,16 +242,24 @@ def train(cfg: Config) -> RunResult:
 def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     run_dir, t = Path(cfg.output_dir), cfg.train
     resume_from = open_run_dir(accelerator, run_dir)
-    set_seed(t.seed, device_specific=True)  # model-side randomness per process; MAE masks come with each sample
+    set_seed(
+        t.seed, device_specific=True
+    )  # model-side randomness per process; MAE masks come with each sample
 
     h, w, p = *cfg.data.hw, cfg.model.patch_size
     noise = (h // p) * (w // p) if cfg.model.name == "mae" else None
     rank, world = accelerator.process_index, accelerator.num_processes
-    source = build_source(cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first)
-    cfg = dataclasses.replace(cfg, data=source.data_config)  # data.mean=auto: the measured statistics
+    source = build_source(
+        cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first
+    )
+    cfg = dataclasses.replace(
+        cfg, data=source.data_config
+    )  # data.mean=auto: the measured statistics
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
-        check_resumable(accelerator, run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict)
+        check_resumable(
+            accelerator, run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict
+        )
 
     with same_init_everywhere(accelerator, t.seed):
         model = build_model(cfg)
@@ -218,7 +272,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     accelerator.print(
         f"model {describe_model(cfg.model)}: {params / 1e6:.2f}M trainable parameters\n"
         f"data {cfg.data.dataset}[{cfg.data.split}]: {derived.dataset_size} images, "
-        f"{derived.steps_per_epoch} steps/epoch\n" + schedule_lines(accelerator, t, derived, attention, t.compile)
+        f"{derived.steps_per_epoch} steps/epoch\n"
+        + schedule_lines(accelerator, t, derived, attention, t.compile)
     )
     if (about_data := source.describe()) is not None:
         accelerator.print(about_data)

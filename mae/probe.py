@@ -50,9 +50,11 @@ def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder)
     split has none, which ``probe`` refuses)."""
     channels = encoder.data_config["input_size"][0]
     data = DataConfig(
-        dataset=cfg.data.dataset, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
+        dataset=cfg.data.dataset,
+        image_column=cfg.data.image_column,
+        label_column=cfg.data.label_column,
         channels=channels,
-    )  # fmt: skip
+    )
     return ImageDataset(ds, data, create_transform(**encoder.data_config, is_training=False))
 
 
@@ -60,14 +62,21 @@ def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder)
 CACHE_VERSION = 1
 
 
-def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: str, pool: str) -> str:
+def cache_key(
+    encoder: FrozenEncoder, data: ImageDataset, source: str, split: str, pool: str
+) -> str:
     """Everything the cached features depend on: the encoder (weights and architecture), the rows,
     columns and channel conversion, the transform, the pooling, and the code that ran them."""
     where = str(Path(source).resolve()) if Path(source).exists() else source
     parts = {
         "version": [CACHE_VERSION, torch.__version__, timm.__version__],
         "encoder": [encoder.sha256, encoder.arch],
-        "dataset": [where, split, len(data), data.rows.ds._fingerprint],  # fingerprint of the selected rows/columns
+        "dataset": [
+            where,
+            split,
+            len(data),
+            data.rows.ds._fingerprint,
+        ],  # fingerprint of the selected rows/columns
         "columns": [data.rows.columns.image, data.rows.columns.label, data.rows.columns.mode],
         "transform": encoder.data_config,
         "pool": pool,
@@ -78,7 +87,9 @@ def cache_key(encoder: FrozenEncoder, data: ImageDataset, source: str, split: st
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def extract(encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: int, workers: int) -> dict:
+def extract(
+    encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: int, workers: int
+) -> dict:
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="features", leave=False):
@@ -116,7 +127,9 @@ def cached_features(
 # ---------------------------------------------------------------------------------------------- splits
 
 
-def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_holdout(
+    labels: list[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Seeded split of indices keeping class proportions: (fit, held out). Every class with at least
     two images keeps one in each part."""
     rng = np.random.default_rng(seed)
@@ -130,18 +143,26 @@ def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[l
     return sorted(fit), sorted(held)
 
 
-def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
+def fit_and_eval_splits(
+    cfg: EvalConfig,
+) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
     """The fitting split, the evaluation split, and a record of how the latter was chosen."""
     d = cfg.data
     data = DataConfig(dataset=d.dataset, split=d.split)
     splits = load_splits(data)  # once: a hub id would be resolved again for every split
     fit = pick_split(splits, data, d.split)
     if d.eval_split:
-        return fit, pick_split(splits, data, d.eval_split, "data.eval_split"), {"eval_split": d.eval_split}
+        return (
+            fit,
+            pick_split(splits, data, d.eval_split, "data.eval_split"),
+            {"eval_split": d.eval_split},
+        )
     for name in (n for n in ("test", "validation") if n != d.split and n in splits):
         held = pick_split(splits, data, name)
         col = label_column(held, DataConfig(label_column=d.label_column))
-        if col is not None and max(held[col]) >= 0:  # hub test splits often come without labels (-1)
+        if (
+            col is not None and max(held[col]) >= 0
+        ):  # hub test splits often come without labels (-1)
             return fit, held, {"eval_split": name}
     col = label_column(fit, DataConfig(label_column=d.label_column))
     if col is None:
@@ -159,11 +180,15 @@ def fit_and_eval_splits(cfg: EvalConfig) -> tuple[datasets.Dataset, datasets.Dat
     return fit.select(keep), fit.select(held), record
 
 
-def class_info(fit_ds: datasets.Dataset, eval_ds: datasets.Dataset, cfg: EvalConfig) -> tuple[int, list[str]]:
+def class_info(
+    fit_ds: datasets.Dataset, eval_ds: datasets.Dataset, cfg: EvalConfig
+) -> tuple[int, list[str]]:
     """(number of classes, class names); every image of both splits must carry a valid label."""
     col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
     if col is None:
-        raise DataError(f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME")
+        raise DataError(
+            f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME"
+        )
     fit_labels, eval_labels = torch.as_tensor(fit_ds[col]), torch.as_tensor(eval_ds[col])
     feature = fit_ds.features[col]
     if isinstance(feature, datasets.ClassLabel):
@@ -184,11 +209,19 @@ def class_info(fit_ds: datasets.Dataset, eval_ds: datasets.Dataset, cfg: EvalCon
 # ---------------------------------------------------------------------------------------------- heads
 
 
-Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features, labels) batches
+Batches = Callable[
+    [int], Iterable[tuple[torch.Tensor, torch.Tensor]]
+]  # epoch -> (features, labels) batches
 
 
 def fit_linear_head(
-    batches: Batches, steps_per_epoch: int, batch: int, dim: int, num_classes: int, p: ProbeConfig, seed: int
+    batches: Batches,
+    steps_per_epoch: int,
+    batch: int,
+    dim: int,
+    num_classes: int,
+    p: ProbeConfig,
+    seed: int,
 ) -> nn.Module:
     """The probe head (``p.head``: bn, the MAE paper's BN(affine=False) + Linear; linear, a Linear
     alone), fitted with LARS and warmup + cosine."""
@@ -229,7 +262,9 @@ def fit_linear_head(
     return head.eval()
 
 
-def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed: int) -> torch.Tensor:
+def linear_probe(
+    train: dict, test: dict, num_classes: int, p: ProbeConfig, seed: int
+) -> torch.Tensor:
     """Fit the head on cached features; returns logits (N_test, num_classes)."""
     x, y = train["features"], train["labels"]
     batch = min(p.batch_size, len(x))
@@ -248,22 +283,33 @@ def linear_probe(train: dict, test: dict, num_classes: int, p: ProbeConfig, seed
 
 
 def augmented_linear_probe(
-    encoder: FrozenEncoder, ds: datasets.Dataset, cfg: EvalConfig, pool: str, test: dict, num_classes: int
+    encoder: FrozenEncoder,
+    ds: datasets.Dataset,
+    cfg: EvalConfig,
+    pool: str,
+    test: dict,
+    num_classes: int,
 ) -> torch.Tensor:
     """The paper's protocol: every epoch the training images pass, freshly cropped and flipped
     (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head."""
     p = cfg.probe
     c, h, w = encoder.data_config["input_size"]
     data_cfg = DataConfig(
-        image_size=(h, w), channels=c, crop_scale=(0.08, 1.0), mean=tuple(encoder.data_config["mean"]),
-        std=tuple(encoder.data_config["std"]), image_column=cfg.data.image_column,
+        image_size=(h, w),
+        channels=c,
+        crop_scale=(0.08, 1.0),
+        mean=tuple(encoder.data_config["mean"]),
+        std=tuple(encoder.data_config["std"]),
+        image_column=cfg.data.image_column,
         label_column=cfg.data.label_column,
-    )  # fmt: skip
+    )
     data = ImageDataset(ds, data_cfg, augment_transform(data_cfg), seed=cfg.seed)
     batch = min(p.batch_size, len(data))
     steps = len(data) // batch
     sampler = EpochSampler(len(data), steps * batch, seed=cfg.seed)
-    loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True)
+    loader = DataLoader(
+        data, batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True
+    )
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler.set_epoch(epoch)
@@ -278,12 +324,20 @@ def augmented_linear_probe(
 
 
 def knn_scores(
-    train: dict, test: dict, num_classes: int, k: int, temperature: float, features: str = "raw", chunk: int = 512
+    train: dict,
+    test: dict,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    features: str = "raw",
+    chunk: int = 512,
 ) -> torch.Tensor:
     """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C). ``features``:
     ``raw``; ``centred`` (less the training features' mean); ``standardised`` (and divided by their std)."""
     mean = train["features"].float().mean(dim=0) if features != "raw" else 0.0
-    scale = train["features"].float().std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
+    scale = (
+        train["features"].float().std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
+    )
     bank = F.normalize((train["features"] - mean) / scale, dim=1)
     bank_labels = train["labels"].long()
     k = min(k, len(bank))
@@ -303,7 +357,9 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hit1 = top[:, 0] == labels
     per_class = {
-        name: hit1[labels == c].float().mean().item() for c, name in enumerate(class_names) if (labels == c).any()
+        name: hit1[labels == c].float().mean().item()
+        for c, name in enumerate(class_names)
+        if (labels == c).any()
     }
     return {
         "top1": hit1.float().mean().item(),
@@ -341,7 +397,9 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
             "cached": cfg.probe.cached,
             "head": cfg.probe.head,
         }
-    if cfg.mode == "linear" and not cfg.probe.cached:  # no training features to extract: fresh every epoch
+    if (
+        cfg.mode == "linear" and not cfg.probe.cached
+    ):  # no training features to extract: fresh every epoch
         scores = augmented_linear_probe(encoder, fit_ds, cfg, pool, test, num_classes)
         train_cached = None
     else:
@@ -349,7 +407,9 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.mode == "linear":
             scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
         else:
-            scores = knn_scores(train, test, num_classes, cfg.probe.k, cfg.probe.temperature, cfg.probe.knn_features)
+            scores = knn_scores(
+                train, test, num_classes, cfg.probe.k, cfg.probe.temperature, cfg.probe.knn_features
+            )
     results = {
         "mode": cfg.mode,
         **accuracy(scores, test["labels"], names),

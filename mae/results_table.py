@@ -20,7 +20,17 @@ from mae.errors import UserError
 
 # shown only when some run has them
 OPTIONAL_COLUMNS = {f"{k}knn_{f}" for k in ("", "random_") for f in ("centred", "standardised")}
-RESULT_COLUMNS = ("encoder", "mode", "top1", "top5", "features", "train", "eval", "eval split", "details")
+RESULT_COLUMNS = (
+    "encoder",
+    "mode",
+    "top1",
+    "top5",
+    "features",
+    "train",
+    "eval",
+    "eval split",
+    "details",
+)
 RUN_COLUMNS = (
     ("linear", "linear top-1"),
     ("knn", "kNN top-1"),
@@ -54,7 +64,9 @@ def find_results(paths: list[str]) -> list[Path]:
         elif p.is_dir():
             found.extend(sorted(p.rglob("results.json")))
         else:
-            raise ReportError(f"--results {p} is neither an evaluation output_dir nor a folder holding them")
+            raise ReportError(
+                f"--results {p} is neither an evaluation output_dir nor a folder holding them"
+            )
     return found
 
 
@@ -73,15 +85,15 @@ def result_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
         details = f"k {probe['k']}, T {probe['temperature']}"
     else:
         best = results.get("best") or {}
-        details = (
-            f"{results['steps']} steps; best top1 {best.get('top1', float('nan')):.4f} at epoch {best.get('epoch')}"
-        )
+        details = f"{results['steps']} steps; best top1 {best.get('top1', float('nan')):.4f} at epoch {best.get('epoch')}"
     return {
         "encoder": results["encoder"]["source"],
         "mode": mode,
         "top1": results["top1"],
         "top5": results["top5"],
-        "features": results.get("features", results.get("config", {}).get("finetune", {}).get("global_pool", "")),
+        "features": results.get(
+            "features", results.get("config", {}).get("finetune", {}).get("global_pool", "")
+        ),
         "train": results["train_size"],
         "eval": results["eval_size"],
         "eval split": results["eval_split"],
@@ -95,7 +107,9 @@ def read_result(path: Path) -> dict[str, Any]:
     try:
         return result_row(json.loads(path.read_text()), path)
     except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path} is not a results.json written by finetune.py ({type(e).__name__}: {e})") from e
+        raise ReportError(
+            f"{path} is not a results.json written by finetune.py ({type(e).__name__}: {e})"
+        ) from e
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -104,7 +118,9 @@ def results_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|" + "|".join("---:" if c in ("top1", "top5") else "---" for c in RESULT_COLUMNS) + "|",
     ]
     for r in rows:
-        cells = [f"{100 * r[c]:.2f}%" if c in ("top1", "top5") else str(r[c]) for c in RESULT_COLUMNS]
+        cells = [
+            f"{100 * r[c]:.2f}%" if c in ("top1", "top5") else str(r[c]) for c in RESULT_COLUMNS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -115,12 +131,23 @@ def results_markdown(rows: list[dict[str, Any]]) -> list[str]:
 def run_row(run: Path, probes: dict[str, dict[str, float]], figures: Path) -> dict[str, Any]:
     """One run's method, steps, probe accuracies and task metrics; its figures copied into ``figures``."""
     if not (run / "config.yaml").is_file():
-        raise ReportError(f"--run {run} has no config.yaml; pass run directories written by pretrain.py")
+        raise ReportError(
+            f"--run {run} has no config.yaml; pass run directories written by pretrain.py"
+        )
     cfg = from_dict(read_yaml(run / "config.yaml"))
-    derived = json.loads((run / "derived.json").read_text()) if (run / "derived.json").is_file() else {}
-    row: dict[str, Any] = {"run": str(run), "method": cfg.model.name, "steps": derived.get("total_steps")}
+    derived = (
+        json.loads((run / "derived.json").read_text()) if (run / "derived.json").is_file() else {}
+    )
+    row: dict[str, Any] = {
+        "run": str(run),
+        "method": cfg.model.name,
+        "steps": derived.get("total_steps"),
+    }
     row |= probes.get(str(run.resolve()), {})
-    tasks = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("evaluate/*/metrics.json"))}
+    tasks = {
+        p.parent.name: json.loads(p.read_text())
+        for p in sorted(run.glob("evaluate/*/metrics.json"))
+    }
     if "reconstruct" in tasks:
         row["reconstruct_psnr"] = tasks["reconstruct"]["psnr_db"]
         row["reconstruct_ssim"] = tasks["reconstruct"]["ssim"]
@@ -128,11 +155,17 @@ def run_row(run: Path, probes: dict[str, dict[str, float]], figures: Path) -> di
         row["denoise_psnr"] = tasks["denoise"]["restored"]["psnr_db"]
         row["denoise_noisy_psnr"] = tasks["denoise"]["noisy"]["psnr_db"]
         if "pca" in tasks["denoise"]:  # the noisy image projected on PCA of the code's size
-            row["pca"] = {"dims": tasks["denoise"]["pca_dims"], "denoise_psnr": tasks["denoise"]["pca"]["psnr_db"]}
+            row["pca"] = {
+                "dims": tasks["denoise"]["pca_dims"],
+                "denoise_psnr": tasks["denoise"]["pca"]["psnr_db"],
+            }
     if "anomaly" in tasks:
         row["anomaly_auroc"] = tasks["anomaly"]["all"]["auroc"]
     if "reduce" in tasks and "linear" in tasks["reduce"]:
-        row["reduce_linear"] = (tasks["reduce"]["linear"]["encoder"], tasks["reduce"]["linear"]["pca"])
+        row["reduce_linear"] = (
+            tasks["reduce"]["linear"]["encoder"],
+            tasks["reduce"]["linear"]["pca"],
+        )
     if "reduce" in tasks:
         red = tasks["reduce"]
         row["pca"] = row.get("pca", {"dims": red["dims"]}) | {
@@ -158,7 +191,9 @@ def run_cell(value: Any, key: str) -> str:
 
 
 def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    columns = [(k, t) for k, t in RUN_COLUMNS if k not in OPTIONAL_COLUMNS or any(k in r for r in rows)]
+    columns = [
+        (k, t) for k, t in RUN_COLUMNS if k not in OPTIONAL_COLUMNS or any(k in r for r in rows)
+    ]
     lines = [
         "| method | steps | " + " | ".join(title for _, title in columns) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
@@ -168,7 +203,10 @@ def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['method']} | {r['steps'] or '–'} | " + " | ".join(cells) + " |")
     baselines = pca_rows(rows)
     for pca in baselines:
-        cells = [run_cell(pca.get(k), k) + ("†" if k in ("linear", "knn") and k in pca else "") for k, _ in columns]
+        cells = [
+            run_cell(pca.get(k), k) + ("†" if k in ("linear", "knn") and k in pca else "")
+            for k, _ in columns
+        ]
         lines.append(f"| PCA-{pca['dims']} (pixels) | – | " + " | ".join(cells) + " |")
     if baselines:
         lines += [
@@ -180,7 +218,9 @@ def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
         ]
     lines += ["", "Figures:", ""]
     for r in rows:
-        links = ", ".join(f"[{Path(f).stem.removeprefix(Path(r['run']).name + '_')}]({f})" for f in r["figures"])
+        links = ", ".join(
+            f"[{Path(f).stem.removeprefix(Path(r['run']).name + '_')}]({f})" for f in r["figures"]
+        )
         lines.append(f"- {r['method']} (`{r['run']}`): {links or 'none'}")
     return lines
 
@@ -191,7 +231,9 @@ def pca_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     found: dict[int, dict[str, Any]] = {}
     for r in rows:
         if "pca" in r:
-            found.setdefault(r["pca"]["dims"], {}).update({k: v for k, v in r["pca"].items() if v is not None})
+            found.setdefault(r["pca"]["dims"], {}).update(
+                {k: v for k, v in r["pca"].items() if v is not None}
+            )
     return [found[d] for d in sorted(found)]
 
 
@@ -202,7 +244,9 @@ def write_report(runs: list[str], results: list[str], out: Path) -> str:
     """``out/report.md`` and ``out/report.json`` (``{"runs": [...], "results": [...]}``) from the run
     directories ``runs`` and the ``results.json`` files under ``results``; returns the Markdown."""
     if not runs and not results:
-        raise ReportError("report needs --run RUN_DIR (pretraining runs) or --results DIR (finetune.py results)")
+        raise ReportError(
+            "report needs --run RUN_DIR (pretraining runs) or --results DIR (finetune.py results)"
+        )
     paths = find_results(results)
     if results and not paths:
         raise ReportError(f"no results.json under --results {results}; run finetune.py first")
@@ -218,9 +262,14 @@ def write_report(runs: list[str], results: list[str], out: Path) -> str:
     run_rows = [run_row(run, probes, out / "figures") for run in map(Path, runs)]
     lines = runs_markdown(run_rows) if run_rows else []
     if result_rows:
-        lines += ([""] if lines else []) + ["Probes and fine-tunes (one row per `results.json`):", ""]
+        lines += ([""] if lines else []) + [
+            "Probes and fine-tunes (one row per `results.json`):",
+            "",
+        ]
         lines += results_markdown(result_rows)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({"runs": run_rows, "results": result_rows}, indent=1))
+    (out / "report.json").write_text(
+        json.dumps({"runs": run_rows, "results": result_rows}, indent=1)
+    )
     return text

@@ -19,12 +19,25 @@ from mae.config import ConfigError, Derived, read_yaml, to_dict
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
 # Keys of the training section (``train`` or ``finetune``) that may change between a run and its
 # resumption: they do not change what is learned up to the resume point.
-SECTION_RESUMABLE = ("epochs", "max_steps", "log_every", "keep_checkpoints", "cpu_threads", "dist_timeout", "log_with")
+SECTION_RESUMABLE = (
+    "epochs",
+    "max_steps",
+    "log_every",
+    "keep_checkpoints",
+    "cpu_threads",
+    "dist_timeout",
+    "log_with",
+)
 
 
 def resumable_keys(section: str, *extra: str) -> set[str]:
     """The dotted keys that may differ when ``section``'s run is resumed (``extra``: the job's own)."""
-    return {"output_dir", "data.num_workers", *(f"{section}.{k}" for k in SECTION_RESUMABLE), *extra}
+    return {
+        "output_dir",
+        "data.num_workers",
+        *(f"{section}.{k}" for k in SECTION_RESUMABLE),
+        *extra,
+    }
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -52,7 +65,9 @@ def check_resumable(
         )
     old, new = flat(to_dict(read(read_yaml(run_dir / "config.yaml")))), flat(to_dict(cfg))
     diff = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if k not in resumable and old.get(k) != new.get(k)
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(new)
+        if k not in resumable and old.get(k) != new.get(k)
     ]
     if diff:
         raise ConfigError(
@@ -72,7 +87,9 @@ def check_resumable(
         )
     was = before.get("distributed", {}).get("type")  # (not recorded by older runs)
     now = distributed.describe(accelerator)["type"]
-    if was is not None and was != now and "fsdp" in (was, now):  # sharded and whole checkpoints differ in kind
+    if (
+        was is not None and was != now and "fsdp" in (was, now)
+    ):  # sharded and whole checkpoints differ in kind
         raise ConfigError(
             f"output_dir={str(run_dir)!r} holds a run trained under {was} and this launch runs {now}; its "
             f"checkpoints are {'sharded' if was == 'fsdp' else 'whole'}: resume it with the launch it was made with"
@@ -80,17 +97,31 @@ def check_resumable(
 
 
 def start_run(
-    accelerator: Accelerator, run_dir: Path, cfg: Any, derived: Derived, name: str, extra: dict | None = None
+    accelerator: Accelerator,
+    run_dir: Path,
+    cfg: Any,
+    derived: Derived,
+    name: str,
+    extra: dict | None = None,
 ) -> None:
     """Write ``config.yaml`` and ``derived.json`` (main process), with the distributed setup the run
     really has and ``extra`` records, and start the trackers."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        record = dataclasses.asdict(derived) | {"distributed": distributed.describe(accelerator)} | (extra or {})
+        record = (
+            dataclasses.asdict(derived)
+            | {"distributed": distributed.describe(accelerator)}
+            | (extra or {})
+        )
         (run_dir / "derived.json").write_text(json.dumps(record, indent=1))
-    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(to_dict(cfg)).items()}
-    accelerator.init_trackers(name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}})  # its files here
+    hparams = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in flat(to_dict(cfg)).items()
+    }
+    accelerator.init_trackers(
+        name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}}
+    )  # its files here
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -98,5 +129,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     earlier run that never checkpointed), so every step appears once."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))

@@ -54,12 +54,17 @@ class RunLock:
                     f"{self.run_dir} is in use by {holder} (lock {self.path}); wait for that run to end or stop it, "
                     "or give another output_dir"
                 ) from None
-            if self._same_file(fd):  # not a file a finishing holder unlinked between our open and flock
+            if self._same_file(
+                fd
+            ):  # not a file a finishing holder unlinked between our open and flock
                 break
             os.close(fd)
         previous = self._holder(fd)
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}  # fmt: skip
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self.fd = fd

@@ -44,7 +44,9 @@ from mae.hardware import resolve_attention, resolve_precision, set_attention, tu
 from mae.preemption import Preempted, StopSignals
 from mae.rundir import truncate_metrics
 
-Section = TrainConfig | FinetuneConfig  # the config section a run trains by (``train`` or ``finetune``)
+Section = (
+    TrainConfig | FinetuneConfig
+)  # the config section a run trains by (``train`` or ``finetune``)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -112,7 +114,9 @@ def trackers(t: Section, key: str) -> list[str]:
     return list(t.log_with)
 
 
-def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False) -> Accelerator:
+def accelerator_for(
+    t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False
+) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
     distributed.check_restartable()
@@ -120,14 +124,18 @@ def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters:
         mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
         gradient_accumulation_steps=t.accum_steps,
         log_with=trackers(t, key) or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
+        ),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
             distributed.process_group_kwargs(t.dist_timeout),
         ],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # N copies of one run, each alone: N times the same work
+    if (
+        launched != accelerator.num_processes
+    ):  # N copies of one run, each alone: N times the same work
         raise ConfigError(
             f"{launched} processes were launched but they do not form one group ({accelerator.num_processes} "
             "seen by Accelerate); without a GPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
@@ -137,9 +145,17 @@ def accelerator_for(t: Section, run_dir: Path, key: str, find_unused_parameters:
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
-            raise ConfigError(f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no")
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            raise ConfigError(
+                f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no"
+            )
+        local_processes = int(
+            os.environ.get("LOCAL_WORLD_SIZE", 1)
+        )  # set by torchrun / accelerate launch
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
         torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
     return accelerator
 
@@ -152,7 +168,11 @@ def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested
 
 
 def prepare_with_data(
-    accelerator: Accelerator, source: DataSource, derived: Derived, *objects: Any, after: tuple[Any, ...] = ()
+    accelerator: Accelerator,
+    source: DataSource,
+    derived: Derived,
+    *objects: Any,
+    after: tuple[Any, ...] = (),
 ) -> list[Any]:
     """``objects`` (model, optimizers), the source's loader and ``after`` (e.g. an evaluation loader)
     through one ``accelerator.prepare`` call, in that order (DeepSpeed, for one, infers its batch size
@@ -167,7 +187,9 @@ def prepare_with_data(
     return prepared[:n] + prepared[n + len(loaders) :]
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, derived: Derived, min_lr: float) -> CosineLRScheduler:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, derived: Derived, min_lr: float
+) -> CosineLRScheduler:
     """Linear warmup from 0, then half-cosine to min_lr; the lr is a pure function of the step
     (times each group's ``lr_scale``, e.g. from layer decay)."""
     return CosineLRScheduler(
@@ -199,7 +221,9 @@ def schedule_lines(
 class MetricLog:
     """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
 
-    def __init__(self, accelerator: Accelerator, path: Path, step: int, images_per_step: int) -> None:
+    def __init__(
+        self, accelerator: Accelerator, path: Path, step: int, images_per_step: int
+    ) -> None:
         self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
         self.loss = torch.zeros((), device=accelerator.device)
         self.terms: dict[str, torch.Tensor] = {}
@@ -212,10 +236,19 @@ class MetricLog:
     def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach()
         for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0) + v.float().to(self.loss.device)  # reduced across processes
+            self.terms[k] = self.terms.get(k, 0) + v.float().to(
+                self.loss.device
+            )  # reduced across processes
         self.count += 1
 
-    def line(self, step: int, derived: Derived, optimizer: torch.optim.Optimizer, bar: tqdm, run_dir: Path) -> None:
+    def line(
+        self,
+        step: int,
+        derived: Derived,
+        optimizer: torch.optim.Optimizer,
+        bar: tqdm,
+        run_dir: Path,
+    ) -> None:
         """Collective: the mean loss over micro-batches and processes since the last line (stopping the
         run if it is not finite), written with the lr (the largest group's: layer decay scales the
         others) and shown on the bar."""
@@ -228,7 +261,10 @@ class MetricLog:
 
     def write(self, step: int, epoch: float, loss: float, lr: float) -> dict[str, Any]:
         """Collective: every process calls it."""
-        mean = {k: self.accelerator.reduce(v, reduction="mean").item() / self.count for k, v in self.terms.items()}
+        mean = {
+            k: self.accelerator.reduce(v, reduction="mean").item() / self.count
+            for k, v in self.terms.items()
+        }
         seconds = time.perf_counter() - self.tic
         record = {
             "step": step,
@@ -260,7 +296,12 @@ class Runner:
         source: DataSource,
         job: Job,
     ) -> None:
-        self.accelerator, self.run_dir, self.section, self.derived = accelerator, run_dir, section, derived
+        self.accelerator, self.run_dir, self.section, self.derived = (
+            accelerator,
+            run_dir,
+            section,
+            derived,
+        )
         self.source, self.job = source, job
 
     def _resume(self, path: Path | None) -> int:
@@ -270,7 +311,9 @@ class Runner:
         if path is not None:
             loop = ckpt.load_checkpoint(self.accelerator, path)
             step = loop["step"]
-            self.source.load_state_dict(ckpt.read_process_state(path, self.accelerator.process_index), str(path))
+            self.source.load_state_dict(
+                ckpt.read_process_state(path, self.accelerator.process_index), str(path)
+            )
             self.job.load_loop_state(loop)
             self.accelerator.print(f"resumed from {path} at step {step}")
         if self.accelerator.is_main_process:
@@ -283,7 +326,9 @@ class Runner:
         acc, derived = self.accelerator, self.derived
         step = self._resume(resume_from)
         log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
-        bar = tqdm(total=derived.total_steps, initial=step, disable=not acc.is_main_process, desc=desc)
+        bar = tqdm(
+            total=derived.total_steps, initial=step, disable=not acc.is_main_process, desc=desc
+        )
         # however the loop ends, the data's workers stop with it
         with StopSignals() as stop, bar, contextlib.closing(self.source):
             while step < derived.total_steps:
@@ -315,7 +360,9 @@ class Runner:
         """Log, the job's own work, checkpoint and signals after optimizer step ``step``; True at the end."""
         done = step >= self.derived.total_steps
         due = self.job.checkpoint_due(step, done)
-        if step % self.section.log_every == 0 or due or done:  # a line at every checkpoint: resumes log exactly
+        if (
+            step % self.section.log_every == 0 or due or done
+        ):  # a line at every checkpoint: resumes log exactly
             log.line(step, self.derived, self.job.optimizers[0], bar, self.run_dir)
             self.source.check_bad_images(self.accelerator)
         self.job.after_step(step, done)
@@ -323,9 +370,17 @@ class Runner:
             self.save(step, job_first=True)
         signum = None if done else stop.requested(self.accelerator)
         if signum is not None:
-            stop_for_signal(self.accelerator, step, self.derived.total_steps, self.run_dir, signum,
-                            None if due else self.save)  # fmt: skip
-        if log.last_step == step:  # grids, evaluation and checkpoints do not count against the next images/s
+            stop_for_signal(
+                self.accelerator,
+                step,
+                self.derived.total_steps,
+                self.run_dir,
+                signum,
+                None if due else self.save,
+            )
+        if (
+            log.last_step == step
+        ):  # grids, evaluation and checkpoints do not count against the next images/s
             log.restart_clock()
         return done
 
@@ -336,12 +391,23 @@ class Runner:
         if job_first:
             self.job.before_checkpoint(step)
         loop = self.job.loop_state(step)
-        ckpt.save_checkpoint(self.accelerator, self.run_dir, step, loop, self.section.keep_checkpoints,
-                             process_state=self.source.state_dict())  # fmt: skip
+        ckpt.save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            step,
+            loop,
+            self.section.keep_checkpoints,
+            process_state=self.source.state_dict(),
+        )
 
 
 def stop_for_signal(
-    accelerator: Accelerator, step: int, total: int, run_dir: Path, signum: int, save: Callable[[int], None] | None
+    accelerator: Accelerator,
+    step: int,
+    total: int,
+    run_dir: Path,
+    signum: int,
+    save: Callable[[int], None] | None,
 ) -> None:
     """Collective: ``save`` the checkpoint of ``step`` (None: it was just written), then ``Preempted``."""
     if save is not None:
@@ -354,11 +420,15 @@ def stop_for_signal(
     )
 
 
-def check_finite_weights(accelerator: Accelerator, model: torch.nn.Module, step: int, run_dir: Path) -> None:
+def check_finite_weights(
+    accelerator: Accelerator, model: torch.nn.Module, step: int, run_dir: Path
+) -> None:
     """Collective under FSDP: a finite loss can still come with an update that overflowed; never
     checkpoint such weights. (DDP replicas are identical, so every process reaches the same verdict;
     FSDP processes hold different slices, so they agree on the first bad one any of them found.)"""
-    params = ((n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters())
+    params = (
+        (n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()
+    )
     bad = next((n for n, p in params if not torch.isfinite(p).all()), None)
     if distributed.is_sharded(accelerator):
         bad = next((b for b in gather_object([bad]) if b is not None), None)
@@ -373,7 +443,9 @@ def non_finite_error(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
     )
 
 
-def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def gathered(
+    accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]
+) -> torch.nn.Module:
     """The trained model as a plain module, to write files from. Under FSDP its shards are gathered
     (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh copy from
     ``build`` on the main process; elsewhere it is the unwrapped model itself."""
@@ -384,7 +456,9 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[
     if not accelerator.is_main_process:
         return net
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # building seeds; training's random streams go on untouched
+    with torch.random.fork_rng(
+        devices=devices
+    ):  # building seeds; training's random streams go on untouched
         full = build()
     full.load_state_dict(state)
     return full

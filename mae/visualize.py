@@ -25,11 +25,15 @@ def save_tiles(tiles: torch.Tensor, path: str | Path, nrow: int) -> None:
     tiles = shown_channels(tiles, None)
     factor = -(-MIN_TILE // min(tiles.shape[-2:]))  # ceil
     if factor > 1:
-        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)  # nearest neighbour
+        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(
+            factor, dim=-1
+        )  # nearest neighbour
     save_image(tiles, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], clamp: bool = True) -> torch.Tensor:
+def denormalize(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], clamp: bool = True
+) -> torch.Tensor:
     """(B, C, H, W) normalised -> pixel units, clamped to [0, 1] unless ``clamp`` is false."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -74,8 +78,12 @@ def save_recon_grid(
 ) -> None:
     """Panels of ``recon_panels`` in ``data``'s pixel units, the channels ``shown_channels`` picks; arrays
     ``stretch``ed to the originals' range."""
-    panels = [shown_channels(denormalize(p.cpu(), data.mean, data.std, clamp=not arrays), data.grid_channels)
-              for p in recon_panels(images, out)]  # fmt: skip
+    panels = [
+        shown_channels(
+            denormalize(p.cpu(), data.mean, data.std, clamp=not arrays), data.grid_channels
+        )
+        for p in recon_panels(images, out)
+    ]
     if arrays:
         panels = stretch(panels, panels[-1])
     rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * panels, C, H, W), row-major

@@ -16,7 +16,10 @@ from mae.cli import main
 from mae.config import load_config
 
 if __name__ == "__main__":
-    step_sleep, save_sleep = float(os.environ.get("STEP_SLEEP", 0)), float(os.environ.get("SAVE_SLEEP", 0))
+    step_sleep, save_sleep = (
+        float(os.environ.get("STEP_SLEEP", 0)),
+        float(os.environ.get("SAVE_SLEEP", 0)),
+    )
     add, fsync = runner.MetricLog.add, checkpoint._fsync_tree
 
     def slow_add(self, *args):
@@ -30,7 +33,10 @@ if __name__ == "__main__":
         fsync(path)
 
     after_step = runner.Runner._after_step
-    crash_at, crash_rank = int(os.environ.get("CRASH_AT_STEP", 0)), int(os.environ.get("CRASH_RANK", 0))
+    crash_at, crash_rank = (
+        int(os.environ.get("CRASH_AT_STEP", 0)),
+        int(os.environ.get("CRASH_RANK", 0)),
+    )
 
     def crashing_after_step(self, step, *args):
         done = after_step(self, step, *args)

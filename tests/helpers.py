@@ -45,7 +45,9 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20, modes=("RGB",)) -> Path:
+def write_image_folder(
+    root: Path, classes: int = 3, per_class: int = 8, size: int = 20, modes=("RGB",)
+) -> Path:
     """An image folder with class subfolders; images cycle through ``modes`` (RGB, L, RGBA, P...)."""
     rng = np.random.default_rng(0)
     for c in range(classes):
@@ -74,7 +76,9 @@ def colour_folder(root, per_class=20, size=16):
 def png(rgb, size=16) -> bytes:
     """PNG bytes of a ``size`` x ``size`` image of colour ``rgb`` plus noise seeded by the colour."""
     rng = np.random.default_rng(sum(rgb))
-    a = np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    a = np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(
+        np.uint8
+    )
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
@@ -86,8 +90,16 @@ def parquet_stream(root, shards=4, per_shard=12, bad=()) -> str:
     root.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         ids = range(s * per_shard, (s + 1) * per_shard)
-        rows = [{"image": {"bytes": b"not an image" if i in bad else png((i * 5 % 256, i * 11 % 256, 90)),
-                           "path": f"img_{i}.png"}, "label": i} for i in ids]  # fmt: skip
+        rows = [
+            {
+                "image": {
+                    "bytes": b"not an image" if i in bad else png((i * 5 % 256, i * 11 % 256, 90)),
+                    "path": f"img_{i}.png",
+                },
+                "label": i,
+            }
+            for i in ids
+        ]
         datasets.Dataset.from_list(rows, features=features).to_parquet(
             str(root / f"train-{s:05d}-of-{shards:05d}.parquet")
         )
@@ -114,7 +126,9 @@ def env_without_accelerate() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
 
 
-def accelerate_launch(script: str, *args: str, processes: int = 1, multi: bool = False) -> list[str]:
+def accelerate_launch(
+    script: str, *args: str, processes: int = 1, multi: bool = False
+) -> list[str]:
     """An ``accelerate launch`` command line with every launcher default spelled out (no warnings)."""
     flags = ["--multi_gpu", "--main_process_port", str(free_port())] if multi else []
     return [

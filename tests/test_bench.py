@@ -15,12 +15,17 @@ def test_a_rerun_sweep_rewrites_its_table_and_keeps_the_written_sections(tmp_pat
     write_doc(doc, "Measured with `a`.\n\n| old |\n")
     doc.write_text(doc.read_text() + "\n## What it says\n\nThe old table says this.\n")
     write_doc(doc, "Measured with `b`.\n\n| new |\n")
-    assert doc.read_text() == "Measured with `b`.\n\n| new |\n\n## What it says\n\nThe old table says this.\n"
+    assert (
+        doc.read_text()
+        == "Measured with `b`.\n\n| new |\n\n## What it says\n\nThe old table says this.\n"
+    )
 
 
 def _row(top1: float) -> dict:
     probes = {
-        f"{kind}_{mode}": top1 for kind in ("pretrained", "random") for mode in ("linear", "knn", "knn_standardised")
+        f"{kind}_{mode}": top1
+        for kind in ("pretrained", "random")
+        for mode in ("linear", "knn", "knn_standardised")
     }
     return {"steps": 10, "images": 1280, "wall_s": 5.0} | probes
 

@@ -38,7 +38,9 @@ def small(name, *extra):
     ],
 )
 def test_every_model_keeps_the_contract(name, extra):
-    cfg = load_config(None, [f"model.name={name}", *(SMALL if name != "mae" else ["data.image_size=16"]), *extra])
+    cfg = load_config(
+        None, [f"model.name={name}", *(SMALL if name != "mae" else ["data.image_size=16"]), *extra]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     model.set_step(10**6)  # past any warm-up or greedy stage: every parameter is trained
@@ -47,12 +49,20 @@ def test_every_model_keeps_the_contract(name, extra):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(torch.isfinite(v).all() for v in out.terms.values())
     out.loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
     assert not missing, missing
     model.eval()
     a, b = model.encode(x), model.encode(x)
-    assert a.shape == (4, model.feature_dim) and torch.equal(a, b)  # deterministic: no noise, mask or sampling
-    assert torch.allclose(model.encode(x[:1]), a[:1], atol=1e-5)  # a code depends on its own image only
+    assert a.shape == (4, model.feature_dim) and torch.equal(
+        a, b
+    )  # deterministic: no noise, mask or sampling
+    assert torch.allclose(
+        model.encode(x[:1]), a[:1], atol=1e-5
+    )  # a code depends on its own image only
     recon = model(x).recon
     assert recon.shape == x.shape
 
@@ -62,29 +72,39 @@ def test_kl_of_diagonal_gaussians_matches_the_closed_form():
     var_q, var_p = torch.tensor([[0.5, 2.0]]), torch.tensor([[1.5, 0.25]])
     expected = sum(
         math.log(math.sqrt(vp) / math.sqrt(vq)) + (vq + (mq - mp) ** 2) / (2 * vp) - 0.5
-        for mq, mp, vq, vp in zip(mu_q[0].tolist(), mu_p[0].tolist(), var_q[0].tolist(), var_p[0].tolist(), strict=True)
+        for mq, mp, vq, vp in zip(
+            mu_q[0].tolist(), mu_p[0].tolist(), var_q[0].tolist(), var_p[0].tolist(), strict=True
+        )
     )
     got = kl_diag_gaussians(mu_q, var_q.log(), mu_p, var_p.log())
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # the prior special case, and torch's own implementation
     assert torch.allclose(
-        kl_to_standard_normal(mu_q, var_q.log()), kl_diag_gaussians(mu_q, var_q.log(), 0 * mu_q, 0 * mu_q)
+        kl_to_standard_normal(mu_q, var_q.log()),
+        kl_diag_gaussians(mu_q, var_q.log(), 0 * mu_q, 0 * mu_q),
     )
     q = torch.distributions.Normal(mu_q, var_q.sqrt())
     p = torch.distributions.Normal(mu_p, var_p.sqrt())
-    assert got.item() == pytest.approx(torch.distributions.kl_divergence(q, p).sum().item(), rel=1e-6)
+    assert got.item() == pytest.approx(
+        torch.distributions.kl_divergence(q, p).sum().item(), rel=1e-6
+    )
 
 
 def test_sparsity_kl_matches_the_bernoulli_formula():
     rho, rho_hat = 0.05, torch.tensor([0.05, 0.2, 0.5])
-    expected = sum(rho * math.log(rho / r) + (1 - rho) * math.log((1 - rho) / (1 - r)) for r in rho_hat.tolist())
+    expected = sum(
+        rho * math.log(rho / r) + (1 - rho) * math.log((1 - rho) / (1 - r))
+        for r in rho_hat.tolist()
+    )
     assert bernoulli_kl(rho, rho_hat).item() == pytest.approx(expected, rel=1e-5)
     assert bernoulli_kl(rho, torch.full((4,), rho)).item() == pytest.approx(0, abs=1e-7)
     model = small("sparse_ae", "model.sparsity_weight=2.0")
     x = torch.randn(8, 3, 16, 16)
     code = model.encode(x)
     assert ((code > 0) & (code < 1)).all()  # sigmoid code
-    assert model.penalty(x, code)["sparsity"].item() == pytest.approx(2 * bernoulli_kl(0.05, code.mean(0)).item())
+    assert model.penalty(x, code)["sparsity"].item() == pytest.approx(
+        2 * bernoulli_kl(0.05, code.mean(0)).item()
+    )
     l1 = small("sparse_ae", "model.sparsity=l1")
     code = l1.encode(x)
     assert (code >= 0).all() and l1.stats(code)["density"] == (code > 0).float().mean()
@@ -92,7 +112,10 @@ def test_sparsity_kl_matches_the_bernoulli_formula():
 
 def exact_jacobian_norm(model, x):
     return torch.stack(
-        [torch.autograd.functional.jacobian(lambda v: model.code(v[None])[0], xi).pow(2).sum() for xi in x]
+        [
+            torch.autograd.functional.jacobian(lambda v: model.code(v[None])[0], xi).pow(2).sum()
+            for xi in x
+        ]
     )
 
 
@@ -126,7 +149,9 @@ def test_denoising_target_is_the_clean_image():
     noisy = model.corrupt(x)
     assert not torch.allclose(noisy, x)
     decoded = model.decoder(model.code(noisy)).float()
-    assert out.loss.item() == pytest.approx(torch.nn.functional.mse_loss(decoded, x).item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        torch.nn.functional.mse_loss(decoded, x).item(), rel=1e-5
+    )
     model.eval()
     assert torch.equal(model.encode(x), model.code(x))  # encode sees the clean image
 
@@ -155,9 +180,13 @@ def test_vae_terms_warmup_and_samples():
     model.set_step(5)
     out = model(x)
     assert out.terms["beta"].item() == 2.0
-    assert out.terms["elbo"].item() == pytest.approx(-(out.terms["recon_nll"] + out.terms["kl"]).item(), rel=1e-5)
+    assert out.terms["elbo"].item() == pytest.approx(
+        -(out.terms["recon_nll"] + out.terms["kl"]).item(), rel=1e-5
+    )
     dims = 3 * 16 * 16
-    assert out.terms["bits_per_dim"].item() == pytest.approx(-out.terms["elbo"].item() / (dims * math.log(2)), rel=1e-5)
+    assert out.terms["bits_per_dim"].item() == pytest.approx(
+        -out.terms["elbo"].item() / (dims * math.log(2)), rel=1e-5
+    )
     model.set_step(50)
     assert model(x).terms["beta"].item() == 4.0
     samples = model.sample(6, generator=torch.Generator().manual_seed(0))
@@ -174,11 +203,20 @@ def test_bad_classic_configs_are_refused():
     with pytest.raises(ConfigError, match="model.widths"):
         load_config(None, ["model.name=ae", "model.widths=[]"])
     with pytest.raises(ConfigError, match="fraction of code units zeroed"):
-        load_config(None, ["model.name=stacked_ae", "model.stack_denoising=true", "model.noise_level=2"])
-    with pytest.raises(ConfigError, match="train.online_probe=true does not work with model.name=stacked_ae"):
+        load_config(
+            None, ["model.name=stacked_ae", "model.stack_denoising=true", "model.noise_level=2"]
+        )
+    with pytest.raises(
+        ConfigError, match="train.online_probe=true does not work with model.name=stacked_ae"
+    ):
         load_config(None, ["model.name=stacked_ae", "train.online_probe=true"])
-    for name in ("vae", "stacked_ae"):  # their forward follows the step: compiling would recompile each step
-        with pytest.raises(ConfigError, match=f"train.compile=true does not work with model.name={name}"):
+    for name in (
+        "vae",
+        "stacked_ae",
+    ):  # their forward follows the step: compiling would recompile each step
+        with pytest.raises(
+            ConfigError, match=f"train.compile=true does not work with model.name={name}"
+        ):
             load_config(None, [f"model.name={name}", "train.compile=true"])
     assert load_config(None, ["model.name=dae", "train.compile=true"]).train.compile
 
@@ -188,9 +226,17 @@ def test_pretrain_export_and_probe_end_to_end(tmp_path, name):
     out = tmp_path / name
     cfg = load_config(
         None,
-        [f"model.name={name}", *SMALL, "data.num_workers=0", "train.batch_size=8", "train.max_steps=4",
-         "train.recon_images=2", f"output_dir={out}", "train.blr=1e-2"],
-    )  # fmt: skip
+        [
+            f"model.name={name}",
+            *SMALL,
+            "data.num_workers=0",
+            "train.batch_size=8",
+            "train.max_steps=4",
+            "train.recon_images=2",
+            f"output_dir={out}",
+            "train.blr=1e-2",
+        ],
+    )
     result = pretrain.train(cfg)
     assert (out / "recon_4.png").is_file()
     assert (out / "samples_4.png").is_file() == (name == "vae")
@@ -210,33 +256,52 @@ def test_stacked_stages_train_one_layer_at_a_time(arch):
     x = torch.randn(4, 3, 16, 16)
     layers = model.stages
     assert len(layers) == 3
-    for step, trained in [(0, [layers[0]]), (4, [layers[1]]), (8, [layers[2]]), (9, layers), (50, layers)]:
+    for step, trained in [
+        (0, [layers[0]]),
+        (4, [layers[1]]),
+        (8, [layers[2]]),
+        (9, layers),
+        (50, layers),
+    ]:
         model.set_step(step)
         model.zero_grad()
         out = model(x)
         out.loss.backward()
-        got = sorted({int(n.split(".")[1]) for n, p in model.named_parameters() if p.grad is not None})
+        got = sorted(
+            {int(n.split(".")[1]) for n, p in model.named_parameters() if p.grad is not None}
+        )
         assert got == trained and out.terms["stage"].item() == min(step // 3, 3)
         # the encoder layers below the one trained are frozen, those above unused
     model.eval()
     assert model(x).recon.shape == x.shape and model.encode(x).shape == (4, 12)
     # decoders of hidden codes end with the codes' own non-linearity; the image decoder does not
-    assert [isinstance(d, torch.nn.Sequential) and isinstance(d[-1], torch.nn.GELU) for d in model.decoders] == [
-        i > layers[0] for i in range(len(model.decoders))
-    ]
+    assert [
+        isinstance(d, torch.nn.Sequential) and isinstance(d[-1], torch.nn.GELU)
+        for d in model.decoders
+    ] == [i > layers[0] for i in range(len(model.decoders))]
 
 
 def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
     common = [
-        "model.name=stacked_ae", *SMALL, "model.stage_steps=4", "model.stack_denoising=true", "data.num_workers=0",
-        "train.batch_size=8", "train.max_steps=14", "train.checkpoint_every=6", "train.log_every=1", "train.blr=1e-2",
-    ]  # fmt: skip
+        "model.name=stacked_ae",
+        *SMALL,
+        "model.stage_steps=4",
+        "model.stack_denoising=true",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.max_steps=14",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+        "train.blr=1e-2",
+    ]
     straight = pretrain.train(load_config(None, [*common, f"output_dir={tmp_path / 'a'}"]))
     reset_accelerate()
     real_write = runner.MetricLog.write
 
     def write_then_crash(self, step, *args):
-        if step == 9:  # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
+        if (
+            step == 9
+        ):  # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
             raise RuntimeError("killed")
         return real_write(self, step, *args)
 
@@ -262,27 +327,51 @@ def blob_folder(root, train=600, test=200, size=28):
             cy, cx = rng.uniform(6, size - 6, 2)
             sigma = rng.uniform(1.5, 4.0)
             a = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-            Image.fromarray((255 * a).astype(np.uint8), "L").save(root / split / "blobs" / f"{i}.png")
+            Image.fromarray((255 * a).astype(np.uint8), "L").save(
+                root / split / "blobs" / f"{i}.png"
+            )
     return root
 
 
 def test_an_mlp_autoencoder_with_its_defaults_beats_pca_at_equal_code_size(tmp_path):
     data = blob_folder(tmp_path / "blobs")
     run = tmp_path / "ae"
-    cfg = load_config(None, ["model.name=ae", "model.arch=mlp", "model.latent_dim=4", f"data.dataset={data}",
-                             "data.image_size=28", "data.channels=1", f"output_dir={run}", "train.epochs=100",
-                             "data.on_device=true"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.name=ae",
+            "model.arch=mlp",
+            "model.latent_dim=4",
+            f"data.dataset={data}",
+            "data.image_size=28",
+            "data.channels=1",
+            f"output_dir={run}",
+            "train.epochs=100",
+            "data.on_device=true",
+        ],
+    )
     family = FAMILY_DEFAULTS["ae"]
-    assert (cfg.data.augment, cfg.train.blr, cfg.model.widths) == (family["augment"], family["blr"], (512, 256))
+    assert (cfg.data.augment, cfg.train.blr, cfg.model.widths) == (
+        family["augment"],
+        family["blr"],
+        (512, 256),
+    )
     pretrain.train(cfg)
     assert evaluate_main(["reduce", "--run", str(run), "--fit-images", "600"]) == 0
     result = json.loads((run / "evaluate/reduce/metrics.json").read_text())["reconstruction"]
-    assert result["encoder"]["psnr_db"] > result["pca"]["psnr_db"] + 1.0  # dB, on the 200 test images
+    assert (
+        result["encoder"]["psnr_db"] > result["pca"]["psnr_db"] + 1.0
+    )  # dB, on the 200 test images
 
 
 def test_each_family_resolves_its_own_defaults_and_mae_keeps_the_papers():
     mae = load_config(None, [])
-    assert (mae.data.augment, mae.train.blr, mae.train.weight_decay, mae.train.warmup_epochs) == ("crop", 1e-3, 0.05, 1)
+    assert (mae.data.augment, mae.train.blr, mae.train.weight_decay, mae.train.warmup_epochs) == (
+        "crop",
+        1e-3,
+        0.05,
+        1,
+    )
     for name in ("ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"):
         cfg = load_config(None, [f"model.name={name}"])
         family = FAMILY_DEFAULTS[name]
@@ -291,9 +380,17 @@ def test_each_family_resolves_its_own_defaults_and_mae_keeps_the_papers():
             family["blr"],
             family["weight_decay"],
         )
-    given = load_config(None, ["model.name=ae", "data.augment=crop", "train.blr=3e-3", "train.weight_decay=0.05"])
-    assert (given.data.augment, given.train.blr, given.train.weight_decay) == ("crop", 3e-3, 0.05)  # yours stay
-    with pytest.raises(ConfigError, match="data.decoder=dali decodes the crops of data.augment=crop"):
+    given = load_config(
+        None, ["model.name=ae", "data.augment=crop", "train.blr=3e-3", "train.weight_decay=0.05"]
+    )
+    assert (given.data.augment, given.train.blr, given.train.weight_decay) == (
+        "crop",
+        3e-3,
+        0.05,
+    )  # yours stay
+    with pytest.raises(
+        ConfigError, match="data.decoder=dali decodes the crops of data.augment=crop"
+    ):
         load_config(None, ["model.name=ae", "data.augment=flip", "data.decoder=dali"])
 
 

@@ -21,7 +21,8 @@ def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
     return [
         (node.name, node.end_lineno - node.lineno + 1)
         for node in ast.walk(ast.parse(source))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > limit
     ]
 
 
@@ -31,9 +32,17 @@ def test_long_functions_are_found():
 
 
 def test_files_and_functions_stay_small():
-    big = {str(p.relative_to(ROOT)): n for p in modules() if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in modules()
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    }
     assert not big, f"files over {MAX_FILE_LINES} lines: {big}"
-    long = {str(p.relative_to(ROOT)): f for p in modules() if (f := long_functions(p.read_text(), MAX_FUNCTION_LINES))}
+    long = {
+        str(p.relative_to(ROOT)): f
+        for p in modules()
+        if (f := long_functions(p.read_text(), MAX_FUNCTION_LINES))
+    }
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
@@ -56,5 +65,14 @@ def test_the_runner_knows_no_kind_of_data_or_model():
     source = (MAE / "runner.py").read_text()
     names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
-    kinds = {"streaming", "on_device", "StreamSource", "DeviceSource", "LoadedSource", "ImageStream", "mae", "vae"}
+    kinds = {
+        "streaming",
+        "on_device",
+        "StreamSource",
+        "DeviceSource",
+        "LoadedSource",
+        "ImageStream",
+        "mae",
+        "vae",
+    }
     assert not names & kinds, f"the runner branches on {names & kinds}"

@@ -18,14 +18,23 @@ from mae.presets import PRESET_KEYS, PRESETS
 
 def test_defaults_resolve_preset():
     cfg = load_config()
-    assert (cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (4, 192, 12, 3)
+    assert (cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (
+        4,
+        192,
+        12,
+        3,
+    )
     assert cfg.data.mean == (0.485, 0.456, 0.406)
 
 
 def test_recipe_then_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model:\n  preset: vit_base_patch16\ndata:\n  image_size: 224\ntrain:\n  blr: 1.0e-3\n")
-    cfg = load_config(recipe, ["train.blr=2e-3", "model.depth=6", "data.crop_scale=[0.3, 1.0]", "output_dir=x"])
+    recipe.write_text(
+        "model:\n  preset: vit_base_patch16\ndata:\n  image_size: 224\ntrain:\n  blr: 1.0e-3\n"
+    )
+    cfg = load_config(
+        recipe, ["train.blr=2e-3", "model.depth=6", "data.crop_scale=[0.3, 1.0]", "output_dir=x"]
+    )
     assert cfg.model.embed_dim == 768 and cfg.model.patch_size == 16  # from the preset
     assert cfg.model.depth == 6  # explicit key beats the preset
     assert cfg.train.blr == 2e-3 and isinstance(cfg.train.blr, float)
@@ -35,7 +44,12 @@ def test_recipe_then_overrides(tmp_path):
 
 def test_a_preset_is_a_named_record_of_model_keys_and_fills_them_all():
     small = PRESETS["vit_small_patch4"]
-    assert (small.patch_size, small.embed_dim, small.num_heads, small.decoder_embed_dim) == (4, 384, 6, 256)
+    assert (small.patch_size, small.embed_dim, small.num_heads, small.decoder_embed_dim) == (
+        4,
+        384,
+        6,
+        256,
+    )
     assert set(PRESET_KEYS) <= {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = load_config(None, ["model.preset=vit_small_patch4"])
     assert {k: getattr(cfg.model, k) for k in PRESET_KEYS} == dataclasses.asdict(small)
@@ -63,7 +77,10 @@ def test_round_trip_through_yaml():
         ("train.max_steps=abc", "train.max_steps='abc' has the wrong type"),
         ("train.batch_size=1.5", "train.batch_size=1.5 has the wrong type; expected int"),
         ("model.norm_pix_loss=3", "expected bool"),
-        ("model.mask_ratio=1.0", "model.mask_ratio=1.0 is invalid; it must be a fraction strictly between 0 and 1"),
+        (
+            "model.mask_ratio=1.0",
+            "model.mask_ratio=1.0 is invalid; it must be a fraction strictly between 0 and 1",
+        ),
         ("model.mask_ratio=0", "model.mask_ratio"),
         ("data.image_size=30", "data.image_size=30 is not divisible by model.patch_size=4"),
         ("model.preset=vit_giant", "model.preset='vit_giant' is unknown; choose one of"),
@@ -95,11 +112,18 @@ def test_bad_values_name_the_key(override, fragment):
 
 
 def test_yaml_12_scalars_and_text_fields():
-    cfg = load_config(None, ["train.mixed_precision=no", "train.blr=1e-4", "output_dir=2024", "data.split=2017"])
+    cfg = load_config(
+        None, ["train.mixed_precision=no", "train.blr=1e-4", "output_dir=2024", "data.split=2017"]
+    )
     assert cfg.train.mixed_precision == "no" and cfg.train.blr == 1e-4
     assert cfg.output_dir == "2024" and cfg.data.split == "2017"
-    assert load_config(None, ['output_dir="runs/a b"']).output_dir == "runs/a b"  # YAML quotes still work
-    assert load_config(None, ["model.norm_pix_loss=false", "train.clip_grad=null"]).model.norm_pix_loss is False
+    assert (
+        load_config(None, ['output_dir="runs/a b"']).output_dir == "runs/a b"
+    )  # YAML quotes still work
+    assert (
+        load_config(None, ["model.norm_pix_loss=false", "train.clip_grad=null"]).model.norm_pix_loss
+        is False
+    )
 
 
 def test_recipe_written_the_natural_way(tmp_path):
@@ -136,7 +160,13 @@ def test_shipped_recipes_load():
 def test_derived_values():
     cfg = load_config(
         None,
-        ["train.batch_size=64", "train.accum_steps=2", "train.blr=1e-4", "train.epochs=3", "train.warmup_epochs=0.5"],
+        [
+            "train.batch_size=64",
+            "train.accum_steps=2",
+            "train.blr=1e-4",
+            "train.epochs=3",
+            "train.warmup_epochs=0.5",
+        ],
     )
     d = derive(cfg, dataset_size=1000, num_processes=2)
     assert d.effective_batch == 256
@@ -144,7 +174,9 @@ def test_derived_values():
     assert d.steps_per_epoch == 3  # 1000 // 256, whole steps only
     assert d.total_steps == 9
     assert d.warmup_steps == 2  # round(0.5 * 3)
-    capped = derive(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5)), 1000, 2)
+    capped = derive(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5)), 1000, 2
+    )
     assert capped.total_steps == 5
     with pytest.raises(ConfigError, match="fewer than one optimizer step"):
         derive(cfg, dataset_size=100, num_processes=2)

@@ -37,7 +37,9 @@ def test_a_query_does_not_depend_on_the_other_queries(features):
         among_all = model.forward_decoder(memories, every)[:, -3:]
     torch.testing.assert_close(alone, among_all, rtol=1e-5, atol=1e-6)
 
-    model = tiny(*CROSS, "model.decoder_self_attn=true").eval()  # the same check fails with self-attention
+    model = tiny(
+        *CROSS, "model.decoder_self_attn=true"
+    ).eval()  # the same check fails with self-attention
     with torch.no_grad():
         memories, _, _, ids_restore = model.encoder_outputs(images, noise)
         every = predicted_patches(ids_restore, 12)
@@ -54,14 +56,18 @@ def test_loss_and_gradients_touch_only_the_chosen_patches():
     chosen = torch.zeros(2, 16).scatter(1, predicted_patches(ids_restore, 4), 1.0)
     per_patch = images.grad.abs().unfold(2, 4, 4).unfold(3, 4, 4).sum(dim=(1, 4, 5)).reshape(2, 16)
     visible, unscored = mask == 0, (mask == 1) & (chosen == 0)
-    assert chosen.sum() == 8 and (chosen * mask).sum() == 8  # 25% of the patches, all of them masked
+    assert (
+        chosen.sum() == 8 and (chosen * mask).sum() == 8
+    )  # 25% of the patches, all of them masked
     assert (per_patch[visible] > 0).all() and (per_patch[chosen == 1] > 0).all()
     assert (per_patch[unscored] == 0).all()
     # every parameter but the fixed positions learns (data parallel needs no unused-parameter search)
     idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert idle == [] and model.decoder_feature_mix.grad.abs().sum() > 0
 
-    changed = images.detach().clone().unfold(2, 4, 4).unfold(3, 4, 4)  # a view of (B, C, 4, 4, 4, 4) patches
+    changed = (
+        images.detach().clone().unfold(2, 4, 4).unfold(3, 4, 4)
+    )  # a view of (B, C, 4, 4, 4, 4) patches
     before = model(images.detach(), noise).loss
     for b, patch in unscored.nonzero().tolist():
         changed[b, :, patch // 4, patch % 4] += 5.0  # writes through the view
@@ -73,7 +79,9 @@ def test_the_subset_is_fixed_by_the_noise_and_lies_inside_the_mask():
     noise = torch.rand(4, 64)
     _, mask, ids_restore = random_masking(torch.zeros(4, 64, 1), 0.75, noise)
     small, large = predicted_patches(ids_restore, 16), predicted_patches(ids_restore, 32)
-    assert torch.equal(small, predicted_patches(random_masking(torch.zeros(4, 64, 1), 0.75, noise)[2], 16))
+    assert torch.equal(
+        small, predicted_patches(random_masking(torch.zeros(4, 64, 1), 0.75, noise)[2], 16)
+    )
     assert torch.gather(mask, 1, large).eq(1).all() and small.shape == (4, 16)
     assert all(set(s.tolist()) <= set(g.tolist()) for s, g in zip(small, large, strict=True))
     other = predicted_patches(random_masking(torch.zeros(4, 64, 1), 0.75, torch.rand(4, 64))[2], 16)
@@ -102,7 +110,9 @@ def test_settings_outside_the_cross_decoder_are_refused():
 def cross_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cross") / "run"
     args = [*TINY, *WEIGHTED, "train.max_steps=4", "train.checkpoint_every=4", f"output_dir={out}"]
-    proc = subprocess.run([sys.executable, "pretrain.py", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -132,17 +142,29 @@ def test_probes_and_fine_tuning_take_the_encoder(cross_run, tmp_path, mode):
         "probe.epochs=1",
         "probe.warmup_epochs=0",
     ]
-    proc = subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decoder", [[], CROSS, WEIGHTED], ids=["into_mae", "into_last", "into_weighted"])
+@pytest.mark.parametrize(
+    "decoder", [[], CROSS, WEIGHTED], ids=["into_mae", "into_last", "into_weighted"]
+)
 def test_init_takes_a_cross_run_into_either_decoder(cross_run, tmp_path, decoder):
     out = tmp_path / "from_init"
-    args = [*TINY, *decoder, "train.max_steps=1", f"init={cross_run / 'checkpoints/step_4'}", f"output_dir={out}"]
-    proc = subprocess.run([sys.executable, "pretrain.py", *args], cwd=ROOT, capture_output=True, text=True)
+    args = [
+        *TINY,
+        *decoder,
+        "train.max_steps=1",
+        f"init={cross_run / 'checkpoints/step_4'}",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("decoder is of the other kind" in proc.stdout) == (decoder != WEIGHTED), proc.stdout
     start = load_file(str(cross_run / "checkpoints/step_4/model.safetensors"))
@@ -167,8 +189,10 @@ def test_the_hugging_face_export_is_the_encoder(cross_run, tmp_path):
     out = tmp_path / "hf"
     proc = subprocess.run(
         [sys.executable, "-m", "mae.export", str(cross_run), "--format", "hf", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     from transformers import ViTMAEModel
 
@@ -176,14 +200,26 @@ def test_the_hugging_face_export_is_the_encoder(cross_run, tmp_path):
     ours = load_file(str(cross_run / "checkpoints/step_4/model.safetensors"))
     torch.testing.assert_close(hf.layernorm.weight, ours["encoder.norm.weight"])
     back, _ = from_hf(hf)
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.items() if k.startswith("encoder."))
+    assert all(
+        torch.equal(back.state_dict()[k], v) for k, v in ours.items() if k.startswith("encoder.")
+    )
 
 
 def test_evaluate_reconstruct_predicts_every_masked_patch(cross_run, tmp_path):
     from mae.evaluate import main
 
     out = tmp_path / "reconstruct"
-    args = ["reconstruct", "--run", str(cross_run), "--split", "train", "--max-images", "16", "--out", str(out)]
+    args = [
+        "reconstruct",
+        "--run",
+        str(cross_run),
+        "--split",
+        "train",
+        "--max-images",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["images"] == 16 and result["mask_ratio"] == 0.75 and 0 < result["mse"] < 10

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import ROOT, TINY, accelerate_launch, env_without_accelerate, metric_write_then, reset_accelerate
+from helpers import (
+    ROOT,
+    TINY,
+    accelerate_launch,
+    env_without_accelerate,
+    metric_write_then,
+    reset_accelerate,
+)
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2
@@ -23,7 +30,9 @@ from mae.data.loading import DataError, load_split
 from mae.data.sources import build_source
 from mae.runner import prepare_with_data
 
-pytest.importorskip("nvidia.dali", reason='NVIDIA DALI is an optional extra: pip install -e ".[dali]"')
+pytest.importorskip(
+    "nvidia.dali", reason='NVIDIA DALI is an optional extra: pip install -e ".[dali]"'
+)
 
 SIZE = 32
 
@@ -47,7 +56,9 @@ def jpeg_shards(root, texture=False, count=40, seed=0):
     for i in range(count):
         h, w = rng.integers(40, 91, 2)
         if texture:
-            blobs = Image.fromarray(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8))
+            blobs = Image.fromarray(
+                rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+            )
             a = np.asarray(blobs.resize((w, h), Image.Resampling.BILINEAR))
         else:
             x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
@@ -55,7 +66,9 @@ def jpeg_shards(root, texture=False, count=40, seed=0):
         rows.append({"image": {"bytes": jpeg(a, quality=90 if texture else 95)}, "label": i})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     root.mkdir(parents=True)
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(root / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows, features=features).to_parquet(
+        str(root / "train-00000-of-00001.parquet")
+    )
     return root
 
 
@@ -65,7 +78,9 @@ def shards(tmp_path_factory):
 
 
 def data_config(root, *extra):
-    return load_config(None, [f"data.dataset={root}", f"data.image_size={SIZE}", "data.decoder=dali", *extra]).data
+    return load_config(
+        None, [f"data.dataset={root}", f"data.image_size={SIZE}", "data.decoder=dali", *extra]
+    ).data
 
 
 def through_dali(cfg, items):
@@ -77,7 +92,9 @@ def through_dali(cfg, items):
 
 # DALI's float output against Pillow's rounded bytes: 0.5 level from the rounding alone; a box off by a pixel or a
 # wrong flip moves the gradient by several to hundreds of levels. Texture: the two cubic resamplers differ a little.
-@pytest.mark.parametrize("texture, mean, largest", [(False, 0.3, 1.5), (True, 0.4, 8)], ids=["gradient", "texture"])
+@pytest.mark.parametrize(
+    "texture, mean, largest", [(False, 0.3, 1.5), (True, 0.4, 8)], ids=["gradient", "texture"]
+)
 def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_within_a_level(
     shards, tmp_path, monkeypatch, texture, mean, largest
 ):
@@ -100,7 +117,9 @@ def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_wi
     items = [encoded[k] for k in keys]
     assert boxes == pillow_boxes  # the same crops, drawn by torchvision from the header's size
     draws = np.stack([draws for _, draws, _, _ in items])
-    assert draws[:, :4].tolist() == pillow_boxes and 0.3 < draws[:, 4].mean() < 0.7  # flips half the time
+    assert (
+        draws[:, :4].tolist() == pillow_boxes and 0.3 < draws[:, 4].mean() < 0.7
+    )  # flips half the time
     for (_, _, label, noise), (_, pillow_label, pillow_noise) in zip(items, expected, strict=True):
         assert label == pillow_label and torch.equal(noise, pillow_noise)  # the same masks
 
@@ -108,7 +127,9 @@ def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_wi
     assert images.shape == (len(keys), 3, SIZE, SIZE) and images.dtype == torch.float32
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     diff = (images - torch.stack([x for x, *_ in expected])).abs() * std * 255  # in 0-255 levels
-    print(f"DALI against Pillow, {len(keys)} crops to {SIZE} px: mean {diff.mean():.2f}, max {diff.max():.2f} levels")
+    print(
+        f"DALI against Pillow, {len(keys)} crops to {SIZE} px: mean {diff.mean():.2f}, max {diff.max():.2f} levels"
+    )
     assert diff.mean() < mean and diff.max() < largest, (diff.mean(), diff.max())
 
 
@@ -116,13 +137,17 @@ def test_a_constant_colour_comes_out_as_its_normalised_value(tmp_path):
     colour = np.array([200, 90, 30], dtype=np.uint8)
     (tmp_path / "c0").mkdir()
     for i, (h, w) in enumerate([(50, 70), (81, 43), (64, 64)]):
-        Image.fromarray(np.broadcast_to(colour, (h, w, 3)).copy()).save(tmp_path / "c0" / f"{i}.png")
+        Image.fromarray(np.broadcast_to(colour, (h, w, 3)).copy()).save(
+            tmp_path / "c0" / f"{i}.png"
+        )
     for extra in ([], ["data.mean=[0.1,0.2,0.3]", "data.std=[0.5,0.25,0.125]"]):
         cfg = data_config(tmp_path, *extra)
         encoded = dali.EncodedImages(load_split(cfg), cfg, seed=0, noise_length=None)
         images = through_dali(cfg, [encoded[(0, i)] for i in range(3)])
         expected = (torch.tensor(colour / 255) - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
-        assert torch.allclose(images, expected.float().view(1, 3, 1, 1).expand_as(images), atol=1e-4)
+        assert torch.allclose(
+            images, expected.float().view(1, 3, 1, 1).expand_as(images), atol=1e-4
+        )
 
 
 def sources(root, *extra):
@@ -136,21 +161,32 @@ def sources(root, *extra):
 
 
 def test_dali_batches_come_in_the_loaded_order_and_resume_at_the_step(shards):
-    extra = ["train.accum_steps=2", "train.batch_size=4"]  # 40 images: 5 steps of 2 micro-batches an epoch
+    extra = [
+        "train.accum_steps=2",
+        "train.batch_size=4",
+    ]  # 40 images: 5 steps of 2 micro-batches an epoch
     try:
         pillow = list(sources(shards, *extra).batches(5))  # epoch 1
         whole = sources(shards, *extra, "data.decoder=dali")
-        assert whole.describe().startswith("data decoded, cropped and normalised by DALI on the CPU")
+        assert whole.describe().startswith(
+            "data decoded, cropped and normalised by DALI on the CPU"
+        )
         epoch = list(whole.batches(5))
         # 3 steps into epoch 1, the bytes and draws from two loader workers
-        resumed = list(sources(shards, *extra, "data.decoder=dali", "data.num_workers=2").batches(8))
+        resumed = list(
+            sources(shards, *extra, "data.decoder=dali", "data.num_workers=2").batches(8)
+        )
     finally:
         reset_accelerate()
     assert len(epoch) == len(pillow) == 10 and len(resumed) == 4
     for (x, labels, noise), (px, plabels, pnoise) in zip(epoch, pillow, strict=True):
-        assert torch.equal(labels, plabels) and torch.equal(noise, pnoise)  # LoadedSource's order and masks
+        assert torch.equal(labels, plabels) and torch.equal(
+            noise, pnoise
+        )  # LoadedSource's order and masks
         levels = (x - px).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-        assert levels.mean() < 0.3 and levels.max() < 1.5  # the same crops and flips, normalised alike
+        assert (
+            levels.mean() < 0.3 and levels.max() < 1.5
+        )  # the same crops and flips, normalised alike
     for a, b in zip(epoch[6:], resumed, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
@@ -173,7 +209,9 @@ def test_a_format_dali_does_not_decode_is_refused_with_the_fix(tmp_path):
         dali.EncodedImages(load_split(cfg), cfg, seed=0, noise_length=None)[0]
 
 
-def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(shards, tmp_path, monkeypatch):
+def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(
+    shards, tmp_path, monkeypatch
+):
     common = [
         *TINY,
         f"data.dataset={shards}",
@@ -202,7 +240,8 @@ def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(shards, t
 
     def losses(result):
         return [
-            (r["step"], r["loss"]) for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+            (r["step"], r["loss"])
+            for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
         ]
 
     assert resumed.steps == straight.steps == 10 and losses(resumed) == losses(straight)
@@ -213,21 +252,46 @@ def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(shards, t
 
 
 @pytest.mark.slow
-def test_two_processes_with_dali_end_where_one_process_with_the_same_global_batch_ends(shards, tmp_path):
+def test_two_processes_with_dali_end_where_one_process_with_the_same_global_batch_ends(
+    shards, tmp_path
+):
     """2 processes x batch 4 (gloo) against 1 x batch 8: each process decodes its own share of every global
     batch (LoadedSource's split), with the same crops and masks per sample; the weights agree."""
-    args = [*TINY, f"data.dataset={shards}", "data.decoder=dali", "train.mixed_precision=no", "train.max_steps=4",
-            "train.blr=1e-2", "train.checkpoint_every=4"]  # fmt: skip
+    args = [
+        *TINY,
+        f"data.dataset={shards}",
+        "data.decoder=dali",
+        "train.mixed_precision=no",
+        "train.max_steps=4",
+        "train.blr=1e-2",
+        "train.checkpoint_every=4",
+    ]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     for name, processes, batch in (("one", 1, 8), ("two", 2, 4)):
-        cmd = accelerate_launch(str(ROOT / "pretrain.py"), *args, f"train.batch_size={batch}",
-                                f"output_dir={tmp_path / name}", processes=processes, multi=processes > 1)  # fmt: skip
+        cmd = accelerate_launch(
+            str(ROOT / "pretrain.py"),
+            *args,
+            f"train.batch_size={batch}",
+            f"output_dir={tmp_path / name}",
+            processes=processes,
+            multi=processes > 1,
+        )
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    a, b = (load_file(str(tmp_path / name / "checkpoints/step_4/model.safetensors")) for name in ("one", "two"))
+    a, b = (
+        load_file(str(tmp_path / name / "checkpoints/step_4/model.safetensors"))
+        for name in ("one", "two")
+    )
     for k in a:
-        if not k.endswith("attn.qkv.bias"):  # its key part's gradient is rounding noise (tests/test_resilience.py)
+        if not k.endswith(
+            "attn.qkv.bias"
+        ):  # its key part's gradient is rounding noise (tests/test_resilience.py)
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("one", "two")]  # fmt: skip
+    losses = [
+        [
+            json.loads(x)["loss"]
+            for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("one", "two")
+    ]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -41,7 +41,9 @@ def test_image_folder_with_mixed_modes_becomes_configured_channels(tmp_path):
 
 def test_parquet_shards_like_a_hub_repo(tmp_path):
     rows = {"picture": [np.full((8, 8, 3), i, np.uint8) for i in range(6)], "y": [0, 1, 2, 0, 1, 2]}
-    features = datasets.Features({"picture": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b", "c"])})
+    features = datasets.Features(
+        {"picture": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b", "c"])}
+    )
     ds = datasets.Dataset.from_dict(rows, features=features)
     (tmp_path / "data").mkdir()
     ds.to_parquet(tmp_path / "data" / "train-00000-of-00001.parquet")
@@ -61,16 +63,22 @@ def test_named_and_missing_columns(tmp_path):
         image_column(ds, cfg)
     with pytest.raises(DataError, match="data.image_column='img' is not a column"):
         image_column(ds, data_cfg("data.image_column=img"))
-    assert label_column(ds, cfg) is None  # a plain int column is not a ClassLabel: no labels, fine for pretraining
+    assert (
+        label_column(ds, cfg) is None
+    )  # a plain int column is not a ClassLabel: no labels, fine for pretraining
     assert label_column(ds, data_cfg("data.label_column=label")) == "label"  # but it may be named
     with pytest.raises(DataError, match="data.image_column='label' holds .* not images"):
         image_column(ds, data_cfg("data.image_column=label"))
-    with pytest.raises(DataError, match="data.label_column='pixels' holds .* not integer class labels"):
+    with pytest.raises(
+        DataError, match="data.label_column='pixels' holds .* not integer class labels"
+    ):
         label_column(ds, data_cfg("data.label_column=pixels"))
 
 
 def test_bad_split_and_dataset(tmp_path):
-    with pytest.raises(DataError, match=r"data.split='validation' does not exist.*\['test', 'train'\]"):
+    with pytest.raises(
+        DataError, match=r"data.split='validation' does not exist.*\['test', 'train'\]"
+    ):
         load_split(data_cfg("data.split=validation"))
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(DataError, match="is a file"):

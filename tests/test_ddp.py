@@ -28,12 +28,23 @@ pytestmark = pytest.mark.slow
 )
 def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     out = tmp_path / "ddp"
-    args = [*TINY, f"output_dir={out}", "train.max_steps=6", "train.blr=1e-2", "train.checkpoint_every=3", *extra]
+    args = [
+        *TINY,
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "train.blr=1e-2",
+        "train.checkpoint_every=3",
+        *extra,
+    ]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
+    cmd = accelerate_launch(
+        str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"] == ("train.compile=true" in extra)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"] == (
+        "train.compile=true" in extra
+    )
 
     derived = json.loads((out / "derived.json").read_text())
     accum = 2 if "train.accum_steps=2" in extra else 1
@@ -43,12 +54,16 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     # Each process loads its own shard of every global batch ...
     seen0 = [tuple(x) for x in json.loads((out / "rank0_of_2.json").read_text())]
     seen1 = [tuple(x) for x in json.loads((out / "rank1_of_2.json").read_text())]
-    assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(seen1)  # (the loader reads ahead)
+    assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(
+        seen1
+    )  # (the loader reads ahead)
     # ... and computes its own gradients; only averaging them keeps the replicas identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     init = build_model(load_config(None, [*TINY, *extra])).state_dict()
-    assert not torch.equal(r0["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        r0["encoder.blocks.0.attn.qkv.weight"], init["encoder.blocks.0.attn.qkv.weight"]
+    )
     final = load_file(str(out / "checkpoints/step_6/model.safetensors"))
     assert all(torch.equal(final[k], r0[k]) for k in final)
 
@@ -57,12 +72,20 @@ def test_greedy_stages_run_data_parallel(tmp_path):
     """A stacked autoencoder leaves most parameters idle in each stage; DDP must expect that."""
     out = tmp_path / "stacked"
     args = [
-        "model.name=stacked_ae", "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=12",
-        "model.stage_steps=2", "data.num_workers=0", "train.batch_size=8", "train.max_steps=7",
+        "model.name=stacked_ae",
+        "data.image_size=16",
+        "model.widths=[8,16]",
+        "model.latent_dim=12",
+        "model.stage_steps=2",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.max_steps=7",
         f"output_dir={out}",
-    ]  # fmt: skip
+    ]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch(str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True)
+    cmd = accelerate_launch(
+        str(Path(__file__).parent / "ddp_worker.py"), *args, processes=2, multi=True
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(out / "rank0_of_2.safetensors"))

@@ -57,17 +57,33 @@ def test_uniforms_depend_on_seed_epoch_and_index_only():
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
 def test_crop_boxes_follow_random_resized_crop(height, width):
     n, scale = 20000, (0.2, 1.0)
-    boxes = crop_boxes(uniforms(0, torch.stack([torch.zeros(n), torch.arange(n)], 1).long(), 4 * CROP_TRIES),
-                       height, width, scale)  # fmt: skip
+    boxes = crop_boxes(
+        uniforms(0, torch.stack([torch.zeros(n), torch.arange(n)], 1).long(), 4 * CROP_TRIES),
+        height,
+        width,
+        scale,
+    )
     top, left, h, w = boxes.unbind(1)
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert (
+        (top >= 0).all()
+        and (left >= 0).all()
+        and (top + h <= height).all()
+        and (left + w <= width).all()
+    )
     assert torch.equal(boxes, boxes.round())  # integer pixel boxes, as torchvision's
     torch.manual_seed(0)
     rrc, blank = v2.RandomResizedCrop(8, scale=scale), torch.zeros(3, height, width)
     ref = torch.tensor(
-        [[p["top"], p["left"], p["height"], p["width"]] for p in (rrc.make_params([blank]) for _ in range(n))]
+        [
+            [p["top"], p["left"], p["height"], p["width"]]
+            for p in (rrc.make_params([blank]) for _ in range(n))
+        ]
     ).float()
-    for ours, theirs in ((h * w, ref[:, 2] * ref[:, 3]), (h / w, ref[:, 2] / ref[:, 3]), (top, ref[:, 0])):
+    for ours, theirs in (
+        (h * w, ref[:, 2] * ref[:, 3]),
+        (h / w, ref[:, 2] / ref[:, 3]),
+        (top, ref[:, 0]),
+    ):
         assert ours.mean().item() == pytest.approx(theirs.mean().item(), rel=0.03)
         assert ours.std().item() == pytest.approx(theirs.std().item(), rel=0.06)
 
@@ -85,7 +101,9 @@ def test_crop_boxes_fall_back_to_the_centre_crop_like_torchvision():
 def smooth_image(size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, 256, (1, 3, size // 4, size // 4), generator=g).float()
-    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
+    return (
+        torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
+    )
 
 
 @pytest.mark.parametrize("size", [(32, 32), (224, 224), (48, 32)])
@@ -95,7 +113,9 @@ def test_resized_crops_match_pillow_bicubic_and_flip_exactly(size):
     ours = resized_crops(img, box, torch.tensor([False]), size, mean, std)[0]
     pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
     ref = TF.resized_crop(pil, 3, 5, 20, 24, list(size), interpolation=v2.InterpolationMode.BICUBIC)
-    ref = TF.normalize(TF.to_dtype(TF.to_image(ref), torch.float32, scale=True), mean.tolist(), std.tolist())
+    ref = TF.normalize(
+        TF.to_dtype(TF.to_image(ref), torch.float32, scale=True), mean.tolist(), std.tolist()
+    )
     diff = ((ours - ref) * std.view(3, 1, 1)).abs()  # in [0, 1] pixel units
     assert diff.mean() < 0.008 and diff.max() < 0.12
     flipped = resized_crops(img, box, torch.tensor([True]), size, mean, std)[0]
@@ -104,7 +124,9 @@ def test_resized_crops_match_pillow_bicubic_and_flip_exactly(size):
 
 
 def test_decoded_images_hold_the_pixels_and_labels(tmp_path):
-    root = write_image_folder(tmp_path / "imgs", classes=2, per_class=3, size=12, modes=("RGB", "L"))
+    root = write_image_folder(
+        tmp_path / "imgs", classes=2, per_class=3, size=12, modes=("RGB", "L")
+    )
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     split = load_split(cfg)
     data = DecodedImages(split, cfg)
@@ -114,7 +136,10 @@ def test_decoded_images_hold_the_pixels_and_labels(tmp_path):
         assert np.array_equal(data.images[i].permute(1, 2, 0).numpy(), expected)
     assert data.labels.tolist() == split["label"]
     [(keys, labels)] = data.__getitems__([(2, 4), (2, 1)])
-    assert keys.tolist() == [[2, 4], [2, 1]] and labels.tolist() == [split["label"][4], split["label"][1]]
+    assert keys.tolist() == [[2, 4], [2, 1]] and labels.tolist() == [
+        split["label"][4],
+        split["label"][1],
+    ]
 
 
 def test_decoded_images_refuse_mixed_sizes_and_large_images(tmp_path):
@@ -123,7 +148,9 @@ def test_decoded_images_refuse_mixed_sizes_and_large_images(tmp_path):
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="every image the same size"):
         DecodedImages(load_split(cfg), cfg)
-    big = write_image_folder(tmp_path / "big", classes=1, per_class=2, size=20)  # a crop would shrink
+    big = write_image_folder(
+        tmp_path / "big", classes=1, per_class=2, size=20
+    )  # a crop would shrink
     cfg = load_config(None, [f"data.dataset={big}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="at most data.image_size=16"):
         DecodedImages(load_split(cfg), cfg)
@@ -139,7 +166,10 @@ def test_a_split_too_large_to_hold_is_refused_before_decoding(tmp_path):
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="set data.on_device=false"):
         DecodedImages(load_split(cfg), cfg, max_bytes=4 * 12 * 12 * 3 - 1)
-    assert DecodedImages(load_split(cfg), cfg, max_bytes=4 * 12 * 12 * 3).images.numel() == 4 * 12 * 12 * 3
+    assert (
+        DecodedImages(load_split(cfg), cfg, max_bytes=4 * 12 * 12 * 3).images.numel()
+        == 4 * 12 * 12 * 3
+    )
 
 
 def test_a_sample_is_augmented_alike_in_any_batch(tmp_path):
@@ -159,7 +189,9 @@ def test_a_sample_is_augmented_alike_in_any_batch(tmp_path):
     # the same keys in another order and batch size: each sample gets the same crop, flip and mask
     order = torch.randperm(16)
     again = augment(keys[order], data.labels[keys[order, 1]])
-    assert torch.allclose(again[0], images[order], atol=1e-6) and torch.equal(again[2], noise[order])
+    assert torch.allclose(again[0], images[order], atol=1e-6) and torch.equal(
+        again[2], noise[order]
+    )
     # normalised with the config's statistics: roughly zero-mean pixels
     assert abs(images.mean().item()) < 0.5 and math.isfinite(images.std().item())
     # another epoch draws other crops

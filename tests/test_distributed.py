@@ -28,22 +28,60 @@ CONFIGS = ROOT / "configs" / "accelerate"
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 CRASHER = str(Path(__file__).parent / "crash_worker.py")
 STEPS = 20
-ARGS = [*TINY, "train.blr=1e-2", f"train.max_steps={STEPS}", "train.checkpoint_every=10", "train.log_every=1",
-        "train.cpu_threads=1", "train.mixed_precision=no"]  # fmt: skip
+ARGS = [
+    *TINY,
+    "train.blr=1e-2",
+    f"train.max_steps={STEPS}",
+    "train.checkpoint_every=10",
+    "train.log_every=1",
+    "train.cpu_threads=1",
+    "train.mixed_precision=no",
+]
 ENV = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
-def launch_cmd(script: str, *args: str, config: str, port: int, machines: int = 1, rank: int = 0) -> list[str]:
+def launch_cmd(
+    script: str, *args: str, config: str, port: int, machines: int = 1, rank: int = 0
+) -> list[str]:
     """``accelerate launch`` with one of configs/accelerate/, 2 processes in all, as documented."""
-    where = ["--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-            "--num_processes", "2", *where, "--main_process_port", str(port), "--mixed_precision", "no",
-            "--dynamo_backend", "no", script, *args]  # fmt: skip
+    where = [
+        "--num_machines",
+        str(machines),
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        "2",
+        *where,
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *args,
+    ]
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**ENV, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -61,8 +99,13 @@ def two_machines(script: str, out: Path, *extra: str, **env: str) -> list[subpro
     """Machines 0 and 1 on this host, one process each (configs/accelerate/multi_node.yaml)."""
     port = free_port()
     args = [*ARGS, f"output_dir={out}", *extra]
-    return [start(launch_cmd(script, *args, config="multi_node.yaml", port=port, machines=2, rank=r), **env)
-            for r in (0, 1)]  # fmt: skip
+    return [
+        start(
+            launch_cmd(script, *args, config="multi_node.yaml", port=port, machines=2, rank=r),
+            **env,
+        )
+        for r in (0, 1)
+    ]
 
 
 def run_two_machines(script: str, out: Path, *extra: str) -> list[str]:
@@ -91,7 +134,9 @@ def wait_for(path: Path, deadline_s: float = 180) -> None:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def export(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -122,7 +167,9 @@ def fsdp(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.xdist_group("fsdp")
 def test_ddp_processes_read_disjoint_shards_and_stay_identical(ddp):
-    seen = [{tuple(x) for x in json.loads((ddp / f"rank{r}_of_2.json").read_text())} for r in (0, 1)]
+    seen = [
+        {tuple(x) for x in json.loads((ddp / f"rank{r}_of_2.json").read_text())} for r in (0, 1)
+    ]
     assert min(map(len, seen)) >= STEPS * 8 and not seen[0] & seen[1]  # (the loader reads ahead)
     r0, r1 = (load_file(str(ddp / f"rank{r}_of_2.safetensors")) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # only averaged gradients keep them so
@@ -137,14 +184,23 @@ def test_ddp_processes_read_disjoint_shards_and_stay_identical(ddp):
 @pytest.mark.xdist_group("fsdp")
 def test_fsdp_is_recorded_and_really_shards_the_parameters(ddp, fsdp):
     assert json.loads((fsdp / "derived.json").read_text())["distributed"] == {
-        "type": "fsdp", "backend": "gloo", "world_size": 2, "machines": 1, "device": "cpu", "fsdp_version": 2,
+        "type": "fsdp",
+        "backend": "gloo",
+        "world_size": 2,
+        "machines": 1,
+        "device": "cpu",
+        "fsdp_version": 2,
         "checkpoints": "sharded",
-    }  # fmt: skip
+    }
     assert json.loads((ddp / "derived.json").read_text())["distributed"]["type"] == "ddp"
     held = [json.loads((fsdp / f"held_{r}.json").read_text()) for r in (0, 1)]
     total = held[0]["total"]
-    assert all(h["held"] < total for h in held) and sum(h["held"] for h in held) == total  # each its slice
-    assert all(json.loads((ddp / f"held_{r}.json").read_text())["held"] == total for r in (0, 1))  # replicas
+    assert (
+        all(h["held"] < total for h in held) and sum(h["held"] for h in held) == total
+    )  # each its slice
+    assert all(
+        json.loads((ddp / f"held_{r}.json").read_text())["held"] == total for r in (0, 1)
+    )  # replicas
     step = fsdp / "checkpoints" / f"step_{STEPS}"
     assert len(list((step / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     assert not (step / "model.safetensors").exists()
@@ -162,10 +218,15 @@ def test_fsdp_losses_equal_ddp_at_every_step(ddp, fsdp):
 @pytest.mark.xdist_group("fsdp")
 def test_the_fsdp_export_loads_in_timm_and_equals_ddp(ddp, fsdp):
     assert_close(export(fsdp), export(ddp), rel=1e-5)
-    models = [timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval() for run in (fsdp, ddp)]
+    models = [
+        timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+        for run in (fsdp, ddp)
+    ]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(models[0].forward_features(x), models[1].forward_features(x), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(
+            models[0].forward_features(x), models[1].forward_features(x), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -186,7 +247,9 @@ def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_run(tmp_path, fsdp):
     kill_machine(proc, signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (out / "checkpoints" / f"step_{STEPS}").exists()
-    again = run(launch_cmd(CRASHER, *ARGS, f"output_dir={out}", config="fsdp.yaml", port=free_port()))
+    again = run(
+        launch_cmd(CRASHER, *ARGS, f"output_dir={out}", config="fsdp.yaml", port=free_port())
+    )
     assert "resumed from" in again and "at step 10" in again
     assert losses(out) == losses(fsdp)  # the steps after the checkpoint are the same computation
     assert_close(export(out), export(fsdp), rel=0.0)
@@ -196,7 +259,16 @@ def test_fsdp_resumes_after_sigkill_to_the_uninterrupted_run(tmp_path, fsdp):
 @pytest.mark.xdist_group("fsdp")
 def test_fsdp_compiled_training_equals_ddp(ddp, tmp_path):
     out = tmp_path / "compiled"
-    run(launch_cmd(WORKER, *ARGS, f"output_dir={out}", "train.compile=true", config="fsdp.yaml", port=free_port()))
+    run(
+        launch_cmd(
+            WORKER,
+            *ARGS,
+            f"output_dir={out}",
+            "train.compile=true",
+            config="fsdp.yaml",
+            port=free_port(),
+        )
+    )
     assert json.loads((out / "derived.json").read_text())["distributed"]["type"] == "fsdp"
     assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(losses(out), losses(ddp), strict=True))
 
@@ -205,13 +277,23 @@ def test_fsdp_compiled_training_equals_ddp(ddp, tmp_path):
 @pytest.mark.xdist_group("fsdp")
 def test_fsdp_fine_tunes(ddp, tmp_path):
     out = tmp_path / "finetuned"
-    args = ["mode=finetune", f"encoder={ddp}", f"output_dir={out}", "data.num_workers=0", "finetune.max_steps=4",
-            "finetune.batch_size=4", "finetune.mixed_precision=no", "finetune.cpu_threads=1"]  # fmt: skip
+    args = [
+        "mode=finetune",
+        f"encoder={ddp}",
+        f"output_dir={out}",
+        "data.num_workers=0",
+        "finetune.max_steps=4",
+        "finetune.batch_size=4",
+        "finetune.mixed_precision=no",
+        "finetune.cpu_threads=1",
+    ]
     run(launch_cmd(str(ROOT / "finetune.py"), *args, config="fsdp.yaml", port=free_port()))
     assert json.loads((out / "derived.json").read_text())["distributed"]["type"] == "fsdp"
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     assert list((out / "checkpoints" / "step_4" / "pytorch_model_fsdp_0").glob("*.distcp"))
-    clf = timm.create_model(f"local-dir:{out / 'last'}", pretrained=True)  # gathered from the shards
+    clf = timm.create_model(
+        f"local-dir:{out / 'last'}", pretrained=True
+    )  # gathered from the shards
     assert clf.head.weight.shape[0] == 10
 
 
@@ -232,13 +314,21 @@ def test_sigterm_to_one_machine_stops_both_at_one_step_and_they_resume_exactly(d
     wait_for(out / "metrics.jsonl")
     while len(losses(out)) < 3:
         time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)  # machine 1's launcher only, as a scheduler would stop that node
+    procs[1].send_signal(
+        signal.SIGTERM
+    )  # machine 1's launcher only, as a scheduler would stop that node
     results = [finish(p, 120) for p in procs]
-    stops = {line.split("after step ")[1].split()[0] for _, _, err in results for line in err.splitlines()
-             if "stopped by SIGTERM" in line}  # fmt: skip
+    stops = {
+        line.split("after step ")[1].split()[0]
+        for _, _, err in results
+        for line in err.splitlines()
+        if "stopped by SIGTERM" in line
+    }
     assert all(code != 0 for code, _, _ in results) and len(stops) == 1, results[1][2][-3000:]
     step = int(stops.pop())
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{step}"] and step < STEPS
+    assert (
+        sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{step}"] and step < STEPS
+    )
     assert f"at step {step}" in run_two_machines(CRASHER, out, "train.checkpoint_every=100")[0]
     assert_close(export(out), export(ddp), rel=1e-6)
 
@@ -271,7 +361,9 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
     finally:
         kill_machine(procs[1], signal.SIGKILL)
         procs[1].wait(timeout=60)
-    assert code != 0 and 9 <= time.time() - tic < 60, err[-3000:]  # (a collective may start just before the stop)
+    assert code != 0 and 9 <= time.time() - tic < 60, err[
+        -3000:
+    ]  # (a collective may start just before the stop)
     assert "train.dist_timeout=10" in err and "Timed out" in err, err[-3000:]
 
 
@@ -280,9 +372,26 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
 def test_torchrun_restarts_a_crashed_job_which_resumes_by_itself(ddp, tmp_path):
     out = tmp_path / "restarted"
     mark = tmp_path / "crashed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", CRASHER, *ARGS, f"output_dir={out}"]  # fmt: skip
-    stdout = run(cmd, CRASH_AT_STEP="13", CRASH_RANK="1", CRASH_MARK=str(mark), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        CRASHER,
+        *ARGS,
+        f"output_dir={out}",
+    ]
+    stdout = run(
+        cmd,
+        CRASH_AT_STEP="13",
+        CRASH_RANK="1",
+        CRASH_MARK=str(mark),
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+    )
     assert mark.read_text() == "13"  # it did crash once
     assert "at step 10" in stdout
     assert_close(export(out), export(ddp), rel=1e-6)
@@ -291,9 +400,16 @@ def test_torchrun_restarts_a_crashed_job_which_resumes_by_itself(ddp, tmp_path):
 @pytest.fixture
 def one_process_group(monkeypatch):
     """A 1-process gloo group in this process, as ``torchrun --nproc_per_node 1`` would make it."""
-    env = {"ACCELERATE_USE_CPU": "true", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # (unset, Accelerate sets it for good)  # fmt: skip
+    env = {
+        "ACCELERATE_USE_CPU": "true",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }  # (unset, Accelerate sets it for good)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     yield
@@ -302,8 +418,13 @@ def one_process_group(monkeypatch):
 
 
 # What ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` puts in the environment
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}  # fmt: skip
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+}
 
 
 def fsdp_env(monkeypatch):
@@ -312,20 +433,33 @@ def fsdp_env(monkeypatch):
 
 
 def test_restarts_through_a_shared_launcher_store_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")  # what torchrun --max-restarts 3 gives its processes
+    monkeypatch.setenv(
+        "TORCHELASTIC_MAX_RESTARTS", "3"
+    )  # what torchrun --max-restarts 3 gives its processes
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    with pytest.raises(ConfigError, match="launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set"):
+    with pytest.raises(
+        ConfigError, match="launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set"
+    ):
         pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # with the variable set, torchrun says so
-    assert pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"])).steps == 1
+    monkeypatch.setenv(
+        "TORCHELASTIC_USE_AGENT_STORE", "False"
+    )  # with the variable set, torchrun says so
+    assert (
+        pretrain.train(
+            load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"])
+        ).steps
+        == 1
+    )
 
 
 def test_a_launch_that_asks_for_fsdp_without_a_process_group_is_refused(tmp_path, monkeypatch):
     fsdp_env(
         monkeypatch
     )  # e.g. python pretrain.py with the variables set, or a GPU-less launch without ACCELERATE_USE_CPU
-    with pytest.raises(ConfigError, match="the launch asks for FSDP but Accelerate set up NO on cpu"):
+    with pytest.raises(
+        ConfigError, match="the launch asks for FSDP but Accelerate set up NO on cpu"
+    ):
         pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
 
@@ -341,7 +475,9 @@ def test_a_launch_that_asks_for_fsdp_without_a_process_group_is_refused(tmp_path
     ],
     ids=["no_blocks", "online_probe"],
 )
-def test_what_fsdp_cannot_shard_is_refused(tmp_path, monkeypatch, one_process_group, extra, message):
+def test_what_fsdp_cannot_shard_is_refused(
+    tmp_path, monkeypatch, one_process_group, extra, message
+):
     fsdp_env(monkeypatch)
     with pytest.raises(ConfigError, match=message):
         pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", *extra]))
@@ -349,7 +485,9 @@ def test_what_fsdp_cannot_shard_is_refused(tmp_path, monkeypatch, one_process_gr
 
 def test_one_fsdp_process_on_cpu_trains_and_records_it(tmp_path, monkeypatch, one_process_group):
     fsdp_env(monkeypatch)
-    result = pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", "train.max_steps=2"]))
+    result = pretrain.train(
+        load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", "train.max_steps=2"])
+    )
     derived = json.loads((tmp_path / "run" / "derived.json").read_text())["distributed"]
     assert derived["type"] == "fsdp" and derived["world_size"] == 1 and result.steps == 2
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "pytorch_model_fsdp_0").is_dir()

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 def test_accelerate_launch_default_recipe_30_steps(tmp_path):
     out = tmp_path / "run"
     cmd = accelerate_launch("pretrain.py", "train.max_steps=30", f"output_dir={out}")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     derived = json.loads((out / "derived.json").read_text())
     assert derived["effective_batch"] == 128 and derived["lr"] == pytest.approx(0.001 * 128 / 256)
@@ -27,7 +29,9 @@ def test_accelerate_launch_default_recipe_30_steps(tmp_path):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 192)
 
 
-@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason=f"full CIFAR-10 copy not found at {SHARED_CIFAR}")
+@pytest.mark.skipif(
+    not SHARED_CIFAR.is_dir(), reason=f"full CIFAR-10 copy not found at {SHARED_CIFAR}"
+)
 def test_pretrain_on_local_parquet_folder(tmp_path):
     out = tmp_path / "run"
     cmd = [
@@ -39,7 +43,9 @@ def test_pretrain_on_local_parquet_folder(tmp_path):
         "train.max_steps=5",
         f"output_dir={out}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "derived.json").read_text())["dataset_size"] == 50000
 
@@ -53,5 +59,9 @@ def test_bad_config_fails_before_any_work(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'train.mask_ratio'")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: unknown config key 'train.mask_ratio'")
+    )
     assert not (tmp_path / "r").exists()

@@ -16,14 +16,21 @@ from mae.metrics import detection_scores, image_metrics, psnr_summary
 
 
 def test_psnr_of_identical_images_is_infinite_and_handled():
-    assert psnr_summary(torch.zeros(3)) == {"mse": 0.0, "psnr_db": "inf", "psnr_db_mean": "inf", "identical": 3}
+    assert psnr_summary(torch.zeros(3)) == {
+        "mse": 0.0,
+        "psnr_db": "inf",
+        "psnr_db_mean": "inf",
+        "identical": 3,
+    }
     mixed = psnr_summary(torch.tensor([0.0, 0.01, 0.0001]))
     assert mixed["identical"] == 1 and mixed["psnr_db_mean"] == pytest.approx(30.0)  # (20 + 40) / 2
     assert mixed["psnr_db"] == pytest.approx(-10 * math.log10(0.0101 / 3))
     x = torch.rand(2, 3, 16, 16)
     m = image_metrics(x, x)
     assert torch.equal(m["mse"], torch.zeros(2)) and torch.allclose(m["ssim"], torch.ones(2))
-    assert (image_metrics(torch.rand(2, 3, 8, 8), x[:, :, :8, :8])["ssim"] < 0.5).all()  # an 8x8 window fits too
+    assert (
+        image_metrics(torch.rand(2, 3, 8, 8), x[:, :, :8, :8])["ssim"] < 0.5
+    ).all()  # an 8x8 window fits too
 
 
 def test_perfectly_separated_scores_give_auroc_and_aupr_one():
@@ -42,7 +49,9 @@ def test_pca_reconstruction_error_is_the_sum_of_the_discarded_eigenvalues():
     pca = PCA(x, 2)
     comps, recon = pca.components, pca.project(x)
     eig = torch.linalg.eigvalsh(torch.cov(x.T, correction=0)).flip(0)  # descending
-    assert ((x - recon).pow(2).sum(1).mean()).item() == pytest.approx(eig[2:].sum().item(), rel=1e-9)
+    assert ((x - recon).pow(2).sum(1).mean()).item() == pytest.approx(
+        eig[2:].sum().item(), rel=1e-9
+    )
     assert torch.allclose(comps @ comps.T, torch.eye(2, dtype=torch.float64), atol=1e-10)
 
 
@@ -59,9 +68,17 @@ def vae_run(tmp_path_factory):
     folder = colour_folder(root / "colours")
     out = root / "vae"
     args = [
-        "model.name=vae", "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=8", f"data.dataset={folder}",
-        "data.num_workers=0", "train.batch_size=8", "train.max_steps=6", "train.recon_images=2", f"output_dir={out}",
-    ]  # fmt: skip
+        "model.name=vae",
+        "data.image_size=16",
+        "model.widths=[8,16]",
+        "model.latent_dim=8",
+        f"data.dataset={folder}",
+        "data.num_workers=0",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.recon_images=2",
+        f"output_dir={out}",
+    ]
     pretrain.train(load_config(None, args))
     reset_accelerate()
     return out
@@ -75,15 +92,30 @@ def run_task(tmp_path, run, task, *args):
 
 def test_every_task_end_to_end(tmp_path, vae_run):
     rec, out = run_task(tmp_path, vae_run, "reconstruct")
-    assert rec["images"] == 60 and 0 < rec["mse"] < 1 and -1 <= rec["ssim"] <= 1 and (out / "reconstruct.png").is_file()
-    den, out = run_task(tmp_path, vae_run, "denoise", "--corruption", "salt_pepper", "--level", "0.3")
-    assert den["noisy"]["mse"] > 0 and den["restored"]["psnr_db"] != "inf" and (out / "denoise.png").is_file()
+    assert (
+        rec["images"] == 60
+        and 0 < rec["mse"] < 1
+        and -1 <= rec["ssim"] <= 1
+        and (out / "reconstruct.png").is_file()
+    )
+    den, out = run_task(
+        tmp_path, vae_run, "denoise", "--corruption", "salt_pepper", "--level", "0.3"
+    )
+    assert (
+        den["noisy"]["mse"] > 0
+        and den["restored"]["psnr_db"] != "inf"
+        and (out / "denoise.png").is_file()
+    )
     assert den["pca_dims"] == 8 and den["pca"]["mse"] > 0  # the noisy image projected on PCA-8
     ano, out = run_task(tmp_path, vae_run, "anomaly", "--normal", "0")
     assert set(ano["per_class"]) == {"1", "2"} and 0 <= ano["all"]["auroc"] <= 1
     assert (out / "anomaly_scores.png").is_file()
     red, out = run_task(tmp_path, vae_run, "reduce", "--fit-split", "train")
-    assert red["dims"] == 8 and set(red["linear"]) == {"encoder", "pca"} and set(red["knn"]) == {"encoder", "pca"}
+    assert (
+        red["dims"] == 8
+        and set(red["linear"]) == {"encoder", "pca"}
+        and set(red["knn"]) == {"encoder", "pca"}
+    )
     assert red["reconstruction"]["pca"]["mse"] < 0.2 and (out / "codes_pca.png").is_file()
     smp, out = run_task(tmp_path, vae_run, "sample", "-n", "9")
     assert (smp["samples"], smp["interpolations"], smp["steps"], smp["task"]) == (9, 4, 8, "sample")
@@ -92,10 +124,26 @@ def test_every_task_end_to_end(tmp_path, vae_run):
 
 def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
     assert (
-        main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "0,1,2", "--out", str(tmp_path)]) == 2
+        main(
+            [
+                "anomaly",
+                "--run",
+                str(vae_run),
+                "--split",
+                "train",
+                "--normal",
+                "0,1,2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
     )
     assert "not all" in capsys.readouterr().err
-    assert main(["reconstruct", "--run", str(vae_run), "--mask-ratio", "0.5", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["reconstruct", "--run", str(vae_run), "--mask-ratio", "0.5", "--out", str(tmp_path)])
+        == 2
+    )
     assert "applies to MAE runs" in capsys.readouterr().err
     assert main(["reconstruct", "--run", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
@@ -105,19 +153,42 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     from mae.eval_config import load_eval_config
     from mae.probe import probe
 
-    assert main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0
+    assert (
+        main(["reconstruct", "--run", str(vae_run), "--split", "train", "--max-images", "16"]) == 0
+    )
     assert main(["anomaly", "--run", str(vae_run), "--split", "train", "--normal", "1"]) == 0
     for task in ("reduce", "denoise"):
         assert main([task, "--run", str(vae_run), "--split", "train", "--fit-images", "40"]) == 0
     folder = json.loads((vae_run / "evaluate/reconstruct/metrics.json").read_text())["dataset"]
     for source in (str(vae_run), f"random:{vae_run}"):
         name = "random" if source.startswith("random") else "run"
-        overrides = [f"encoder={source}", "mode=knn", f"data.dataset={folder}", "data.num_workers=0"]
-        overrides += [f"output_dir={tmp_path / 'probes' / name}", f"probe.cache_dir={tmp_path / 'cache'}"]
+        overrides = [
+            f"encoder={source}",
+            "mode=knn",
+            f"data.dataset={folder}",
+            "data.num_workers=0",
+        ]
+        overrides += [
+            f"output_dir={tmp_path / 'probes' / name}",
+            f"probe.cache_dir={tmp_path / 'cache'}",
+        ]
         probe(load_eval_config(None, overrides))
     reset_accelerate()
     out = tmp_path / "report"
-    assert main(["report", "--run", str(vae_run), "--results", str(tmp_path / "probes"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--run",
+                str(vae_run),
+                "--results",
+                str(tmp_path / "probes"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "report.json").read_text())["runs"]
     knn = json.loads((tmp_path / "probes/run/results.json").read_text())["top1"]
     rec = json.loads((vae_run / "evaluate/reconstruct/metrics.json").read_text())
@@ -129,20 +200,52 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     # the PCA baseline's row: reconstruction and denoising by projection, its linear and kNN from reduce
     red = json.loads((vae_run / "evaluate/reduce/metrics.json").read_text())
     den = json.loads((vae_run / "evaluate/denoise/metrics.json").read_text())
-    pca_row = next(line for line in table.splitlines() if line.startswith("| PCA-8 (pixels) |")).split(" | ")
+    pca_row = next(
+        line for line in table.splitlines() if line.startswith("| PCA-8 (pixels) |")
+    ).split(" | ")
     assert pca_row[6] == f"{red['reconstruction']['pca']['psnr_db']:.2f}"
-    assert pca_row[8] == f"{den['pca']['psnr_db']:.2f}" and pca_row[2] == f"{100 * red['linear']['pca']:.1f}%†"
-    results = json.loads((out / "report.json").read_text())["results"]  # and one row per results.json
+    assert (
+        pca_row[8] == f"{den['pca']['psnr_db']:.2f}"
+        and pca_row[2] == f"{100 * red['linear']['pca']:.1f}%†"
+    )
+    results = json.loads((out / "report.json").read_text())[
+        "results"
+    ]  # and one row per results.json
     assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
     # a kNN on standardised features is a column of its own, beside the plain one
     std_dir = tmp_path / "probes" / "run_standardised"
-    overrides = [f"encoder={vae_run}", "mode=knn", "probe.knn_features=standardised", f"data.dataset={folder}"]
-    overrides += ["data.num_workers=0", f"output_dir={std_dir}", f"probe.cache_dir={tmp_path / 'cache'}"]
+    overrides = [
+        f"encoder={vae_run}",
+        "mode=knn",
+        "probe.knn_features=standardised",
+        f"data.dataset={folder}",
+    ]
+    overrides += [
+        "data.num_workers=0",
+        f"output_dir={std_dir}",
+        f"probe.cache_dir={tmp_path / 'cache'}",
+    ]
     probe(load_eval_config(None, overrides))
     reset_accelerate()
-    assert main(["report", "--run", str(vae_run), "--results", str(tmp_path / "probes"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--run",
+                str(vae_run),
+                "--results",
+                str(tmp_path / "probes"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads((out / "report.json").read_text())["runs"][0]
-    assert row["knn"] == knn and row["knn_standardised"] == json.loads((std_dir / "results.json").read_text())["top1"]
+    assert (
+        row["knn"] == knn
+        and row["knn_standardised"] == json.loads((std_dir / "results.json").read_text())["top1"]
+    )
     assert "| kNN top-1, standardised |" in (out / "report.md").read_text()
     assert main(["report", "--run", str(tmp_path), "--out", str(out)]) == 2  # not a run
     assert main(["report", "--out", str(out)]) == 2  # neither runs nor results
@@ -152,15 +255,29 @@ def test_denoise_defaults_to_the_corruption_the_run_trained_with(tmp_path):
     folder = colour_folder(tmp_path / "colours", per_class=6)
     out = tmp_path / "dae"
     args = [
-        "model.name=dae", "model.corruption=masking", "model.noise_level=0.25", "model.corruption_patch=2",
-        "data.image_size=16", "model.widths=[8,16]", "model.latent_dim=8", f"data.dataset={folder}",
-        "data.num_workers=0", "train.batch_size=6", "train.max_steps=2", "train.recon_images=2", f"output_dir={out}",
-    ]  # fmt: skip
+        "model.name=dae",
+        "model.corruption=masking",
+        "model.noise_level=0.25",
+        "model.corruption_patch=2",
+        "data.image_size=16",
+        "model.widths=[8,16]",
+        "model.latent_dim=8",
+        f"data.dataset={folder}",
+        "data.num_workers=0",
+        "train.batch_size=6",
+        "train.max_steps=2",
+        "train.recon_images=2",
+        f"output_dir={out}",
+    ]
     pretrain.train(load_config(None, args))
     reset_accelerate()
     den, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18")
     assert (den["corruption"], den["level"], den["patch"]) == ("masking", 0.25, 2)
     other, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--corruption", "gaussian")
-    assert (other["corruption"], other["level"], other["patch"]) == ("gaussian", 0.2, 1)  # another kind: its own
+    assert (other["corruption"], other["level"], other["patch"]) == (
+        "gaussian",
+        0.2,
+        1,
+    )  # another kind: its own
     finer, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--patch", "1")
     assert (finer["corruption"], finer["level"], finer["patch"]) == ("masking", 0.25, 1)

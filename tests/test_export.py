@@ -17,7 +17,14 @@ def trained(tmp_path_factory):
     return pretrain.train(
         load_config(
             None,
-            [*TINY, f"output_dir={out}", "train.max_steps=3", "data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"],
+            [
+                *TINY,
+                f"output_dir={out}",
+                "train.max_steps=3",
+                "data.channels=1",
+                "data.mean=[0.5]",
+                "data.std=[0.25]",
+            ],
         )
     )
 
@@ -26,7 +33,9 @@ def test_timm_loads_export_strictly_with_same_features(trained):
     export = trained.export_dir
     keys = load_file(str(export / "model.safetensors")).keys()
     assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in keys)
-    timm_model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()  # strict load inside timm
+    timm_model = timm.create_model(
+        f"local-dir:{export}", pretrained=True
+    ).eval()  # strict load inside timm
     assert type(timm_model).__name__ == "VisionTransformer"
     ours = trained.model.eval()
     x = torch.randn(4, 1, 16, 16)
@@ -59,6 +68,10 @@ def test_an_interrupted_swap_is_repaired_before_the_next_one(tmp_path):
     (tmp_path / "export.old" / "model.safetensors").write_text("previous")
     with pytest.raises(RuntimeError):
         replace_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")))
-    assert (out / "model.safetensors").read_text() == "previous"  # back in place, and kept by the failure
+    assert (
+        out / "model.safetensors"
+    ).read_text() == "previous"  # back in place, and kept by the failure
     replace_dir(out, lambda tmp: (tmp.mkdir(), (tmp / "model.safetensors").write_text("new")))
-    assert (out / "model.safetensors").read_text() == "new" and not (tmp_path / "export.old").exists()
+    assert (out / "model.safetensors").read_text() == "new" and not (
+        tmp_path / "export.old"
+    ).exists()

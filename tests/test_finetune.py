@@ -47,7 +47,13 @@ def colours(tmp_path_factory):
 def ft_cfg(tmp_path, *overrides):
     return load_eval_config(
         None,
-        [f"output_dir={tmp_path / 'ft'}", "mode=finetune", "data.num_workers=0", "finetune.log_every=1", *overrides],
+        [
+            f"output_dir={tmp_path / 'ft'}",
+            "mode=finetune",
+            "data.num_workers=0",
+            "finetune.log_every=1",
+            *overrides,
+        ],
     )
 
 
@@ -61,21 +67,33 @@ def test_classifier_keeps_every_pretrained_weight(tmp_path, run_dir):
     for k, v in encoder.items():
         if not k.startswith("norm."):
             assert torch.equal(state[k], v), k
-    assert torch.equal(state["fc_norm.weight"], torch.ones(32)) and state["head.weight"].shape == (3, 32)
+    assert torch.equal(state["fc_norm.weight"], torch.ones(32)) and state["head.weight"].shape == (
+        3,
+        32,
+    )
     assert state["head.weight"].std() < 1e-4  # the paper's head init (std 2e-5)
     assert clf.model.fc_norm.weight.requires_grad and clf.model.pos_embed.requires_grad
-    assert clf.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # finetune.drop_path, last block
+    assert clf.model.blocks[-1].drop_path1.drop_prob == pytest.approx(
+        0.1
+    )  # finetune.drop_path, last block
     x = torch.randn(2, 3, 16, 16)
     assert clf.model(x).shape == (2, 3)
 
-    token = ft.build_classifier(ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.global_pool=token"), 3)
+    token = ft.build_classifier(
+        ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.global_pool=token"), 3
+    )
     assert token.init["fresh"] == ["head.bias", "head.weight"] and token.init["dropped"] == []
     assert torch.equal(token.model.state_dict()["norm.weight"], encoder["norm.weight"])
 
 
 def test_position_embeddings_are_resampled_to_the_fine_tuning_size(tmp_path, run_dir):
-    clf = ft.build_classifier(ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.image_size=24"), num_classes=3)
-    assert clf.init["pos_embed_resampled"] == {"from": [1, 17, 32], "to": [1, 37, 32]}  # 4x4 -> 6x6 patches + cls
+    clf = ft.build_classifier(
+        ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.image_size=24"), num_classes=3
+    )
+    assert clf.init["pos_embed_resampled"] == {
+        "from": [1, 17, 32],
+        "to": [1, 37, 32],
+    }  # 4x4 -> 6x6 patches + cls
     assert clf.data_config["input_size"] == (3, 24, 24)
     before = load_encoder(str(run_dir)).module.pos_embed
     assert torch.equal(clf.model.pos_embed[:, :1], before[:, :1])  # the cls position is kept as is
@@ -83,7 +101,9 @@ def test_position_embeddings_are_resampled_to_the_fine_tuning_size(tmp_path, run
 
 
 def test_layer_decay_scales_each_block(tmp_path, run_dir):
-    cfg = ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.layer_decay=0.5", "finetune.warmup_epochs=1")
+    cfg = ft_cfg(
+        tmp_path, f"encoder={run_dir}", "finetune.layer_decay=0.5", "finetune.warmup_epochs=1"
+    )
     clf = ft.build_classifier(cfg, num_classes=3)
     derived = derive_schedule(cfg.finetune, 1000, 1, "finetune")
     opt = ft.build_optimizer(clf.model, cfg.finetune, derived)
@@ -101,12 +121,17 @@ def test_layer_decay_scales_each_block(tmp_path, run_dir):
     assert lr_of[id(named["patch_embed.proj.weight"])] == pytest.approx(peak * 0.125)
     assert lr_of[id(named["pos_embed"])] == pytest.approx(peak * 0.125)
     # weight decay on matrices only
-    assert wd_of[id(named["blocks.0.attn.qkv.weight"])] == 0.05 and wd_of[id(named["blocks.0.norm1.weight"])] == 0
+    assert (
+        wd_of[id(named["blocks.0.attn.qkv.weight"])] == 0.05
+        and wd_of[id(named["blocks.0.norm1.weight"])] == 0
+    )
 
 
 def test_posterize_at_zero_bits_is_black_not_an_error():
     f = FinetuneConfig()
-    transform = ft.train_transform(f, {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    transform = ft.train_transform(
+        f, {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    )
     ops = [op for t in transform.transforms if isinstance(t, ft.RandAugment) for op in t.ops]
     posterize = [op for op in ops if op.name.startswith("Posterize")]
     assert posterize and all(op.aug_fn is ft._posterize for op in posterize)
@@ -124,7 +149,9 @@ def test_timm_augmentation_is_a_function_of_the_sample(tmp_path):
 
     f = FinetuneConfig()
     cfg = DataConfig(image_size=32)
-    transform = ft.train_transform(f, {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    transform = ft.train_transform(
+        f, {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    )
     ds = ImageDataset(load_split(cfg), cfg, transform, seed=3)
     random.seed(1)
     np.random.seed(1)
@@ -141,18 +168,30 @@ def test_timm_augmentation_is_a_function_of_the_sample(tmp_path):
 
 def test_finetuning_learns_and_exports_timm_classifiers(tmp_path, run_dir, colours):
     cfg = ft_cfg(
-        tmp_path, f"encoder={run_dir}", f"data.dataset={colours}", "data.holdout_fraction=0.25",
-        "finetune.epochs=12", "finetune.batch_size=8", "finetune.blr=2e-2", "finetune.warmup_epochs=1",
-        "finetune.mixup=0", "finetune.cutmix=0", "finetune.auto_augment=null", "finetune.reprob=0",
+        tmp_path,
+        f"encoder={run_dir}",
+        f"data.dataset={colours}",
+        "data.holdout_fraction=0.25",
+        "finetune.epochs=12",
+        "finetune.batch_size=8",
+        "finetune.blr=2e-2",
+        "finetune.warmup_epochs=1",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "finetune.auto_augment=null",
+        "finetune.reprob=0",
         "finetune.eval_every=4",
-    )  # fmt: skip
+    )
     res = ft.finetune(cfg)
     assert res["top1"] > 0.9  # chance: 1/3
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == res["scored"] == 15
     assert res["train_size"] == 45
     assert [h["epoch"] for h in res["history"]] == [4, 8, 12] and res["steps"] == 12 * 5
     assert res["best"]["top1"] == max(h["top1"] for h in res["history"])
-    assert res["lr"] == 2e-2 * 8 / 256 and res["encoder"]["sha256"] == load_encoder(str(run_dir)).sha256
+    assert (
+        res["lr"] == 2e-2 * 8 / 256
+        and res["encoder"]["sha256"] == load_encoder(str(run_dir)).sha256
+    )
     out = tmp_path / "ft"
     saved = json.loads((out / "results.json").read_text())
     assert saved["top1"] == res["top1"] and set(saved["per_class"]) == {"c0", "c1", "c2"}
@@ -181,9 +220,14 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     """Full augmentation (RandAugment, erasing, mixup/cutmix, drop path): a run killed mid-epoch and
     relaunched ends with the weights and evaluation history of an uninterrupted one."""
     common = [
-        f"encoder={run_dir}", f"data.dataset={colours}", "finetune.epochs=3", "finetune.batch_size=8",
-        "finetune.warmup_epochs=1", "finetune.blr=1e-2", "finetune.keep_checkpoints=1",
-    ]  # fmt: skip
+        f"encoder={run_dir}",
+        f"data.dataset={colours}",
+        "finetune.epochs=3",
+        "finetune.batch_size=8",
+        "finetune.warmup_epochs=1",
+        "finetune.blr=1e-2",
+        "finetune.keep_checkpoints=1",
+    ]
     straight = ft.finetune(ft_cfg(tmp_path / "a", *common))
 
     def crash():
@@ -200,7 +244,9 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     a = load_file(str(tmp_path / "a/ft/last/model.safetensors"))
     b = load_file(str(tmp_path / "b/ft/last/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    lines = [json.loads(line) for line in (tmp_path / "b/ft/metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "b/ft/metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in lines] == list(range(1, 19))
     # a different recipe in the same output_dir is refused
     with pytest.raises(ConfigError, match="finetune.blr"):
@@ -230,7 +276,13 @@ def test_exact_resume_after_crash(tmp_path, run_dir, colours, monkeypatch):
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, run_dir, overrides, message):
-    args = ["finetune.py", "mode=finetune", f"encoder={run_dir}", f"output_dir={tmp_path / 'x'}", *overrides]
+    args = [
+        "finetune.py",
+        "mode=finetune",
+        f"encoder={run_dir}",
+        f"output_dir={tmp_path / 'x'}",
+        *overrides,
+    ]
     proc = subprocess.run(["python", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
@@ -240,9 +292,15 @@ def test_bad_input_is_one_clear_line(tmp_path, run_dir, overrides, message):
 def test_two_cpu_processes_fine_tune_and_evaluate_every_image_once(tmp_path, run_dir, colours):
     out = tmp_path / "ddp"
     args = [
-        "mode=finetune", f"encoder={run_dir}", f"output_dir={out}", f"data.dataset={colours}",
-        "data.num_workers=0", "data.holdout_fraction=0.25", "finetune.epochs=2", "finetune.batch_size=4",
-    ]  # fmt: skip
+        "mode=finetune",
+        f"encoder={run_dir}",
+        f"output_dir={out}",
+        f"data.dataset={colours}",
+        "data.num_workers=0",
+        "data.holdout_fraction=0.25",
+        "finetune.epochs=2",
+        "finetune.batch_size=4",
+    ]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = accelerate_launch(str(Path(ROOT) / "finetune.py"), *args, processes=2, multi=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -250,7 +308,9 @@ def test_two_cpu_processes_fine_tune_and_evaluate_every_image_once(tmp_path, run
     assert proc.stdout.count("top1:") == 1  # printed once, by the main process
     res = json.loads((out / "results.json").read_text())
     derived = json.loads((out / "derived.json").read_text())
-    assert derived["num_processes"] == 2 and derived["effective_batch"] == 8 and res["steps"] == 2 * 5
+    assert (
+        derived["num_processes"] == 2 and derived["effective_batch"] == 8 and res["steps"] == 2 * 5
+    )
     # 15 held-out images, 8 per process with padding: gathered without duplicates
     assert res["eval_size"] == 15 and res["scored"] == 15
 
@@ -263,7 +323,12 @@ def test_cnn_encoders_get_their_own_classifier(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_bf16_fine_tuning_runs_on_cpu_and_fp16_is_refused(tmp_path, run_dir, colours, precision):
-    args = [f"encoder={run_dir}", f"data.dataset={colours}", "finetune.max_steps=3", "finetune.batch_size=8"]
+    args = [
+        f"encoder={run_dir}",
+        f"data.dataset={colours}",
+        "finetune.max_steps=3",
+        "finetune.batch_size=8",
+    ]
     cfg = ft_cfg(tmp_path, *args, f"finetune.mixed_precision={precision}")
     if precision == "fp16":
         with pytest.raises(ConfigError, match="finetune.mixed_precision=fp16 needs a GPU"):
@@ -276,26 +341,60 @@ def test_bf16_fine_tuning_runs_on_cpu_and_fp16_is_refused(tmp_path, run_dir, col
 @pytest.mark.parametrize("name", ["ae", "vae"])
 def test_classic_autoencoders_fine_tune_their_encode_features(tmp_path, colours, name):
     run = tmp_path / name
-    arch = ["data.image_size=16", "model.widths=[8,16]", "model.latent_dim=12", "data.num_workers=0"]
-    pretrain.train(load_config(None, [f"model.name={name}", *arch, "train.max_steps=2", "train.batch_size=8",
-                                      f"data.dataset={colours}", f"output_dir={run}"]))  # fmt: skip
+    arch = [
+        "data.image_size=16",
+        "model.widths=[8,16]",
+        "model.latent_dim=12",
+        "data.num_workers=0",
+    ]
+    pretrain.train(
+        load_config(
+            None,
+            [
+                f"model.name={name}",
+                *arch,
+                "train.max_steps=2",
+                "train.batch_size=8",
+                f"data.dataset={colours}",
+                f"output_dir={run}",
+            ],
+        )
+    )
     reset_accelerate()
     before = load_encoder(str(run)).module.state_dict()
     cfg = ft_cfg(
-        tmp_path, f"encoder={run}", f"data.dataset={colours}", "data.holdout_fraction=0.25", "finetune.epochs=6",
-        "finetune.batch_size=8", "finetune.blr=5e-2", "finetune.warmup_epochs=1", "finetune.mixup=0",
-        "finetune.cutmix=0", "finetune.auto_augment=null", "finetune.reprob=0", "finetune.eval_every=3",
-    )  # fmt: skip
+        tmp_path,
+        f"encoder={run}",
+        f"data.dataset={colours}",
+        "data.holdout_fraction=0.25",
+        "finetune.epochs=6",
+        "finetune.batch_size=8",
+        "finetune.blr=5e-2",
+        "finetune.warmup_epochs=1",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "finetune.auto_augment=null",
+        "finetune.reprob=0",
+        "finetune.eval_every=3",
+    )
     res = ft.finetune(cfg)
     assert res["encoder"]["kind"] == "autoencoder" and res["top1"] > 0.9  # chance: 1/3
     assert res["init"]["fresh"] == ["head.bias", "head.weight"]
     frozen = res["init"]["frozen"]  # what encode() does not reach: the decoder, never trained here
-    assert frozen and all(not k.startswith("encoder.") for k in frozen) and res["init"]["dropped"] == []
+    assert (
+        frozen
+        and all(not k.startswith("encoder.") for k in frozen)
+        and res["init"]["dropped"] == []
+    )
     after = load_file(tmp_path / "ft" / "last" / "model.safetensors")
     meta = json.loads((tmp_path / "ft" / "last" / "classifier.json").read_text())
     assert meta["num_classes"] == 3 and meta["encoder_arch"]["run_model"]["name"] == name
     assert all(torch.equal(after[f"autoencoder.{k}"], before[k]) for k in frozen)
-    trained = [k for k in before if k not in frozen and not torch.equal(after[f"autoencoder.{k}"], before[k])]
+    trained = [
+        k
+        for k in before
+        if k not in frozen and not torch.equal(after[f"autoencoder.{k}"], before[k])
+    ]
     assert trained and all(k.startswith("encoder.") or k in after for k in trained)
     clf = ft.build_classifier(cfg, 3)
     clf.model.load_state_dict(after)

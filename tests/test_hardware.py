@@ -36,7 +36,9 @@ def grads(model, images, noise, precision):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = model(images, noise=noise).loss
     loss.backward()
-    return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float(), {
+        n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 5e-2)])
@@ -53,7 +55,9 @@ def test_the_written_out_attention_computes_what_the_fused_one_does(precision, t
     assert torch.allclose(loss_f, loss_m, rtol=tol, atol=tol)
     for name, g in grads_f.items():
         assert torch.allclose(g, grads_m[name], rtol=tol, atol=tol * g.abs().max()), name
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # only the class changed
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in state.items()
+    )  # only the class changed
     set_attention(model, "fused")
     assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
 
@@ -82,10 +86,14 @@ def test_long_sequences_take_the_fused_path():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = attn(x)
         set_attention(attn, "math")
-        assert type(attn) is MathAttention and torch.equal(attn(x), fused)  # the same kernel, the same bits
+        assert type(attn) is MathAttention and torch.equal(
+            attn(x), fused
+        )  # the same kernel, the same bits
         short = attn(x[:, :17])
         set_attention(attn, "fused")
-        assert not torch.equal(attn(x[:, :17]), short)  # the written-out core: close, not the same bits
+        assert not torch.equal(
+            attn(x[:, :17]), short
+        )  # the written-out core: close, not the same bits
 
 
 MMAPPED_AFTER_16MB = """
@@ -104,15 +112,22 @@ print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 to read malloc's state")
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33 to read malloc's state"
+)
 def test_the_tuned_allocator_takes_large_blocks_from_the_heap_not_fresh_mappings():
     env = {k: v for k, v in os.environ.items() if k not in ("MAE_DEFAULT_MALLOC", "LD_PRELOAD")}
 
     def mapped(which: str) -> list[str]:
         cmd = [sys.executable, "-c", MMAPPED_AFTER_16MB, which]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.split()
+        return subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env=env
+        ).stdout.split()
 
-    assert mapped("default") == ["None", "16"]  # glibc maps a 16 MB block afresh (and unmaps it when freed)
+    assert mapped("default") == [
+        "None",
+        "16",
+    ]  # glibc maps a 16 MB block afresh (and unmaps it when freed)
     assert mapped("tune") == ["True", "0"]
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import ROOT, TINY, TINY_ARCH, colour_folder, free_port, metric_write_then, reset_accelerate
+from helpers import (
+    ROOT,
+    TINY,
+    TINY_ARCH,
+    colour_folder,
+    free_port,
+    metric_write_then,
+    reset_accelerate,
+)
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
@@ -28,12 +36,16 @@ from mae.eval_config import load_eval_config
 from mae.interop import load_pretrain_config
 from mae.models import build_model
 
-pytest.importorskip("transformers", reason="transformers (dev extra) is needed for Hugging Face ViTMAE repositories")
+pytest.importorskip(
+    "transformers", reason="transformers (dev extra) is needed for Hugging Face ViTMAE repositories"
+)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MAE_REPO = "tiny-org/vit-mae-tiny"  # a ViTMAE repository, as facebook/vit-mae-base is one
 TIMM_TAG = "test_vit.r160_in1k"  # timm's smallest ViT with pretrained weights (hub repo timm/test_vit.r160_in1k)
-RUN = [k for k in TINY if k not in TINY_ARCH]  # a tiny pretraining run whose architecture comes from init=
+RUN = [
+    k for k in TINY if k not in TINY_ARCH
+]  # a tiny pretraining run whose architecture comes from init=
 
 
 @pytest.fixture
@@ -79,7 +91,9 @@ def timm_weights(tmp_path, hub_cache):
     model = timm.create_model("test_vit")
     files = tmp_path / "timm_files"
     files.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, files / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, files / "model.safetensors"
+    )
     cache_repo(hub_cache, f"timm/{TIMM_TAG}", files)
     return files / "model.safetensors"
 
@@ -97,14 +111,19 @@ def first_step(tmp_path, name, *overrides):
 def assert_same_run(a, b):
     (cfg_a, loss_a, weights_a), (cfg_b, loss_b, weights_b) = a, b
     assert cfg_a.model == cfg_b.model and loss_a == loss_b
-    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert weights_a.keys() == weights_b.keys() and all(
+        torch.equal(weights_a[k], weights_b[k]) for k in weights_a
+    )
 
 
 def test_init_from_a_hub_name_is_init_from_its_folder(tmp_path, mae_repo):
     folder, model = mae_repo
     by_name = first_step(tmp_path, "by_name", f"init=hf-hub:{MAE_REPO}")
     assert_same_run(by_name, first_step(tmp_path, "by_folder", f"init={folder}"))
-    assert (by_name[0].model.embed_dim, by_name[0].model.depth) == (32, 2)  # the repository's config.json
+    assert (by_name[0].model.embed_dim, by_name[0].model.depth) == (
+        32,
+        2,
+    )  # the repository's config.json
     # a revision pins the commit
     cfg = load_pretrain_config(None, [*RUN, f"init=hf-hub:{MAE_REPO}@{COMMIT}"])
     assert cfg.model == by_name[0].model
@@ -114,12 +133,16 @@ def test_a_hub_name_is_an_encoder_source(mae_repo):
     folder, model = mae_repo
     by_name, by_folder = load_encoder(f"hf-hub:{MAE_REPO}"), load_encoder(str(folder))
     x = torch.randn(3, 3, 16, 16)
-    assert by_name.sha256 == by_folder.sha256 and torch.equal(by_name.features(x, "cls"), by_folder.features(x, "cls"))
+    assert by_name.sha256 == by_folder.sha256 and torch.equal(
+        by_name.features(x, "cls"), by_folder.features(x, "cls")
+    )
     assert torch.allclose(by_name.features(x, "cls"), model.encode(x), atol=1e-6)
     assert load_encoder(f"random:hf-hub:{MAE_REPO}").sha256 != by_name.sha256
 
 
-def test_a_repository_without_safetensors_is_read_from_its_pytorch_model_bin(tmp_path, hub_cache, mae_repo):
+def test_a_repository_without_safetensors_is_read_from_its_pytorch_model_bin(
+    tmp_path, hub_cache, mae_repo
+):
     folder, _ = mae_repo
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -141,17 +164,33 @@ def test_a_timm_tag_loads_its_cached_weights_and_a_bare_name_stays_random(tmp_pa
     x = torch.randn(2, 3, 160, 160)
     assert torch.equal(encoder.features(x, "cls"), exported.features(x, "cls"))
     assert torch.equal(encoder.features(x, "avg"), exported.features(x, "avg"))
-    assert encoder.data_config["input_size"] == (3, 160, 160) and encoder.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert encoder.data_config["input_size"] == (3, 160, 160) and encoder.data_config["mean"] == (
+        0.5,
+        0.5,
+        0.5,
+    )
     random_init = load_encoder("timm:test_vit")
-    assert random_init.sha256 != encoder.sha256 and not torch.allclose(random_init.features(x, "cls"),
-                                                                       encoder.features(x, "cls"))  # fmt: skip
+    assert random_init.sha256 != encoder.sha256 and not torch.allclose(
+        random_init.features(x, "cls"), encoder.features(x, "cls")
+    )
 
 
-def test_init_from_a_timm_tag_is_init_from_its_weights_file_with_timms_head_count(tmp_path, timm_weights):
+def test_init_from_a_timm_tag_is_init_from_its_weights_file_with_timms_head_count(
+    tmp_path, timm_weights
+):
     # test_vit: width 64 in 2 heads; a weights file alone would get 64 channels per head (1 head)
-    arch = ["data.image_size=64", "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
+    arch = [
+        "data.image_size=64",
+        "model.decoder_embed_dim=16",
+        "model.decoder_depth=1",
+        "model.decoder_num_heads=2",
+    ]
     by_name = first_step(tmp_path, "by_name", f"init=timm:{TIMM_TAG}", *arch)
-    assert (by_name[0].model.embed_dim, by_name[0].model.depth, by_name[0].model.num_heads) == (64, 6, 2)
+    assert (by_name[0].model.embed_dim, by_name[0].model.depth, by_name[0].model.num_heads) == (
+        64,
+        6,
+        2,
+    )
     by_file = first_step(tmp_path, "by_file", f"init={timm_weights}", "model.num_heads=2", *arch)
     assert_same_run(by_name, by_file)
     assert load_pretrain_config(None, [f"init={timm_weights}", *arch]).model.num_heads == 1
@@ -167,14 +206,21 @@ def one_line_error(call, *match):
 
 def test_an_empty_cache_is_one_line_naming_it_and_how_to_fill_it(hub_cache, monkeypatch):
     fill = ("not in the Hugging Face cache", str(hub_cache), "HF_HUB_OFFLINE=1", "HF_HUB_CACHE")
-    one_line_error(lambda: load_pretrain_config(None, ["init=hf-hub:facebook/vit-mae-base"]),
-                   *fill, "`hf download facebook/vit-mae-base`")  # fmt: skip
-    one_line_error(lambda: load_encoder(f"timm:{TIMM_TAG}"), *fill, f"`hf download timm/{TIMM_TAG}`")
+    one_line_error(
+        lambda: load_pretrain_config(None, ["init=hf-hub:facebook/vit-mae-base"]),
+        *fill,
+        "`hf download facebook/vit-mae-base`",
+    )
+    one_line_error(
+        lambda: load_encoder(f"timm:{TIMM_TAG}"), *fill, f"`hf download timm/{TIMM_TAG}`"
+    )
     one_line_error(lambda: load_encoder("hf-hub:facebook/vit-mae-base@v1"), "--revision v1")
     # online, but the hub cannot be reached (a closed port): the same line, without the offline note
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    message = one_line_error(lambda: load_encoder("hf-hub:facebook/vit-mae-base"), str(hub_cache), "cannot be reached")
+    message = one_line_error(
+        lambda: load_encoder("hf-hub:facebook/vit-mae-base"), str(hub_cache), "cannot be reached"
+    )
     assert "HF_HUB_OFFLINE" not in message
 
 
@@ -182,7 +228,10 @@ def test_an_empty_cache_is_one_line_naming_it_and_how_to_fill_it(hub_cache, monk
     "source, message",
     [
         ("timm:not_a_model.foo", "timm has no model 'not_a_model'"),
-        ("timm:test_vit.nope", "timm has no pretrained weights 'test_vit.nope'; test_vit's tags: r160_in1k"),
+        (
+            "timm:test_vit.nope",
+            "timm has no pretrained weights 'test_vit.nope'; test_vit's tags: r160_in1k",
+        ),
         ("hf-hub:facebook", "give a Hugging Face repository as hf-hub:ORG/NAME"),
         ("hf-hub:a/b/c", "give a Hugging Face repository as hf-hub:ORG/NAME"),
         ("hf-hub:facebook/vit-mae-base@", "give a Hugging Face repository as hf-hub:ORG/NAME"),
@@ -195,7 +244,11 @@ def test_a_bad_name_is_one_clear_line(timm_weights, source, message):
 
 
 def test_init_needs_a_timm_tag():
-    one_line_error(lambda: load_pretrain_config(None, ["init=timm:test_vit"]), "names no weights", "timm:NAME.TAG")
+    one_line_error(
+        lambda: load_pretrain_config(None, ["init=timm:test_vit"]),
+        "names no weights",
+        "timm:NAME.TAG",
+    )
 
 
 @pytest.mark.slow
@@ -203,10 +256,17 @@ def test_an_uncached_name_stops_the_entry_points_before_they_write(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache")}
     commands = [
         ["pretrain.py", "init=hf-hub:facebook/vit-mae-base", f"output_dir={tmp_path / 'run'}"],
-        ["finetune.py", "mode=finetune", f"encoder=timm:{TIMM_TAG}", f"output_dir={tmp_path / 'ft'}"],
+        [
+            "finetune.py",
+            "mode=finetune",
+            f"encoder=timm:{TIMM_TAG}",
+            f"output_dir={tmp_path / 'ft'}",
+        ],
     ]
     for args in commands:
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
         assert proc.stderr.strip().count("\n") == 0 and str(tmp_path / "empty_cache") in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "ft").exists()
@@ -230,11 +290,21 @@ def colours(tmp_path):
 def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colours, size):
     recipe = RECIPES / f"finetune_imagenet_vit_{size}.yaml"
     # the documented command line, scaled down: the tiny hub encoder, the colour folder, 3 short epochs on a CPU
-    small = [f"encoder=hf-hub:{MAE_REPO}", f"data.dataset={colours}", "data.num_workers=0", "finetune.epochs=3",
-             "finetune.warmup_epochs=1", "finetune.batch_size=8", "finetune.accum_steps=1",
-             "finetune.mixed_precision=no", "finetune.keep_checkpoints=1"]  # fmt: skip
+    small = [
+        f"encoder=hf-hub:{MAE_REPO}",
+        f"data.dataset={colours}",
+        "data.num_workers=0",
+        "finetune.epochs=3",
+        "finetune.warmup_epochs=1",
+        "finetune.batch_size=8",
+        "finetune.accum_steps=1",
+        "finetune.mixed_precision=no",
+        "finetune.keep_checkpoints=1",
+    ]
     as_written = load_eval_config(recipe, [f"encoder=hf-hub:{MAE_REPO}"])
-    on_one_node = derive_schedule(as_written.finetune, 1_281_167, 8, "finetune")  # ImageNet-1k, 8 processes
+    on_one_node = derive_schedule(
+        as_written.finetune, 1_281_167, 8, "finetune"
+    )  # ImageNet-1k, 8 processes
     assert on_one_node.effective_batch == 1024 and on_one_node.lr == as_written.finetune.blr * 4
 
     def cfg(name):
@@ -246,7 +316,10 @@ def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colour
         raise Stop()
 
     # 54 training images, 6 steps per epoch: step 10 is after the epoch-1 checkpoint, mid-epoch 2
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):  # (the hub cache's patches stay)
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        pytest.raises(Stop),
+    ):  # (the hub cache's patches stay)
         patch.setattr(runner.MetricLog, "write", metric_write_then(10, stop))
         ft.finetune(cfg("b"))
     assert [p.name for p in (tmp_path / "b/checkpoints").iterdir()] == ["step_6"]
@@ -257,11 +330,21 @@ def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colour
 
 
 @pytest.mark.parametrize("size", ["base", "large"])
-def test_the_linear_probe_recipes_run_small_and_rerun_to_the_same_result(tmp_path, mae_repo, colours, size):
+def test_the_linear_probe_recipes_run_small_and_rerun_to_the_same_result(
+    tmp_path, mae_repo, colours, size
+):
     recipe = RECIPES / f"linear_imagenet_vit_{size}.yaml"
-    small = [f"encoder=hf-hub:{MAE_REPO}", f"data.dataset={colours}", "data.num_workers=0", "probe.epochs=3",
-             "probe.warmup_epochs=1", "probe.batch_size=16", "probe.extract_batch_size=16",
-             "probe.mixed_precision=no", f"probe.cache_dir={tmp_path / 'features'}"]  # fmt: skip
+    small = [
+        f"encoder=hf-hub:{MAE_REPO}",
+        f"data.dataset={colours}",
+        "data.num_workers=0",
+        "probe.epochs=3",
+        "probe.warmup_epochs=1",
+        "probe.batch_size=16",
+        "probe.extract_batch_size=16",
+        "probe.mixed_precision=no",
+        f"probe.cache_dir={tmp_path / 'features'}",
+    ]
 
     def cfg(name):
         return load_eval_config(recipe, [*small, f"output_dir={tmp_path / name}"])

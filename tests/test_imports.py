@@ -36,7 +36,9 @@ def named_modules(node: ast.AST, module: str, is_package: bool, known: set[str])
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
         base = node.module or ""
-        if node.level:  # relative to the package the module is in (a package's __init__: the package itself)
+        if (
+            node.level
+        ):  # relative to the package the module is in (a package's __init__: the package itself)
             package = module.split(".") if is_package else module.split(".")[:-1]
             base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
         submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
@@ -45,7 +47,11 @@ def named_modules(node: ast.AST, module: str, is_package: bool, known: set[str])
     call = node.func if isinstance(node, ast.Call) else None
     if getattr(call, "attr", getattr(call, "id", None)) == "import_module" and node.args:
         first = node.args[0]
-        return [first.value] if isinstance(first, ast.Constant) and isinstance(first.value, str) else []
+        return (
+            [first.value]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str)
+            else []
+        )
     return []
 
 
@@ -117,13 +123,18 @@ def shortest_cycle(graph: Graph, part: list[str]) -> list[str]:
 
 
 def describe(graph: Graph, cycle: list[str]) -> str:
-    steps = "".join(f"\n    {graph[a][b]} imports {b}" for a, b in zip(cycle, cycle[1:], strict=False))
+    steps = "".join(
+        f"\n    {graph[a][b]} imports {b}" for a, b in zip(cycle, cycle[1:], strict=False)
+    )
     return " -> ".join(cycle) + steps
 
 
 def cycles(graph: Graph) -> list[str]:
     """One line per component: its modules, then its shortest cycle, each import with its file and line."""
-    return [f"{', '.join(part)}: {describe(graph, shortest_cycle(graph, part))}" for part in components(graph)]
+    return [
+        f"{', '.join(part)}: {describe(graph, shortest_cycle(graph, part))}"
+        for part in components(graph)
+    ]
 
 
 def reachable(graph: Graph, module: str) -> set[str]:
@@ -160,12 +171,21 @@ def test_the_checker_finds_function_level_relative_and_package_cycles(tmp_path):
     )
     graph = import_graph(root, "pkg")
     assert graph["pkg.sub.e"] == {"pkg.sub.d": "pkg/sub/e.py:1"}
-    assert graph["pkg.sub"] == {"pkg.sub.e": "pkg/sub/__init__.py:1", "pkg.c": "pkg/sub/__init__.py:2"}
-    assert components(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.sub"]]  # g and h are imported by nothing
+    assert graph["pkg.sub"] == {
+        "pkg.sub.e": "pkg/sub/__init__.py:1",
+        "pkg.c": "pkg/sub/__init__.py:2",
+    }
+    assert components(graph) == [
+        ["pkg.a", "pkg.b"],
+        ["pkg.c", "pkg.sub"],
+    ]  # g and h are imported by nothing
     a_b = "pkg.a, pkg.b: pkg.a -> pkg.b -> pkg.a\n    pkg/a.py:2 imports pkg.b\n    pkg/b.py:1 imports pkg.a"
     assert cycles(graph)[0] == a_b
     (root / "pkg/sub/__init__.py").write_text("from . import e, g, h\n")
-    assert components(import_graph(root, "pkg")) == [["pkg.a", "pkg.b"], ["pkg.sub", "pkg.sub.g", "pkg.sub.h"]]
+    assert components(import_graph(root, "pkg")) == [
+        ["pkg.a", "pkg.b"],
+        ["pkg.sub", "pkg.sub.g", "pkg.sub.h"],
+    ]
 
 
 def test_the_mae_modules_import_each_other_without_cycles():
@@ -176,5 +196,10 @@ def test_the_mae_modules_import_each_other_without_cycles():
 def test_the_config_sits_below_everything_and_presets_below_the_config():
     graph = import_graph(ROOT, "mae")
     leaves = {"mae.presets", "mae.family_defaults"}
-    assert reachable(graph, "mae.config") <= {"mae.config_checks", "mae.config_loader", "mae.errors", *leaves}
+    assert reachable(graph, "mae.config") <= {
+        "mae.config_checks",
+        "mae.config_loader",
+        "mae.errors",
+        *leaves,
+    }
     assert graph["mae.presets"] == {} and graph["mae.family_defaults"] == {}

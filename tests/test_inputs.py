@@ -23,7 +23,13 @@ from mae.eval_config import load_eval_config
 from mae.export import main as export_main
 from mae.probe import probe
 
-COMMON = [*TINY_ARCH, "data.num_workers=0", "train.batch_size=8", "train.recon_images=2", "train.log_every=1"]
+COMMON = [
+    *TINY_ARCH,
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "train.recon_images=2",
+    "train.log_every=1",
+]
 
 
 def rect_folder(root, per_class=12, h=60, w=40):
@@ -72,7 +78,9 @@ def test_a_48x32_run_pretrains_and_exports_an_encoder_timm_loads_with_the_same_f
         assert torch.allclose(model(x), res.model.eval().encode(x), atol=1e-5)
     # the sin-cos grid is the rectangular one: its row half changes along H, its column half along W
     pos = res.model.encoder.pos_embed[0, 1:].view(6, 4, 32)
-    assert torch.equal(pos[0, :, 16:], pos[0, :1, 16:].expand(4, -1)) and not torch.equal(pos[0, 0], pos[0, 1])
+    assert torch.equal(pos[0, :, 16:], pos[0, :1, 16:].expand(4, -1)) and not torch.equal(
+        pos[0, 0], pos[0, 1]
+    )
     assert len(load_encoder(str(res.run_dir)).data_config["input_size"]) == 3
 
 
@@ -80,9 +88,16 @@ def test_a_48x32_encoder_probes(rect_run, tmp_path):
     res, data = rect_run
     cfg = load_eval_config(
         None,
-        [f"output_dir={tmp_path / 'eval'}", "mode=knn", f"encoder={res.run_dir}", f"data.dataset={data}",
-         "data.holdout_fraction=0.25", "data.num_workers=0", f"probe.cache_dir={tmp_path / 'cache'}"],
-    )  # fmt: skip
+        [
+            f"output_dir={tmp_path / 'eval'}",
+            "mode=knn",
+            f"encoder={res.run_dir}",
+            f"data.dataset={data}",
+            "data.holdout_fraction=0.25",
+            "data.num_workers=0",
+            f"probe.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     result = probe(cfg)
     assert tuple(result["eval_transform"]["input_size"]) == (3, 48, 32)
     assert result["top1"] > 0.5  # three colour classes; chance 1/3
@@ -92,12 +107,26 @@ def test_a_48x32_encoder_fine_tunes_at_64x48(rect_run, tmp_path):
     res, data = rect_run
     cfg = load_eval_config(
         None,
-        [f"output_dir={tmp_path / 'ft'}", "mode=finetune", f"encoder={res.run_dir}", f"data.dataset={data}",
-         "data.holdout_fraction=0.25", "data.num_workers=0", "finetune.image_size=[64,48]", "finetune.epochs=1",
-         "finetune.batch_size=8", "finetune.auto_augment=null", "finetune.mixup=0", "finetune.cutmix=0"],
-    )  # fmt: skip
+        [
+            f"output_dir={tmp_path / 'ft'}",
+            "mode=finetune",
+            f"encoder={res.run_dir}",
+            f"data.dataset={data}",
+            "data.holdout_fraction=0.25",
+            "data.num_workers=0",
+            "finetune.image_size=[64,48]",
+            "finetune.epochs=1",
+            "finetune.batch_size=8",
+            "finetune.auto_augment=null",
+            "finetune.mixup=0",
+            "finetune.cutmix=0",
+        ],
+    )
     clf = ft.build_classifier(cfg, num_classes=3)
-    assert clf.init["pos_embed_resampled"] == {"from": [1, 25, 32], "to": [1, 49, 32]}  # 6x4 -> 8x6 patches
+    assert clf.init["pos_embed_resampled"] == {
+        "from": [1, 25, 32],
+        "to": [1, 49, 32],
+    }  # 6x4 -> 8x6 patches
     assert clf.data_config["input_size"] == (3, 64, 48)
     reset_accelerate()
     out = ft.finetune(cfg)
@@ -109,14 +138,26 @@ def test_a_48x32_encoder_fine_tunes_at_64x48(rect_run, tmp_path):
 @pytest.mark.parametrize("name", ["ae", "vae", "stacked_ae"])
 def test_classic_autoencoders_train_on_48x32(tmp_path, name):
     data = rect_folder(tmp_path / "d", per_class=4)
-    cfg = load_config(None, [*COMMON, f"model.name={name}", "data.image_size=[48,32]", f"data.dataset={data}",
-                             f"output_dir={tmp_path / 'r'}", "train.max_steps=2", "model.stage_steps=1"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            f"model.name={name}",
+            "data.image_size=[48,32]",
+            f"data.dataset={data}",
+            f"output_dir={tmp_path / 'r'}",
+            "train.max_steps=2",
+            "model.stage_steps=1",
+        ],
+    )
     res = pretrain.train(cfg)
     x = torch.randn(2, 3, 48, 32)
     assert res.model.eval()(x).recon.shape == x.shape and res.model.encode(x).shape == (2, 128)
 
 
-def test_the_hugging_face_export_of_a_non_square_run_is_refused_in_one_line(rect_run, tmp_path, capsys):
+def test_the_hugging_face_export_of_a_non_square_run_is_refused_in_one_line(
+    rect_run, tmp_path, capsys
+):
     res, _ = rect_run
     assert export_main([str(res.run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err.strip()
@@ -137,16 +178,37 @@ def expected_stats(arrays, scale):
 
 def pretrain_and_probe(tmp_path, dataset, channels, extra=()):
     out = tmp_path / "r"
-    cfg = load_config(None, [*COMMON, "data.image_size=16", f"data.channels={channels}", "data.mean=auto",
-                             f"data.dataset={dataset}", f"output_dir={out}", "train.max_steps=3", *extra])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            "data.image_size=16",
+            f"data.channels={channels}",
+            "data.mean=auto",
+            f"data.dataset={dataset}",
+            f"output_dir={out}",
+            "train.max_steps=3",
+            *extra,
+        ],
+    )
     res = pretrain.train(cfg)
     reset_accelerate()
     probe_cfg = load_eval_config(
         None,
-        [f"output_dir={tmp_path / 'eval'}", "mode=linear", f"encoder={out}", f"data.dataset={dataset}",
-         "data.holdout_fraction=0.25", "data.num_workers=0", f"probe.cache_dir={tmp_path / 'cache'}",
-         "probe.epochs=30", "probe.warmup_epochs=3", "probe.batch_size=9", "probe.blr=20"],
-    )  # fmt: skip
+        [
+            f"output_dir={tmp_path / 'eval'}",
+            "mode=linear",
+            f"encoder={out}",
+            f"data.dataset={dataset}",
+            "data.holdout_fraction=0.25",
+            "data.num_workers=0",
+            f"probe.cache_dir={tmp_path / 'cache'}",
+            "probe.epochs=30",
+            "probe.warmup_epochs=3",
+            "probe.batch_size=9",
+            "probe.blr=20",
+        ],
+    )
     return res, probe(probe_cfg)
 
 
@@ -163,9 +225,16 @@ def test_six_channel_uint16_arrays_pretrain_with_measured_statistics_and_probe(t
     assert Image.open(res.run_dir / "recon_3.png").mode == "RGB"  # three of the six bands
     assert result["top1"] > 0.6  # chance 1/3
     reset_accelerate()
-    tune = [f"output_dir={tmp_path / 'ft'}", "mode=finetune", f"encoder={res.run_dir}", "finetune.epochs=1",
-            f"data.dataset={tmp_path / 'npy'}", "data.holdout_fraction=0.25", "data.num_workers=0",
-            "finetune.batch_size=8"]  # fmt: skip
+    tune = [
+        f"output_dir={tmp_path / 'ft'}",
+        "mode=finetune",
+        f"encoder={res.run_dir}",
+        "finetune.epochs=1",
+        f"data.dataset={tmp_path / 'npy'}",
+        "data.holdout_fraction=0.25",
+        "data.num_workers=0",
+        "finetune.batch_size=8",
+    ]
     with pytest.raises(ConfigError, match="holds arrays; set finetune.auto_augment=null"):
         ft.finetune(load_eval_config(None, tune))
     reset_accelerate()
@@ -175,22 +244,39 @@ def test_six_channel_uint16_arrays_pretrain_with_measured_statistics_and_probe(t
 def test_thirteen_channel_float32_column_pretrains_and_probes(tmp_path):
     arrays = band_arrays(13, np.float32, seed=1)
     features = datasets.Features(
-        {"image": datasets.Array3D((13, 16, 16), "float32"), "label": datasets.ClassLabel(names=["a", "b", "c"])}
+        {
+            "image": datasets.Array3D((13, 16, 16), "float32"),
+            "label": datasets.ClassLabel(names=["a", "b", "c"]),
+        }
     )
-    ds = datasets.Dataset.from_dict({"image": [a for a, _ in arrays], "label": [c for _, c in arrays]}, features)
+    ds = datasets.Dataset.from_dict(
+        {"image": [a for a, _ in arrays], "label": [c for _, c in arrays]}, features
+    )
     (tmp_path / "pq" / "data").mkdir(parents=True)
     ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
     res, result = pretrain_and_probe(tmp_path, tmp_path / "pq", 13, ["data.grid_channels=[3,7,11]"])
     mean, _ = expected_stats(arrays, 1.0)
-    assert np.allclose(json.loads((res.run_dir / "derived.json").read_text())["data_stats"]["mean"], mean, atol=2e-6)
+    assert np.allclose(
+        json.loads((res.run_dir / "derived.json").read_text())["data_stats"]["mean"],
+        mean,
+        atol=2e-6,
+    )
     assert result["top1"] > 0.6
 
 
 def test_resuming_an_auto_statistics_run_measures_the_same(tmp_path):
     arrays = band_arrays(6, np.uint16, per_class=4)
     data = npy_folder(tmp_path / "npy", arrays)
-    args = [*COMMON, "data.image_size=16", "data.channels=6", "data.mean=auto", f"data.dataset={data}",
-            f"output_dir={tmp_path / 'r'}", "train.checkpoint_every=1", "train.max_steps=2"]  # fmt: skip
+    args = [
+        *COMMON,
+        "data.image_size=16",
+        "data.channels=6",
+        "data.mean=auto",
+        f"data.dataset={data}",
+        f"output_dir={tmp_path / 'r'}",
+        "train.checkpoint_every=1",
+        "train.max_steps=2",
+    ]
 
     class Stop(Exception):
         pass
@@ -204,8 +290,12 @@ def test_resuming_an_auto_statistics_run_measures_the_same(tmp_path):
             pretrain.train(load_config(None, args))
     reset_accelerate()
     recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"]
-    assert len(recorded["mean"]) == 6 and len(recorded["std"]) == 6  # the measured values, not "auto"
-    res = pretrain.train(load_config(None, args))  # data.mean=auto again: measured equal, so it resumes
+    assert (
+        len(recorded["mean"]) == 6 and len(recorded["std"]) == 6
+    )  # the measured values, not "auto"
+    res = pretrain.train(
+        load_config(None, args)
+    )  # data.mean=auto again: measured equal, so it resumes
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert res.steps == 2 and [x["step"] for x in lines] == [1, 2]
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"] == recorded
@@ -215,15 +305,34 @@ def test_resuming_an_auto_statistics_run_measures_the_same(tmp_path):
 def test_bad_arrays_are_refused_in_one_line_before_anything_is_written(tmp_path, bad):
     arrays = band_arrays(6, np.float32, per_class=4)
     a, c = arrays[5]
-    arrays[5] = ({"channels": a[:5], "nan": np.where(a > 0.6, np.nan, a), "inf": a * np.inf}[bad], c)
+    arrays[5] = (
+        {"channels": a[:5], "nan": np.where(a > 0.6, np.nan, a), "inf": a * np.inf}[bad],
+        c,
+    )
     data = npy_folder(tmp_path / "npy", arrays)
     out = tmp_path / "r"
-    cfg = load_config(None, [*COMMON, "data.image_size=16", "data.channels=6", f"data.dataset={data}",
-                             f"output_dir={out}", "train.max_steps=2"])  # fmt: skip
-    message = {"channels": r"shape \(5, 16, 16\): no axis of data.channels=6", "nan": "NaN or infinite"}
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            "data.image_size=16",
+            "data.channels=6",
+            f"data.dataset={data}",
+            f"output_dir={out}",
+            "train.max_steps=2",
+        ],
+    )
+    message = {
+        "channels": r"shape \(5, 16, 16\): no axis of data.channels=6",
+        "nan": "NaN or infinite",
+    }
     with pytest.raises(ArrayError, match=message.get(bad, "NaN or infinite")) as e:
         pretrain.train(cfg)
-    assert "\n" not in str(e.value) and "image 5 of the dataset (" in str(e.value) and "5.npy)" in str(e.value)
+    assert (
+        "\n" not in str(e.value)
+        and "image 5 of the dataset (" in str(e.value)
+        and "5.npy)" in str(e.value)
+    )
     assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
 
 
@@ -232,21 +341,45 @@ def test_arrays_with_a_channel_axis_last_are_read_as_channels(tmp_path):
 
     a = np.arange(2 * 3 * 6, dtype=np.uint8).reshape(2, 3, 6)  # (H, W, C) with C=6
     x = to_tensor(a, 6, "test")
-    assert x.shape == (6, 2, 3) and torch.equal(x * 255, torch.from_numpy(np.moveaxis(a, -1, 0)).float())
+    assert x.shape == (6, 2, 3) and torch.equal(
+        x * 255, torch.from_numpy(np.moveaxis(a, -1, 0)).float()
+    )
     with pytest.raises(ArrayError, match="no axis of data.channels=4"):
         to_tensor(a, 4, "array 0")
 
 
 def test_on_device_data_crops_to_48x32(tmp_path):
     data = rect_folder(tmp_path / "d", per_class=4, h=40, w=24)  # stored at most the training size
-    cfg = load_config(None, [*COMMON, "data.image_size=[48,32]", "model.patch_size=8", f"data.dataset={data}",
-                             "data.on_device=true", f"output_dir={tmp_path / 'r'}", "train.max_steps=2"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            "data.image_size=[48,32]",
+            "model.patch_size=8",
+            f"data.dataset={data}",
+            "data.on_device=true",
+            f"output_dir={tmp_path / 'r'}",
+            "train.max_steps=2",
+        ],
+    )
     res = pretrain.train(cfg)
     assert res.steps == 2 and res.model.grid == (6, 4)
-    big = rect_folder(tmp_path / "big", per_class=4, h=40, w=40)  # wider than 32: a downscale, refused
+    big = rect_folder(
+        tmp_path / "big", per_class=4, h=40, w=40
+    )  # wider than 32: a downscale, refused
     with pytest.raises(Exception, match=r"at most data.image_size=\(48, 32\)"):
-        pretrain.train(load_config(None, [*COMMON, "data.image_size=[48,32]", f"data.dataset={big}",
-                                          "data.on_device=true", f"output_dir={tmp_path / 'r2'}"]))  # fmt: skip
+        pretrain.train(
+            load_config(
+                None,
+                [
+                    *COMMON,
+                    "data.image_size=[48,32]",
+                    f"data.dataset={big}",
+                    "data.on_device=true",
+                    f"output_dir={tmp_path / 'r2'}",
+                ],
+            )
+        )
 
 
 def test_images_take_one_three_or_four_channels_and_arrays_any(tmp_path):

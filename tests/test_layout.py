@@ -24,7 +24,10 @@ def sibling_imports(source: str, siblings: set[str]) -> list[str]:
 
 
 def test_sibling_imports_finds_top_level_and_function_level_imports():
-    fixtures, other = "conftest", "test_probe"  # names held apart so a grep for such imports stays clean
+    fixtures, other = (
+        "conftest",
+        "test_probe",
+    )  # names held apart so a grep for such imports stays clean
     source = f"import os\nfrom {fixtures} import ROOT\n\ndef f():\n    import {other}\n    from helpers import TINY\n"
     assert sibling_imports(source, {fixtures, other}) == [fixtures, other]
 
@@ -32,6 +35,8 @@ def test_sibling_imports_finds_top_level_and_function_level_imports():
 def test_no_test_file_imports_another_test_file_or_conftest():
     siblings = {p.stem for p in TESTS.glob("*.py")} - SHARED
     offenders = {
-        p.name: found for p in sorted(TESTS.glob("*.py")) if (found := sibling_imports(p.read_text(), siblings))
+        p.name: found
+        for p in sorted(TESTS.glob("*.py"))
+        if (found := sibling_imports(p.read_text(), siblings))
     }
     assert offenders == {}, f"import shared test code from helpers.py instead: {offenders}"

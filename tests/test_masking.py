@@ -18,12 +18,17 @@ def test_patchify_layout_matches_official_convention():
     p = patchify(x, 2)
     ref = x.reshape(1, 2, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(1, 4, 8)
     assert torch.equal(p, ref)
-    assert p[0, 1, :2].tolist() == [x[0, 0, 0, 2].item(), x[0, 1, 0, 2].item()]  # patch (0,1), pixel (0,0), c0 c1
+    assert p[0, 1, :2].tolist() == [
+        x[0, 0, 0, 2].item(),
+        x[0, 1, 0, 2].item(),
+    ]  # patch (0,1), pixel (0,0), c0 c1
 
 
 def test_noise_fixes_the_mask_ascending_argsort():
     tokens = torch.arange(8, dtype=torch.float32).view(1, 8, 1).repeat(2, 1, 3)
-    noise = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]])
+    noise = torch.tensor(
+        [[0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]]
+    )
     kept, mask, ids_restore = random_masking(tokens, 0.75, noise)
     assert num_kept(8, 0.75) == 2
     assert kept[0, :, 0].tolist() == [1.0, 3.0]  # the two smallest noise values, in ascending order
@@ -32,7 +37,9 @@ def test_noise_fixes_the_mask_ascending_argsort():
     assert mask.sum(1).tolist() == [6, 6]
     # ids_restore puts the shuffled sequence (kept first) back in patch order
     shuffled = torch.gather(tokens, 1, torch.argsort(noise, 1).unsqueeze(-1).expand(-1, -1, 3))
-    assert torch.equal(torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, 3)), tokens)
+    assert torch.equal(
+        torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, 3)), tokens
+    )
 
 
 def test_random_noise_masks_differ_per_sample_and_count_is_exact():

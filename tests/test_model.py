@@ -56,7 +56,9 @@ def test_registry_contract(name):
 
 @pytest.mark.parametrize("channels, size, patch", [(1, 16, 4), (4, 24, 8), (3, 14, 7)])
 def test_any_channels_size_patch(channels, size, patch):
-    model = tiny(f"data.channels={channels}", f"data.image_size={size}", f"model.patch_size={patch}")
+    model = tiny(
+        f"data.channels={channels}", f"data.image_size={size}", f"model.patch_size={patch}"
+    )
     x = torch.randn(2, channels, size, size)
     model.eval()
     out = model(x)
@@ -83,7 +85,9 @@ def test_loss_ignores_visible_patches():
     assert mask[0, :4].tolist() == [0, 0, 0, 0] and mask[0, 4:].eq(1).all()
     pred = model.forward_decoder(latent, ids_restore)
     y = x.clone()
-    y[:, :, :4, :4] += 10.0  # patch 0, visible: only its own term would change, and it is not counted
+    y[:, :, :4, :4] += (
+        10.0  # patch 0, visible: only its own term would change, and it is not counted
+    )
     loss_x, _ = model.forward_loss(x, pred, mask)
     loss_y, _ = model.forward_loss(y, pred, mask)
     assert torch.equal(loss_x, loss_y)
@@ -97,7 +101,9 @@ def test_encoder_sees_only_visible_patches():
     assert latent.shape == (2, 1 + 4, 32)  # cls + 25% of 16 patches
     y = x.clone()
     y[:, :, 4:, :] = torch.randn(2, 3, 12, 16)  # every hidden patch changes ...
-    assert torch.equal(model.forward_encoder(y, noise)[0], latent)  # ... and the encoder cannot tell
+    assert torch.equal(
+        model.forward_encoder(y, noise)[0], latent
+    )  # ... and the encoder cannot tell
     y[:, :, :4, 4:8] += 1.0  # a visible one changes: it can
     assert not torch.allclose(model.forward_encoder(y, noise)[0], latent)
 
@@ -153,9 +159,14 @@ def test_fused_adamw_takes_the_same_groups_and_steps_alike():
     models = [build_model(cfg) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     start = [p.detach().clone() for p in models[0].parameters()]
-    opts = [build_optimizer(m, cfg, derive(cfg, 1000, 1), fused=f) for m, f in zip(models, (False, True), strict=True)]
+    opts = [
+        build_optimizer(m, cfg, derive(cfg, 1000, 1), fused=f)
+        for m, f in zip(models, (False, True), strict=True)
+    ]
     assert opts[1].defaults["fused"] is True and not opts[0].defaults.get("fused")
-    assert [len(g["params"]) for g in opts[0].param_groups] == [len(g["params"]) for g in opts[1].param_groups]
+    assert [len(g["params"]) for g in opts[0].param_groups] == [
+        len(g["params"]) for g in opts[1].param_groups
+    ]
     images, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
     for model, opt in zip(models, opts, strict=True):
         for _ in range(3):
@@ -164,4 +175,8 @@ def test_fused_adamw_takes_the_same_groups_and_steps_alike():
             opt.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
-    assert all(not torch.equal(a, b) for a, b in zip(models[1].parameters(), start, strict=True) if a.requires_grad)
+    assert all(
+        not torch.equal(a, b)
+        for a, b in zip(models[1].parameters(), start, strict=True)
+        if a.requires_grad
+    )

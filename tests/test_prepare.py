@@ -42,20 +42,37 @@ def mixed_folder(root):
     """train/ and test/ splits of three colour classes: PNG, JPEG, grayscale, RGBA, small and large, one JPEG
     stored sideways with an EXIF orientation, and one file that is not an image."""
     for c, rgb in enumerate(COLOURS):
-        for i, (size, mode, fmt) in enumerate([((60, 40), "RGB", "PNG"), ((20, 10), "RGB", "JPEG"),
-                                                ((50, 50), "L", "PNG"), ((40, 30), "RGBA", "PNG")]):  # fmt: skip
-            save(colour_image(rgb, size, mode, seed=i), root / "train" / f"c{c}" / f"{i}.{fmt.lower()}", format=fmt)
+        for i, (size, mode, fmt) in enumerate(
+            [
+                ((60, 40), "RGB", "PNG"),
+                ((20, 10), "RGB", "JPEG"),
+                ((50, 50), "L", "PNG"),
+                ((40, 30), "RGBA", "PNG"),
+            ]
+        ):
+            save(
+                colour_image(rgb, size, mode, seed=i),
+                root / "train" / f"c{c}" / f"{i}.{fmt.lower()}",
+                format=fmt,
+            )
         save(colour_image(rgb, (48, 36), seed=9), root / "test" / f"c{c}" / "0.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 64x32, shown turned by 90 degrees: 32x64
-    save(colour_image(COLOURS[0], (64, 32)), root / "train" / "c0" / "turned.jpg", exif=exif.tobytes())
+    save(
+        colour_image(COLOURS[0], (64, 32)),
+        root / "train" / "c0" / "turned.jpg",
+        exif=exif.tobytes(),
+    )
     (root / "train" / "c1" / "broken.png").write_bytes(b"not an image at all")
     return root
 
 
 def run_prepare(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mae.prepare", *map(str, args)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "mae.prepare", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -66,33 +83,56 @@ def decoded_size(image: dict) -> tuple[str, str, tuple[int, int]]:
 
 def test_prepare_writes_capped_jpeg_shards_with_labels_splits_and_a_manifest(tmp_path):
     src, out = mixed_folder(tmp_path / "src"), tmp_path / "out"
-    args = [str(src), str(out), "--max-side", "32", "--quality", "85", "--workers", "2", "--shard-size", "5"]
+    args = [
+        str(src),
+        str(out),
+        "--max-side",
+        "32",
+        "--quality",
+        "85",
+        "--workers",
+        "2",
+        "--shard-size",
+        "5",
+    ]
     assert prepare_main(args) == 0
     source = datasets.load_dataset(str(src))
     written = datasets.load_dataset(str(out))
     assert sorted(written) == ["test", "train"]
     assert written["train"].features["label"].names == ["c0", "c1", "c2"]
     assert sorted(p.name for p in (out / "data").iterdir())[:3] == [
-        "test-00000-of-00001.parquet", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet"
-    ]  # fmt: skip
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+    ]
     raw = written["train"].cast_column("image", datasets.Image(decode=False))
     originals = source["train"].cast_column("image", datasets.Image(decode=False))
     kept = [r for r in originals if not r["image"]["path"].endswith("broken.png")]
     assert len(raw) == len(kept) == 13  # 12 + the turned one; the broken file skipped
     for row, orig in zip(raw, kept, strict=True):
         fmt, mode, size = decoded_size(row["image"])
-        full = datasets.Image().decode_example(orig["image"]).size  # as datasets shows it: EXIF turn applied
+        full = (
+            datasets.Image().decode_example(orig["image"]).size
+        )  # as datasets shows it: EXIF turn applied
         assert fmt == "JPEG" and max(size) == min(32, max(full)), (orig, size)
-        assert abs(size[0] / size[1] - full[0] / full[1]) < 0.1  # aspect kept (turned: 32x64 -> 16x32)
+        assert (
+            abs(size[0] / size[1] - full[0] / full[1]) < 0.1
+        )  # aspect kept (turned: 32x64 -> 16x32)
         assert mode == ("L" if orig["image"]["path"].endswith("2.png") else "RGB")
         assert row["label"] == orig["label"]
         mean = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).mean((0, 1))
         if mode == "RGB":  # each image still has its class's colour: rows and labels stay together
             assert np.abs(mean - COLOURS[row["label"]]).max() < 20
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["max_side"] == 32 and manifest["quality"] == 85 and len(manifest["fingerprint"]) == 64
+    assert (
+        manifest["max_side"] == 32
+        and manifest["quality"] == 85
+        and len(manifest["fingerprint"]) == 64
+    )
     assert manifest["splits"]["train"]["images"] == 13 and manifest["splits"]["test"]["images"] == 3
-    assert [s["source"].endswith("broken.png") for s in manifest["splits"]["train"]["skipped"]] == [True]
+    assert [s["source"].endswith("broken.png") for s in manifest["splits"]["train"]["skipped"]] == [
+        True
+    ]
 
 
 def test_prepare_runs_from_a_checkout_that_was_never_installed(tmp_path, monkeypatch):
@@ -104,7 +144,12 @@ def test_prepare_runs_from_a_checkout_that_was_never_installed(tmp_path, monkeyp
 
     monkeypatch.setattr(metadata, "version", missing)
     out = tmp_path / "out"
-    assert prepare_main([str(mixed_folder(tmp_path / "src")), str(out), "--max-side", "16", "--workers", "1"]) == 0
+    assert (
+        prepare_main(
+            [str(mixed_folder(tmp_path / "src")), str(out), "--max-side", "16", "--workers", "1"]
+        )
+        == 0
+    )
     assert json.loads((out / "manifest.json").read_text())["version"] is None
 
 
@@ -120,7 +165,9 @@ def test_prepare_refuses_shards_of_another_source_and_is_a_no_op_for_the_same(tm
     assert prepare_main([str(a), str(out), "--max-side", "16", "--workers", "1"]) == 0
     before, manifest = shard_bytes(out), (out / "manifest.json").read_text()
 
-    refused = run_prepare(b, out, "--max-side", "16", "--workers", "1")  # as a process: its exit code
+    refused = run_prepare(
+        b, out, "--max-side", "16", "--workers", "1"
+    )  # as a process: its exit code
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "--overwrite" in lines[0] and str(a) in lines[0], refused.stderr
@@ -130,7 +177,9 @@ def test_prepare_refuses_shards_of_another_source_and_is_a_no_op_for_the_same(tm
     assert "up to date" in capsys.readouterr().out
     assert (out / "manifest.json").read_text() == manifest  # not rewritten
 
-    assert prepare_main([str(b), str(out), "--max-side", "16", "--workers", "1", "--overwrite"]) == 0
+    assert (
+        prepare_main([str(b), str(out), "--max-side", "16", "--workers", "1", "--overwrite"]) == 0
+    )
     assert json.loads((out / "manifest.json").read_text())["source"] == str(b)
     assert shard_bytes(out) != before
 
@@ -147,7 +196,9 @@ def test_a_30_step_pretraining_run_reads_the_shards(tmp_path):
         for i in range(8):
             save(colour_image(rgb, (40, 30), seed=i), src / f"c{c}" / f"{i}.png")
     assert prepare_main([str(src), str(out), "--max-side", "24", "--workers", "1"]) == 0
-    cfg = load_config(None, [*TINY, f"data.dataset={out}", "train.max_steps=30", f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None, [*TINY, f"data.dataset={out}", "train.max_steps=30", f"output_dir={tmp_path / 'run'}"]
+    )
     try:
         result = pretrain.train(cfg)
     finally:
@@ -180,14 +231,19 @@ def test_draft_decoding_draws_the_exact_paths_crops_flips_and_noise_within_a_few
     for epoch in range(2):
         for i in range(len(ds)):
             (a, label_a, noise_a), (b, label_b, noise_b) = exact[(epoch, i)], draft[(epoch, i)]
-            assert torch.equal(noise_a, noise_b) and label_a == label_b  # the same draws, in the same order
+            assert (
+                torch.equal(noise_a, noise_b) and label_a == label_b
+            )  # the same draws, in the same order
             diff = ((a - b).abs() * std * 255).flatten()
             drafted += bool(diff.max() > 0)  # a crop decoded whole is the exact one, bit for bit
             diffs.append(diff)
     d = torch.cat(diffs)
     assert drafted >= len(diffs) // 2  # 160x120 to 32: most crops decode at 1/2 or less
     print(f"drafted {drafted}/{len(diffs)}, mean {d.mean():.2f}, max {d.max():.1f} levels")
-    assert d.mean() < 1.0 and d.max() < 6, (d.mean(), d.max())  # a wrong box or flip: tens of levels
+    assert d.mean() < 1.0 and d.max() < 6, (
+        d.mean(),
+        d.max(),
+    )  # a wrong box or flip: tens of levels
 
 
 def test_a_draft_decoding_run_trains_and_draws_its_reconstruction_grid(tmp_path):
@@ -204,8 +260,12 @@ def test_a_draft_decoding_run_trains_and_draws_its_reconstruction_grid(tmp_path)
 def test_draft_decoding_replaces_a_truncated_jpeg_and_logs_it(tmp_path):
     root = gradient_jpegs(tmp_path / "jpegs", count=4)
     whole = (root / "c0" / "0.jpg").read_bytes()
-    (root / "c0" / "0.jpg").write_bytes(whole[: len(whole) // 3])  # its header reads, its data does not
-    cfg = load_config(None, [f"data.dataset={root}", "data.image_size=32", "data.decoder=pillow_draft"]).data
+    (root / "c0" / "0.jpg").write_bytes(
+        whole[: len(whole) // 3]
+    )  # its header reads, its data does not
+    cfg = load_config(
+        None, [f"data.dataset={root}", "data.image_size=32", "data.decoder=pillow_draft"]
+    ).data
     ds = load_split(cfg)
     log = tmp_path / "bad.jsonl"
     data = ImageDataset(ds, cfg, augment_transform(cfg), bad_log=log)
@@ -217,14 +277,21 @@ def test_draft_decoding_replaces_a_truncated_jpeg_and_logs_it(tmp_path):
         ImageDataset(ds, cfg, augment_transform(cfg))[first]
 
 
-def test_workers_hand_over_uint8_that_the_batch_normalisation_turns_into_the_whole_transforms_values(tmp_path):
+def test_workers_hand_over_uint8_that_the_batch_normalisation_turns_into_the_whole_transforms_values(
+    tmp_path,
+):
     root = gradient_jpegs(tmp_path / "jpegs", count=8)
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     ds = load_split(cfg)
     head, normalise = split_normalisation(augment_transform(cfg))
-    whole = default_collate([ImageDataset(ds, cfg, augment_transform(cfg), 1, 4)[(2, i)] for i in range(8)])
+    whole = default_collate(
+        [ImageDataset(ds, cfg, augment_transform(cfg), 1, 4)[(2, i)] for i in range(8)]
+    )
     part = default_collate([ImageDataset(ds, cfg, head, 1, 4)[(2, i)] for i in range(8)])
     assert part[0].dtype == torch.uint8 and whole[0].dtype == torch.float32
     assert torch.equal(normalise(part[0]), whole[0]) and torch.equal(part[2], whole[2])
     assert split_normalisation(eval_transform(cfg))[1] is not None
-    assert split_normalisation(v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))[1] is None
+    assert (
+        split_normalisation(v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))[1]
+        is None
+    )

@@ -37,7 +37,9 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
     # 2 images x (masked | reconstruction | original), 16-px tiles enlarged 6x to 96 px, 2-px padding
     assert grid.shape == (2 + 2 * (96 + 2), 2 + 3 * (96 + 2), 3)
     tile = grid[2 : 2 + 96, 2 * 98 + 2 : 2 * 98 + 2 + 96]  # the first original
-    assert (tile == np.repeat(np.repeat(tile[::6, ::6], 6, axis=0), 6, axis=1)).all()  # nearest neighbour
+    assert (
+        tile == np.repeat(np.repeat(tile[::6, ::6], 6, axis=0), 6, axis=1)
+    ).all()  # nearest neighbour
     derived = json.loads((d / "derived.json").read_text())
     single = {"type": "single", "backend": None, "world_size": 1, "machines": 1, "device": "cpu"}
     assert derived["distributed"] == single
@@ -69,7 +71,10 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
 
 
 def _steps_and_losses(run_dir):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 @pytest.mark.parametrize(
@@ -85,18 +90,41 @@ def _steps_and_losses(run_dir):
             "folder",
             8,
             11,
-            ["data.on_device=true", "data.image_size=20", "train.accum_steps=2", "train.online_probe=true"],
+            [
+                "data.on_device=true",
+                "data.image_size=20",
+                "train.accum_steps=2",
+                "train.online_probe=true",
+            ],
         ),
         # CrossMAE's decoder: the predicted subset comes from the same per-sample noise as the mask
-        ("sample", 6, 9, ["model.decoder=cross", "model.reconstruct_ratio=0.25", "model.decoder_features=weighted"]),
+        (
+            "sample",
+            6,
+            9,
+            [
+                "model.decoder=cross",
+                "model.reconstruct_ratio=0.25",
+                "model.decoder_features=weighted",
+            ],
+        ),
     ],
 )
 def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_at, extra):
     """A 20-step run killed after a checkpoint and relaunched ends with the same weights, optimizer
     state and logged losses as a 20-step run that was never interrupted."""
     if where == "folder":
-        extra = [*extra, f"data.dataset={write_image_folder(tmp_path / 'imgs', classes=3, per_class=16)}"]
-    common = ["train.max_steps=20", f"train.checkpoint_every={save_at}", "train.blr=1e-2", "train.log_every=1", *extra]
+        extra = [
+            *extra,
+            f"data.dataset={write_image_folder(tmp_path / 'imgs', classes=3, per_class=16)}",
+        ]
+    common = [
+        "train.max_steps=20",
+        f"train.checkpoint_every={save_at}",
+        "train.blr=1e-2",
+        "train.log_every=1",
+        *extra,
+    ]
     straight = run(tmp_path, "straight", *common)
 
     real_save = checkpoint.save_checkpoint
@@ -106,7 +134,9 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
         path = real_save(accelerator, output_dir, step, loop_state, keep, **kwargs)
         calls.append(step)
         if step == save_at:  # die a few steps after the checkpoint; those steps are lost
-            monkeypatch.setattr(pretrain, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+            monkeypatch.setattr(
+                pretrain, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash())
+            )
         return path
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
@@ -144,7 +174,8 @@ def test_resume_refuses_another_data_layout(tmp_path):
     run(tmp_path, "r", "train.max_steps=2", f"data.dataset={folder}")
     write_image_folder(tmp_path / "imgs", classes=3, per_class=16)  # the folder grew
     with pytest.raises(
-        ConfigError, match=r"another data/process layout \(dataset_size: 32 -> 48; steps_per_epoch: 4 -> 6\)"
+        ConfigError,
+        match=r"another data/process layout \(dataset_size: 32 -> 48; steps_per_epoch: 4 -> 6\)",
     ):
         run(tmp_path, "r", "train.max_steps=4", f"data.dataset={folder}")
 
@@ -158,7 +189,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
         def step_then_poison(*a, **k):
             out = step(*a, **k)
-            if next(count) == 3:  # the 4th update overflows; the loss of step 4 (before it) was finite
+            if (
+                next(count) == 3
+            ):  # the 4th update overflows; the loss of step 4 (before it) was finite
                 model.decoder_pred.bias.data.fill_(float("inf"))
             return out
 
@@ -167,7 +200,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrain, "build_optimizer", poisoned)
     with pytest.raises(
-        runner.NonFiniteLossError, match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2"
+        runner.NonFiniteLossError,
+        match=r"weights became non-finite \(decoder_pred.bias\) by step 4.*step_2",
     ):
         run(tmp_path, "r", "train.max_steps=6", "train.checkpoint_every=2")
     assert latest_checkpoint(tmp_path / "r").name == "step_2"
@@ -176,7 +210,10 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_different_config(tmp_path):
     run(tmp_path, "r", "train.max_steps=2")
-    with pytest.raises(ConfigError, match=r"different config \(model.mask_ratio: 0.75 -> 0.5; model.reconstruct_ratio"):
+    with pytest.raises(
+        ConfigError,
+        match=r"different config \(model.mask_ratio: 0.75 -> 0.5; model.reconstruct_ratio",
+    ):
         run(tmp_path, "r", "train.max_steps=4", "model.mask_ratio=0.5")
 
 
@@ -185,7 +222,9 @@ def test_checkpoints_without_the_runs_config_are_refused_not_resumed(tmp_path):
     run(tmp_path, "r", "train.max_steps=2", "train.checkpoint_every=2")
     (tmp_path / "r/config.yaml").unlink()
     saved = (tmp_path / "r/checkpoints/step_2/model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"holds checkpoints but not the run's config.yaml.*another output_dir"):
+    with pytest.raises(
+        ConfigError, match=r"holds checkpoints but not the run's config.yaml.*another output_dir"
+    ):
         run(tmp_path, "r", "train.max_steps=4")
     assert (tmp_path / "r/checkpoints/step_2/model.safetensors").read_bytes() == saved
 
@@ -205,7 +244,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
     real_mse = mae_model.masked_mse
     calls = iter(range(10**6))
-    monkeypatch.setattr(mae_model, "masked_mse", lambda *a: real_mse(*a) * (float("nan") if next(calls) >= 2 else 1))
+    monkeypatch.setattr(
+        mae_model, "masked_mse", lambda *a: real_mse(*a) * (float("nan") if next(calls) >= 2 else 1)
+    )
     with pytest.raises(runner.NonFiniteLossError, match=r"loss became nan by step 15.*step_10"):
         run(tmp_path, "r", *common)  # resumes at 10; the loss turns NaN at step 13
     assert latest_checkpoint(tmp_path / "r").name == "step_10"
@@ -218,17 +259,23 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, monkeypatch):
 
     def build_and_watch(cfg):
         model = real_build(cfg)
-        model.encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        model.encoder.blocks[0].attn.qkv.register_forward_hook(
+            lambda m, i, o: dtypes.append(o.dtype)
+        )
         return model
 
     monkeypatch.setattr(pretrain, "build_model", build_and_watch)
     result = run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=bf16")
     assert dtypes and set(dtypes) == {torch.bfloat16}
-    assert result.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # master weights stay fp32
+    assert (
+        result.model.encoder.blocks[0].attn.qkv.weight.dtype == torch.float32
+    )  # master weights stay fp32
 
 
 def test_fp16_on_cpu_is_refused_not_silently_fp32(tmp_path):
-    with pytest.raises(ConfigError, match="fp16 needs a GPU; on CPU use train.mixed_precision=bf16"):
+    with pytest.raises(
+        ConfigError, match="fp16 needs a GPU; on CPU use train.mixed_precision=bf16"
+    ):
         run(tmp_path, "r", "train.max_steps=2", "train.mixed_precision=fp16")
     assert not (tmp_path / "r").exists()
 
@@ -236,7 +283,9 @@ def test_fp16_on_cpu_is_refused_not_silently_fp32(tmp_path):
 def test_cpu_threads_default_to_all_cores_despite_launcher_pin(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     try:
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports on a CPU-only machine
+        monkeypatch.setenv(
+            "OMP_NUM_THREADS", "1"
+        )  # what `accelerate launch` exports on a CPU-only machine
         torch.set_num_threads(1)
         run(tmp_path, "a", "train.max_steps=1")
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))
@@ -253,7 +302,12 @@ def test_gradient_clipping_is_applied(tmp_path):
 
     def moved(*extra):
         result = run(
-            tmp_path, "_".join(extra) or "plain", "train.max_steps=3", "train.blr=1.0", "train.weight_decay=0", *extra
+            tmp_path,
+            "_".join(extra) or "plain",
+            "train.max_steps=3",
+            "train.blr=1.0",
+            "train.weight_decay=0",
+            *extra,
         )
         return (result.model.decoder_pred.weight.detach() - init).abs().max().item()
 
@@ -262,15 +316,25 @@ def test_gradient_clipping_is_applied(tmp_path):
 
 def test_online_probe_learns_and_never_touches_the_autoencoder(tmp_path):
     folder = colour_folder(tmp_path / "colours", per_class=16)
-    common = [f"data.dataset={folder}", "train.max_steps=30", "train.blr=1e-2", "train.log_every=10"]
+    common = [
+        f"data.dataset={folder}",
+        "train.max_steps=30",
+        "train.blr=1e-2",
+        "train.log_every=10",
+    ]
     plain = run(tmp_path, "plain", *common)
     probed = run(tmp_path, "probed", *common, "train.online_probe=true")
     a = load_file(str(plain.run_dir / "checkpoints/step_30/model.safetensors"))
     b = load_file(str(probed.run_dir / "checkpoints/step_30/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical pretraining with the probe on
     lines = [json.loads(x) for x in (probed.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["terms/probe_acc"] > 0.6 and lines[-1]["terms/probe_loss"] < lines[0]["terms/probe_loss"]
-    assert "terms/probe_acc" not in json.loads((plain.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (
+        lines[-1]["terms/probe_acc"] > 0.6
+        and lines[-1]["terms/probe_loss"] < lines[0]["terms/probe_loss"]
+    )
+    assert "terms/probe_acc" not in json.loads(
+        (plain.run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    )
 
 
 def test_online_probe_needs_labels(tmp_path):
@@ -279,13 +343,19 @@ def test_online_probe_needs_labels(tmp_path):
 
     (tmp_path / "d").mkdir()
     rows = {"image": [np.zeros((16, 16, 3), np.uint8)] * 16}
-    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).to_parquet(
-        tmp_path / "d/train-00000-of-00001.parquet"
-    )
+    datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"image": datasets.Image()})
+    ).to_parquet(tmp_path / "d/train-00000-of-00001.parquet")
     from mae.data.loading import DataError
 
     with pytest.raises(DataError, match="train.online_probe=true needs a ClassLabel column"):
-        run(tmp_path, "r", f"data.dataset={tmp_path / 'd'}", "train.max_steps=2", "train.online_probe=true")
+        run(
+            tmp_path,
+            "r",
+            f"data.dataset={tmp_path / 'd'}",
+            "train.max_steps=2",
+            "train.online_probe=true",
+        )
 
 
 def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
@@ -298,8 +368,12 @@ def test_online_probe_ignores_unlabelled_rows_and_refuses_fp16():
     loss, acc = probe(feats, torch.full((4,), -1))
     assert loss.item() == 0.0 and loss.requires_grad
     cfg = load_config(None, [*TINY, "train.online_probe=true", "train.mixed_precision=fp16"])
-    with pytest.raises(ConfigError, match="online_probe=true does not work with train.mixed_precision=fp16"):
-        pretrain.Pretraining._online_probe(SimpleNamespace(cfg=cfg), None)  # refused before the data is read
+    with pytest.raises(
+        ConfigError, match="online_probe=true does not work with train.mixed_precision=fp16"
+    ):
+        pretrain.Pretraining._online_probe(
+            SimpleNamespace(cfg=cfg), None
+        )  # refused before the data is read
 
 
 def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monkeypatch):
@@ -311,16 +385,26 @@ def test_compiled_run_matches_eager_and_resumes_without_compiling(tmp_path, monk
         return real_compile(model, *args, **kwargs)
 
     monkeypatch.setattr(pretrain.torch, "compile", spy)
-    common = ("train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.mixed_precision=no")
+    common = (
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.mixed_precision=no",
+    )
     eager = run(tmp_path, "eager", *common)
     assert not compiled_calls
     compiled = run(tmp_path, "compiled", *common, "train.compile=true")
     assert len(compiled_calls) == 1
-    (steps, a), (steps_c, b) = (zip(*_steps_and_losses(r.run_dir), strict=True) for r in (eager, compiled))
+    (steps, a), (steps_c, b) = (
+        zip(*_steps_and_losses(r.run_dir), strict=True) for r in (eager, compiled)
+    )
     assert steps == steps_c == (1, 2, 3, 4)
     assert b == pytest.approx(a, rel=1e-4)  # the same function, only fused differently
     # checkpoints hold the plain parameter names, so either setting resumes the other's run
-    names = [set(load_file(r.run_dir / "checkpoints/step_4/model.safetensors")) for r in (eager, compiled)]
+    names = [
+        set(load_file(r.run_dir / "checkpoints/step_4/model.safetensors"))
+        for r in (eager, compiled)
+    ]
     assert names[0] == names[1] and not any("_orig_mod" in k for k in names[1])
     resumed = run(tmp_path, "compiled", *common[1:], "train.max_steps=6")
     assert resumed.steps == 6 and len(compiled_calls) == 1
@@ -331,9 +415,15 @@ def test_log_with_passes_accelerates_trackers_through(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     result = run(tmp_path, "r", "train.max_steps=10", "train.log_with=[tensorboard,wandb]")
-    runs = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B's own record of the run
-    assert len(runs) == 1 and runs[0].read_bytes().count(b"images_per_s") >= 2  # both metric lines (steps 5, 10)
+    runs = list(
+        (result.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    )  # W&B's own record of the run
+    assert (
+        len(runs) == 1 and runs[0].read_bytes().count(b"images_per_s") >= 2
+    )  # both metric lines (steps 5, 10)
     assert list((result.run_dir / "tb").rglob("events.out.tfevents*"))
-    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None)  # as without the package
+    monkeypatch.setattr(
+        runner.importlib.util, "find_spec", lambda name: None
+    )  # as without the package
     with pytest.raises(ConfigError, match="wandb is not installed; pip install wandb"):
         run(tmp_path, "s", "train.max_steps=1", "train.log_with=[wandb]")

@@ -38,7 +38,12 @@ def run_dir(tmp_path_factory):
 def eval_cfg(tmp_path, *overrides):
     return load_eval_config(
         None,
-        [f"output_dir={tmp_path / 'eval'}", f"probe.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", *overrides],
+        [
+            f"output_dir={tmp_path / 'eval'}",
+            f"probe.cache_dir={tmp_path / 'cache'}",
+            "data.num_workers=0",
+            *overrides,
+        ],
     )
 
 
@@ -47,14 +52,21 @@ def test_knn_on_one_hot_features_is_perfect():
     bank = {"features": torch.nn.functional.one_hot(labels, 5).float(), "labels": labels}
     queries = torch.tensor([3, 0, 4, 1, 2, 2])
     query = {"features": torch.nn.functional.one_hot(queries, 5).float() * 2.5, "labels": queries}
-    scores = knn_scores(bank, query, 5, k=10, temperature=0.07)  # k > images per class: other classes vote too
+    scores = knn_scores(
+        bank, query, 5, k=10, temperature=0.07
+    )  # k > images per class: other classes vote too
     assert accuracy(scores, queries, list("abcde"))["top1"] == 1.0
-    tiny_t = knn_scores(bank, query, 5, k=10, temperature=1e-4)  # no overflow to inf at a tiny temperature
+    tiny_t = knn_scores(
+        bank, query, 5, k=10, temperature=1e-4
+    )  # no overflow to inf at a tiny temperature
     assert torch.isfinite(tiny_t).all() and tiny_t.argmax(1).tolist() == queries.tolist()
 
 
 def test_knn_votes_are_temperature_weighted():
-    bank = {"features": torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]]), "labels": torch.tensor([0, 1, 1])}
+    bank = {
+        "features": torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]]),
+        "labels": torch.tensor([0, 1, 1]),
+    }
     query = {"features": torch.tensor([[1.0, 0.0]]), "labels": torch.tensor([0])}
     # one very close neighbour of class 0 beats two far ones of class 1 at a low temperature ...
     assert knn_scores(bank, query, 2, k=3, temperature=0.05).argmax().item() == 0
@@ -71,12 +83,16 @@ def test_centred_and_standardised_knn_tell_apart_what_plain_cosine_cannot_see():
 
     def features(n):
         labels = torch.arange(2).repeat(n // 2)
-        x = torch.tensor([0.8, 1.2])[labels, None] * pattern + 0.02 * torch.randn(n, 64, generator=g)
+        x = torch.tensor([0.8, 1.2])[labels, None] * pattern + 0.02 * torch.randn(
+            n, 64, generator=g
+        )
         return {"features": x, "labels": labels}
 
     bank, query = features(400), features(200)
     names = ["a", "b"]
-    plain = accuracy(knn_scores(bank, query, 2, k=20, temperature=0.07), query["labels"], names)["top1"]
+    plain = accuracy(knn_scores(bank, query, 2, k=20, temperature=0.07), query["labels"], names)[
+        "top1"
+    ]
     for features in ("centred", "standardised"):
         scores = knn_scores(bank, query, 2, k=20, temperature=0.07, features=features)
         assert accuracy(scores, query["labels"], names)["top1"] > 0.99, features
@@ -86,7 +102,9 @@ def test_centred_and_standardised_knn_tell_apart_what_plain_cosine_cannot_see():
     for d in (bank, query):
         d["features"] = d["features"] - mean
     again = knn_scores(bank, query, 2, k=20, temperature=0.07)
-    assert torch.allclose(again, knn_scores(bank, query, 2, k=20, temperature=0.07, features="centred"), atol=1e-4)
+    assert torch.allclose(
+        again, knn_scores(bank, query, 2, k=20, temperature=0.07, features="centred"), atol=1e-4
+    )
 
 
 def test_linear_probe_separates_gaussian_clusters():
@@ -94,8 +112,13 @@ def test_linear_probe_separates_gaussian_clusters():
     centres = torch.randn(4, 16, generator=g) * 3
     labels = torch.arange(4).repeat_interleave(50)
     feats = centres[labels] + torch.randn(200, 16, generator=g)
-    train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
-    logits = linear_probe(train, test, 4, ProbeConfig(batch_size=32, epochs=100, warmup_epochs=5, blr=100.0), seed=0)
+    train, test = (
+        {"features": feats[::2], "labels": labels[::2]},
+        {"features": feats[1::2], "labels": labels[1::2]},
+    )
+    logits = linear_probe(
+        train, test, 4, ProbeConfig(batch_size=32, epochs=100, warmup_epochs=5, blr=100.0), seed=0
+    )
     assert accuracy(logits, test["labels"], list("abcd"))["top1"] > 0.95
 
 
@@ -106,12 +129,15 @@ def test_bn_head_ignores_feature_scale_and_the_plain_head_does_not():
     labels = torch.arange(2).repeat_interleave(200)
     feats = torch.randn(400, 16, generator=g)
     feats[:, 0] = (labels * 2.0 - 1.0 + 0.3 * torch.randn(400, generator=g)) * 1e-3
-    train, test = {"features": feats[::2], "labels": labels[::2]}, {"features": feats[1::2], "labels": labels[1::2]}
+    train, test = (
+        {"features": feats[::2], "labels": labels[::2]},
+        {"features": feats[1::2], "labels": labels[1::2]},
+    )
     p = ProbeConfig(batch_size=32, epochs=60, warmup_epochs=5, blr=100.0)
     bn = accuracy(linear_probe(train, test, 2, p, seed=0), test["labels"], ["a", "b"])["top1"]
-    plain = accuracy(linear_probe(train, test, 2, replace(p, head="linear"), seed=0), test["labels"], ["a", "b"])[
-        "top1"
-    ]
+    plain = accuracy(
+        linear_probe(train, test, 2, replace(p, head="linear"), seed=0), test["labels"], ["a", "b"]
+    )["top1"]
     assert bn > 0.95
     assert plain < 0.75
 
@@ -137,7 +163,9 @@ def test_stratified_holdout_is_seeded_and_keeps_proportions():
     assert stratified_holdout(labels, 0.1, seed=3) == (fit, held)
     assert stratified_holdout(labels, 0.1, seed=4)[1] != held
     small = [0, 0, 1, 1, 1, 2]
-    fit, held = stratified_holdout(small, 0.75, seed=0)  # a big fraction still leaves every class a fit image
+    fit, held = stratified_holdout(
+        small, 0.75, seed=0
+    )  # a big fraction still leaves every class a fit image
     assert {small[i] for i in fit} == {0, 1, 2} and {small[i] for i in held} == {0, 1}
 
 
@@ -150,7 +178,9 @@ def test_cache_is_exact_and_never_stale(tmp_path, run_dir):
     again, hit2 = cached_features(enc, ds, "test", cfg, "cls")
     assert (hit1, hit2) == (False, True)
     fresh = extract(enc, image_dataset(ds, cfg, enc), "cls", 16, 0)
-    assert torch.equal(again["features"], fresh["features"]) and torch.equal(again["labels"], fresh["labels"])
+    assert torch.equal(again["features"], fresh["features"]) and torch.equal(
+        again["labels"], fresh["labels"]
+    )
     assert cached_features(enc, ds, "test", cfg, "avg")[1] is False  # another pooling
     assert cached_features(enc, ds.select(range(30)), "test", cfg, "cls")[1] is False  # other rows
     enc.data_config = {**enc.data_config, "mean": (0.5, 0.5, 0.5)}  # another transform
@@ -188,12 +218,16 @@ def test_features_of_several_blocks_are_concatenated_last_block_last(run_dir, tm
     for pool, last in one.items():
         both = enc.features(x, pool)
         assert both.shape == (3, 2 * last.shape[1])
-        torch.testing.assert_close(both[:, last.shape[1] :], last)  # the last block: the encoder's own output
+        torch.testing.assert_close(
+            both[:, last.shape[1] :], last
+        )  # the last block: the encoder's own output
         assert not torch.allclose(both[:, : last.shape[1]], last)  # the block before it
     with pytest.raises(ConfigError, match="has 2 blocks; use at most 2"):
         enc.set_blocks(3)
     classic = tmp_path / "ae"
-    pretrain.train(load_config(None, [*TINY, "model.name=ae", f"output_dir={classic}", "train.max_steps=1"]))
+    pretrain.train(
+        load_config(None, [*TINY, "model.name=ae", f"output_dir={classic}", "train.max_steps=1"])
+    )
     with pytest.raises(ConfigError, match="probe.blocks=2 needs a transformer encoder"):
         load_encoder(str(classic)).set_blocks(2)
 
@@ -221,10 +255,16 @@ def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir, monk
     )
     encoder = load_encoder(cfg.encoder)
     weights = {k: v.clone() for k, v in encoder.module.state_dict().items()}
-    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)  # the very instance evaluated
+    monkeypatch.setattr(
+        "mae.probe.load_encoder", lambda source, seed, heads: encoder
+    )  # the very instance evaluated
     res = probe(cfg)
     assert res["top1"] > 0.9  # chance is 1/3
-    assert res["eval_split"] == "holdout of train" and res["eval_size"] == 15 and res["train_size"] == 45
+    assert (
+        res["eval_split"] == "holdout of train"
+        and res["eval_size"] == 15
+        and res["train_size"] == 45
+    )
     assert set(res["per_class"]) == {"c0", "c1", "c2"} and res["top5_k"] == 3
     assert res["probe_batch"] == 16 and res["probe_lr"] == 100 * 16 / 256
     saved = json.loads((tmp_path / "eval/results.json").read_text())
@@ -251,13 +291,23 @@ def test_cache_follows_the_label_column(tmp_path, run_dir):
     )
     ds = datasets.Dataset.from_dict(rows, features=features)
     enc = load_encoder(str(run_dir))
-    fine, _ = cached_features(enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=fine"), "cls")
-    coarse, hit = cached_features(enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=coarse"), "cls")
-    assert not hit and coarse["labels"].tolist() == [1, 1, 0, 0, 1, 0] and fine["labels"].tolist() == [0, 1, 2] * 2
+    fine, _ = cached_features(
+        enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=fine"), "cls"
+    )
+    coarse, hit = cached_features(
+        enc, ds, "train", eval_cfg(tmp_path, "encoder=x", "data.label_column=coarse"), "cls"
+    )
+    assert (
+        not hit
+        and coarse["labels"].tolist() == [1, 1, 0, 0, 1, 0]
+        and fine["labels"].tolist() == [0, 1, 2] * 2
+    )
 
 
 def test_cnn_encoders_work_too(tmp_path):
-    enc = load_encoder("timm:resnet10t")  # BatchNorm buffers (0-d tensors) in the digest, timm's own pooling
+    enc = load_encoder(
+        "timm:resnet10t"
+    )  # BatchNorm buffers (0-d tensors) in the digest, timm's own pooling
     assert len(enc.sha256) == 64 and enc.default_pool == "avg"
     assert enc.features(torch.randn(2, 3, 32, 32), "avg").shape == (2, 512)
 
@@ -266,18 +316,33 @@ def test_unlabelled_evaluation_split_is_refused(tmp_path, run_dir):
     from mae.data.loading import DataError
 
     rows = {"image": [np.zeros((8, 8, 3), np.uint8)] * 4, "label": [0, 1, 0, 1]}
-    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    feats = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+    )
     (tmp_path / "d").mkdir()
-    datasets.Dataset.from_dict(rows, features=feats).to_parquet(tmp_path / "d/train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict(rows, features=feats).to_parquet(
+        tmp_path / "d/train-00000-of-00001.parquet"
+    )
     datasets.Dataset.from_dict({**rows, "label": [-1] * 4}, features=feats).to_parquet(
         tmp_path / "d/test-00000-of-00001.parquet"
     )
     with pytest.raises(DataError, match="evaluation split has 4 images without a valid label"):
-        probe(eval_cfg(tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "data.eval_split=test"))
+        probe(
+            eval_cfg(
+                tmp_path,
+                f"encoder={run_dir}",
+                f"data.dataset={tmp_path / 'd'}",
+                "data.eval_split=test",
+            )
+        )
     # by default an unlabelled test split is passed over for a holdout
     res = probe(
         eval_cfg(
-            tmp_path, f"encoder={run_dir}", f"data.dataset={tmp_path / 'd'}", "mode=knn", "data.holdout_fraction=0.5"
+            tmp_path,
+            f"encoder={run_dir}",
+            f"data.dataset={tmp_path / 'd'}",
+            "mode=knn",
+            "data.holdout_fraction=0.5",
         )
     )
     assert res["eval_split"] == "holdout of train" and res["eval_size"] == 2
@@ -297,14 +362,21 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith(("top1", "top5")))
+    lines = dict(
+        line.split(": ", 1)
+        for line in proc.stdout.splitlines()
+        if line.startswith(("top1", "top5"))
+    )
     res = json.loads((out / "results.json").read_text())
     assert float(lines["top1"]) == pytest.approx(res["top1"], abs=1e-4)
     assert res["eval_split"] == "test" and res["train_size"] == 3000 and res["eval_size"] == 1000
     assert res["top1"] > 0.15  # 10 classes; even 3 steps of pretraining keep colour statistics
 
     # the report gathers it into a table
-    assert evaluate.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert (
+        evaluate.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "report")])
+        == 0
+    )
     rows = json.loads((tmp_path / "report/report.json").read_text())["results"]
     assert len(rows) == 1 and rows[0]["encoder"] == str(run_dir) and rows[0]["top1"] == res["top1"]
     assert rows[0]["top5"] == res["top5"] and rows[0]["details"] == "k 20, T 0.07"
@@ -312,7 +384,12 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
     assert f"| {run_dir} | knn | {100 * res['top1']:.2f}% |" in table[-1]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/results.json").write_text("{}")
-    assert evaluate.main(["report", "--results", str(tmp_path / "bad"), "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        evaluate.main(
+            ["report", "--results", str(tmp_path / "bad"), "--out", str(tmp_path / "bad")]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -321,9 +398,15 @@ def test_command_line_knn_on_sample(tmp_path, run_dir):
         ([], "encoder=None is invalid"),
         (["encoder=/no/such/dir"], "is not an export directory"),
         (["encoder=timm:not_a_model"], "timm has no model 'not_a_model'"),
-        (["encoder=x", "mode=lin"], "mode='lin' is invalid; choose one of ['linear', 'knn', 'finetune']"),
+        (
+            ["encoder=x", "mode=lin"],
+            "mode='lin' is invalid; choose one of ['linear', 'knn', 'finetune']",
+        ),
         (["encoder=x", "probe.warmup_epochs=90"], "probe.warmup_epochs=90 is invalid"),
-        (["encoder=x", "data.eval_split=train"], "data.eval_split='train' is invalid; it must be another split"),
+        (
+            ["encoder=x", "data.eval_split=train"],
+            "data.eval_split='train' is invalid; it must be another split",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
@@ -343,16 +426,28 @@ def test_pixel_baseline_is_the_normalised_image():
 def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monkeypatch):
     """probe.cached=false: no training features are cached; every epoch the crops pass the encoder."""
     folder = colour_folder(tmp_path / "colours")
-    cfg = eval_cfg(tmp_path, f"encoder=random:{run_dir}", f"data.dataset={folder}", "probe.cached=false",
-                   "probe.batch_size=16", "probe.epochs=60", "probe.blr=100", "probe.warmup_epochs=2",
-                   "data.holdout_fraction=0.25")  # fmt: skip
+    cfg = eval_cfg(
+        tmp_path,
+        f"encoder=random:{run_dir}",
+        f"data.dataset={folder}",
+        "probe.cached=false",
+        "probe.batch_size=16",
+        "probe.epochs=60",
+        "probe.blr=100",
+        "probe.warmup_epochs=2",
+        "data.holdout_fraction=0.25",
+    )
     encoder = load_encoder(cfg.encoder)
     calls = []
     real = encoder.features
     monkeypatch.setattr(encoder, "features", lambda x, pool: calls.append(len(x)) or real(x, pool))
     monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)
     res = probe(cfg)
-    assert res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
+    assert (
+        res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
+    )
     # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15 held out
     assert sum(calls) == 60 * 2 * 16 + 15
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # only the evaluation features
+    assert (
+        len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    )  # only the evaluation features

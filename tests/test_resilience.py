@@ -44,7 +44,9 @@ def final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``: 'unchanged byte for byte'."""
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
     }
 
 
@@ -52,8 +54,15 @@ def launch(out: Path, *args: str, **env: str) -> subprocess.Popen:
     """``pretrain.py`` in its own process (group), through ``crash_worker.py``."""
     environ = {**env_without_accelerate(), "OMP_NUM_THREADS": "2", **env}
     cmd = [sys.executable, WORKER, *EXACT, f"output_dir={out}", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -62,7 +71,9 @@ def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("decoder", [[], ["model.decoder=cross", "model.reconstruct_ratio=0.25"]], ids=["mae", "cross"])
+@pytest.mark.parametrize(
+    "decoder", [[], ["model.decoder=cross", "model.reconstruct_ratio=0.25"]], ids=["mae", "cross"]
+)
 def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path, decoder):
     """2 processes x batch 4 (gloo) against 1 process x batch 8: the same samples per step, the same
     crops and masks (and CrossMAE's predicted patches) per sample, drawn from each sample's own seed,
@@ -71,8 +82,14 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
     one = run(tmp_path / "one", *args[len(EXACT) :], "train.batch_size=8")
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch(str(ROOT / "pretrain.py"), *args, "train.batch_size=4", f"output_dir={tmp_path / 'two'}",
-                            processes=2, multi=True)  # fmt: skip
+    cmd = accelerate_launch(
+        str(ROOT / "pretrain.py"),
+        *args,
+        "train.batch_size=4",
+        f"output_dir={tmp_path / 'two'}",
+        processes=2,
+        multi=True,
+    )
     two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two/derived.json").read_text())["num_processes"] == 2
@@ -87,10 +104,15 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
             dim = x.shape[0] // (2 if cross else 3)
             start = 0 if cross else dim
             assert (x[start : start + dim] - y[start : start + dim]).abs().max() <= 4 * lr, k
-            x, y = torch.cat([x[:start], x[start + dim :]]), torch.cat([y[:start], y[start + dim :]])
+            x, y = (
+                torch.cat([x[:start], x[start + dim :]]),
+                torch.cat([y[:start], y[start + dim :]]),
+            )
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
-    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in
-              (tmp_path / "one", tmp_path / "two")]  # fmt: skip
+    losses = [
+        [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "one", tmp_path / "two")
+    ]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     assert len(losses[0]) == 4 and losses[0][0] != losses[0][-1]  # four steps that did train
 
@@ -100,30 +122,49 @@ def test_two_processes_stream_disjoint_parts_and_resume_from_their_own_positions
     position; a relaunch for more steps resumes both and finishes."""
     data = parquet_stream(tmp_path / "data", shards=4, per_shard=16)
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    common = [*EXACT, "data.streaming=true", f"data.dataset={data}", "data.label_column=label", "data.stream_size=64",
-              "data.num_workers=2", "train.batch_size=4", "train.checkpoint_every=3",
-              f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    common = [
+        *EXACT,
+        "data.streaming=true",
+        f"data.dataset={data}",
+        "data.label_column=label",
+        "data.stream_size=64",
+        "data.num_workers=2",
+        "train.batch_size=4",
+        "train.checkpoint_every=3",
+        f"output_dir={tmp_path / 'run'}",
+    ]
 
     def launch_two(steps):
-        cmd = accelerate_launch(str(ROOT / "pretrain.py"), *common, f"train.max_steps={steps}", processes=2, multi=True)
+        cmd = accelerate_launch(
+            str(ROOT / "pretrain.py"), *common, f"train.max_steps={steps}", processes=2, multi=True
+        )
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     first = launch_two(3)
     assert first.returncode == 0, first.stderr[-3000:]
-    states = [json.loads((tmp_path / f"run/checkpoints/step_3/process_{r}.json").read_text()) for r in (0, 1)]
+    states = [
+        json.loads((tmp_path / f"run/checkpoints/step_3/process_{r}.json").read_text())
+        for r in (0, 1)
+    ]
     assert all(s["batches"] == 3 and s["num_processes"] == 2 for s in states)
     again = launch_two(6)
     assert again.returncode == 0 and "at step 3" in again.stdout, again.stderr[-3000:]
     assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run/checkpoints/step_6"
-    assert [json.loads((tmp_path / f"run/checkpoints/step_6/process_{r}.json").read_text())["batches"]
-            for r in (0, 1)] == [6, 6]  # fmt: skip
+    assert [
+        json.loads((tmp_path / f"run/checkpoints/step_6/process_{r}.json").read_text())["batches"]
+        for r in (0, 1)
+    ] == [6, 6]
 
 
 def test_processes_that_do_not_form_a_group_are_refused(tmp_path, monkeypatch):
     """A launcher that starts 2 processes which never join one group would train the same run twice."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(pretrain.ConfigError, match="2 processes were launched but they do not form one group"):
-        pretrain.train(load_config(None, [*EXACT, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]))
+    with pytest.raises(
+        pretrain.ConfigError, match="2 processes were launched but they do not form one group"
+    ):
+        pretrain.train(
+            load_config(None, [*EXACT, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"])
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -148,13 +189,18 @@ def test_sigterm_writes_a_checkpoint_and_the_relaunch_ends_identically(tmp_path,
     proc = launch(out, *args, STEP_SLEEP="0.3")
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+    while time.time() < deadline and not (
+        metrics.is_file() and len(metrics.read_text().splitlines()) >= 4
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as schedulers do: the loader worker too
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
-    assert line.startswith("error: stopped by SIGTERM after step ") and "launch the same command again" in line
+    assert (
+        line.startswith("error: stopped by SIGTERM after step ")
+        and "launch the same command again" in line
+    )
     step = int(line.split("after step ")[1].split()[0])
     assert 4 <= step < 12 and (out / f"checkpoints/step_{step}/loop_state.json").is_file()
     again = run(out, *args)
@@ -166,20 +212,48 @@ def test_sigterm_writes_a_checkpoint_and_the_relaunch_ends_identically(tmp_path,
 def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
     """2 gloo processes: the signal reaches them at different moments, the checkpoint is still one."""
     out = tmp_path / "run"
-    args = [*EXACT, f"output_dir={out}", "train.batch_size=4", "train.max_steps=30", "train.checkpoint_every=100"]
-    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "STEP_SLEEP": "0.3"}
+    args = [
+        *EXACT,
+        f"output_dir={out}",
+        "train.batch_size=4",
+        "train.max_steps=30",
+        "train.checkpoint_every=100",
+    ]
+    env = {
+        **env_without_accelerate(),
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "STEP_SLEEP": "0.3",
+    }
     cmd = accelerate_launch(WORKER, *args, processes=2, multi=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics, deadline = out / "metrics.jsonl", time.time() + 180
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
-    stops = sorted({line.split("after step ")[1].split()[0] for line in stderr.splitlines() if "stopped by" in line})
+    stops = sorted(
+        {
+            line.split("after step ")[1].split()[0]
+            for line in stderr.splitlines()
+            if "stopped by" in line
+        }
+    )
     assert proc.returncode != 0 and len(stops) == 1, stderr[-3000:]
     step = int(stops[0])
-    assert [p.name for p in checkpoint.complete_checkpoints(out)] == [f"step_{step}"] and 3 <= step < 30
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == [
+        f"step_{step}"
+    ] and 3 <= step < 30
     env.pop("STEP_SLEEP")
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-3000:]
@@ -195,7 +269,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
     rng = random.Random(7)
     kills = []
     for attempt in range(6):
-        if attempt == 0:  # exactly inside a checkpoint write, after its files and before the commit; first,
+        if (
+            attempt == 0
+        ):  # exactly inside a checkpoint write, after its files and before the commit; first,
             # so that a checkpoint is still to come however fast the machine runs the random attempts
             proc = launch(out, *args, STEP_SLEEP="0.2", SAVE_SLEEP="5", SAVE_MARK=str(mark))
             deadline = time.time() + 300
@@ -203,7 +279,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
                 time.sleep(0.02)
             if not mark.exists():
                 os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"no checkpoint write began (exit {proc.poll()}): {proc.communicate()[1][-2000:]}")
+                pytest.fail(
+                    f"no checkpoint write began (exit {proc.poll()}): {proc.communicate()[1][-2000:]}"
+                )
             kills.append(("in checkpoint write", mark.read_text()))
         else:
             proc = launch(out, *args, STEP_SLEEP="0.2")
@@ -214,7 +292,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
             break
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        for folder in checkpoint.complete_checkpoints(out):  # never a complete-looking broken checkpoint
+        for folder in checkpoint.complete_checkpoints(
+            out
+        ):  # never a complete-looking broken checkpoint
             load_file(str(folder / "model.safetensors"))
             json.loads((folder / checkpoint.LOOP_STATE).read_text())
     print("kills:", kills, "checkpoints:", [p.name for p in checkpoint.complete_checkpoints(out)])
@@ -225,10 +305,14 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
     assert_same(final_weights(out, 12), reference)
 
 
-def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
     """ENOSPC in the middle of the second checkpoint's write (a partial file already out)."""
     out = tmp_path / "run"
-    cfg = load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=6", "train.checkpoint_every=2"])
+    cfg = load_config(
+        None, [*EXACT, f"output_dir={out}", "train.max_steps=6", "train.checkpoint_every=2"]
+    )
     save, seen = checkpoint.Accelerator.save_state, {}
 
     def full_disk(self, path, *a, **k):
@@ -239,10 +323,14 @@ def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_last_checkp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.Accelerator, "save_state", full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint of step 4.*No space left"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"could not write the checkpoint of step 4.*No space left"
+    ):
         pretrain.train(cfg)
     assert digests(out / "checkpoints/step_2") == seen["step_2"]
-    assert not (out / "checkpoints/step_4").exists() and not list((out / "checkpoints").glob("tmp-*"))
+    assert not (out / "checkpoints/step_4").exists() and not list(
+        (out / "checkpoints").glob("tmp-*")
+    )
     assert checkpoint.latest_checkpoint(out) == out / "checkpoints/step_2"
 
 
@@ -254,12 +342,20 @@ class RunsCode:
 @pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin"])
 def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, victim):
     out = tmp_path / "run"
-    pretrain.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2"]))
+    pretrain.train(
+        load_config(
+            None, [*EXACT, f"output_dir={out}", "train.max_steps=2", "train.checkpoint_every=2"]
+        )
+    )
     reset_accelerate()
     torch.save({"state": RunsCode()}, out / "checkpoints/step_2" / victim)
-    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in .* verifies \\(step_2: {victim} has "):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=f"no checkpoint in .* verifies \\(step_2: {victim} has "
+    ):
         pretrain.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=4"]))
-    checkpoint.write_manifest(out / "checkpoints/step_2")  # a file planted with its manifest: still never run
+    checkpoint.write_manifest(
+        out / "checkpoints/step_2"
+    )  # a file planted with its manifest: still never run
     before = digests(out / "checkpoints")
     Path("/tmp/mae_resilience_pwned").unlink(missing_ok=True)
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read as plain data"):
@@ -277,7 +373,9 @@ def bad_folder(root: Path) -> Path:
     for c in range(2):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(12):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}/{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                root / f"c{c}/{i}.png"
+            )
     (root / "c0/empty.png").write_bytes(b"")
     jpeg = root / "c0/truncated.jpg"
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=90)
@@ -294,16 +392,31 @@ def bad_folder(root: Path) -> Path:
 def test_undecodable_images_are_skipped_counted_and_listed(tmp_path):
     data = bad_folder(tmp_path / "data")
     out = tmp_path / "run"
-    done = run(out, f"data.dataset={data}", "train.max_steps=8", "train.batch_size=4", "data.max_bad_images=3")
+    done = run(
+        out,
+        f"data.dataset={data}",
+        "train.max_steps=8",
+        "train.batch_size=4",
+        "data.max_bad_images=3",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    listed = {Path(json.loads(x)["source"]).name for x in (out / pretrain.BAD_IMAGES).read_text().splitlines()}
+    listed = {
+        Path(json.loads(x)["source"]).name
+        for x in (out / pretrain.BAD_IMAGES).read_text().splitlines()
+    }
     assert listed == {"empty.png", "truncated.jpg", "notes.jpg"}
 
 
-def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_that_error(tmp_path):
+def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_that_error(
+    tmp_path,
+):
     # the workers ignore SIGTERM (they are the main process's to stop), so multiprocessing's exit hook alone
     # would wait for them forever; at exit they are killed, and the run's own error is the last word
-    args = (f"data.dataset={write_image_folder(tmp_path / 'data')}", "train.max_steps=3", "data.num_workers=2")
+    args = (
+        f"data.dataset={write_image_folder(tmp_path / 'data')}",
+        "train.max_steps=3",
+        "data.num_workers=2",
+    )
     proc = launch(tmp_path / "run", *args, EXPORT_FAIL="export failed on purpose")
     try:
         _, stderr = proc.communicate(timeout=180)
@@ -312,19 +425,31 @@ def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_
         pytest.fail("the process did not end after its error")
     assert proc.returncode == 1
     assert stderr.strip().splitlines()[-1] == "RuntimeError: export failed on purpose"
-    assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()  # trained and checkpointed before the export
+    assert (
+        tmp_path / "run" / "checkpoints" / "step_3"
+    ).is_dir()  # trained and checkpointed before the export
 
 
 def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_path):
     data = bad_folder(tmp_path / "data")
     out = tmp_path / "run"
-    args = (f"data.dataset={data}", "train.batch_size=4", "data.max_bad_images=1", "train.log_every=6")
-    first = run(out, *args, "train.max_steps=2", "train.checkpoint_every=2")  # before any bad image is met
+    args = (
+        f"data.dataset={data}",
+        "train.batch_size=4",
+        "data.max_bad_images=1",
+        "train.log_every=6",
+    )
+    first = run(
+        out, *args, "train.max_steps=2", "train.checkpoint_every=2"
+    )  # before any bad image is met
     assert first.returncode == 0, first.stderr[-2000:]
     before = digests(out / "checkpoints/step_2")
     stopped = run(out, *args, "train.max_steps=12", "train.checkpoint_every=2")
     assert stopped.returncode == 1
-    assert stopped.stderr.strip().splitlines()[-1].startswith("error: ") and "data.max_bad_images=1" in stopped.stderr
+    assert (
+        stopped.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "data.max_bad_images=1" in stopped.stderr
+    )
     assert digests(out / "checkpoints/step_2") == before
 
 
@@ -334,7 +459,9 @@ def test_other_modes_and_depths_become_the_configured_channels():
     deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert np.asarray(to_mode(deep, "RGB")).min() == 255
     mid = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
-    assert abs(int(np.asarray(to_mode(mid, "L"))[0, 0]) - 128) <= 1  # Pillow alone would clip it to 255
+    assert (
+        abs(int(np.asarray(to_mode(mid, "L"))[0, 0]) - 128) <= 1
+    )  # Pillow alone would clip it to 255
     assert to_mode(Image.new("CMYK", (2, 2)), "RGB").mode == "RGB"
     assert to_mode(Image.new("RGBA", (2, 2)), "L").mode == "L"
     floats = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))
@@ -351,7 +478,9 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
     Image.new("RGB", (64, 64)).save(data / "a/big.png")
     Image.new("RGB", (8, 8)).save(data / "a/small.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: a "bomb"
-    cfg = DataConfig(dataset=str(data), image_size=8, num_workers=0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = DataConfig(
+        dataset=str(data), image_size=8, num_workers=0, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
     ds = load_split(cfg)
     paths = ds.cast_column("image", datasets.Image(decode=False))["image"]
     big = next(i for i, p in enumerate(paths) if p["path"].endswith("big.png"))
@@ -372,12 +501,26 @@ def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys
     for i in range(4):
         Image.new("RGB", (8, 8)).save(tmp_path / f"flat/{i}.png")
     code = main(
-        "pretrain", load_config, pretrain.train, [f"data.dataset={tmp_path / 'empty'}", f"output_dir={tmp_path / 'r'}"]
+        "pretrain",
+        load_config,
+        pretrain.train,
+        [f"data.dataset={tmp_path / 'empty'}", f"output_dir={tmp_path / 'r'}"],
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "doesn't contain any data files" in err[0]
     assert not (tmp_path / "r").exists()
-    code = main("probe", load_eval_config, probe, ["encoder=pixels:8", f"data.dataset={tmp_path / 'flat'}",
-                                                       f"output_dir={tmp_path / 'p'}"])  # fmt: skip
-    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Generating")]  # datasets
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "has no ClassLabel column" in err[0]
+    code = main(
+        "probe",
+        load_eval_config,
+        probe,
+        ["encoder=pixels:8", f"data.dataset={tmp_path / 'flat'}", f"output_dir={tmp_path / 'p'}"],
+    )
+    err = [
+        x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Generating")
+    ]  # datasets
+    assert (
+        code == 2
+        and len(err) == 1
+        and err[0].startswith("error: ")
+        and "has no ClassLabel column" in err[0]
+    )

@@ -25,8 +25,11 @@ def run(out: Path, *extra: str) -> pretrain.RunResult:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,12 @@ def flip_one_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, name", [(cut_in_half, "model.safetensors"), (flip_one_byte, "optimizer.bin")])
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(straight, tmp_path, capsys, damage, name):
+@pytest.mark.parametrize(
+    "damage, name", [(cut_in_half, "model.safetensors"), (flip_one_byte, "optimizer.bin")]
+)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
+    straight, tmp_path, capsys, damage, name
+):
     out = tmp_path / "run"
     run(out)
     assert (out / "checkpoints/step_20" / checkpoint.MANIFEST).is_file()
@@ -57,7 +64,10 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(str
     capsys.readouterr()
     result = run(out)
     said = capsys.readouterr().out
-    assert f"checkpoints/step_20 is damaged ({name} " in said and "set aside as damaged-step_20" in said, said
+    assert (
+        f"checkpoints/step_20 is damaged ({name} " in said
+        and "set aside as damaged-step_20" in said
+    ), said
     assert "at step 10" in said  # resumed from the checkpoint before
     assert (out / "checkpoints/damaged-step_20" / name).is_file()  # kept for inspection
     assert result.steps == 20
@@ -65,7 +75,9 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(str
     b = load_file(str(out / "checkpoints/step_20/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert losses == [json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [
+        json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.slow
@@ -75,12 +87,25 @@ def test_with_no_checkpoint_that_verifies_the_run_stops_and_changes_nothing(tmp_
     cut_in_half(out / "checkpoints/step_20/model.safetensors")
     before = digests(out)
     proc = subprocess.run(
-        [sys.executable, "pretrain.py", *TINY, *COMMON, "train.keep_checkpoints=1", f"output_dir={out}"],
-        cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "pretrain.py",
+            *TINY,
+            *COMMON,
+            "train.keep_checkpoints=1",
+            f"output_dir={out}",
+        ],
+        cwd=ROOT,
+        env=env_without_accelerate(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: no checkpoint in ") and "step_20: model.safetensors has " in line, line
+    assert (
+        line.startswith("error: no checkpoint in ") and "step_20: model.safetensors has " in line
+    ), line
     assert digests(out) == before
 
 
@@ -107,8 +132,12 @@ def test_a_second_launch_into_a_held_directory_is_refused_and_changes_nothing(st
         before = digests(out)
         proc = subprocess.run(
             [sys.executable, "pretrain.py", *TINY, *COMMON, f"output_dir={out}"],
-            cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env_without_accelerate(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 1, proc.stderr[-2000:]
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith(f"error: {out} is in use by pid {os.getpid()} on "), line
@@ -127,7 +156,9 @@ def test_a_stale_lock_is_taken_over_with_a_line_that_says_so(tmp_path, capsys):
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / LOCK).write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
+    (out / LOCK).write_text(
+        json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "2026-01-01T00:00:00"})
+    )
     result = run(out, "train.max_steps=2")
     said = capsys.readouterr().out
     assert f"took over the stale lock {out / LOCK}: its holder, pid {dead.pid} on elsewhere" in said
@@ -141,18 +172,32 @@ def test_a_launch_while_another_trains_is_refused(tmp_path):
     worker = str(Path(__file__).parent / "crash_worker.py")
     # 20 steps of 1 s: the second launch starts (imports, data) well within the first's run, even on a busy machine
     env = {**env_without_accelerate(), "STEP_SLEEP": "1.0"}
-    first = subprocess.Popen([sys.executable, worker, *TINY, *COMMON, f"output_dir={out}"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, worker, *TINY, *COMMON, f"output_dir={out}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "metrics.jsonl").is_file():
             time.sleep(0.1)
         second = subprocess.run(
             [sys.executable, "pretrain.py", *TINY, *COMMON, f"output_dir={out}"],
-            cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert second.returncode == 1 and f"is in use by pid {first.pid} on " in second.stderr, second.stderr
+            cwd=ROOT,
+            env=env_without_accelerate(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 1 and f"is in use by pid {first.pid} on " in second.stderr, (
+            second.stderr
+        )
     finally:
         stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 20  # one writer: every step logged once
+    assert (
+        len((out / "metrics.jsonl").read_text().splitlines()) == 20
+    )  # one writer: every step logged once

@@ -39,10 +39,17 @@ def is_array_feature(feature: Any) -> bool:
         return True
     inner = feature
     depth = 0
-    while isinstance(inner, (datasets.Sequence, datasets.LargeList, list)) or type(inner).__name__ == "List":
+    while (
+        isinstance(inner, (datasets.Sequence, datasets.LargeList, list))
+        or type(inner).__name__ == "List"
+    ):
         inner = inner[0] if isinstance(inner, list) else inner.feature
         depth += 1
-    return depth >= 2 and isinstance(inner, datasets.Value) and inner.dtype not in ("string", "large_string")
+    return (
+        depth >= 2
+        and isinstance(inner, datasets.Value)
+        and inner.dtype not in ("string", "large_string")
+    )
 
 
 def has_npy_files(root: Path) -> bool:
@@ -94,7 +101,9 @@ def to_tensor(value: Any, channels: int, where: str) -> torch.Tensor:
     if a.ndim == 2:
         a = a[None]
     elif a.ndim != 3:
-        raise ArrayError(f"{where} is an array of shape {a.shape}; arrays must be (C, H, W), (H, W, C) or (H, W)")
+        raise ArrayError(
+            f"{where} is an array of shape {a.shape}; arrays must be (C, H, W), (H, W, C) or (H, W)"
+        )
     if a.shape[0] != channels:
         if a.shape[-1] != channels:
             raise ArrayError(
@@ -103,7 +112,9 @@ def to_tensor(value: Any, channels: int, where: str) -> torch.Tensor:
             )
         a = np.moveaxis(a, -1, 0)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ArrayError(f"{where} holds NaN or infinite values; replace them (e.g. np.nan_to_num) or remove it")
+        raise ArrayError(
+            f"{where} holds NaN or infinite values; replace them (e.g. np.nan_to_num) or remove it"
+        )
     x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     scale = SCALE.get(a.dtype)
     return x / scale if scale else x

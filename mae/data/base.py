@@ -44,8 +44,12 @@ class DataSource(ABC):
     bad_log: Path | None = None  # where undecodable images are recorded (None: they are errors)
     max_bad_images: int = 0  # past this many, the run stops
     bad_images_seen: int = 0
-    data_config: DataConfig | None = None  # the data config it was built with, data.mean=auto measured
-    data_stats: dict[str, Any] | None = None  # what data.mean=auto measured (mae.data.stats), else None
+    data_config: DataConfig | None = (
+        None  # the data config it was built with, data.mean=auto measured
+    )
+    data_stats: dict[str, Any] | None = (
+        None  # what data.mean=auto measured (mae.data.stats), else None
+    )
 
     def loader_for(self, derived: Derived) -> DataLoader | None:
         """The loader for this schedule, for Accelerate to prepare (None: the source shards itself)."""
@@ -82,7 +86,11 @@ class DataSource(ABC):
         if self.bad_log is None:  # undecodable images are errors: nothing to count
             return
         seen = count_bad_images(self.bad_log) if accelerator.is_main_process else 0
-        count = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").item())
+        count = int(
+            accelerator.reduce(
+                torch.tensor(seen, device=accelerator.device), reduction="sum"
+            ).item()
+        )
         if count > self.max_bad_images:
             raise BadImagesError(
                 f"{count} images could not be decoded (data.max_bad_images={self.max_bad_images}); they are listed "

@@ -64,7 +64,9 @@ def require_dali() -> None:
 
 def dali_decodes(data: bytes) -> bool:
     """Whether ``data`` starts like an image DALI's decoders read (WebP: a RIFF file of WEBP)."""
-    return any(data.startswith(magic) for magic in DALI_FORMATS) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return any(data.startswith(magic) for magic in DALI_FORMATS) or (
+        data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    )
 
 
 class CropDraws:
@@ -89,9 +91,16 @@ class EncodedImages(Dataset):
     (left, top, width, height, flip), label or -1[, noise (noise_length,)])``; ``collate`` batches them."""
 
     def __init__(
-        self, ds: datasets.Dataset, cfg: DataConfig, seed: int, noise_length: int | None, bad_log: Path | None = None
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        seed: int,
+        noise_length: int | None,
+        bad_log: Path | None = None,
     ) -> None:
-        self.rows = ImageRows(ds, cfg, bad_log, undecoded=True)  # JPEGs opened (their header read), not decoded
+        self.rows = ImageRows(
+            ds, cfg, bad_log, undecoded=True
+        )  # JPEGs opened (their header read), not decoded
         if self.rows.columns.arrays or cfg.channels not in (1, 3):
             raise DataError(
                 f"data.decoder=dali decodes images to 1 or 3 channels; this dataset is "
@@ -104,12 +113,16 @@ class EncodedImages(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        seed = hash((self.seed, epoch, i))  # the Pillow path's (ImageDataset): the same draws, in the same order
+        seed = hash(
+            (self.seed, epoch, i)
+        )  # the Pillow path's (ImageDataset): the same draws, in the same order
 
         def sample(image: Any) -> tuple[np.ndarray, torch.Tensor | None]:
             return seeded_sample(self.draws, image, seed, self.noise_length)
 
-        row, (draws, noise) = self.rows.decodable(i, sample)  # a header that cannot be read: the next image
+        row, (draws, noise) = self.rows.decodable(
+            i, sample
+        )  # a header that cannot be read: the next image
         raw = row[self.rows.columns.image]
         data = raw["bytes"] or Path(raw["path"]).read_bytes()
         if not dali_decodes(data):
@@ -162,7 +175,9 @@ def dali_pipeline(cfg: DataConfig, batch_size: int, threads: int, device: torch.
             normalized_shape=False,
         )
         (h, w) = cfg.hw
-        images = fn.resize(images, resize_x=w, resize_y=h, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.resize(
+            images, resize_x=w, resize_y=h, interp_type=types.INTERP_CUBIC, antialias=True
+        )
         images = fn.crop_mirror_normalize(
             images,
             mirror=flip,
@@ -180,7 +195,9 @@ class DaliAugment:
     """Batches of ``collate`` through the DALI pipeline: (images, labels[, noise]) on ``device``, one
     batch decoding ahead of the one handed over."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, threads: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: DataConfig, batch_size: int, threads: int, device: torch.device
+    ) -> None:
         self.pipe, self.device = dali_pipeline(cfg, batch_size, threads, device), device
         self.image_shape = (cfg.channels, *cfg.hw)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -200,7 +217,9 @@ class DaliAugment:
         if self.device.type != "cuda":
             (images,) = self.pipe.outputs()
             return feed_ndarray(images.as_tensor(), out)
-        (images,) = self.pipe.outputs(cuda_stream=self.copy_stream)  # ready on our stream, after DALI's work
+        (images,) = self.pipe.outputs(
+            cuda_stream=self.copy_stream
+        )  # ready on our stream, after DALI's work
         feed_ndarray(images.as_tensor(), out, cuda_stream=self.copy_stream)
         self.copy_stream.synchronize()  # only the copy: the training stream's queue is not waited for
         out.record_stream(torch.cuda.current_stream(self.device))
@@ -218,7 +237,9 @@ class DaliAugment:
             while pending:
                 rest = pending.popleft()
                 yield (self._take(len(rest[0])), *rest)
-        except GeneratorExit:  # the consumer stopped (a checkpoint, the end of the run): collect what runs
+        except (
+            GeneratorExit
+        ):  # the consumer stopped (a checkpoint, the end of the run): collect what runs
             while pending:
                 pending.popleft()
                 self.pipe.outputs()
@@ -231,9 +252,15 @@ class DaliSource(LoadedSource):
     training device, with ``data.num_workers`` DALI threads (at least one)."""
 
     def __init__(
-        self, split: datasets.Dataset, cfg: DataConfig, batch_size: int, accum_steps: int, seed: int,
-        noise_length: int | None, bad_log: Path | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        split: datasets.Dataset,
+        cfg: DataConfig,
+        batch_size: int,
+        accum_steps: int,
+        seed: int,
+        noise_length: int | None,
+        bad_log: Path | None = None,
+    ) -> None:
         require_dali()  # before anything is read
         data = EncodedImages(split, cfg, seed, noise_length, bad_log)
         super().__init__(data, cfg.num_workers, batch_size, accum_steps, seed)
@@ -244,7 +271,9 @@ class DaliSource(LoadedSource):
 
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
         super().attach(accelerator, derived, loader)
-        self.augment = DaliAugment(self.cfg, self.batch_size, max(1, self.num_workers), accelerator.device)
+        self.augment = DaliAugment(
+            self.cfg, self.batch_size, max(1, self.num_workers), accelerator.device
+        )
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         return self.augment.batches(super().batches(step))

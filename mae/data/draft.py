@@ -29,13 +29,17 @@ def open_jpeg(raw: dict[str, Any]) -> Image.Image | None:
     read. None when it is not a JPEG or carries an EXIF orientation (which ``datasets`` applies when it
     decodes, and the crop must be drawn from the turned size)."""
     image = Image.open(io.BytesIO(raw["bytes"])) if raw.get("bytes") else Image.open(raw["path"])
-    if not isinstance(image, JpegImagePlugin.JpegImageFile) or image.getexif().get(ExifTags.Base.Orientation):
+    if not isinstance(image, JpegImagePlugin.JpegImageFile) or image.getexif().get(
+        ExifTags.Base.Orientation
+    ):
         image.close()
         return None
     return image
 
 
-def draft_scale(full: tuple[int, int], box: tuple[int, int], out: tuple[int, int]) -> tuple[int, int]:
+def draft_scale(
+    full: tuple[int, int], box: tuple[int, int], out: tuple[int, int]
+) -> tuple[int, int]:
     """The size (width, height) to ask ``Image.draft`` for, so that the scale it picks (the largest of 1/8,
     1/4, 1/2 that keeps the image at least this large) leaves the box (width, height) at least ``out``."""
     return math.ceil(full[0] * out[0] / box[0]), math.ceil(full[1] * out[1] / box[1])
@@ -57,7 +61,9 @@ class DraftResizedCrop(v2.RandomResizedCrop):
         if isinstance(image, JpegImagePlugin.JpegImageFile) and image.tile:  # opened, not decoded
             full = image.size
             drafted = image.draft(self.mode, draft_scale(full, (w, h), (out_w, out_h)))
-            scale = full[0] / drafted[1][2] if drafted else 1.0  # its box: the full size at the scale
+            scale = (
+                full[0] / drafted[1][2] if drafted else 1.0
+            )  # its box: the full size at the scale
             image.load()
             image = image if image.mode == self.mode else image.convert(self.mode)
         if scale == 1.0:
@@ -68,5 +74,9 @@ class DraftResizedCrop(v2.RandomResizedCrop):
 
 def takes_undecoded(transform: Any) -> bool:
     """Whether ``transform`` (a ``v2.Compose`` or one transform) starts with a ``DraftResizedCrop``."""
-    first = transform.transforms[0] if isinstance(transform, v2.Compose) and transform.transforms else transform
+    first = (
+        transform.transforms[0]
+        if isinstance(transform, v2.Compose) and transform.transforms
+        else transform
+    )
     return isinstance(first, DraftResizedCrop)

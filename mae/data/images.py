@@ -28,7 +28,12 @@ from mae.data.draft import DraftResizedCrop, open_jpeg, takes_undecoded
 from mae.data.loading import DataError, image_column, label_column
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # data.channels -> the Pillow mode images are converted to
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+)  # what Pillow raises
 
 
 class ImageColumns:
@@ -37,7 +42,10 @@ class ImageColumns:
     JPEGs are only opened (``mae.data.draft``), from a column cast to ``datasets.Image(decode=False)``."""
 
     def __init__(
-        self, ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, undecoded: bool = False
+        self,
+        ds: datasets.Dataset | datasets.IterableDataset,
+        cfg: DataConfig,
+        undecoded: bool = False,
     ) -> None:
         self.image, self.label = image_column(ds, cfg), label_column(ds, cfg)
         self.arrays = not isinstance(ds.features[self.image], datasets.Image)
@@ -57,7 +65,9 @@ class ImageColumns:
             return open_jpeg(value) or to_mode(datasets.Image().decode_example(value), self.mode)
         if not self.arrays:
             return to_mode(value, self.mode)
-        return to_tensor(value, self.channels, f"{where} ({value})" if isinstance(value, str) else where)
+        return to_tensor(
+            value, self.channels, f"{where} ({value})" if isinstance(value, str) else where
+        )
 
     def select(self, ds: Any) -> Any:
         """``ds`` with only the image and label columns (the images undecoded where ``undecoded``)."""
@@ -87,10 +97,14 @@ def augment_transform(cfg: DataConfig) -> v2.Compose:
     if (cfg.augment or "crop") != "crop":
         steps = eval_transform(cfg).transforms
         return v2.Compose([v2.RandomHorizontalFlip(), *steps] if cfg.augment == "flip" else steps)
-    if cfg.decoder == "pillow_draft":  # the same crops, JPEGs decoded at a reduced scale where they allow
+    if (
+        cfg.decoder == "pillow_draft"
+    ):  # the same crops, JPEGs decoded at a reduced scale where they allow
         crop = DraftResizedCrop(list(cfg.hw), cfg.crop_scale, MODES.get(cfg.channels, "RGB"))
     else:
-        crop = v2.RandomResizedCrop(list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC)
+        crop = v2.RandomResizedCrop(
+            list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC
+        )
     return v2.Compose(
         [
             crop,
@@ -153,7 +167,9 @@ def sample_rng(seed: int) -> Iterator[None]:
                 np.random.set_state(saved[1])
 
 
-def seeded_sample(transform: Any, image: Image.Image, seed: int, noise_length: int | None) -> tuple[Any, Any]:
+def seeded_sample(
+    transform: Any, image: Image.Image, seed: int, noise_length: int | None
+) -> tuple[Any, Any]:
     """``transform(image)`` and MAE's masking noise ``(noise_length,)`` uniform in [0, 1) (None without a
     length), both drawn from the sample's own RNG: the same whatever the processes and workers."""
     with sample_rng(seed & 0x7FFF_FFFF_FFFF_FFFF):
@@ -171,7 +187,11 @@ class ImageRows:
     ``count_bad_images`` reads). ``undecoded``: JPEGs are only opened (``ImageColumns``)."""
 
     def __init__(
-        self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, undecoded: bool = False
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        bad_log: Path | None = None,
+        undecoded: bool = False,
     ) -> None:
         self.columns = ImageColumns(ds, cfg, undecoded)
         self.ds = self.columns.select(ds)
@@ -180,7 +200,9 @@ class ImageRows:
     def __len__(self) -> int:
         return len(self.ds)
 
-    def decodable(self, i: int, finish: Callable[[Any], Any] | None = None) -> tuple[dict[str, Any], Any]:
+    def decodable(
+        self, i: int, finish: Callable[[Any], Any] | None = None
+    ) -> tuple[dict[str, Any], Any]:
         """Row ``i`` and its image (passed through ``finish``, whose decoding errors count as the image's);
         past an undecodable one, the next decodable row."""
         for attempt in range(min(len(self.ds), 1000)):
@@ -189,7 +211,9 @@ class ImageRows:
                 row = self.ds[j]
                 image = self.columns.decode(row, f"image {j} of the dataset")
                 return row, image if finish is None else finish(image)
-            except ArrayError:  # a wrong array is the data's mistake, not a damaged file: not skipped
+            except (
+                ArrayError
+            ):  # a wrong array is the data's mistake, not a damaged file: not skipped
                 raise
             except DECODE_ERRORS as e:
                 where = self._source(j)
@@ -199,12 +223,16 @@ class ImageRows:
                         "replace it"
                     ) from e
                 log_bad_image(self.bad_log, j, where, e)
-        raise DataError(f"no decodable image among 1000 rows from row {i} of the dataset; check the data")
+        raise DataError(
+            f"no decodable image among 1000 rows from row {i} of the dataset; check the data"
+        )
 
     def _source(self, j: int) -> str:
         """The file an image came from, when the dataset knows it."""
         try:
-            raw = self.ds.cast_column(self.columns.image, datasets.Image(decode=False))[j][self.columns.image]
+            raw = self.ds.cast_column(self.columns.image, datasets.Image(decode=False))[j][
+                self.columns.image
+            ]
             return raw.get("path") or "embedded bytes"
         except Exception:  # noqa: BLE001 - only for the error message
             return "unknown source"

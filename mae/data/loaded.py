@@ -24,7 +24,11 @@ from mae.preemption import ignore_in_worker
 
 
 def worker_loader(
-    ds: Dataset, sampler: EpochSampler, num_workers: int, batch_size: int, collate_fn: Callable | None = None
+    ds: Dataset,
+    sampler: EpochSampler,
+    num_workers: int,
+    batch_size: int,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Training batches in ``sampler``'s order, decoded by ``num_workers`` processes (``collate_fn``:
     how items make a batch; default torch's)."""
@@ -51,7 +55,10 @@ class BatchNormalise:
     the mean, divided by the std), so every value is the one the per-image steps give."""
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = (
+            torch.tensor(mean).view(1, -1, 1, 1),
+            torch.tensor(std).view(1, -1, 1, 1),
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)
@@ -86,26 +93,45 @@ class LoadedSource(DataSource):
         seed: int,
         normalise: BatchNormalise | None = None,
     ) -> None:
-        rows = dataset.rows  # the split's rows, columns and bad-image log, as the dataset reads them
+        rows = (
+            dataset.rows
+        )  # the split's rows, columns and bad-image log, as the dataset reads them
         self.dataset, self.size = dataset, len(dataset)
         self.split, self.label_column, self.bad_log = rows.ds, rows.columns.label, rows.bad_log
-        self.num_workers, self.batch_size, self.accum_steps, self.seed = num_workers, batch_size, accum_steps, seed
+        self.num_workers, self.batch_size, self.accum_steps, self.seed = (
+            num_workers,
+            batch_size,
+            accum_steps,
+            seed,
+        )
         self.normalise = normalise
 
     def first_rows(self, n: int) -> datasets.Dataset:
         """The split, its images decodable where the dataset reads them undecoded (``data.decoder=pillow_draft``,
         ``dali``)."""
         rows = self.dataset.rows
-        return rows.ds.cast_column(rows.columns.image, datasets.Image()) if rows.columns.undecoded else rows.ds
+        return (
+            rows.ds.cast_column(rows.columns.image, datasets.Image())
+            if rows.columns.undecoded
+            else rows.ds
+        )
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return worker_loader(self.dataset, sampler, self.num_workers, self.batch_size)
 
     def loader_for(self, derived: Derived) -> DataLoader:
-        return self.loader(EpochSampler(self.size, derived.steps_per_epoch * derived.effective_batch, seed=self.seed))
+        return self.loader(
+            EpochSampler(
+                self.size, derived.steps_per_epoch * derived.effective_batch, seed=self.seed
+            )
+        )
 
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
-        self.accelerator, self.steps_per_epoch, self.prepared = accelerator, derived.steps_per_epoch, loader
+        self.accelerator, self.steps_per_epoch, self.prepared = (
+            accelerator,
+            derived.steps_per_epoch,
+            loader,
+        )
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         epoch, within = divmod(step, self.steps_per_epoch)

@@ -61,15 +61,23 @@ def stream_size(ds: datasets.IterableDataset, cfg: DataConfig, split: str) -> in
 def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
     col = label_column(ds, cfg)
     if col is None:
-        raise DataError("data.classes needs labels and the dataset has none; name them with data.label_column=NAME")
+        raise DataError(
+            "data.classes needs labels and the dataset has none; name them with data.label_column=NAME"
+        )
     keep = set(cfg.classes)
     ds = ds.filter(lambda labels: [y in keep for y in labels], input_columns=col, batched=True)
-    if isinstance(ds, datasets.Dataset) and len(ds) == 0:  # a stream's size is not known before reading it
-        raise DataError(f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids it has")
+    if (
+        isinstance(ds, datasets.Dataset) and len(ds) == 0
+    ):  # a stream's size is not known before reading it
+        raise DataError(
+            f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids it has"
+        )
     return ds
 
 
-def load_splits(cfg: DataConfig, streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+def load_splits(
+    cfg: DataConfig, streaming: bool = False
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Every split of ``cfg.dataset`` (``streaming``: as ``datasets`` streams, nothing loaded)."""
     source = cfg.dataset
     try:
@@ -78,11 +86,17 @@ def load_splits(cfg: DataConfig, streaming: bool = False) -> datasets.DatasetDic
             dsd = datasets.load_dataset("parquet", data_files=files, streaming=streaming)
         elif Path(source).is_dir() and has_npy_files(Path(source)):  # datasets has no .npy builder
             dsd = npy_folder(Path(source).resolve())
-            dsd = IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dsd.items()}) if streaming else dsd
+            dsd = (
+                IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dsd.items()})
+                if streaming
+                else dsd
+            )
         elif Path(source).is_dir():
             dsd = datasets.load_dataset(str(Path(source).resolve()), streaming=streaming)
         elif Path(source).exists():
-            raise DataError(f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'")
+            raise DataError(
+                f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'"
+            )
         else:
             dsd = datasets.load_dataset(source, streaming=streaming)
     except (DataError, ArrayError):
@@ -95,21 +109,33 @@ def load_splits(cfg: DataConfig, streaming: bool = False) -> datasets.DatasetDic
     return dsd
 
 
-def pick_split(dsd: datasets.DatasetDict, cfg: DataConfig, split: str, key: str = "data.split") -> datasets.Dataset:
+def pick_split(
+    dsd: datasets.DatasetDict, cfg: DataConfig, split: str, key: str = "data.split"
+) -> datasets.Dataset:
     """One non-empty split of ``dsd``; ``key`` names the setting that asked for it."""
     if split not in dsd:
-        raise DataError(f"{key}={split!r} does not exist in {cfg.dataset!r}; available splits: {sorted(dsd)}")
+        raise DataError(
+            f"{key}={split!r} does not exist in {cfg.dataset!r}; available splits: {sorted(dsd)}"
+        )
     ds = dsd[split]
-    if isinstance(ds, datasets.Dataset) and len(ds) == 0:  # a stream's size is not known before reading it
-        raise DataError(f"split {split!r} of {cfg.dataset!r} is empty; point data.dataset at data with images")
+    if (
+        isinstance(ds, datasets.Dataset) and len(ds) == 0
+    ):  # a stream's size is not known before reading it
+        raise DataError(
+            f"split {split!r} of {cfg.dataset!r} is empty; point data.dataset at data with images"
+        )
     return ds
 
 
 def _named_column(ds: datasets.Dataset, key: str, name: str, accepts: Any, what: str) -> str:
     if name not in ds.column_names:
-        raise DataError(f"{key}={name!r} is not a column of the dataset; columns: {ds.column_names}")
+        raise DataError(
+            f"{key}={name!r} is not a column of the dataset; columns: {ds.column_names}"
+        )
     if not accepts(ds.features[name]):
-        raise DataError(f"{key}={name!r} holds {ds.features[name]}, not {what}; name another column")
+        raise DataError(
+            f"{key}={name!r} holds {ds.features[name]}, not {what}; name another column"
+        )
     return name
 
 
@@ -122,7 +148,9 @@ def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
 
     if cfg.image_column is not None:
         name = cfg.image_column
-        return _named_column(ds, "data.image_column", name, lambda f: holds_images(name, f), "images or arrays")
+        return _named_column(
+            ds, "data.image_column", name, lambda f: holds_images(name, f), "images or arrays"
+        )
     features = ds.features.items()
     col = next((n for n, f in features if isinstance(f, datasets.Image)), None)
     col = col or next((n for n, f in features if holds_images(n, f)), None)
@@ -137,8 +165,12 @@ def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
 def label_column(ds: datasets.Dataset, cfg: DataConfig) -> str | None:
     """The column named by ``data.label_column`` (checked), else the first ``ClassLabel``, else None."""
     if cfg.label_column is not None:
-        return _named_column(ds, "data.label_column", cfg.label_column, _is_label, "integer class labels")
-    return next((name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        return _named_column(
+            ds, "data.label_column", cfg.label_column, _is_label, "integer class labels"
+        )
+    return next(
+        (name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None
+    )
 
 
 def _is_label(feature: Any) -> bool:

@@ -87,7 +87,11 @@ def centre_crop(height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def crop_boxes(
-    u: torch.Tensor, height: int, width: int, scale: tuple[float, float], centre: torch.Tensor | None = None
+    u: torch.Tensor,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``RandomResizedCrop.get_params`` for a batch: (B, 4) float ``(top, left, h, w)`` from ``u``
     (B, 4 x CROP_TRIES) uniforms. Each try draws an area fraction in ``scale`` and a log-uniform
@@ -121,12 +125,16 @@ def resized_crops(
     resampled bicubically and normalised, in one ``grid_sample``."""
     b, c, height, width = images.shape
     top, left, h, w = boxes.unbind(1)
-    sx = torch.where(flip, -w / width, w / width)  # output x in [-1, 1] -> input x, mirrored for a flip
+    sx = torch.where(
+        flip, -w / width, w / width
+    )  # output x in [-1, 1] -> input x, mirrored for a flip
     theta = torch.zeros(b, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / width - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [b, c, *size], align_corners=False)
-    x = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    x = F.grid_sample(
+        images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False
+    )
     x = x.clamp_(0, 255).div_(255)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
@@ -139,11 +147,17 @@ class DecodedImages:
     ``max_bytes`` decoded is refused before it is decoded."""
 
     def __init__(
-        self, ds: datasets.Dataset, cfg: DataConfig, bad_log: Path | None = None, max_bytes: int = 16 << 30
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        bad_log: Path | None = None,
+        max_bytes: int = 16 << 30,
     ) -> None:
         self.rows = ImageRows(ds, cfg, bad_log)
         if self.rows.columns.arrays:
-            raise DataError("data.on_device=true holds 8-bit images; this dataset is arrays: set data.on_device=false")
+            raise DataError(
+                "data.on_device=true holds 8-bit images; this dataset is arrays: set data.on_device=false"
+            )
         tic = time.perf_counter()
         arrays, labels, shape = [], [], None
         for i in range(len(self.rows)):
@@ -171,7 +185,9 @@ class DecodedImages:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        keys = torch.tensor([i if isinstance(i, tuple) else (0, i) for i in indices], dtype=torch.int64)
+        keys = torch.tensor(
+            [i if isinstance(i, tuple) else (0, i) for i in indices], dtype=torch.int64
+        )
         return [(keys, self.labels[keys[:, 1]])]
 
 
@@ -211,7 +227,12 @@ class DeviceAugment:
     """The decoded split on ``device`` and the pretraining transform applied there, batch by batch."""
 
     def __init__(
-        self, data: DecodedImages, cfg: DataConfig, seed: int, noise_length: int | None, device: torch.device
+        self,
+        data: DecodedImages,
+        cfg: DataConfig,
+        seed: int,
+        noise_length: int | None,
+        device: torch.device,
     ) -> None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -221,7 +242,9 @@ class DeviceAugment:
                     f"than half of the GPU's free memory ({free / 2**30:.1f} GiB); set data.on_device=false"
                 )
         self.images = data.images.to(device)
-        if self.images is not data.images:  # the loader keeps only the labels; no second copy in CPU memory
+        if (
+            self.images is not data.images
+        ):  # the loader keeps only the labels; no second copy in CPU memory
             data.images = data.images[:0]
         _, _, height, width = self.images.shape
         self.centre = torch.tensor(centre_crop(height, width), dtype=torch.float32, device=device)
@@ -239,14 +262,20 @@ class DeviceAugment:
         if augment == "crop":
             boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
         else:  # the whole image (stored at most data.image_size: resized up, as the evaluation transform does)
-            boxes = torch.tensor([[0.0, 0.0, height, width]], device=keys.device).expand(len(keys), 4)
+            boxes = torch.tensor([[0.0, 0.0, height, width]], device=keys.device).expand(
+                len(keys), 4
+            )
         flips = augment == "flip" or (augment == "crop" and self.cfg.hflip)
-        flip = u[:, n] < 0.5 if flips else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+        flip = (
+            u[:, n] < 0.5 if flips else torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+        )
         x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.hw, self.mean, self.std)
         labels = labels.to(self.images.device)
         return (x, labels) if self.noise_length is None else (x, labels, u[:, n + 1 :].contiguous())
 
-    def batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterable[tuple[torch.Tensor, ...]]:
+    def batches(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterable[tuple[torch.Tensor, ...]]:
         for keys, labels in batches:
             yield self(keys, labels)
 
@@ -255,9 +284,18 @@ class DeviceSource(LoadedSource):
     """``data.on_device``: the loader carries keys in ``LoadedSource``'s order; ``DeviceAugment`` turns
     them into images on the training device."""
 
-    def __init__(self, data: DecodedImages, cfg: DataConfig, batch_size: int, accum_steps: int, seed: int,
-                 noise_length: int | None) -> None:  # fmt: skip
-        super().__init__(data, 0, batch_size, accum_steps, seed)  # its items are keys: nothing for workers
+    def __init__(
+        self,
+        data: DecodedImages,
+        cfg: DataConfig,
+        batch_size: int,
+        accum_steps: int,
+        seed: int,
+        noise_length: int | None,
+    ) -> None:
+        super().__init__(
+            data, 0, batch_size, accum_steps, seed
+        )  # its items are keys: nothing for workers
         self.cfg, self.noise_length = cfg, noise_length
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
@@ -265,7 +303,9 @@ class DeviceSource(LoadedSource):
 
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
         super().attach(accelerator, derived, loader)
-        self.augment = DeviceAugment(self.dataset, self.cfg, self.seed, self.noise_length, accelerator.device)
+        self.augment = DeviceAugment(
+            self.dataset, self.cfg, self.seed, self.noise_length, accelerator.device
+        )
 
     def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         return self.augment.batches(super().batches(step))

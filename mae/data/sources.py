@@ -37,16 +37,22 @@ def build_source(
         split = load_stream(d) if d.streaming else load_split(d)
     d, stats = survey(split, d, bad_log)  # data.mean=auto measured; arrays checked on a sample
     if d.streaming:
-        items = ImageStream(split, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log)
+        items = ImageStream(
+            split, d, augment_transform(d), t.seed, rank, num_processes, noise_length, bad_log
+        )
         source = StreamSource(split, stream_size(split, d, d.split), d, items, t.batch_size)
     elif d.decoder == "dali":  # decoded, cropped and normalised by DALI
         source = DaliSource(split, d, t.batch_size, t.accum_steps, t.seed, noise_length, bad_log)
     elif d.on_device:  # decoded once; augmented on the device
-        source = DeviceSource(DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length)
+        source = DeviceSource(
+            DecodedImages(split, d, bad_log), d, t.batch_size, t.accum_steps, t.seed, noise_length
+        )
     else:
         transform, normalise = split_normalisation(augment_transform(d))  # workers hand over uint8
         dataset = ImageDataset(split, d, transform, t.seed, noise_length, bad_log)
-        source = LoadedSource(dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise)
+        source = LoadedSource(
+            dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise
+        )
     source.max_bad_images = d.max_bad_images
     source.data_config, source.data_stats = d, stats
     return source

@@ -39,7 +39,9 @@ def _sample(split: Any, d: DataConfig, bad_log: Path | None) -> Iterator[torch.T
     if not isinstance(split, datasets.Dataset):  # a stream: its first images
         columns = ImageColumns(split, d)
         rows = itertools.islice(iter(columns.select(split)), SAMPLE)
-        yield from (_pixels(columns.decode(r, f"example {k} of the stream")) for k, r in enumerate(rows))
+        yield from (
+            _pixels(columns.decode(r, f"example {k} of the stream")) for k, r in enumerate(rows)
+        )
         return
     rows = ImageRows(split, d, bad_log)
     picks = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), SAMPLE)).round().astype(int))
@@ -65,7 +67,9 @@ def measure(images: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[fl
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std), n
 
 
-def survey(split: Any, d: DataConfig, bad_log: Path | None = None) -> tuple[DataConfig, dict[str, Any] | None]:
+def survey(
+    split: Any, d: DataConfig, bad_log: Path | None = None
+) -> tuple[DataConfig, dict[str, Any] | None]:
     """``d`` with ``data.mean=auto`` replaced by the statistics measured on ``split`` (map-style or a stream),
     and their record for ``derived.json`` (None when nothing was measured). A split of arrays is checked on
     the sample either way."""

@@ -69,12 +69,16 @@ class ImageStream(IterableDataset):
         self.num_shards = self.epoch_stream(0).num_shards
         self.features = stream.features
         self.noise_length, self.bad_log = noise_length, bad_log
-        self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, examples read), from a checkpoint
+        self.start: dict[
+            int, tuple[int, int]
+        ] = {}  # worker -> (epoch, examples read), from a checkpoint
 
     def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
         """This process's part of the stream, files and buffer shuffled for ``epoch``. A new object per
         epoch and worker: ``set_epoch`` would change an epoch counter that forked workers share."""
-        shuffled = self.base.shuffle(seed=(self.seed * 1_000_003 + epoch) % 2**32, buffer_size=self.buffer)
+        shuffled = self.base.shuffle(
+            seed=(self.seed * 1_000_003 + epoch) % 2**32, buffer_size=self.buffer
+        )
         return split_dataset_by_node(shuffled, rank=self.rank, world_size=self.num_processes)
 
     def active_workers(self, num_workers: int) -> int:
@@ -96,31 +100,44 @@ class ImageStream(IterableDataset):
                 if item is not None:
                     given += 1
                     yield item
-            if given == 0 and skip == 0:  # a whole epoch without one image: the loop would wait forever
+            if (
+                given == 0 and skip == 0
+            ):  # a whole epoch without one image: the loop would wait forever
                 raise DataError(
                     f"process {self.rank}'s loader worker {worker} read {read + 1} examples and no decodable image in "
                     "a whole epoch of its files; check data.classes and the files, or lower data.num_workers"
                 )
             epoch, skip = epoch + 1, 0
 
-    def _item(self, row: dict[str, Any], worker: int, epoch: int, read: int) -> tuple[Any, ...] | None:
+    def _item(
+        self, row: dict[str, Any], worker: int, epoch: int, read: int
+    ) -> tuple[Any, ...] | None:
         raw = row[self.columns.image]
         try:
             if self.columns.arrays:
-                image = self.columns.decode(row, f"array {read} of epoch {epoch} (worker {worker}) of the stream")
+                image = self.columns.decode(
+                    row, f"array {read} of epoch {epoch} (worker {worker}) of the stream"
+                )
             else:
                 image = to_mode(datasets.Image().decode_example(raw), self.columns.mode)
         except ArrayError:
             raise
         except DECODE_ERRORS as e:
-            where = (raw or {}).get("path") or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
+            where = (raw or {}).get(
+                "path"
+            ) or f"process {self.rank}, worker {worker}, epoch {epoch}, example {read}"
             if self.bad_log is None:
-                raise DataError(f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})") from e
+                raise DataError(
+                    f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})"
+                ) from e
             key = (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}"  # once per file
             log_bad_image(self.bad_log, key, where, e)
             return None
         x, noise = seeded_sample(
-            self.transform, image, hash((self.seed, self.rank, worker, epoch, read)), self.noise_length
+            self.transform,
+            image,
+            hash((self.seed, self.rank, worker, epoch, read)),
+            self.noise_length,
         )
         label = self.columns.label_of(row)
         tag = torch.tensor([worker, epoch, read + 1])
@@ -133,7 +150,9 @@ class StreamBatches:
 
     ``state_dict`` / ``load_state_dict`` are what a checkpoint keeps; load before iterating."""
 
-    def __init__(self, stream: ImageStream, cfg: DataConfig, batch_size: int, num_processes: int) -> None:
+    def __init__(
+        self, stream: ImageStream, cfg: DataConfig, batch_size: int, num_processes: int
+    ) -> None:
         self.stream, self.num_workers, self.num_processes = stream, cfg.num_workers, num_processes
         self.active = stream.active_workers(cfg.num_workers)
         self.batches = 0  # micro-batches taken by the training loop
@@ -179,7 +198,9 @@ class StreamBatches:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         try:
             yield from self._batches()
-        except BaseException:  # an error from a worker, or the consumer closing early: no worker outlives it
+        except (
+            BaseException
+        ):  # an error from a worker, or the consumer closing early: no worker outlives it
             self.close()
             raise
 
@@ -198,7 +219,9 @@ class StreamBatches:
                         "data.classes"
                     ) from None
                 held[int(batch[-1][0, 0])].append(batch)
-                if sum(map(len, held.values())) > 4 * self.active + 8:  # the worker due has stopped giving batches
+                if (
+                    sum(map(len, held.values())) > 4 * self.active + 8
+                ):  # the worker due has stopped giving batches
                     raise DataError(
                         f"loader worker {want} of process {self.stream.rank} stopped giving images while the others "
                         "go on; its files are empty or unreadable: check the files and data.classes, or lower "
@@ -216,7 +239,12 @@ class StreamSource(DataSource):
     moves its batches to the device; a checkpoint keeps where every worker's stream stands."""
 
     def __init__(
-        self, stream: datasets.IterableDataset, size: int, cfg: DataConfig, dataset: ImageStream, batch_size: int
+        self,
+        stream: datasets.IterableDataset,
+        size: int,
+        cfg: DataConfig,
+        dataset: ImageStream,
+        batch_size: int,
     ) -> None:
         self.split, self.size, self.dataset = stream, size, dataset
         self.label_column, self.bad_log = dataset.columns.label, dataset.bad_log

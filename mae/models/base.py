@@ -26,7 +26,9 @@ class AEOutput:
     recon: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     features: torch.Tensor | None = None
-    corrupted: torch.Tensor | None = None  # the input the encoder saw, when the model corrupts it (denoising)
+    corrupted: torch.Tensor | None = (
+        None  # the input the encoder saw, when the model corrupts it (denoising)
+    )
 
 
 class Autoencoder(nn.Module, abc.ABC):
@@ -51,7 +53,9 @@ class Autoencoder(nn.Module, abc.ABC):
         but for the model's own masking (no corruption, no sampling). Call in eval mode."""
         out = self.forward(images)
         if out.recon is None:
-            raise ValueError(f"{type(self).__name__} returned no reconstruction; call it in eval mode")
+            raise ValueError(
+                f"{type(self).__name__} returned no reconstruction; call it in eval mode"
+            )
         return out.recon
 
     def set_step(self, step: int) -> None:

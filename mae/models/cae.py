@@ -37,7 +37,9 @@ class ContractiveAutoencoder(ClassicAutoencoder):
         total = torch.zeros(len(x), device=x.device)
         for _ in range(self.projections):
             v = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1  # Rademacher
-            with warnings.catch_warnings():  # torch's forward-AD set-up scripts its decompositions once
+            with (
+                warnings.catch_warnings()
+            ):  # torch's forward-AD set-up scripts its decompositions once
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
                 _, jv = jvp(self.code, (x,), (v,))
             total = total + jv.float().pow(2).flatten(1).sum(dim=1)

@@ -24,7 +24,9 @@ from mae.models.base import AEOutput, Autoencoder
 
 
 class ConvEncoder(nn.Module):
-    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int) -> None:
+    def __init__(
+        self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = channels
@@ -40,7 +42,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int) -> None:
+    def __init__(
+        self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int
+    ) -> None:
         super().__init__()
         rev = list(widths)[::-1]
         self.side = tuple(side // 2 ** len(rev) for side in hw)  # (h, w) of the first feature map
@@ -63,7 +67,9 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class MLPEncoder(nn.Module):
-    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int) -> None:
+    def __init__(
+        self, channels: int, hw: tuple[int, int], widths: Sequence[int], out_dim: int
+    ) -> None:
         super().__init__()
         self.net = _mlp([channels * hw[0] * hw[1], *widths, out_dim])
 
@@ -72,7 +78,9 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int) -> None:
+    def __init__(
+        self, channels: int, hw: tuple[int, int], widths: Sequence[int], latent_dim: int
+    ) -> None:
         super().__init__()
         self.shape = (channels, *hw)
         self.net = _mlp([latent_dim, *list(widths)[::-1], channels * hw[0] * hw[1]])
@@ -153,7 +161,9 @@ class ClassicAutoencoder(Autoencoder):
         extra = self.penalty(x, code)
         loss = recon + sum(extra.values())
         terms = {self.loss_kind: recon.detach(), **{k: v.detach() for k, v in extra.items()}}
-        result = AEOutput(loss=loss, terms=terms | self.stats(code.detach()), features=code.detach())
+        result = AEOutput(
+            loss=loss, terms=terms | self.stats(code.detach()), features=code.detach()
+        )
         if not self.training:
             result.recon = self.to_image(out.detach())
             result.corrupted = x.detach() if x is not images else None

@@ -53,7 +53,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         batch, queries, dim = x.shape
         q = self.q(x).view(batch, queries, self.heads, -1).transpose(1, 2)  # (B, h, Q, d)
-        k, v = self.kv(memory).view(batch, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = (
+            self.kv(memory).view(batch, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        )
         if self.attention_core == "math" and memory.shape[1] <= hardware.MATH_MAX_TOKENS:
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             out = attn.float().softmax(dim=-1).to(v.dtype) @ v
@@ -86,17 +88,29 @@ class CrossBlock(nn.Module):
 class CrossMaskedAutoencoder(MaskedAutoencoder):
     """``MaskedAutoencoder`` with CrossMAE's decoder; ``encode`` and ``encoder`` are MAE's, unchanged."""
 
-    def __init__(self, *, reconstruct_ratio: float, self_attn: bool = False, features: str = "last", **mae) -> None:
-        self.reconstruct_ratio, self.self_attn, self.features = reconstruct_ratio, self_attn, features
+    def __init__(
+        self, *, reconstruct_ratio: float, self_attn: bool = False, features: str = "last", **mae
+    ) -> None:
+        self.reconstruct_ratio, self.self_attn, self.features = (
+            reconstruct_ratio,
+            self_attn,
+            features,
+        )
         super().__init__(**mae)
 
-    def build_decoder(self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer) -> None:
+    def build_decoder(
+        self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
+    ) -> None:
         """Projection of the encoder tokens, mask token, positions, cross blocks, norm; for weighted
         features the (decoder blocks x feature maps) mixing weights and one norm per decoder block."""
         self.decoder_embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True)
-        blocks = [CrossBlock(width, heads, mlp_ratio, norm_layer, self.self_attn) for _ in range(depth)]
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True
+        )
+        blocks = [
+            CrossBlock(width, heads, mlp_ratio, norm_layer, self.self_attn) for _ in range(depth)
+        ]
         self.decoder_blocks = nn.ModuleList(blocks)
         self.decoder_norm = norm_layer(width)
         if self.features == "weighted":
@@ -116,20 +130,32 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         x, mask, ids_restore = self.embed_and_mask(images, noise)
         if self.features == "last":  # one projection that every block reads
             latent = self.encoder.norm(self.encoder.blocks(x))
-            return [self.decoder_embed(latent)] * len(self.decoder_blocks), latent, mask, ids_restore
+            return (
+                [self.decoder_embed(latent)] * len(self.decoder_blocks),
+                latent,
+                mask,
+                ids_restore,
+            )
         outputs = [x]  # the encoder's input is one of the maps (CrossMAE's recipe: --use_input)
         for block in self.encoder.blocks:
             x = block(x)
             outputs.append(x)
         latent = outputs[-1] = self.encoder.norm(x)
-        mixed = torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T  # (B, T, D, decoder blocks)
-        memories = [self.decoder_embed(norm(mixed[..., i])) for i, norm in enumerate(self.decoder_feature_norms)]
+        mixed = (
+            torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T
+        )  # (B, T, D, decoder blocks)
+        memories = [
+            self.decoder_embed(norm(mixed[..., i]))
+            for i, norm in enumerate(self.decoder_feature_norms)
+        ]
         return memories, latent, mask, ids_restore
 
     def forward_decoder(self, memories: list[torch.Tensor], ids_pred: torch.Tensor) -> torch.Tensor:
         """One memory per decoder block (B, T, Dd) and the patches to predict (B, Q) -> (B, Q, p*p*C)."""
         pos = self.decoder_pos_embed[:, 1:].expand(ids_pred.shape[0], -1, -1)
-        x = self.mask_token + torch.gather(pos, 1, ids_pred.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        x = self.mask_token + torch.gather(
+            pos, 1, ids_pred.unsqueeze(-1).expand(-1, -1, pos.shape[-1])
+        )
         for block, memory in zip(self.decoder_blocks, memories, strict=True):
             x = block(x, memory)
         return self.decoder_pred(self.decoder_norm(x))
@@ -159,7 +185,9 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         if not self.training:
             p, c = self.patch_size, self.channels
             index = ids_pred.unsqueeze(-1).expand(-1, -1, pixels.shape[-1])
-            full = torch.zeros(*mask.shape, pixels.shape[-1], device=pixels.device).scatter(1, index, pixels)
+            full = torch.zeros(*mask.shape, pixels.shape[-1], device=pixels.device).scatter(
+                1, index, pixels
+            )
             shown = torch.zeros_like(mask).scatter(1, ids_pred, 1.0)  # == mask: every removed patch
             out.recon = unpatchify(full, p, c, self.grid)
             out.mask = unpatchify(shown.unsqueeze(-1).expand(-1, -1, p * p), p, 1, self.grid)

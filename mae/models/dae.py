@@ -44,9 +44,15 @@ class DenoisingAutoencoder(ClassicAutoencoder):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         m = cfg.model
-        self.corruption, self.noise_level, self.corruption_patch = m.corruption, m.noise_level, m.corruption_patch
+        self.corruption, self.noise_level, self.corruption_patch = (
+            m.corruption,
+            m.noise_level,
+            m.corruption_patch,
+        )
 
     def corrupt(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images * self.std + self.mean  # not clamped: the clean image is recovered exactly at level 0
+        pixels = (
+            images * self.std + self.mean
+        )  # not clamped: the clean image is recovered exactly at level 0
         noisy = corrupt_pixels(pixels, self.corruption, self.noise_level, self.corruption_patch)
         return (noisy - self.mean) / self.std

@@ -94,16 +94,25 @@ class MaskedAutoencoder(Autoencoder):
         )
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
 
-        self.build_decoder(embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
+        self.build_decoder(
+            embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer
+        )
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * channels)
         self.initialize_weights()
 
-    def build_decoder(self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer) -> None:
+    def build_decoder(
+        self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
+    ) -> None:
         """The paper's decoder but for its prediction head: embed, mask token, positions, blocks, norm."""
         self.decoder_embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True)
-        blocks = [Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True
+        )
+        blocks = [
+            Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)
+        ]
         self.decoder_blocks = nn.Sequential(*blocks)
         self.decoder_norm = norm_layer(width)
 
@@ -154,7 +163,9 @@ class MaskedAutoencoder(Autoencoder):
         batch, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # patch order
+        x_ = torch.gather(
+            x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2])
+        )  # patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, 1:]  # (B, L, p*p*C), cls dropped

@@ -52,7 +52,9 @@ def _layers(m, channels: int, hw: tuple[int, int]) -> tuple[list[nn.Module], lis
 
 class StackedAutoencoder(ClassicAutoencoder):
     code_activation = "identity"
-    has_unused_parameters = True  # a greedy stage trains one layer: data parallel must expect idle ones
+    has_unused_parameters = (
+        True  # a greedy stage trains one layer: data parallel must expect idle ones
+    )
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, nets=False)
@@ -62,11 +64,18 @@ class StackedAutoencoder(ClassicAutoencoder):
         self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
         # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too, which
         # also makes the whole decoder non-linear; the first stage's decoder outputs the image
-        dec = [nn.Sequential(layer, nn.GELU()) if i > self.stages[0] else layer for i, layer in enumerate(dec)]
+        dec = [
+            nn.Sequential(layer, nn.GELU()) if i > self.stages[0] else layer
+            for i, layer in enumerate(dec)
+        ]
         self.encoder = nn.Sequential(*enc)
         self.decoders = nn.ModuleList(dec)  # one decoder layer per encoder layer
         self.stage_steps, self.denoising = m.stage_steps, m.stack_denoising
-        self.corruption, self.noise_level, self.corruption_patch = m.corruption, m.noise_level, m.corruption_patch
+        self.corruption, self.noise_level, self.corruption_patch = (
+            m.corruption,
+            m.noise_level,
+            m.corruption_patch,
+        )
         self.step = 0
 
     def set_step(self, step: int) -> None:
@@ -85,7 +94,9 @@ class StackedAutoencoder(ClassicAutoencoder):
         if not self.denoising:
             return h
         if first:  # the image: the configured pixel corruption
-            noisy = corrupt_pixels(h * self.std + self.mean, self.corruption, self.noise_level, self.corruption_patch)
+            noisy = corrupt_pixels(
+                h * self.std + self.mean, self.corruption, self.noise_level, self.corruption_patch
+            )
             return (noisy - self.mean) / self.std
         return h * (torch.rand_like(h) >= self.noise_level)  # codes: masking noise
 
@@ -102,12 +113,17 @@ class StackedAutoencoder(ClassicAutoencoder):
                 x = self._corrupt_input(h, False)
             out = self.decoders[index](self.encoder[index](x)).float()
             if first:
-                for layer in reversed(self.decoders[:index]):  # back to image shape (an mlp's Unflatten)
+                for layer in reversed(
+                    self.decoders[:index]
+                ):  # back to image shape (an mlp's Unflatten)
                     out = layer(out)
                 loss = self.reconstruction_loss(out, images)
             else:
                 loss = F.mse_loss(out, h.float())
-            return AEOutput(loss=loss, terms={"recon": loss.detach(), "stage": loss.new_tensor(float(stage)).detach()})
+            return AEOutput(
+                loss=loss,
+                terms={"recon": loss.detach(), "stage": loss.new_tensor(float(stage)).detach()},
+            )
         code = self.encoder(images)
         out = self.decode(code).float()
         loss = self.reconstruction_loss(out, images)

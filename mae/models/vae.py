@@ -72,7 +72,9 @@ class VariationalAutoencoder(ClassicAutoencoder):
         beta = self.beta_now()
         loss = (nll + beta * kl).mean() / dims
         neg_elbo = (nll + kl).detach()
-        bpd = neg_elbo.mean() / (dims * math.log(2)) + (8.0 if self.likelihood == "gaussian" else 0.0)
+        bpd = neg_elbo.mean() / (dims * math.log(2)) + (
+            8.0 if self.likelihood == "gaussian" else 0.0
+        )
         terms = {
             "elbo": -neg_elbo.mean(),
             "recon_nll": nll.detach().mean(),
