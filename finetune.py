@@ -1,12 +1,13 @@
-"""Evaluate an encoder: ``[accelerate launch] finetune.py [--config FILE] encoder=SOURCE [dotted.key=value ...]``.
+"""Evaluate an encoder:
+``[accelerate launch] finetune.py [--config FILE] encoder=SOURCE [dotted.key=value ...]``.
 
 ``mode=linear`` (default) fits a linear probe on frozen features, ``mode=knn`` a kNN classifier,
 ``mode=finetune`` trains the whole network with a classifier head (the MAE paper's recipe; use
 ``accelerate launch`` for several processes). Each writes ``results.json`` (top-1, top-5, per-class
 accuracy, config, encoder digest) into ``output_dir`` and prints one line per metric. SOURCE: an
-export dir, a run dir, hf-hub:ORG/NAME (a Hugging Face ViTMAE repository), timm:NAME.TAG (timm's pretrained
-weights; timm:NAME alone: random init), random:DIR (the same architecture at random init) or pixels:SIZE
-(raw pixels; probes only). See docs/evaluation.md and docs/interop.md.
+export dir, a run dir, hf-hub:ORG/NAME (a Hugging Face ViTMAE repository), timm:NAME.TAG (timm's
+pretrained weights; timm:NAME alone: random init), random:DIR (the same architecture at random init)
+or pixels:SIZE (raw pixels; probes only). See docs/evaluation.md and docs/interop.md.
 """
 
 import sys

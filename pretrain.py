@@ -1,4 +1,5 @@
-"""Pretrain an autoencoder: ``accelerate launch pretrain.py [--config FILE] [dotted.key=value ...]``.
+"""Pretrain an autoencoder:
+``accelerate launch pretrain.py [--config FILE] [dotted.key=value ...]``.
 
 With no arguments: the default recipe (MAE ViT-Tiny/4) on the CIFAR-10 sample shipped in the
 package. See docs/pretraining.md, docs/data.md and docs/distributed.md.
@@ -8,9 +9,11 @@ import sys
 
 from mae.cli import main
 from mae.config import Config
+
+# the recipe, with the architecture of an init= checkpoint
 from mae.interop import (
     load_pretrain_config,
-)  # the recipe, with the architecture of an init= checkpoint
+)
 
 
 def pretrain(cfg: Config) -> None:

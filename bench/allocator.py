@@ -1,4 +1,4 @@
-"""The MAE training step on CPU with glibc's default malloc settings and with ``tune_cpu_allocator``.
+"""The MAE training step on CPU with glibc's default malloc settings and ``tune_cpu_allocator``.
 
     python bench/allocator.py --setting base --precision bf16      # ViT-B/16, 224 px, batch 32
     python bench/allocator.py --setting tiny --precision fp32      # ViT-Tiny/4, 32 px, batch 256
@@ -6,8 +6,8 @@
 Training on CPU calls ``mae.hardware.tune_cpu_allocator`` at start. It is process-wide, so the two
 settings run in separate fresh processes, alternately (``--pairs`` of each, the order flipped every
 pair so that drift hits both alike). Each process times ``--rounds`` rounds of 2 steps after one
-untimed step. The script prints the medians, their ratio and each process's peak RSS, and writes JSON.
-``bench/vs_hf.py`` compares implementations within one process, under the default settings.
+untimed step. The script prints the medians, their ratio and each process's peak RSS, and writes
+JSON. ``bench/vs_hf.py`` compares implementations within one process, under the default settings.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import ROOT, add_out, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import vs_hf  # noqa: E402  (bench/ is the script's own folder)
@@ -41,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--child", choices=["default", "tuned"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocator.json"))
+    add_out(p, "allocator.json")
     args = p.parse_args(argv)
     args.batch = args.batch or vs_hf.SETTINGS[args.setting][2]
     return args
@@ -52,7 +51,8 @@ def child(args: argparse.Namespace) -> None:
     applied = tune_cpu_allocator() if args.child == "tuned" else False
     if args.child == "tuned" and not applied:
         sys.exit(
-            "error: tune_cpu_allocator did not apply here (no glibc, or malloc settings already chosen)"
+            "error: tune_cpu_allocator did not apply here "
+            "(no glibc, or malloc settings already chosen)"
         )
     torch.set_num_threads(args.threads)
     cfg = vs_hf.make_config(args)
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         each = ", ".join(f"{r['images_per_s']:.2f}" for r in runs[k])
         print(f"{k:<8} {median[k]:8.2f} img/s (processes: {each}); peak RSS {rss[k]:.0f} MiB")
     print(f"tuned / default: {median['tuned'] / median['default']:.3f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"settings": vars(args), "runs": runs, "median": median}, indent=1) + "\n"
-    )
+    write_json(args.out, {"settings": vars(args), "runs": runs, "median": median})
     return 0
 
 

@@ -1,26 +1,29 @@
 """Every method of the project on a fixed CPU budget: pretrain, then linear probe and kNN.
 
 For each method's recipe (``configs/<method>_cifar10_budget.yaml``; MAE:
-``configs/mae_vit_tiny_cifar10_budget.yaml``, CrossMAE: ``configs/crossmae_vit_tiny_cifar10_budget.yaml``):
+``configs/mae_vit_tiny_cifar10_budget.yaml``, CrossMAE:
+``configs/crossmae_vit_tiny_cifar10_budget.yaml``):
 
 1. calibrate: a short run measures the optimizer steps per second of each recipe on this machine
-   (median of its logged rates, start-up excluded), every method before any trains; ``--rates`` takes
-   them from another budget's ``results.json`` instead, so its steps are exactly proportional;
+   (median of its logged rates, start-up excluded), every method before any trains; ``--rates``
+   takes them from another budget's ``results.json`` instead, so its steps are exactly proportional;
 2. pretrain for ``--budget`` seconds' worth of steps (``train.max_steps`` = budget x rate; a
    stacked autoencoder gives each greedy stage a sixth of them), and time the whole run;
 3. probe the export with ``finetune.py`` (linear, then kNN and kNN on standardised features on the
    same cached features) on the full train/test split, and the same architecture at random init
    (``random:RUN``) the same way; raw pixels once.
 
-Prints one Markdown table (method, steps, images seen, pretraining wall time, linear, kNN and standardised kNN
-top-1 of the pretrained and the random-init encoder) and writes it with every number to
-``--out`` (``table.md``, ``results.json``). Finished steps are reused when the script is run again
-with the same settings (delete ``--out`` to start over).
+Prints one Markdown table (method, steps, images seen, pretraining wall time, linear, kNN and
+standardised kNN top-1 of the pretrained and the random-init encoder) and writes it with every
+number to ``--out`` (``table.md``, ``results.json``). Finished steps are reused when the script is
+run again with the same settings (delete ``--out`` to start over).
 
     python bench/budget.py --budget 600                 # all methods, ~1.5 h on 2 cores
     python bench/budget.py --budget 300 --methods ae,dae
-    python bench/budget.py --budget 600 --methods mae --finetune   # + fine-tuning: pretrained vs random init
-    python bench/budget.py --budget 300 --rates bench/results/budget/results.json --out bench/results/budget300
+    # + fine-tuning: pretrained vs random init
+    python bench/budget.py --budget 600 --methods mae --finetune
+    python bench/budget.py --budget 300 --rates bench/results/budget/results.json \\
+        --out bench/results/budget300
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mae", "crossmae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae")
+# configs/eval/<probe>_cifar10.yaml, on each run and its random init
 PROBES = (
     "linear",
     "knn",
     "knn_standardised",
-)  # configs/eval/<probe>_cifar10.yaml, on each run and its random init
+)
 PROBE_TITLES = {"linear": "linear", "knn": "kNN", "knn_standardised": "kNN standardised"}
 # the tables' probe columns: (results key, title), pretrained then random init
 PROBE_COLUMNS = [
@@ -58,7 +62,7 @@ def recipe(method: str) -> Path:
 
 
 def run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root, output to ``log``; returns the wall time. Fails loudly."""
+    """Run ``cmd`` from the repo root, output to ``log``; returns the wall time. Fails loudly."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     tic = time.perf_counter()
     with open(log, "w") as f:
@@ -69,8 +73,9 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def stage_overrides(method: str, steps: int, overrides: Sequence[str] = ()) -> list[str]:
-    """A stacked autoencoder's greedy stages for a run of ``steps``: a sixth of them each (four stages, then
-    end to end for the last third), unless ``overrides`` set ``model.stage_steps``; other methods: none."""
+    """A stacked autoencoder's greedy stages for a run of ``steps``: a sixth of them each (four
+    stages, then end to end for the last third), unless ``overrides`` set ``model.stage_steps``;
+    other methods: none."""
     if method != "stacked_ae" or any(o.startswith("model.stage_steps=") for o in overrides):
         return []
     return [f"model.stage_steps={max(1, steps // 6)}"]
@@ -84,8 +89,9 @@ def steps_per_second(
     name: str = "",
     config: list[str] | None = None,
 ) -> float:
-    """Optimizer steps per second of ``method``'s recipe plus ``overrides`` on this machine (``config``:
-    pretrain.py's ``--config`` arguments instead of the recipe's; [] for its defaults)."""
+    """Optimizer steps per second of ``method``'s recipe plus ``overrides`` on this machine
+    (``config``: pretrain.py's ``--config`` arguments instead of the recipe's; [] for its
+    defaults)."""
     name = name or method
     config = ["--config", str(recipe(method))] if config is None else config
     out = work / f"calibrate_{name}"
@@ -97,24 +103,22 @@ def steps_per_second(
         "train.log_every=5",
     ]
     args += ["train.checkpoint_every=1000", "train.recon_every=1000"]
-    if (
-        method == "stacked_ae"
-    ):  # time the whole stack (the slowest stage), not the first layer alone
+    # time the whole stack (the slowest stage), not the first layer alone
+    if method == "stacked_ae":
         args.append("model.stage_steps=1")
     run([sys.executable, "pretrain.py", *config, *args], work / f"calibrate_{name}.log")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     batch = json.loads((out / "derived.json").read_text())["effective_batch"]
-    return (
-        statistics.median(r["images_per_s"] for r in lines[1:]) / batch
-    )  # the first line holds start-up
+    # the first line holds start-up
+    return statistics.median(r["images_per_s"] for r in lines[1:]) / batch
 
 
 def calibrate(
     methods: list[str], data: str, work: Path, known: dict, rates_from: str | None
 ) -> dict[str, float]:
-    """Steps per second of every method that has no export in ``work`` yet, all measured before any of them
-    trains (so later work sharing the machine cannot skew a calibration): ``known`` (rates recorded by an
-    earlier run in ``work``), else read from ``rates_from``, else measured."""
+    """Steps per second of every method that has no export in ``work`` yet, all measured before any
+    of them trains (so later work sharing the machine cannot skew a calibration): ``known`` (rates
+    recorded by an earlier run in ``work``), else read from ``rates_from``, else measured."""
     todo = [m for m in methods if not (work / "runs" / m / "export").is_dir()]
     if rates_from is None:
         return {m: known.get(m) or steps_per_second(m, data, work) for m in todo}
@@ -122,7 +126,8 @@ def calibrate(
     missing = [m for m in todo if m not in other]
     if missing:
         sys.exit(
-            f"error: --rates {rates_from} has no rate for {','.join(missing)}; calibrate them there first"
+            f"error: --rates {rates_from} has no rate for {','.join(missing)}; "
+            "calibrate them there first"
         )
     return {m: other[m] for m in todo}
 
@@ -138,7 +143,8 @@ def open_record(data: str, out: str) -> tuple[Path, Path, dict]:
 
 
 def probe(encoder: str, mode: str, data: str, out: Path, log: Path) -> dict:
-    """``finetune.py`` with ``configs/eval/<mode>_cifar10.yaml`` (linear, knn or finetune), reused when done."""
+    """``finetune.py`` with ``configs/eval/<mode>_cifar10.yaml`` (linear, knn or finetune),
+    reused when done."""
     if not (out / "results.json").is_file():
         args = [f"encoder={encoder}", f"output_dir={out}", f"data.dataset={data}"]
         run(
@@ -166,8 +172,9 @@ def run_size(run_dir: Path) -> dict:
 def probe_pair(
     name: str, run_dir: Path, mode: str, data: str, work: Path, random_of: Path | None = None
 ) -> dict[str, dict]:
-    """``probe`` of ``run_dir``'s encoder and of its random init: {"pretrained": results, "random": results}.
-    ``random_of``: the random init of that run's encoder instead (the same architecture: the same numbers)."""
+    """``probe`` of ``run_dir``'s encoder and of its random init: {"pretrained": results, "random":
+    results}. ``random_of``: the random init of that run's encoder instead (the same architecture:
+    the same numbers)."""
     sources = {"pretrained": str(run_dir), "random": f"random:{random_of or run_dir}"}
     random_name = name if random_of is None else random_of.name
     return {
@@ -180,19 +187,20 @@ def probe_pair(
 
 
 def in_order(rows: dict[str, dict]) -> dict[str, dict]:
-    """``rows`` in the order of ``METHODS``, whichever ran and in whatever order: a row computed again (its
-    old one removed from ``results.json``) would otherwise come last."""
+    """``rows`` in the order of ``METHODS``, whichever ran and in whatever order: a row computed
+    again (its old one removed from ``results.json``) would otherwise come last."""
     return {m: rows[m] for m in METHODS if m in rows}
 
 
 def budget_table(record: dict) -> str:
-    """The Markdown table of a ``results.json`` record: one row per method, then fine-tuning if any."""
+    """The Markdown table of a ``results.json`` record: a row per method, then any fine-tuning."""
     rows, pixels = record["methods"], record["pixels"]
     lines = [
-        f"Budget: {record['budget']:g} s of pretraining per method (steps from the measured rate). Raw pixels: "
-        f"linear {100 * pixels['linear']:.1f}%, kNN {100 * pixels['knn']:.1f}%, kNN standardised "
-        f"{100 * pixels['knn_standardised']:.1f}%. kNN standardised: the cosine of the features less the "
-        "training mean, divided by the training std (`configs/eval/knn_standardised_cifar10.yaml`).",
+        f"Budget: {record['budget']:g} s of pretraining per method (steps from the measured rate). "
+        f"Raw pixels: linear {100 * pixels['linear']:.1f}%, kNN {100 * pixels['knn']:.1f}%, "
+        f"kNN standardised {100 * pixels['knn_standardised']:.1f}%. kNN standardised: the cosine "
+        "of the features less the training mean, divided by the training std "
+        "(`configs/eval/knn_standardised_cifar10.yaml`).",
         "",
         "| method | steps | images seen | pretraining wall | "
         + " | ".join(t for _, t in PROBE_COLUMNS)
@@ -234,19 +242,22 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench/results/budget"))
     parser.add_argument(
         "--report",
-        help="also run python -m mae.evaluate (reconstruct, denoise, anomaly, reduce; sample for the VAE) on every "
-        "run and write the report of all methods (table + figures) into this folder",
+        help="also run python -m mae.evaluate (reconstruct, denoise, anomaly, reduce; sample for "
+        "the VAE) on every run and write the report of all methods (table + figures) into this "
+        "folder",
     )
     parser.add_argument(
         "--rates",
-        help="results.json of another --out: take each method's steps per second from it instead of calibrating "
-        "here, so two budgets train exactly proportional steps (and may share the machine after calibration)",
+        help="results.json of another --out: take each method's steps per second from it instead "
+        "of calibrating here, so two budgets train exactly proportional steps (and may share the "
+        "machine after calibration)",
     )
     parser.add_argument(
         "--finetune",
         action="store_true",
         help="also fine-tune each token encoder (MAE, CrossMAE) and its random init with "
-        "configs/eval/finetune_cifar10.yaml (the same steps for both) and add their test top-1 to the table",
+        "configs/eval/finetune_cifar10.yaml (the same steps for both) and add their test top-1 to "
+        "the table",
     )
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -291,10 +302,11 @@ def main() -> int:
         for mode in PROBES:
             for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]
+        # classic encoders are not timm models: probes only
         if args.finetune and method in (
             "mae",
             "crossmae",
-        ):  # classic encoders are not timm models: probes only
+        ):
             for kind, res in probe_pair(method, run_dir, "finetune", args.data, work).items():
                 row[f"{kind}_finetune"] = res["top1"]
                 row["finetune_steps"] = res["steps"]
@@ -354,20 +366,16 @@ def write_report(work: Path, methods: list[str], data: str, out: Path, table: st
         str(out),
     ]
     run(cmd + [a for r in runs for a in ("--run", str(r))], work / "report.log")
-    body = (
-        (out / "report.md").read_text().replace(str(work) + "/", "")
-    )  # run paths relative to the bench output
-    shown = " ".join(
-        shlex.quote(relative(a)) for a in sys.argv[1:]
-    )  # the command as given, from the repository
+    # run paths relative to the bench output
+    body = (out / "report.md").read_text().replace(str(work) + "/", "")
+    # the command as given, from the repository
+    shown = " ".join(shlex.quote(relative(a)) for a in sys.argv[1:])
     (out / "report.md").write_text(
         "# Every method on CIFAR-10 at the same CPU budget\n\n"
         f"Produced by `python bench/budget.py {shown}`"
-        " on a 2-core CPU; the evaluate tasks use the first 2,000 test images (anomaly: class 0 normal, scored by "
-        "the model trained on all classes; denoise: Gaussian noise of std 0.2).\n\n## Pretraining and probes\n\n"
-        + table
-        + "\n## Evaluate tasks\n\n"
-        + body
+        " on a 2-core CPU; the evaluate tasks use the first 2,000 test images (anomaly: class 0 "
+        "normal, scored by the model trained on all classes; denoise: Gaussian noise of std 0.2)."
+        "\n\n## Pretraining and probes\n\n" + table + "\n## Evaluate tasks\n\n" + body
     )
 
 

@@ -1,6 +1,6 @@
-"""What checking a checkpoint against its manifest costs, next to loading it: a ViT-B/16 MAE by default.
+"""What checking a checkpoint against its manifest costs next to loading it (default: ViT-B/16 MAE).
 
-    python bench/checkpoint_verify.py                          # ViT-B/16 at 224 px, AdamW state, 3 repeats
+    python bench/checkpoint_verify.py  # ViT-B/16 at 224 px, AdamW state, 3 repeats
     python bench/checkpoint_verify.py --preset vit_large_patch16
 
 A real checkpoint (``mae.checkpoint.save_checkpoint``: model, AdamW moments after one step, RNG
@@ -14,17 +14,14 @@ a crash on the same machine; from a cold disk both read the same bytes once more
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from common import ROOT, add_out, medians, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mae import checkpoint  # noqa: E402
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where the temporary checkpoint goes (default: the system's tmp)",
     )
-    p.add_argument("--out", default=str(ROOT / "bench/results/checkpoint_verify.json"))
+    add_out(p, "checkpoint_verify.json")
     args = p.parse_args(argv)
 
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.image_size={args.image_size}"])
@@ -77,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             times["hash_at_save"].append(timed(lambda: checkpoint.write_manifest(path)))
     if any(problems):
         sys.exit(f"error: the fresh checkpoint did not verify: {problems}")
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = medians(times)
     print(
-        f"{args.preset} at {args.image_size} px: a checkpoint of {size / 2**20:,.0f} MiB, written in {save_s:.2f} s; "
-        f"torch {torch.__version__}"
+        f"{args.preset} at {args.image_size} px: a checkpoint of {size / 2**20:,.0f} MiB, "
+        f"written in {save_s:.2f} s; torch {torch.__version__}"
     )
     for key, value in median.items():
         runs = ", ".join(f"{t:.2f}" for t in times[key])
@@ -95,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_s": median,
         "verify_over_load": median["verify"] / median["load"],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return 0
 
 

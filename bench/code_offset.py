@@ -1,11 +1,12 @@
-"""How much of each run's codes is an offset that every image shares: what raw cosine kNN cannot see past.
+"""How much of each run's codes is an offset all images share: what raw cosine kNN cannot see past.
 
-    python bench/code_offset.py bench/results/budget300_family/runs/cae bench/results/budget600_family/runs/cae
+    python bench/code_offset.py bench/results/budget300_family/runs/cae \\
+        bench/results/budget600_family/runs/cae
 
-For each run (or ``random:RUN``), on the training split's features as the probes take them (``mae.probe``'s
-cache, extracted when missing, with ``configs/eval/knn_cifar10.yaml``'s settings):
+For each run (or ``random:RUN``), on the training split's features as the probes take them
+(``mae.probe``'s cache, extracted when missing, with ``configs/eval/knn_cifar10.yaml``'s settings):
 
-- offset share: ||mean feature||^2 / mean ||feature||^2 (0: centred codes; 1: every image the same code);
+- offset share: ||mean feature||^2 / mean ||feature||^2 (0: centred codes; 1: all images one code);
 - mean cosine between two images' features (4,000 images, each pair once);
 - the mean feature value and the smallest per-dimension std (a dead unit: std below 0.01).
 

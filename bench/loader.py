@@ -1,24 +1,25 @@
-"""Loader images/s per core on ImageNet-size JPEGs: the originals, pre-resized shards, draft decoding.
+"""Loader images/s per core on ImageNet-size JPEGs: originals, pre-resized shards, draft decoding.
 
     python bench/loader.py --folder /tmp/imagenet_like --images 3000 --out bench/results/loader.json
 
 1. ``--folder`` is made when missing: ``--images`` JPEGs (quality 90) in 10 class folders, of random
-   sizes around 500x375 (ImageNet's mean), with natural-ish content (smooth colour fields, shapes with
-   edges, fine grain), since what a JPEG costs to decode depends on what it holds. ``--jobs`` processes
-   make it; image i comes from its own seed, so the folder is the same for any number of them.
+   sizes around 500x375 (ImageNet's mean), with natural-ish content (smooth colour fields, shapes
+   with edges, fine grain), since what a JPEG costs to decode depends on what it holds. ``--jobs``
+   processes make it; image i comes from its own seed, so the folder is the same for any number of
+   them.
 2. ``--prepared`` (default FOLDER_256) is made when missing: ``python -m mae.prepare FOLDER PREPARED
    --max-side 256 --quality 90`` on every core; its time is reported.
 3. The pretraining loader (``ImageDataset`` + the training transform: RandomResizedCrop to
-   ``--image-size``, scale 0.2-1, flip, normalisation; ``DataLoader`` with no workers, one torch thread)
-   is timed on: the original JPEGs; the shards; the original JPEGs with ``data.decoder=pillow_draft``.
-   As in pretraining, the loader gives uint8 images and each batch is scaled and normalised after it
-   (``mae.data.loaded.BatchNormalise``; on this core here, on the GPU in a GPU run).
-   The three are timed round robin, ``--repeats`` rounds of ``--batches`` batches of 64 (another epoch
-   each round); the medians, the range and the ratios to the originals, each ratio a median of the
-   rounds' own ratios. Two rates each: the loader alone (what a loader worker's core does) and with
-   the batch normalisation after it on the same core (where a CPU run does it).
-4. Draft decoding against the exact path: the same samples through both transforms; the share of crops
-   that a reduced scale served and the mean / max absolute difference in 0-255 levels.
+   ``--image-size``, scale 0.2-1, flip, normalisation; ``DataLoader`` with no workers, one torch
+   thread) is timed on: the original JPEGs; the shards; the original JPEGs with
+   ``data.decoder=pillow_draft``. As in pretraining, the loader gives uint8 images and each batch is
+   scaled and normalised after it (``mae.data.loaded.BatchNormalise``; on this core here, on the GPU
+   in a GPU run). The three are timed round robin, ``--repeats`` rounds of ``--batches`` batches of
+   64 (another epoch each round); the medians, the range and the ratios to the originals, each ratio
+   a median of the rounds' own ratios. Two rates each: the loader alone (what a loader worker's core
+   does) and with the batch normalisation after it on the same core (where a CPU run does it).
+4. Draft decoding against the exact path: the same samples through both transforms; the share of
+   crops that a reduced scale served and the mean / max absolute difference in 0-255 levels.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, add_out, medians, write_json
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 from mae.config import IMAGENET_MEAN, IMAGENET_STD, load_config  # noqa: E402
@@ -50,7 +51,8 @@ BATCH = 64
 
 
 def natural_image(rng: np.random.Generator) -> Image.Image:
-    """About 500x375 (either orientation): a smooth colour field, a few dozen shapes with hard edges, grain."""
+    """About 500x375 (either orientation): a smooth colour field, a few dozen shapes with hard
+    edges, grain."""
     w = int(rng.normal(500, 60))
     h = int(w * rng.choice([0.75, 0.75, 0.67, 1.0, 1.33]))
     field = rng.integers(0, 256, (max(2, h // 48), max(2, w // 48), 3), dtype=np.uint8)
@@ -88,7 +90,8 @@ def make_folder(folder: Path, images: int, jobs: int) -> None:
 
 
 def dataset(path: Path, image_size: int, decoder: str, split: bool = False) -> ImageDataset:
-    """The dataset pretraining reads (``split``: its transform stops at uint8, ``split_normalisation``)."""
+    """The dataset pretraining reads (``split``: its transform stops at uint8,
+    ``split_normalisation``)."""
     overrides = [
         f"data.dataset={json.dumps(str(path))}",
         f"data.image_size={image_size}",
@@ -96,13 +99,14 @@ def dataset(path: Path, image_size: int, decoder: str, split: bool = False) -> I
     ]
     cfg = load_config(None, overrides).data  # resolved: the defaults' mean and std
     transform = split_normalisation(augment_transform(cfg))[0] if split else augment_transform(cfg)
-    return ImageDataset(load_split(cfg), cfg, transform, seed=0)
+    return ImageDataset(load_split(cfg), cfg.columns, transform, seed=0)
 
 
 def time_loader(ds: ImageDataset, epoch: int, batches: int) -> tuple[float, float]:
-    """images/s over ``batches`` batches of epoch ``epoch`` (the first, untimed, starts the iterator): of the
-    loader alone (uint8 batches: a loader worker's work), and with each batch then scaled and normalised on
-    this core (``BatchNormalise``; in a GPU run that is done on the GPU)."""
+    """images/s over ``batches`` batches of epoch ``epoch`` (the first, untimed, starts the
+    iterator): of the loader alone (uint8 batches: a loader worker's work), and with each batch then
+    scaled and normalised on this core (``BatchNormalise``; in a GPU run that is done on the
+    GPU)."""
     sampler = EpochSampler(len(ds), (batches + 1) * BATCH, seed=0)
     sampler.set_epoch(epoch)
     it = iter(worker_loader(ds, sampler, 0, BATCH))
@@ -119,8 +123,9 @@ def time_loader(ds: ImageDataset, epoch: int, batches: int) -> tuple[float, floa
 
 
 def draft_difference(folder: Path, image_size: int, samples: int) -> dict[str, float]:
-    """The same samples decoded exactly and with draft decoding: the share of crops a reduced scale served
-    (a crop decoded whole is bit for bit the exact one) and |difference| in 0-255 levels over those."""
+    """The same samples decoded exactly and with draft decoding: the share of crops a reduced scale
+    served (a crop decoded whole is bit for bit the exact one) and |difference| in 0-255 levels over
+    those."""
     exact, draft = (
         dataset(folder, image_size, "pillow"),
         dataset(folder, image_size, "pillow_draft"),
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compare", type=int, default=100, help="samples for the draft-decoding difference"
     )
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loader.json")
+    add_out(p, "loader.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # per core
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             normalised[name].append(with_normalising)
     for key, table in (("loader", rates), ("loader_and_cpu_normalisation", normalised)):
         results[key] = {
-            "images_per_s_per_core": {k: statistics.median(v) for k, v in table.items()},
+            "images_per_s_per_core": medians(table),
             "samples": table,
             "ratio_to_original": {
                 k: statistics.median(a / b for a, b in zip(v, table["original"], strict=True))
@@ -212,12 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, v in results[key]["samples"].items():
             ratio = results[key]["ratio_to_original"][name]
             print(
-                f"  {name:<15} {statistics.median(v):8.1f} img/s per core ({min(v):.1f}-{max(v):.1f}); x{ratio:.2f}"
+                f"  {name:<15} {statistics.median(v):8.1f} img/s per core "
+                f"({min(v):.1f}-{max(v):.1f}); x{ratio:.2f}"
             )
     print(json.dumps({k: results[k] for k in ("folder", "draft")}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Sweep a method's budget recipe: each variant pretrains for the same wall-clock budget, then is probed.
+"""Sweep a method's budget recipe: each variant pretrains for one wall-clock budget, then is probed.
 
 Every variant is a recipe (by default the method's ``configs/<method>_cifar10_budget.yaml``, as in
 ``budget.py``; ``--recipe default``: ``pretrain.py``'s own defaults, the bundled-sample run) plus a
@@ -6,8 +6,8 @@ few ``key=value`` overrides. Like ``budget.py``, each one is first calibrated (i
 per second on this machine, so a slower variant gets fewer steps), pretrained for ``--budget``
 seconds' worth of steps, then probed with ``finetune.py`` (linear, and kNN on the same cached
 features) on the full CIFAR-10 train/test split, next to the same architecture at random init. A
-stacked autoencoder gives each greedy stage a sixth of the steps, as in ``budget.py``, unless a variant
-sets ``model.stage_steps``.
+stacked autoencoder gives each greedy stage a sixth of the steps, as in ``budget.py``, unless a
+variant sets ``model.stage_steps``.
 Finished variants are reused when the script runs again with the same ``--out``.
 
     python bench/sweep.py --budget 300 --out bench/results/sweep_mae \\
@@ -17,8 +17,8 @@ Finished variants are reused when the script runs again with the same ``--out``.
         --out bench/results/sweep_sample --variant base --variant blr5e-4 train.blr=5e-4
 
 Writes ``table.md`` and ``results.json`` into ``--out`` and prints the table (``--doc FILE``: also
-there, with the command line, above the file's own sections, from its first ``## `` heading on, which
-are kept).
+there, with the command line, above the file's own sections, from its first ``## `` heading on,
+which are kept).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def parse_variants(given: list[list[str]]) -> list[tuple[str, list[str]]]:
         bad = [o for o in overrides if "=" not in o]
         if "=" in name or "/" in name or bad:
             sys.exit(
-                f"error: --variant {' '.join([name, *overrides])}: write --variant NAME [KEY=VALUE ...]"
+                f"error: --variant {' '.join([name, *overrides])}: "
+                "write --variant NAME [KEY=VALUE ...]"
             )
         out.append((name, overrides))
     if len({n for n, _ in out}) != len(out):
@@ -81,19 +82,20 @@ def main() -> int:
         "--steps",
         type=int,
         help="the same optimizer steps for every variant instead of calibrating each (an equal-"
-        "compute sweep of settings that do not change the step's cost, unaffected by other load on the machine)",
+        "compute sweep of settings that do not change the step's cost, unaffected by other load "
+        "on the machine)",
     )
     parser.add_argument(
         "--recipe",
-        help="the recipe file every variant starts from (default: the method's CIFAR-10 budget recipe); "
-        "'default': pretrain.py's defaults with no --config, the bundled-sample run",
+        help="the recipe file every variant starts from (default: the method's CIFAR-10 budget "
+        "recipe); 'default': pretrain.py's defaults with no --config, the bundled-sample run",
     )
     parser.add_argument(
         "--random-init",
         choices=["each", "first"],
         default="each",
-        help="probe the random init of each variant's encoder, or only the first's (variants that keep the "
-        "encoder's architecture and seed start from the same weights: the same numbers)",
+        help="probe the random init of each variant's encoder, or only the first's (variants that "
+        "keep the encoder's architecture and seed start from the same weights: the same numbers)",
     )
     parser.add_argument(
         "--data", default=str(ROOT.parent / "shared/data/cifar10"), help="the probes' data"
@@ -110,8 +112,9 @@ def main() -> int:
         action="append",
         choices=sorted(TASK_COLUMNS),
         default=[],
-        help="also run python -m mae.evaluate TASK on every variant (first 2,000 test images; PCA fitted on 20,000 "
-        "training images) and add its PSNR beside PCA's to the table; repeat for several",
+        help="also run python -m mae.evaluate TASK on every variant (first 2,000 test images; PCA "
+        "fitted on 20,000 training images) and add its PSNR beside PCA's to the table; repeat for "
+        "several",
     )
     parser.add_argument("--no-probes", action="store_true", help="skip the linear and kNN probes")
     args = parser.parse_args()
@@ -128,7 +131,8 @@ def main() -> int:
     pretrain_data = args.pretrain_data or args.data
     if pretrain_data != "sample" and not Path(pretrain_data).is_dir():
         sys.exit(
-            f"error: --pretrain-data {pretrain_data} is not a folder; give a dataset folder or 'sample'"
+            f"error: --pretrain-data {pretrain_data} is not a folder; "
+            "give a dataset folder or 'sample'"
         )
     work, record_path, record = open_record(args.data, args.out)
     setting = {
@@ -139,7 +143,8 @@ def main() -> int:
     }
     if any(record.get(k, v) != v for k, v in setting.items()):
         sys.exit(
-            f"error: {work} holds a sweep of another --method, --budget, --recipe or --pretrain-data; use another --out"
+            f"error: {work} holds a sweep of another --method, --budget, --recipe or "
+            "--pretrain-data; use another --out"
         )
     record |= setting
     config = [] if base is None else ["--config", str(base)]
@@ -150,7 +155,8 @@ def main() -> int:
         row = rows.get(name, {})
         if row.get("overrides") not in (None, overrides):
             sys.exit(
-                f"error: variant {name!r} in {work} was run with {row['overrides']}; give this one another name"
+                f"error: variant {name!r} in {work} was run with {row['overrides']}; "
+                "give this one another name"
             )
         run_dir = work / "runs" / name
         if (
@@ -240,8 +246,8 @@ TASK_COLUMNS = {
 
 
 def evaluate(task: str, run_dir: Path, data: str, log: Path) -> tuple[float, float]:
-    """``python -m mae.evaluate TASK`` on a run (its defaults: the first 2,000 test images); the model's PSNR
-    and PCA's at the code's size."""
+    """``python -m mae.evaluate TASK`` on a run (its defaults: the first 2,000 test images); the
+    model's PSNR and PCA's at the code's size."""
     out = run_dir / "evaluate" / task
     if not (out / "metrics.json").is_file():
         run(

@@ -5,7 +5,7 @@
 
 1. model step: forward + backward + AdamW step (the engine's optimizer) on random images in memory;
 2. data loader: the pretraining DataLoader over --data, without a model;
-3. end to end: the loader feeding the model step, as in the engine's inner loop (without Accelerate).
+3. end to end: the loader feeding the model step, as in the engine's inner loop (no Accelerate).
 
 On CPU, glibc's malloc is tuned first, as training does (``mae.hardware.tune_cpu_allocator``;
 ``--default-malloc`` leaves it alone).
@@ -14,14 +14,14 @@ On CPU, glibc's malloc is tuned first, as training does (``mae.hardware.tune_cpu
 (``data.on_device=true``, ``mae.data.on_device``); the "data loader" is then the key loader plus the
 on-device augmentation, with no workers.
 
-Each is timed ``--repeats`` times over ``--steps`` batches; the table gives the median and the range.
-The first batch of each loader worker is never timed (start-up); its latency is reported separately.
+Each is timed ``--repeats`` times over ``--steps`` batches; the table gives the median and the
+range. The first batch of each loader worker is never timed (start-up); its latency is reported
+separately.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -36,18 +36,33 @@ from typing import Any
 
 import timm
 import torch
+from common import (
+    ROOT,
+    add_out,
+    rate_cells,
+    rate_header,
+    summary,
+    timestamp,
+    torch_device,
+    write_json,
+)
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from mae.config import PRESET_KEYS, PRESETS, Config, derive, load_config  # noqa: E402
+from mae.config import Config, derive, load_config  # noqa: E402
 from mae.data.images import EpochSampler, ImageDataset, augment_transform  # noqa: E402
 from mae.data.loaded import worker_loader  # noqa: E402
 from mae.data.loading import load_split  # noqa: E402
 from mae.data.on_device import DecodedImages, DeviceAugment, key_loader  # noqa: E402
-from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator  # noqa: E402
+from mae.hardware import (  # noqa: E402
+    resolve_attention,
+    resolve_precision,
+    set_attention,
+    tune_cpu_allocator,
+)
 from mae.models import build_model  # noqa: E402
+from mae.presets import PRESET_KEYS, PRESETS  # noqa: E402
 from mae.pretrain import build_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
@@ -66,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="bf16: autocast around the forward; auto: what train.mixed_precision=auto picks on this device",
+        help="bf16: autocast around the forward; "
+        "auto: what train.mixed_precision=auto picks on this device",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -88,12 +104,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(DEFAULT_DATA),
         help="parquet dataset folder; 'sample' if it is missing",
     )
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    add_out(p, "throughput.json")
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace, dataset: str) -> Config:
-    data = f"data.image_size={args.image_size} data.num_workers={args.workers} train.batch_size={args.batch}"
+    data = (
+        f"data.image_size={args.image_size} data.num_workers={args.workers} "
+        f"train.batch_size={args.batch}"
+    )
     # the path is quoted because override values are parsed as YAML
     return load_config(
         None, [f"model.preset={args.preset}", f"data.dataset={json.dumps(dataset)}", *data.split()]
@@ -101,7 +120,7 @@ def make_config(args: argparse.Namespace, dataset: str) -> Config:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, precision: str) -> Step:
-    """One optimizer step on a batch with the engine's optimizer (lr for one process); returns the loss."""
+    """One optimizer step with the engine's optimizer (lr for one process); returns the loss."""
     optimizer = build_optimizer(
         model, cfg, derive(cfg, dataset_size=cfg.train.batch_size, num_processes=1)
     )
@@ -159,35 +178,30 @@ def bench_loader(
     device: torch.device,
     augment: DeviceAugment | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Per repeat, one sampler epoch of exactly ``skip + steps`` batches, each passed to ``consume``; the
-    last ``steps`` are timed. Returns (images/s, seconds to the end of the ``skip`` untimed batches)."""
+    """Per repeat, one sampler epoch of exactly ``skip + steps`` batches, each passed to
+    ``consume``; the last ``steps`` are timed. Returns (images/s, seconds to the end of the ``skip``
+    untimed batches)."""
     consume = consume or (lambda images: images)
     rates, firsts = [], []
     for r in range(args.repeats):
         loader.sampler.set_epoch(epoch0 + r)
         tic = time.perf_counter()
-        batches = iter(loader) if augment is None else augment.batches(iter(loader))
+        if augment is None:
+            batches = (images for images, *_ in loader)
+        else:
+            batches = (batch.images for batch in augment.batches(iter(loader)))
         for _ in range(skip):
-            consume(next(batches)[0])
+            consume(next(batches))
         sync(device)
         mid = time.perf_counter()
         for _ in range(args.steps):
-            consume(next(batches)[0])
+            consume(next(batches))
         sync(device)
         rates.append(args.steps * args.batch / (time.perf_counter() - mid))
         firsts.append(mid - tic)
         for _ in batches:  # the epoch is exactly used up; this only ends the iterator cleanly
             pass
     return rates, firsts
-
-
-def summary(rates: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "samples": rates,
-    }
 
 
 def max_rss_mib(who: int) -> float:
@@ -204,7 +218,8 @@ def cpu_model() -> str:
 
 
 def others_cpu_s() -> float:
-    """CPU seconds used on the machine (steal included) by everything but this process and its reaped children."""
+    """CPU seconds used on the machine (steal included) by everything but this process and its
+    reaped children."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
     return busy / os.sysconf("SC_CLK_TCK") - sum(os.times()[:4])
@@ -220,44 +235,41 @@ def report(results: dict[str, Any], args: argparse.Namespace, skip: int) -> None
         f"{first['warm_median']:.2f} s warm",
         "end_to_end": "loader -> model step",
     }
-    print(f"{'measurement':<12} {'img/s':>9} {'min':>9} {'max':>9}  notes")
+    print(f"{'measurement':<12} {rate_header(9)}  notes")
     for key, note in notes.items():
-        r = results[key]
-        print(
-            f"{key.replace('_', ' '):<12} {r['median']:>9.1f} {r['min']:>9.1f} {r['max']:>9.1f}  {note}"
-        )
+        print(f"{key.replace('_', ' '):<12} {rate_cells(results[key]['samples'], 9)}  {note}")
     rates = {k.replace("_", " "): results[k]["median"] for k in ("model_step", "data_loader")}
     bound, other = sorted(rates, key=rates.get)
     results["bound_by"] = bound
     share = 100 * results["end_to_end"]["median"] / rates[bound]
     print(
-        f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); end to end: {share:.0f}% of it"
+        f"bound by: {bound} ({rates[bound]:.1f} vs {other} {rates[other]:.1f} img/s); "
+        f"end to end: {share:.0f}% of it"
     )
     rss, cuda = results["peak_rss_mib"], results.get("cuda_max_memory_allocated_mib")
     worker = f", largest worker {rss['largest_worker']:.0f} MiB" if rss["largest_worker"] else ""
     print(
-        f"peak RSS: main {rss['main']:.0f} MiB (model step alone {rss['after_model_step']:.0f}){worker}"
+        f"peak RSS: main {rss['main']:.0f} MiB "
+        f"(model step alone {rss['after_model_step']:.0f}){worker}"
         + (f"; CUDA max allocated {cuda:.0f} MiB" if cuda else "")
     )
     others, wall = results["other_processes_cpu_s"], results["wall_s"]
     if others > 0.05 * wall * (os.cpu_count() or 1):
         print(
-            f"warning: other processes used {others:.0f} CPU-s during this {wall:.0f} s run; timings are disturbed"
+            f"warning: other processes used {others:.0f} CPU-s during this {wall:.0f} s run; "
+            "timings are disturbed"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no GPU is visible")
-    device = torch.device(args.device)
+    device = torch_device(args.device)
     if args.precision == "auto":
         args.precision = "bf16" if resolve_precision("auto", device) == "bf16" else "fp32"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    malloc_tuned = (
-        device.type == "cpu" and not args.default_malloc and tune_cpu_allocator()
-    )  # as the engine does
+    # as the engine does
+    malloc_tuned = device.type == "cpu" and not args.default_malloc and tune_cpu_allocator()
     start, others_before = time.perf_counter(), others_cpu_s()
 
     dataset = args.data if args.data != "sample" and Path(args.data).is_dir() else "sample"
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         data = DecodedImages(load_split(cfg.data), cfg.data)
     else:
         data = ImageDataset(
-            load_split(cfg.data), cfg.data, augment_transform(cfg.data), seed=cfg.train.seed
+            load_split(cfg.data), cfg.data.columns, augment_transform(cfg.data), seed=cfg.train.seed
         )
     load_s = time.perf_counter() - tic
     skip = max(1, args.workers)  # one untimed batch per worker: start-up and first decode
@@ -290,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step = make_step(model, cfg, device, args.precision)
     print(
-        f"{args.preset}: {params / 1e6:.2f}M params, {args.image_size}px, batch {args.batch}, {args.precision}, "
-        f"{device}, {args.threads} threads, {args.workers} workers, {os.cpu_count()} cpus ({cpu_model()}); "
+        f"{args.preset}: {params / 1e6:.2f}M params, {args.image_size}px, batch {args.batch}, "
+        f"{args.precision}, {device}, {args.threads} threads, {args.workers} workers, "
+        f"{os.cpu_count()} cpus ({cpu_model()}); "
         f"data {dataset}: {len(data)} images (loaded in {load_s:.1f} s)"
     )
 
@@ -360,12 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cpu": {"model": cpu_model(), "count": os.cpu_count()},
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": timestamp(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, {"settings": settings, "results": results})
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The project's MAE step against Hugging Face ``ViTMAEForPreTraining``, side by side in one process.
+"""The project's MAE step vs Hugging Face ``ViTMAEForPreTraining``, side by side in one process.
 
     python bench/vs_hf.py --setting tiny     # ViT-Tiny/4, 32 px, batch 256
     python bench/vs_hf.py --setting base     # ViT-B/16, 224 px (batch 32 on CPU, 128 on GPU)
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -43,8 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    ROOT,
+    add_out,
+    add_step_comparison,
+    device_description,
+    medians,
+    rate_cells,
+    rate_header,
+    timestamp,
+    torch_device,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from throughput import sync  # noqa: E402  (bench/ is the script's own folder)
@@ -71,17 +80,7 @@ IMPLS, PRECISIONS, OPTIMIZERS = ("ours", "hf"), ("fp32", "bf16"), ("foreach", "f
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
-    p.add_argument("--batch", type=int, help="default: per setting and device (see SETTINGS)")
-    p.add_argument(
-        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on CPU"
-    )
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
-    p.add_argument("--warmup", type=int, default=2)
+    add_step_comparison(p, SETTINGS, steps=3, warmup=2)
     p.add_argument(
         "--peak-tflops",
         type=float,
@@ -100,14 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=OPTIMIZERS,
         default=["foreach"],
-        help="AdamW's implementation: the engine's (foreach) and/or torch's fused kernel, timed side by side",
+        help="AdamW's implementation: the engine's (foreach) and/or torch's fused kernel, "
+        "timed side by side",
     )
     p.add_argument(
         "--compile",
         nargs="?",
         const="default",
         metavar="MODE",
-        help="torch.compile both models' forward, in MODE (default | reduce-overhead | max-autotune...)",
+        help="torch.compile both models' forward, in MODE "
+        "(default | reduce-overhead | max-autotune...)",
     )
     p.add_argument(
         "--profile",
@@ -118,10 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-memory", action="store_true", help="skip the per-setting memory subprocesses"
     )
-    p.add_argument(
-        "--memory-of", help=argparse.SUPPRESS
-    )  # IMPL-PRECISION: one setting's memory, then exit
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_hf.json"))
+    # IMPL-PRECISION: one setting's memory, then exit
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    add_out(p, "vs_hf.json")
     return p.parse_args(argv)
 
 
@@ -158,9 +158,10 @@ def make_step(
     compile: str | None = None,
     optimizer_impl: str = "foreach",
 ) -> Callable[[], torch.Tensor]:
-    """One optimizer step of ``model`` on ``images``; the engine's optimizer for both implementations.
-    ``compile``: the forward (and so its backward) through ``torch.compile`` in that mode; the optimizer step
-    stays eager. ``optimizer_impl``: ``fused`` takes torch's single-kernel AdamW instead of the default."""
+    """One optimizer step of ``model`` on ``images``; the engine's optimizer for both
+    implementations. ``compile``: the forward (and so its backward) through ``torch.compile`` in
+    that mode; the optimizer step stays eager. ``optimizer_impl``: ``fused`` takes torch's
+    single-kernel AdamW instead of the default."""
     if impl == "ours":
         set_attention(
             model, resolve_attention("auto", device, "bf16" if precision == "bf16" else "no")
@@ -185,8 +186,9 @@ def make_step(
 def round_robin(
     steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace, device: torch.device
 ):
-    """Images/s of each step function: ``args.warmup`` untimed steps each, then ``args.repeats`` rounds of
-    ``args.steps`` steps of every one in turn, so drift hits all alike. Stops on a non-finite loss."""
+    """Images/s of each step function: ``args.warmup`` untimed steps each, then ``args.repeats``
+    rounds of ``args.steps`` steps of every one in turn, so drift hits all alike. Stops on a
+    non-finite loss."""
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -226,7 +228,8 @@ def same_results(
         diffs[precision] = {"ours": a.item(), "hf": b.item(), "abs_diff": (a - b).abs().item()}
     if diffs["fp32"]["abs_diff"] > 1e-5:
         sys.exit(
-            f"error: the two models disagree at fp32 ({diffs['fp32']}); the comparison would be meaningless"
+            f"error: the two models disagree at fp32 ({diffs['fp32']}); "
+            "the comparison would be meaningless"
         )
     return diffs
 
@@ -307,8 +310,8 @@ def memory_of(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def peak_rss_mib() -> float:
-    """This process's RSS high-water mark. ``VmHWM`` rather than ``ru_maxrss``, which Linux carries over
-    from the parent through fork and exec."""
+    """This process's RSS high-water mark. ``VmHWM`` rather than ``ru_maxrss``, which Linux carries
+    over from the parent through fork and exec."""
     status = Path("/proc/self/status")
     if status.is_file():
         line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
@@ -340,9 +343,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no GPU is visible")
-    device = torch.device(args.device)
+    device = torch_device(args.device)
     args.batch = args.batch or SETTINGS[args.setting][3 if device.type == "cuda" else 2]
     torch.set_num_threads(args.threads)
     if args.memory_of:
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         for opt in args.optimizers
     }
     rates = round_robin(steps, args, device)
-    median = {k: statistics.median(v) for k, v in rates.items()}
+    median = medians(rates)
     default = resolve_precision("auto", device)
     ours_default = "ours-bf16" if default == "bf16" else "ours-fp32"
     ratios = {
@@ -388,31 +389,25 @@ def main(argv: list[str] | None = None) -> int:
     mem = {} if args.no_memory else memory(args)
 
     preset, size, *_ = SETTINGS[args.setting]
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{args.threads} CPU threads"
-    )
+    where = device_description(device, args.threads)
     compiled = f"; both forwards through torch.compile ({args.compile})" if args.compile else ""
     print(
-        f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}{compiled}"
+        f"{preset} at {size} px, batch {args.batch}, {where}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}{compiled}"
     )
     print(
         f"same weights and mask: |loss ours - loss HF| fp32 {diffs['fp32']['abs_diff']:.1e}, "
         f"bf16 {diffs['bf16']['abs_diff']:.1e}"
     )
-    print(
-        f"{'setting':<16} {'img/s':>8} {'min':>8} {'max':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}"
-    )
+    print(f"{'setting':<16} {rate_header(8)} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
     for key, r in rates.items():
         tflops = flops * median[key] / 1e12
         mfu = tflops / peaks[key.split("-")[1]]["tflops"]
         m = mem.get(key, {})
         peak_mem = m.get("cuda_max_allocated_mib") or m.get("peak_rss_mib")
         print(
-            f"{key:<16} {median[key]:>8.1f} {min(r):>8.1f} {max(r):>8.1f} {tflops:>8.3f} {mfu:>6.1%} "
-            f"{'-' if peak_mem is None else round(peak_mem):>9}"
+            f"{key:<16} {rate_cells(r, 8)} "
+            f"{tflops:>8.3f} {mfu:>6.1%} {'-' if peak_mem is None else round(peak_mem):>9}"
         )
     if ratios:
         print(
@@ -445,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": args.compile,
             "impls": args.impls,
             "optimizers": args.optimizers,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "date": timestamp(),
             "ours_default_precision": default,
         },
         "same_results": diffs,
@@ -456,17 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": peaks,
         "memory": mem,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     if args.profile:
         profile(steps[f"ours-{args.precisions[0]}"], args.profile, device)
     return 0
 
 
 def profile(step: Callable[[], torch.Tensor], n: int, device: torch.device) -> None:
-    """The operators of ``n`` steps that take the most time (device time on GPU, CPU time on CPU)."""
+    """The operators of ``n`` steps that take most time (device time on GPU, CPU time on CPU)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

@@ -7,9 +7,10 @@ removed at the next start. The newest ``keep`` complete checkpoints are kept.
 
 Before the rename, ``manifest.json`` records each file's size and sha256. A resume verifies the
 newest checkpoint against it (``verify``) and, if a file was cut short, altered or lost later (a
-partial copy, a failing disk), sets that checkpoint aside as ``damaged-step_<N>`` and takes the newest
-one that verifies (``set_aside_damaged``). Hashing reads every byte once, at about the speed of
-reading the checkpoint back (``python bench/checkpoint_verify.py`` measures it against loading).
+partial copy, a failing disk), sets that checkpoint aside as ``damaged-step_<N>`` and takes the
+newest one that verifies (``set_aside_damaged``). Hashing reads every byte once, at about the
+speed of reading the checkpoint back (``python bench/checkpoint_verify.py`` measures it against
+loading).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils.other import load as accelerate_load
+from accelerate.utils import load as accelerate_load
 
 from mae.errors import UserError
 
@@ -124,19 +125,17 @@ def save_checkpoint(
             (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
             write_manifest(tmp)
             _fsync_tree(tmp)
-    except (
-        OSError,
-        RuntimeError,
-    ) as e:  # disk full, quota, permissions: complete checkpoints stay as they are
-        if isinstance(e, RuntimeError) and "writ" not in str(
-            e
-        ):  # torch.save reports a failed write so
+    except (OSError, RuntimeError) as e:
+        # disk full, quota, permissions: the complete checkpoints stay as they are (torch.save
+        # reports a failed write as a RuntimeError that says so)
+        if isinstance(e, RuntimeError) and "writ" not in str(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(output_dir)
         raise CheckpointError(
-            f"could not write the checkpoint of step {step} in {root} ({e}); the newest complete one is "
-            f"{last or 'none'}: free space (or fix the folder) and launch again to resume from it"
+            f"could not write the checkpoint of step {step} in {root} ({e}); the newest complete "
+            f"one is {last or 'none'}: free space (or fix the folder) and launch again to resume "
+            "from it"
         ) from e
     if accelerator.is_main_process:
         stale = root / f"old-step_{step}"
@@ -161,8 +160,8 @@ def _sha256(path: Path) -> str:
 
 
 def _sha256_all(paths: list[Path]) -> list[str]:
-    """sha256 of each file, several at once (hashlib releases the GIL: the model and optimizer files,
-    the bulk of a checkpoint, hash on separate cores)."""
+    """sha256 of each file, several at once (hashlib releases the GIL: the model and optimizer
+    files, the bulk of a checkpoint, hash on separate cores)."""
     with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1, 8))) as pool:
         return list(pool.map(_sha256, paths))
 
@@ -179,8 +178,9 @@ def write_manifest(folder: Path) -> None:
 
 
 def verify(folder: Path) -> str | None:
-    """What is wrong with the checkpoint in ``folder`` against its manifest, or None when every file is
-    there with its size and sha256 (a checkpoint written before manifests existed passes unchecked)."""
+    """What is wrong with the checkpoint in ``folder`` against its manifest, or None when every file
+    is there with its size and sha256 (a checkpoint written before manifests existed passes
+    unchecked)."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
@@ -204,9 +204,10 @@ def verify(folder: Path) -> str | None:
 
 
 def set_aside_damaged(output_dir: str | Path, say: Any = print) -> str | None:
-    """Main process, before a resume: verify the newest complete checkpoint; while it fails, rename it
-    ``damaged-step_<N>`` (kept for inspection), saying so in one line, and try the one before. Returns
-    an error message when checkpoints exist but none verifies (then nothing is renamed), else None."""
+    """Main process, before a resume: verify the newest complete checkpoint; while it fails, rename
+    it ``damaged-step_<N>`` (kept for inspection), saying so in one line, and try the one before.
+    Returns an error message when checkpoints exist but none verifies (then nothing is renamed),
+    else None."""
     found = complete_checkpoints(output_dir)
     problems = []
     for path in reversed(found):
@@ -221,41 +222,43 @@ def set_aside_damaged(output_dir: str | Path, say: Any = print) -> str | None:
         return None
     listed = "; ".join(f"{p.name}: {why}" for p, why in problems)
     return (
-        f"no checkpoint in {checkpoint_root(output_dir)} verifies ({listed}); restore the damaged files, or move "
-        f"{checkpoint_root(output_dir)} away to start the run over"
+        f"no checkpoint in {checkpoint_root(output_dir)} verifies ({listed}); restore the damaged "
+        f"files, or move {checkpoint_root(output_dir)} away to start the run over"
     )
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore Accelerate state from ``path``; returns its loop state.
 
-    Accelerate reads every pickled file with ``weights_only=True`` (no code runs), but a random-state
-    file that fails to load is skipped with a log line, which would make the resume silently inexact:
-    those files are read first here, and a failure stops the run naming the file."""
+    Accelerate reads every pickled file with ``weights_only=True`` (no code runs), but a
+    random-state file that fails to load is skipped with a log line, which would make the resume
+    silently inexact: those files are read first here, with the reader ``load_state`` uses
+    (``accelerate.utils.load``: ``torch.load`` that allows the numpy types of the RNG states), and
+    a failure stops the run naming the file."""
     for f in sorted(path.glob("random_states_*.pkl")):
         try:
-            accelerate_load(f, map_location="cpu")
+            accelerate_load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - whatever the unpickler raises, the file is unusable
             raise CheckpointError(
-                f"{f} cannot be read as plain data ({type(e).__name__}); it is never unpickled in full (that could "
-                f"run code): delete {path} to resume from the checkpoint before it, or start in a new output_dir"
+                f"{f} cannot be read as plain data ({type(e).__name__}); it is never unpickled in "
+                f"full (that could run code): delete {path} to resume from the checkpoint before "
+                "it, or start in a new output_dir"
             ) from e
     try:
         accelerator.load_state(str(path))
-    except (
-        pickle.UnpicklingError
-    ) as e:  # weights_only refused an object: a file that would run code
+    except pickle.UnpicklingError as e:  # weights_only refused an object: one that would run code
         raise CheckpointError(
-            f"{path} holds a file that cannot be read as plain data ({e.__class__.__name__}); it is never unpickled "
-            f"in full (that could run code): delete {path} to resume from the checkpoint before it"
+            f"{path} holds a file that cannot be read as plain data ({e.__class__.__name__}); it "
+            f"is never unpickled in full (that could run code): delete {path} to resume from the "
+            "checkpoint before it"
         ) from e
     return json.loads((path / LOOP_STATE).read_text())
 
 
 def read_sharded_model(folder: Path) -> dict[str, Any] | None:
-    """The whole model of an FSDP checkpoint (``torch.distributed.checkpoint`` shards), read in this one
-    process; None when ``folder`` is not one. Through DCP's public converter: reading the shards directly
-    needs its private planner."""
+    """The whole model of an FSDP checkpoint (``torch.distributed.checkpoint`` shards), read in this
+    one process; None when ``folder`` is not one. Through DCP's public converter: reading the shards
+    directly needs its private planner."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -53,8 +53,9 @@ class EncodeClassifier(nn.Module):
 
 
 def build_classifier(cfg: EvalConfig, num_classes: int) -> Classifier:
-    """The encoder of ``cfg.encoder`` as a classifier with a fresh head: a timm model rebuilt with its
-    classifier (``_timm_classifier``), any other family's ``encode`` features with a linear head."""
+    """The encoder of ``cfg.encoder`` as a classifier with a fresh head: a timm model rebuilt with
+    its classifier (``_timm_classifier``), any other family's ``encode`` features with a linear
+    head."""
     encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads)
     if encoder.kind == "timm":
         model, init, data_config = _timm_classifier(cfg, encoder, num_classes)
@@ -78,18 +79,20 @@ def _init_head(head: nn.Linear) -> None:
 def _encode_classifier(
     cfg: EvalConfig, encoder: FrozenEncoder, num_classes: int
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """``EncodeClassifier`` of a project autoencoder; the parameters ``encode`` does not reach (found by
-    one backward pass on a blank batch, in eval mode) stay frozen, kept as they are and listed as frozen."""
+    """``EncodeClassifier`` of a project autoencoder; the parameters ``encode`` does not reach
+    (found by one backward pass on a blank batch, in eval mode) stay frozen, kept as they are and
+    listed as frozen."""
     f, data_config = cfg.finetune, dict(encoder.data_config)
     size = tuple(data_config["input_size"][1:])
     if not any(True for _ in encoder.module.parameters()):
         raise ConfigError(
-            f"mode=finetune needs an encoder with weights to train; {cfg.encoder!r} has none: evaluate it with "
-            "mode=linear or mode=knn"
+            f"mode=finetune needs an encoder with weights to train; {cfg.encoder!r} has none: "
+            "evaluate it with mode=linear or mode=knn"
         )
     if f.image_size is not None and size_hw(f.image_size) != size:
         raise ConfigError(
-            f"finetune.image_size={f.image_size}: {cfg.encoder!r} works at its own size only ({list(size)})"
+            f"finetune.image_size={f.image_size}: {cfg.encoder!r} works at its own size only "
+            f"({list(size)})"
         )
     torch.manual_seed(cfg.seed)
     model = EncodeClassifier(encoder.module, num_classes)
@@ -115,13 +118,12 @@ def _encode_classifier(
 def _timm_classifier(
     cfg: EvalConfig, encoder: FrozenEncoder, num_classes: int
 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The same timm architecture with a classifier, its weights loaded strictly except for the fresh
-    head (and ``fc_norm``) and a final norm that average pooling replaces; position embeddings
+    """The same timm architecture with a classifier, its weights loaded strictly except for the
+    fresh head (and ``fc_norm``) and a final norm that average pooling replaces; position embeddings
     resampled for ``finetune.image_size``."""
     f, src = cfg.finetune, encoder.module
-    args = {
-        k: v for k, v in get_model_args(src).items() if k != "fc_norm"
-    }  # the pooling decides fc_norm
+    # the pooling decides fc_norm
+    args = {k: v for k, v in get_model_args(src).items() if k != "fc_norm"}
     args |= {
         "num_classes": num_classes,
         "global_pool": f.global_pool,
@@ -129,7 +131,8 @@ def _timm_classifier(
     }
     if f.global_pool == "token" and getattr(src, "cls_token", None) is None:
         raise ConfigError(
-            f"finetune.global_pool=token: {cfg.encoder!r} has no cls token; use finetune.global_pool=avg"
+            f"finetune.global_pool=token: {cfg.encoder!r} has no cls token; use "
+            "finetune.global_pool=avg"
         )
     torch.manual_seed(cfg.seed)
     try:
@@ -139,9 +142,8 @@ def _timm_classifier(
             f"mode=finetune cannot rebuild {cfg.encoder!r} as a classifier ({e})"
         ) from e
     names = model.pretrained_cfg.get("classifier") or "head"
-    head = tuple(
-        f"{n}." for n in ([names] if isinstance(names, str) else names)
-    )  # "head.", "fc.", "head.fc."
+    # "head.", "fc.", "head.fc."
+    head = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(head)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh, dropped = (*head, *_FRESH), (*head, *_DROPPED)
@@ -150,7 +152,8 @@ def _timm_classifier(
     ]
     if bad:
         raise ConfigError(
-            f"{cfg.encoder!r} does not match its classifier: parameters {bad} are missing or unexpected"
+            f"{cfg.encoder!r} does not match its classifier: parameters {bad} are missing or "
+            "unexpected"
         )
     if isinstance(model.get_classifier(), nn.Linear):
         _init_head(model.get_classifier())
@@ -165,9 +168,8 @@ def _timm_classifier(
         before = (
             tuple(model.pos_embed.shape) if getattr(model, "pos_embed", None) is not None else None
         )
-        model.set_input_size(
-            img_size=size_hw(f.image_size)
-        )  # timm resamples the position embeddings
+        # timm resamples the position embeddings
+        model.set_input_size(img_size=size_hw(f.image_size))
         if before is not None:
             resampled = {"from": list(before), "to": list(model.pos_embed.shape)}
         data_config["input_size"] = (channels, *size_hw(f.image_size))
@@ -180,9 +182,9 @@ def _timm_classifier(
 
 
 def save_classifier(net: nn.Module, clf: Classifier, out_dir: Path, num_classes: int) -> None:
-    """A fine-tuned classifier: timm's format for a timm model (``timm.create_model("local-dir:...")``
-    loads it); otherwise ``model.safetensors`` with ``classifier.json`` (the encoder's architecture,
-    classes and preprocessing)."""
+    """A fine-tuned classifier: timm's format for a timm model
+    (``timm.create_model("local-dir:...")`` loads it); otherwise ``model.safetensors`` with
+    ``classifier.json`` (the encoder's architecture, classes and preprocessing)."""
     if clf.kind == "timm":
         save_timm(net, out_dir, clf.data_config, f"finetuned_{num_classes}cls")
         return

@@ -1,4 +1,5 @@
-"""The shape every entry script shares: ``[--config FILE] [dotted.key=value ...]`` -> config -> run."""
+"""The shape every entry script shares: ``[--config FILE] [dotted.key=value ...]`` -> config ->
+run."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def main(
     run: Callable[[Any], None],
     argv: Sequence[str] | None,
 ) -> int:
-    """Load the config (no heavy imports before it is known to be valid), then run it. A ``UserError``
-    becomes one ``error: ...`` line on stderr and its exit code."""
+    """Load the config (no heavy imports before it is known to be valid), then run it. A
+    ``UserError`` becomes one ``error: ...`` line on stderr and its exit code."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML recipe holding only what differs from the defaults")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/x")

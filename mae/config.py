@@ -4,7 +4,8 @@ A recipe file holds only what differs from the defaults below; ``key=value`` arg
 override it (values are parsed as YAML, so ``train.max_steps=30`` is an int and
 ``data.crop_scale=[0.3,1.0]`` a list). Unknown keys, wrong types and invalid values raise
 ``ConfigError`` naming the key and what is allowed, before any work starts. The resolved
-config is frozen. The evaluation schema (``finetune.py``) is in ``mae.eval_config``.
+config is frozen. The evaluation schema (``finetune.py``) is in ``mae.eval_config``; the
+training settings both share are in ``mae.train_settings``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mae.config_checks import (
-    Schedule,
-    crop_scale_check,
-    raise_first_invalid,
-    schedule_checks,
-    size_hw,
-    stats_checks,
-)
+from mae.config_checks import Check, crop_scale_check, raise_first_invalid, size_hw
 from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
 from mae.family_defaults import FAMILY_DEFAULTS
 from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
+from mae.train_settings import TrainingSettings, training_checks
 
 __all__ = [
+    "Columns",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -46,11 +42,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # model family in the registry (mae.models.MODELS): mae, or a classic autoencoder:
-    # ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae (variational), stacked_ae
-    name: Literal["mae", "ae", "dae", "sparse_ae", "cae", "vae", "stacked_ae"] = "mae"
-    # fills the architecture keys below that are left unset (mae.presets; default vit_tiny_patch4; with
-    # init=, pretraining fills them from the checkpoint instead: mae.interop.load_pretrain_config)
+    # model family in the registry (mae.models.MODELS; mae.family_defaults lists the names): mae,
+    # or a classic autoencoder: ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae
+    # (variational), stacked_ae; or a family registered with mae.models.register
+    name: str = "mae"
+    # fills the architecture keys below that are left unset (mae.presets; default
+    # vit_tiny_patch4; with init=, pretraining fills them from the checkpoint instead:
+    # mae.interop.load_pretrain_config)
     preset: str | None = None
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -59,106 +57,107 @@ class ModelConfig:
     decoder_embed_dim: int | None = None
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
-    mlp_ratio: float | None = (
-        None  # MLP hidden size / width (default 4; with init=, the checkpoint's)
-    )
+    # MLP hidden size / width (default 4; with init=, the checkpoint's)
+    mlp_ratio: float | None = None
     mask_ratio: float = 0.75
-    # mae: the paper's decoder (self-attention over every patch); cross: CrossMAE's (each predicted patch a query
-    # cross-attending to the encoder's tokens; mae.models.crossmae)
+    # mae: the paper's decoder (self-attention over every patch); cross: CrossMAE's (each
+    # predicted patch a query cross-attending to the encoder's tokens; mae.models.crossmae)
     decoder: Literal["mae", "cross"] = "mae"
-    # the fraction of all patches the decoder predicts and the loss scores, a subset of the masked ones drawn
-    # from the mask's noise (0 < r <= mask_ratio; default mask_ratio, the only value for decoder=mae)
+    # the fraction of all patches the decoder predicts and the loss scores, a subset of the masked
+    # ones drawn from the mask's noise (0 < r <= mask_ratio; default mask_ratio, the only value
+    # for decoder=mae)
     reconstruct_ratio: float | None = None
     decoder_self_attn: bool = False  # cross: self-attention among the queries too (CrossMAE: off)
-    decoder_features: Literal["last", "weighted"] = (
-        "last"  # cross: the encoder's output, or a mix per block
-    )
+    # cross: the encoder's output, or a mix per block
+    decoder_features: Literal["last", "weighted"] = "last"
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
-    arch: Literal["conv", "mlp"] = (
-        "conv"  # conv: stride-2 conv stages; mlp: for small grayscale data
-    )
-    # conv channels per stride-2 stage, or mlp hidden sizes; default conv (32, 64, 128), mlp (512, 256)
+    # conv: stride-2 conv stages; mlp: for small grayscale data
+    arch: Literal["conv", "mlp"] = "conv"
+    # conv channels per stride-2 stage, or mlp hidden sizes; default conv (32, 64, 128),
+    # mlp (512, 256)
     widths: tuple[int, ...] | None = None
     latent_dim: int = 128  # the code (bottleneck) size: what encode() returns
-    loss: Literal["mse", "bce"] = (
-        "mse"  # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
-    )
-    corruption: Literal["gaussian", "masking", "salt_pepper"] = (
-        "gaussian"  # dae: applied to the input only
-    )
-    noise_level: float = (
-        0.3  # dae: Gaussian std (in [0, 1] pixel units) or the fraction of pixels/patches hit
-    )
+    # reconstruction; bce compares sigmoid outputs with pixels in [0, 1]
+    loss: Literal["mse", "bce"] = "mse"
+    # dae: applied to the input only
+    corruption: Literal["gaussian", "masking", "salt_pepper"] = "gaussian"
+    # dae: Gaussian std (in [0, 1] pixel units) or the fraction of pixels/patches hit
+    noise_level: float = 0.3
     corruption_patch: int = 1  # dae masking: side of the zeroed squares (1: single pixels)
-    sparsity: Literal["l1", "kl"] = (
-        "kl"  # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
-    )
+    # sparse_ae: L1 on a ReLU code, or KL toward rho on a sigmoid code
+    sparsity: Literal["l1", "kl"] = "kl"
     sparsity_weight: float = 1e-3
     sparsity_target: float = 0.05  # rho, for sparsity=kl
     contractive_weight: float = 0.1  # cae: weight of the squared Frobenius norm of d code / d input
-    contractive_projections: int = (
-        1  # cae (deep encoders): random projections per step of the estimate
-    )
+    # cae (deep encoders): random projections per step of the estimate
+    contractive_projections: int = 1
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # vae decoder
     beta: float = 1.0  # vae: KL weight
     beta_warmup_steps: int = 0  # vae: KL weight ramps linearly from 0 over these optimizer steps
-    stage_steps: int = (
-        100  # stacked_ae: optimizer steps per greedy layer stage; the rest trains end to end
-    )
-    stack_denoising: bool = (
-        False  # stacked_ae: each layer a denoising autoencoder (model.corruption, noise_level)
-    )
+    # stacked_ae: optimizer steps per greedy layer stage; the rest trains end to end
+    stage_steps: int = 100
+    # stacked_ae: each layer a denoising autoencoder (model.corruption, noise_level)
+    stack_denoising: bool = False
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a dataset hold the images and the labels, and the channels images are
+    read in: what the data functions take, from a pretraining config or any other caller."""
+
+    image: str | None = None  # None: the dataset's first Image feature (or column of arrays)
+    label: str | None = None  # None: the dataset's first ClassLabel feature, if any
+    channels: int = 3
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = (
-        "sample"  # Hugging Face hub id | local folder (image folder or parquet shards) | sample
-    )
+    # Hugging Face hub id | local folder (image folder or parquet shards) | sample
+    dataset: str = "sample"
     split: str = "train"
     image_column: str | None = None  # default: the dataset's first Image feature
     label_column: str | None = None  # default: the dataset's first ClassLabel feature
     image_size: int | tuple[int, int] = 32  # one side (square), or [H, W]
-    # 1 (grayscale), 3 (RGB), 4 (RGBA) for images; any count for arrays (a column of arrays or a folder of .npy)
+    # 1 (grayscale), 3 (RGB), 4 (RGBA) for images; any count for arrays (a column of arrays or a
+    # folder of .npy)
     channels: int = 3
-    # crop: RandomResizedCrop(crop_scale) + flip (hflip), MAE's; flip: the whole image, flipped half the time;
-    # none: the whole image. Default per model family (mae.family_defaults)
+    # crop: RandomResizedCrop(crop_scale) + flip (hflip), MAE's; flip: the whole image, flipped
+    # half the time; none: the whole image. Default per model family (mae.family_defaults)
     augment: Literal["crop", "flip", "none"] | None = None
-    crop_scale: tuple[float, float] = (
-        0.2,
-        1.0,
-    )  # RandomResizedCrop scale range (data.augment=crop)
+    # RandomResizedCrop scale range (data.augment=crop)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True  # data.augment=crop: flip half the crops
-    # per channel, of pixels scaled to [0, 1] (arrays: uint8 / 255, uint16 / 65535, floats as they are); default:
-    # ImageNet statistics for 3 channels, 0.5 otherwise; auto: measured on a sample of the training split
-    # (mae.data.stats) and recorded in config.yaml, derived.json and the export
+    # per channel, of pixels scaled to [0, 1] (arrays: uint8 / 255, uint16 / 65535, floats as
+    # they are); default: ImageNet statistics for 3 channels, 0.5 otherwise; auto: measured on a
+    # sample of the training split (mae.data.stats) and recorded in config.yaml, derived.json and
+    # the export
     mean: tuple[float, ...] | Literal["auto"] | None = None
     std: tuple[float, ...] | Literal["auto"] | None = None  # auto with mean=auto
-    grid_channels: tuple[int, ...] | None = (
-        None  # the channels reconstruction grids show; default the first 3
-    )
+    # the channels reconstruction grids show; default the first 3
+    grid_channels: tuple[int, ...] | None = None
     num_workers: int = 2  # DataLoader worker processes per training process
-    classes: tuple[int, ...] | None = (
-        None  # train on images of these label ids only (e.g. anomaly detection)
-    )
+    # train on images of these label ids only (e.g. anomaly detection)
+    classes: tuple[int, ...] | None = None
     # pretraining replaces an image that cannot be decoded by the next one and lists it in
     # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
     max_bad_images: int = 100
-    # pretraining reads the split as a stream (datasets streaming mode: never stored whole; mae.data.streamed)
+    # pretraining reads the split as a stream (datasets streaming mode: never stored whole;
+    # mae.data.streamed)
     streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming: examples shuffled together (files are shuffled too)
-    stream_size: int | None = (
-        None  # streaming: images per epoch, when the dataset's metadata does not say
-    )
-    # pretraining: decode the split once into one uint8 tensor on the training device and augment there,
-    # with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the same size, at most
-    # image_size. Same crop, flip and mask distributions as the worker loader, from another generator
+    # streaming: images per epoch, when the dataset's metadata does not say
+    stream_size: int | None = None
+    # pretraining: decode the split once into one uint8 tensor on the training device and augment
+    # there, with no loader workers (mae.data.on_device). For CIFAR-scale data: every image the
+    # same size, at most image_size. Same crop, flip and mask distributions as the worker loader,
+    # from another generator
     on_device: bool = False
-    # how the worker loader decodes: pillow, whole images; pillow_draft, JPEGs at 1/2, 1/4 or 1/8 of their size
-    # where the crop keeps at least data.image_size's pixels (mae.data.draft: the same crops, pixels within a few
-    # levels; faster only where crops are 2x the output or more: docs/data.md); dali, NVIDIA DALI decodes, crops
-    # and normalises (nvJPEG on a GPU; the same crops, flips and masks; pip install -e ".[dali]": mae.data.dali)
+    # how the worker loader decodes: pillow, whole images; pillow_draft, JPEGs at 1/2, 1/4 or 1/8
+    # of their size where the crop keeps at least data.image_size's pixels (mae.data.draft: the
+    # same crops, pixels within a few levels; faster only where crops are 2x the output or more:
+    # docs/data.md); dali, NVIDIA DALI decodes, crops and normalises (nvJPEG on a GPU; the same
+    # crops, flips and masks; pip install -e ".[dali]": mae.data.dali)
     decoder: Literal["pillow", "pillow_draft", "dali"] = "pillow"
 
     @property
@@ -166,66 +165,48 @@ class DataConfig:
         """``image_size`` as (height, width)."""
         return size_hw(self.image_size)
 
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.image_column, self.label_column, self.channels)
+
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    max_steps: int | None = None  # stop after this many optimizer steps; overrides epochs
-    batch_size: int = 128  # per process, per micro-batch
-    accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
-    # base lr; lr = blr * effective batch / 256. Swept for the default run (20 epochs of the 3,000-image
-    # sample, docs/sweep_mae_sample.md); the paper's 1.5e-4 is for 800 epochs (configs/mae_vit_*.yaml)
-    blr: float | None = None  # default per model family (mae.family_defaults): MAE 1e-3
-    min_lr: float = 0.0
-    warmup_epochs: float | None = None  # default per model family: MAE 1
-    weight_decay: float | None = None  # default per model family: MAE 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = None  # max global grad norm; None disables clipping
-    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
-    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
-    # auto: math on CPU under bf16, where it is faster, else fused
-    attention: Literal["auto", "fused", "math"] = "auto"
-    # torch.compile the training forward (and so its backward). Pays on a GPU: ViT-B/16, bf16, batch 512 on
-    # an H200 1.32x the eager step (bench/vs_hf.py --compile); on a CPU it only adds minutes of compiling.
-    # Checkpoints are the same either way, so a run can be resumed with it switched
+class TrainConfig(TrainingSettings):
+    """Pretraining's ``train`` section: the shared training settings (``mae.train_settings``)
+    and what only pretraining has. ``blr``, ``weight_decay`` and ``warmup_epochs`` default per
+    model family (``mae.family_defaults``; MAE: 1e-3, 0.05, 1). The MAE blr was swept for the
+    default run (20 epochs of the 3,000-image sample, docs/sweep_mae_sample.md); the paper's
+    1.5e-4 is for 800 epochs (configs/mae_vit_*.yaml)."""
+
+    # torch.compile the training forward (and so its backward). Pays on a GPU: ViT-B/16, bf16,
+    # batch 512 on an H200 1.32x the eager step (bench/vs_hf.py --compile); on a CPU it only adds
+    # minutes of compiling. Checkpoints are the same either way, so a run can be resumed with it
+    # switched
     compile: bool = False
     seed: int = 0
-    # torch threads per process on CPU; default: this machine's cores / processes on it
-    # (`accelerate launch` sets OMP_NUM_THREADS=1 on a machine without GPUs, which this replaces)
-    cpu_threads: int | None = None
-    # seconds a collective waits for the other processes before the run stops with an error naming this key
-    # (a process or machine that died); a failed collective stops it at once
-    dist_timeout: int = 300
-    # Accelerate's experiment trackers (mae.config_checks.TRACKERS); [] logs to metrics.jsonl alone
-    log_with: tuple[str, ...] = ("tensorboard",)
-    log_every: int = 10  # optimizer steps between metric lines
-    checkpoint_every: int = (
-        100  # optimizer steps between checkpoints (one is always written at the end)
-    )
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-    recon_every: int = (
-        100  # optimizer steps between reconstruction grids (one is always written at the end)
-    )
+    # optimizer steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 100
+    # optimizer steps between reconstruction grids (one is always written at the end)
+    recon_every: int = 100
     recon_images: int = 8
-    online_probe: bool = (
-        False  # train a linear head on each step's detached features (needs labels)
-    )
+    # train a linear head on each step's detached features (needs labels)
+    online_probe: bool = False
 
 
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/mae"
-    # start from these weights (model.name=mae): an official MAE .pth ({"model": ...}, encoder-only or
-    # _full), a timm ViT export folder or .safetensors, or a checkpoint folder (see mae.interop)
+    # start from these weights (model.name=mae): an official MAE .pth ({"model": ...},
+    # encoder-only or _full), a timm ViT export folder or .safetensors, or a checkpoint folder
+    # (see mae.interop)
     init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# ---------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------
+# loading
 
 
 def load_config(
@@ -233,9 +214,10 @@ def load_config(
 ) -> Config:
     """Defaults <- recipe file <- ``dotted.key=value`` overrides; then resolved and validated.
 
-    ``init=`` is only a path here: the architecture keys come from the recipe and its preset. Reading
-    them off the checkpoint needs torch and the weights formats, which sit above the config:
-    ``mae.interop.load_pretrain_config`` does that, then resolves through ``resolve`` below."""
+    ``init=`` is only a path here: the architecture keys come from the recipe and its preset.
+    Reading them off the checkpoint needs torch and the weights formats, which sit above the
+    config: ``mae.interop.load_pretrain_config`` does that, then resolves through ``resolve``
+    below."""
     return resolve(load_raw(path, overrides, Config))
 
 
@@ -248,8 +230,30 @@ def preset_values(name: str) -> dict[str, int]:
 
 def resolve(cfg: Config) -> Config:
     """Fill preset and data-dependent defaults, then validate. Idempotent."""
-    model = cfg.model
-    if model.name == "mae":  # classic autoencoders bring their own keys
+    if cfg.model.name not in FAMILY_DEFAULTS:
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is invalid; choose one of {list(FAMILY_DEFAULTS)}"
+        )
+    model = _resolve_model(cfg.model)
+    family = FAMILY_DEFAULTS[model.name]
+    data = cfg.data
+    if data.augment is None:
+        data = dataclasses.replace(data, augment=family["augment"])
+    unset = {
+        k: family[k]
+        for k in ("blr", "weight_decay", "warmup_epochs")
+        if getattr(cfg.train, k) is None
+    }
+    train = dataclasses.replace(cfg.train, **unset)
+    cfg = dataclasses.replace(cfg, model=model, data=_resolve_stats(data), train=train)
+    validate(cfg)
+    return cfg
+
+
+def _resolve_model(model: ModelConfig) -> ModelConfig:
+    """The preset's architecture keys where unset (MAE; the classic families bring their own),
+    and the defaults that follow from other keys."""
+    if model.name == "mae":
         name = model.preset or DEFAULT_PRESET
         values = preset_values(name)
         if any(getattr(model, k) is None for k in PRESET_KEYS):
@@ -261,42 +265,44 @@ def resolve(cfg: Config) -> Config:
     if model.reconstruct_ratio is None:
         model = dataclasses.replace(model, reconstruct_ratio=model.mask_ratio)
     if model.widths is None:
-        model = dataclasses.replace(
-            model, widths=(32, 64, 128) if model.arch == "conv" else (512, 256)
-        )
-    family = FAMILY_DEFAULTS[model.name]
-    data = (
-        cfg.data
-        if cfg.data.augment is not None
-        else dataclasses.replace(cfg.data, augment=family["augment"])
-    )
-    unset = {
-        k: family[k]
-        for k in ("blr", "weight_decay", "warmup_epochs")
-        if getattr(cfg.train, k) is None
-    }
-    train = dataclasses.replace(cfg.train, **unset)
+        widths = (32, 64, 128) if model.arch == "conv" else (512, 256)
+        model = dataclasses.replace(model, widths=widths)
+    return model
+
+
+def _resolve_stats(data: DataConfig) -> DataConfig:
+    """``data.std`` follows ``data.mean=auto``; unset statistics are ImageNet's for 3 channels,
+    0.5 otherwise."""
     if data.mean == "auto" and data.std is None:
         data = dataclasses.replace(data, std="auto")
-    if data.mean is None or data.std is None:
-        imagenet = data.channels == 3
-        data = dataclasses.replace(
-            data,
-            mean=data.mean
-            if data.mean is not None
-            else (IMAGENET_MEAN if imagenet else (0.5,) * data.channels),
-            std=data.std
-            if data.std is not None
-            else (IMAGENET_STD if imagenet else (0.5,) * data.channels),
-        )
-    cfg = dataclasses.replace(cfg, model=model, data=data, train=train)
-    validate(cfg)
-    return cfg
+    imagenet = data.channels == 3
+    if data.mean is None:
+        mean = IMAGENET_MEAN if imagenet else (0.5,) * data.channels
+        data = dataclasses.replace(data, mean=mean)
+    if data.std is None:
+        std = IMAGENET_STD if imagenet else (0.5,) * data.channels
+        data = dataclasses.replace(data, std=std)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
 
 
 def validate(cfg: Config) -> None:
+    """Every key's own range first, then the model family's rules, then the keys that rule each
+    other out."""
     m, d, t = cfg.model, cfg.data, cfg.train
-    checks = [
+    raise_first_invalid(_model_checks(m) + _data_checks(d) + _train_checks(t))
+    if m.name == "mae":
+        _validate_vit(m, d)
+    else:
+        _validate_classic(m, d)
+    _validate_combinations(cfg)
+
+
+def _model_checks(m: ModelConfig) -> list[Check]:
+    return [
         (
             0.0 < m.mask_ratio < 1.0,
             "model.mask_ratio",
@@ -304,10 +310,15 @@ def validate(cfg: Config) -> None:
             "a fraction strictly between 0 and 1",
         ),
         (m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "a positive number"),
+    ]
+
+
+def _data_checks(d: DataConfig) -> list[Check]:
+    return [
         (min(d.hw) > 0, "data.image_size", d.image_size, "a positive integer or [H, W]"),
         (d.channels > 0, "data.channels", d.channels, "a positive integer"),
         crop_scale_check(d.crop_scale, "data.crop_scale"),
-        *stats_checks(d),
+        *_stats_checks(d),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
         (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
         (d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "a positive integer"),
@@ -317,7 +328,41 @@ def validate(cfg: Config) -> None:
             d.stream_size,
             "a positive integer or null",
         ),
-        *schedule_checks(t, "train"),
+    ]
+
+
+def _stats_checks(d: DataConfig) -> list[Check]:
+    """``data.mean`` and ``data.std``: both auto, or one value of the user's per channel each;
+    and ``data.grid_channels``."""
+    if d.mean == "auto":
+        checks = [(d.std == "auto", "data.std", d.std, "unset or auto with data.mean=auto")]
+    elif d.std == "auto":
+        own = "values of your own with a data.mean of your own; or set data.mean=auto"
+        checks = [(False, "data.std", d.std, own)]
+    else:
+        checks = [
+            (
+                len(d.mean) == d.channels,
+                "data.mean",
+                d.mean,
+                f"one value per channel ({d.channels}), or auto",
+            ),
+            (
+                len(d.std) == d.channels and all(v > 0 for v in d.std),
+                "data.std",
+                d.std,
+                f"{d.channels} positive values, or auto",
+            ),
+        ]
+    shown = d.grid_channels
+    grid_ok = shown is None or (len(shown) in (1, 3) and all(0 <= c < d.channels for c in shown))
+    allowed = f"1 or 3 channel indices in [0, {d.channels})"
+    return checks + [(grid_ok, "data.grid_channels", shown, allowed)]
+
+
+def _train_checks(t: TrainConfig) -> list[Check]:
+    return [
+        *training_checks(t),
         (0 <= t.seed < 2**31, "train.seed", t.seed, "an integer in [0, 2**31)"),
         (
             t.checkpoint_every > 0,
@@ -328,82 +373,53 @@ def validate(cfg: Config) -> None:
         (t.recon_every > 0, "train.recon_every", t.recon_every, "a positive integer"),
         (t.recon_images > 0, "train.recon_images", t.recon_images, "a positive integer"),
     ]
-    raise_first_invalid(checks)
-    if m.name == "mae":
-        for key in PRESET_KEYS:
-            if getattr(m, key) <= 0:
-                raise ConfigError(
-                    f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer"
-                )
-        patches = (d.hw[0] // m.patch_size) * (d.hw[1] // m.patch_size)
-        if not 0 < int(patches * (1 - m.mask_ratio)) < patches:
+
+
+def _validate_vit(m: ModelConfig, d: DataConfig) -> None:
+    """The MAE encoder and decoder: sizes that divide, a mask that leaves patches on both sides."""
+    for key in PRESET_KEYS:
+        if getattr(m, key) <= 0:
             raise ConfigError(
-                f"model.mask_ratio={m.mask_ratio} leaves {int(patches * (1 - m.mask_ratio))} of {patches} patches "
-                "visible; choose a ratio that keeps at least one patch visible and hides at least one"
+                f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer"
             )
-        if d.hw[0] % m.patch_size or d.hw[1] % m.patch_size:
+    patches = (d.hw[0] // m.patch_size) * (d.hw[1] // m.patch_size)
+    visible = int(patches * (1 - m.mask_ratio))
+    if not 0 < visible < patches:
+        raise ConfigError(
+            f"model.mask_ratio={m.mask_ratio} leaves {visible} of {patches} patches visible; "
+            "choose a ratio that keeps at least one patch visible and hides at least one"
+        )
+    if d.hw[0] % m.patch_size or d.hw[1] % m.patch_size:
+        shown = list(d.hw) if d.hw[0] != d.hw[1] else d.hw[0]
+        raise ConfigError(
+            f"data.image_size={shown} is not divisible by model.patch_size={m.patch_size}; "
+            f"choose a height and width that are multiples of {m.patch_size}"
+        )
+    for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        width, count = getattr(m, dim), getattr(m, heads)
+        if width % 4:
             raise ConfigError(
-                f"data.image_size={list(d.hw) if d.hw[0] != d.hw[1] else d.hw[0]} is not divisible by "
-                f"model.patch_size={m.patch_size}; choose a height and width that are multiples of {m.patch_size}"
+                f"model.{dim}={width} must be divisible by 4 (2-D sin-cos position embeddings)"
             )
-        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
-            if getattr(m, dim) % 4:
-                raise ConfigError(
-                    f"model.{dim}={getattr(m, dim)} must be divisible by 4 (2-D sin-cos position embeddings)"
-                )
-            if getattr(m, dim) % getattr(m, heads):
-                raise ConfigError(
-                    f"model.{dim}={getattr(m, dim)} is not divisible by model.{heads}={getattr(m, heads)}"
-                )
-        _validate_decoder(m, patches)
-    else:
-        _validate_classic(m, d)
-    if cfg.init is not None and m.name != "mae":
-        raise ConfigError(
-            f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}"
-        )
-    if t.compile and m.name in ("vae", "stacked_ae"):
-        raise ConfigError(
-            f"train.compile=true does not work with model.name={m.name}: its forward follows the training step "
-            "(KL warm-up, greedy stages), which torch.compile would recompile for at every step; set "
-            "train.compile=false"
-        )
-    if d.on_device and d.streaming:
-        raise ConfigError(
-            "data.on_device=true holds the whole split on the device and data.streaming=true never holds it; "
-            "choose one of them"
-        )
-    if d.decoder != "pillow" and (d.on_device or d.streaming):
-        raise ConfigError(
-            f"data.decoder={d.decoder} is for the loaded split; data.on_device and data.streaming decode as usual: "
-            "set data.decoder=pillow, or data.on_device=false and data.streaming=false"
-        )
-    if t.online_probe and m.name == "stacked_ae":
-        raise ConfigError(
-            "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages compute no "
-            "code of the whole stack); set train.online_probe=false"
-        )
-    if d.decoder != "pillow" and d.augment != "crop":
-        raise ConfigError(
-            f"data.decoder={d.decoder} decodes the crops of data.augment=crop; with data.augment={d.augment} use "
-            "data.decoder=pillow"
-        )
+        if width % count:
+            raise ConfigError(f"model.{dim}={width} is not divisible by model.{heads}={count}")
+    _validate_decoder(m, patches)
 
 
 def _validate_decoder(m: ModelConfig, patches: int) -> None:
     r = m.reconstruct_ratio
-    if m.decoder == "mae" and (
-        r != m.mask_ratio or m.decoder_self_attn or m.decoder_features != "last"
-    ):
+    cross_only = r != m.mask_ratio or m.decoder_self_attn or m.decoder_features != "last"
+    if m.decoder == "mae" and cross_only:
         raise ConfigError(
-            "model.reconstruct_ratio, model.decoder_self_attn and model.decoder_features=weighted need "
-            "model.decoder=cross (the paper's decoder predicts every masked patch with self-attention); "
-            "set model.decoder=cross or leave them out"
+            "model.reconstruct_ratio, model.decoder_self_attn and model.decoder_features=weighted "
+            "need model.decoder=cross (the paper's decoder predicts every masked patch with "
+            "self-attention); set model.decoder=cross or leave them out"
         )
     if not (0 < r <= m.mask_ratio and int(patches * r) > 0):
         raise ConfigError(
-            f"model.reconstruct_ratio={r} is invalid; it must be in (0, model.mask_ratio={m.mask_ratio}] and "
-            f"predict at least one of the {patches} patches"
+            f"model.reconstruct_ratio={r} is invalid; it must be in "
+            f"(0, model.mask_ratio={m.mask_ratio}] and predict at least one of the {patches} "
+            "patches"
         )
 
 
@@ -446,15 +462,55 @@ def _validate_classic(m: ModelConfig, d: DataConfig) -> None:
     raise_first_invalid(checks)
     if m.name == "stacked_ae" and m.stack_denoising and m.noise_level > 1:
         raise ConfigError(
-            f"model.noise_level={m.noise_level} is invalid with model.stack_denoising=true: above the first layer it "
-            "is the fraction of code units zeroed; choose a value in [0, 1]"
+            f"model.noise_level={m.noise_level} is invalid with model.stack_denoising=true: above "
+            "the first layer it is the fraction of code units zeroed; choose a value in [0, 1]"
         )
     stride = 2 ** len(m.widths)
     if m.arch == "conv" and (d.hw[0] % stride or d.hw[1] % stride):
         raise ConfigError(
-            f"data.image_size={d.image_size} is not divisible by {stride} (model.widths has {len(m.widths)} stride-2 "
-            f"stages); choose a multiple of {stride} or fewer model.widths"
+            f"data.image_size={d.image_size} is not divisible by {stride} (model.widths has "
+            f"{len(m.widths)} stride-2 stages); choose a multiple of {stride} or fewer model.widths"
         )
+
+
+def _validate_combinations(cfg: Config) -> None:
+    """Keys that are each valid but do not work together."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if cfg.init is not None and m.name != "mae":
+        raise ConfigError(
+            f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}"
+        )
+    if t.compile and m.name in ("vae", "stacked_ae"):
+        raise ConfigError(
+            f"train.compile=true does not work with model.name={m.name}: its forward follows the "
+            "training step (KL warm-up, greedy stages), which torch.compile would recompile for at "
+            "every step; set train.compile=false"
+        )
+    if d.on_device and d.streaming:
+        raise ConfigError(
+            "data.on_device=true holds the whole split on the device and data.streaming=true "
+            "never holds it; choose one of them"
+        )
+    if d.decoder != "pillow" and (d.on_device or d.streaming):
+        raise ConfigError(
+            f"data.decoder={d.decoder} is for the loaded split; data.on_device and "
+            "data.streaming decode as usual: set data.decoder=pillow, or data.on_device=false "
+            "and data.streaming=false"
+        )
+    if t.online_probe and m.name == "stacked_ae":
+        raise ConfigError(
+            "train.online_probe=true does not work with model.name=stacked_ae (its greedy stages "
+            "compute no code of the whole stack); set train.online_probe=false"
+        )
+    if d.decoder != "pillow" and d.augment != "crop":
+        raise ConfigError(
+            f"data.decoder={d.decoder} decodes the crops of data.augment=crop; with "
+            f"data.augment={d.augment} use data.decoder=pillow"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# derived quantities
 
 
 @dataclass(frozen=True)
@@ -471,24 +527,26 @@ class Derived:
 
 
 def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
-    return derive_schedule(cfg.train, dataset_size, num_processes, "train")
+    return derive_schedule(cfg.train, dataset_size, num_processes)
 
 
-def derive_schedule(t: Schedule, dataset_size: int, num_processes: int, key: str) -> Derived:
-    """Batch, lr and step counts of a training section (``key`` names it in errors)."""
+def derive_schedule(t: TrainingSettings, dataset_size: int, num_processes: int) -> Derived:
+    """Batch, lr and step counts of a training section (its keys named in errors)."""
     effective = t.batch_size * t.accum_steps * num_processes
     per_epoch = dataset_size // effective
     if per_epoch == 0:
+        batch, accum = t.key("batch_size"), t.key("accum_steps")
         raise ConfigError(
-            f"the dataset has {dataset_size} images, fewer than one optimizer step needs ({effective} = "
-            f"{key}.batch_size x {key}.accum_steps x processes); lower {key}.batch_size or {key}.accum_steps"
+            f"the dataset has {dataset_size} images, fewer than one optimizer step needs "
+            f"({effective} = {batch} x {accum} x processes); lower {batch} or {accum}"
         )
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
     warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
     lr = t.blr * effective / 256
     if t.min_lr > lr:
         raise ConfigError(
-            f"{key}.min_lr={t.min_lr:g} is above the peak lr {lr:g} (blr x {effective} / 256); lower it"
+            f"{t.key('min_lr')}={t.min_lr:g} is above the peak lr {lr:g} "
+            f"(blr x {effective} / 256); lower it"
         )
     return Derived(num_processes, dataset_size, effective, lr, per_epoch, total, warmup)
 

@@ -44,9 +44,8 @@ _Yaml12Loader.add_implicit_resolver(
 
 def parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.load(
-            text, Loader=_Yaml12Loader
-        )  # a SafeLoader subclass: no object construction
+        # a SafeLoader subclass: no object construction
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise ConfigError(
             f"{where} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax"
@@ -107,9 +106,8 @@ def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...], sc
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         if value in ("", "null", "~"):
             node[leaf] = None
-        elif _is_text(_field_type(schema, key)) and not value.startswith(
-            ("'", '"')
-        ):  # output_dir=2024 stays text
+        # output_dir=2024 stays text
+        elif _is_text(_field_type(schema, key)) and not value.startswith(("'", '"')):
             node[leaf] = value
         else:
             node[leaf] = parse_yaml(value, f"the value of {key!r}")

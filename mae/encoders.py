@@ -10,10 +10,11 @@ Sources (the ``encoder=`` key of ``finetune.py``):
   ``weights_only=True``), a ViT ``.safetensors`` file or a checkpoint folder: built as the project's
   MAE with the architecture read off the file (``mae.interop.infer_architecture``) and loaded
   strictly; its input size is the one its position embeddings were made for;
-- ``hf-hub:ORG/NAME[@REVISION]`` — a Hugging Face ViTMAE repository (``hf-hub:facebook/vit-mae-base``),
-  from the Hugging Face cache (``mae.hub``: fetched into it when the hub can be reached), then as its folder;
-- ``timm:NAME.TAG`` — timm's pretrained weights of that tag (``timm:vit_base_patch16_224.mae``), from the same
-  cache (``mae.hub``), with timm's preprocessing for them;
+- ``hf-hub:ORG/NAME[@REVISION]`` — a Hugging Face ViTMAE repository
+  (``hf-hub:facebook/vit-mae-base``), from the Hugging Face cache (``mae.hub``: fetched into it
+  when the hub can be reached), then as its folder;
+- ``timm:NAME.TAG`` — timm's pretrained weights of that tag (``timm:vit_base_patch16_224.mae``),
+  from the same cache (``mae.hub``), with timm's preprocessing for them;
 - ``timm:NAME`` (no tag) — a timm architecture with its own random initialisation (sized to nothing:
   its default input size);
 - ``random:DIR`` — the architecture of an export or run directory with fresh weights: a run's
@@ -21,6 +22,9 @@ Sources (the ``encoder=`` key of ``finetune.py``):
   timm. This is the "same encoder at random init" baseline.
 - ``pixels:SIZE`` — no encoder: the image resized to SIZE x SIZE (RGB), normalised and
   flattened. The raw-pixel baseline.
+
+``parse_source`` reads a source once into an ``EncoderSource`` record (a folder by the format its
+files declare), and ``LOADERS`` maps each kind of source to the function that loads it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,22 +42,20 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from mae.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    from_dict,
-    read_yaml,
-    resolve,
-)
+from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, from_dict, read_yaml
 from mae.data.images import timm_data_config
 from mae.export import load_run_model
 from mae.hardware import resolve_attention, resolve_precision, set_attention
-from mae.hub import is_timm_pretrained, local_path, timm_pretrained
-from mae.interop import from_hf, infer_architecture, is_hf_folder, load_into, load_weights
+from mae.hub import TIMM_PREFIX, is_timm_pretrained, local_path, timm_pretrained
+from mae.interop import (
+    architecture_config,
+    folder_config,
+    from_hf,
+    infer_architecture,
+    is_hf_folder,
+    load_into,
+    load_weights,
+)
 from mae.models import build_model
 
 
@@ -77,22 +80,24 @@ class FrozenEncoder:
         return self
 
     def set_precision(self, requested: str) -> str:
-        """Compute features in ``requested`` precision (``auto``: bf16 where this device computes it
-        natively, as for training; ``mae.hardware``), with the attention core that is fast for it."""
+        """Compute features in ``requested`` precision (``auto``: bf16 where this device computes
+        it natively, as for training; ``mae.hardware``), with the attention core that is fast for
+        it."""
         self.precision = resolve_precision(requested, self.device)
         set_attention(self.module, resolve_attention("auto", self.device, self.precision))
         return self.precision
 
     def set_blocks(self, blocks: int) -> None:
-        """Concatenate the pooled features of the last ``blocks`` transformer blocks, each normalised as
-        the encoder's own output is (final norm; ``fc_norm`` after average pooling when the model has
-        one), as DINO's and iBOT's linear probes do; 1 is the encoder's output alone."""
+        """Concatenate the pooled features of the last ``blocks`` transformer blocks, each
+        normalised as the encoder's own output is (final norm; ``fc_norm`` after average pooling
+        when the model has one), as DINO's and iBOT's linear probes do; 1 is the encoder's output
+        alone."""
         if blocks > 1 and (
             self.kind != "timm" or not hasattr(self.module, "forward_intermediates")
         ):
             raise ConfigError(
-                f"probe.blocks={blocks} needs a transformer encoder with intermediate outputs; {self.source} gives "
-                "one feature vector: use probe.blocks=1"
+                f"probe.blocks={blocks} needs a transformer encoder with intermediate outputs; "
+                f"{self.source} gives one feature vector: use probe.blocks=1"
             )
         depth = len(getattr(self.module, "blocks", ()))
         if depth and blocks > depth:
@@ -103,8 +108,8 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or the
-        model's own."""
+        """(B, C, H, W) -> (B, D) float on the CPU. ``pool``: cls token, mean of patch tokens, or
+        the model's own."""
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         ):
@@ -126,17 +131,15 @@ class FrozenEncoder:
             pooled = [
                 prefix[:, 0] if pool == "cls" else patches.mean(dim=1) for patches, prefix in outs
             ]
-            if (
-                fc_norm is not None and pool == "avg"
-            ):  # the model's own avg head norms after pooling
+            # the model's own avg head norms after pooling
+            if fc_norm is not None and pool == "avg":
                 pooled = [fc_norm(f) for f in pooled]
             return torch.cat(pooled, dim=1)
         tokens = self.module.forward_features(images)
         if tokens.ndim != 3:  # a CNN: timm's own pooling, without the classifier
             return self.module.forward_head(tokens, pre_logits=True)
-        if (
-            pool == self.default_pool
-        ):  # the model's own pooling, with its own head norm (fc_norm, attention pool)
+        # the model's own pooling, with its own head norm (fc_norm, attention pool)
+        if pool == self.default_pool:
             return self.module.forward_head(tokens, pre_logits=True)
         if pool == "cls":
             return tokens[:, 0]
@@ -149,8 +152,8 @@ class FrozenEncoder:
             return self.default_pool
         if self.kind == "autoencoder":
             raise ConfigError(
-                f"probe.features={requested!r} needs a token encoder; {self.source} gives features through its "
-                "encode(): use probe.features=default"
+                f"probe.features={requested!r} needs a token encoder; {self.source} gives "
+                "features through its encode(): use probe.features=default"
             )
         if requested == "cls" and getattr(self.module, "cls_token", None) is None:
             raise ConfigError(
@@ -194,21 +197,11 @@ def _timm_encoder(model: nn.Module, source: str) -> FrozenEncoder:
     )
 
 
-def _run_encoder(run_dir: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
-    """A run's (or a project export's) own model, of any family."""
-    if fresh:
-        cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-    else:
-        model, cfg = load_run_model(run_dir)
-    return _model_encoder(model, cfg, source)
-
-
 def _model_encoder(model: nn.Module, cfg: Any, source: str) -> FrozenEncoder:
     """A project model's encoder, fed as its config preprocesses images."""
     d = cfg.data
-    data_config = timm_data_config(d)  # the run's own input size and normalisation
+    # the run's own input size and normalisation
+    data_config = timm_data_config(d.channels, d.hw, d.mean, d.std)
     arch = {
         "run_model": dataclasses.asdict(cfg.model),
         "image_size": d.image_size,
@@ -220,35 +213,6 @@ def _model_encoder(model: nn.Module, cfg: Any, source: str) -> FrozenEncoder:
     return _freeze(model, source, "autoencoder", data_config, "encode", arch)
 
 
-def _hf_encoder(path: Path, source: str, fresh: bool, seed: int) -> FrozenEncoder:
-    """A Hugging Face ViTMAE folder: converted to the project's MAE (``mae.interop.from_hf``); its timm
-    encoder is what is probed or fine-tuned (``random:``: the same architecture at MAE's init)."""
-    model, cfg = from_hf(path)
-    if fresh:
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-    return _model_encoder(model, cfg, source)
-
-
-def _weights_encoder(
-    path: Path, source: str, fresh: bool, seed: int, num_heads: int | None
-) -> FrozenEncoder:
-    """A weights file or checkpoint folder (``mae.interop``): the project's MAE of its architecture."""
-    state = load_weights(path)
-    arch = infer_architecture(path, state)
-    if num_heads is not None:
-        arch.model["num_heads"] = num_heads
-    data = DataConfig(channels=arch.channels)
-    if arch.image_size is not None:
-        data = dataclasses.replace(data, image_size=arch.image_size)
-    cfg = resolve(Config(model=ModelConfig(name="mae", **arch.model), data=data))
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    if not fresh:
-        load_into(model, state, str(path))
-    return _model_encoder(model, cfg, source)
-
-
 class Pixels(nn.Module):
     """The identity encoder: normalised pixels, flattened (the raw-pixel baseline)."""
 
@@ -256,27 +220,80 @@ class Pixels(nn.Module):
         return images.flatten(1)
 
 
-def load_encoder(source: str, seed: int = 0, num_heads: int | None = None) -> FrozenEncoder:
-    """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder. ``num_heads``:
-    the head count of a WEIGHTS source, when it is not the one ``infer_architecture`` assumes."""
-    if num_heads is not None and not _is_weights(Path(source.removeprefix("random:"))):
+# ------------------------------------------------------------------------------------------ sources
+
+PIXELS_PREFIX = "pixels:"
+RANDOM_PREFIX = "random:"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """An ``encoder=`` source, parsed once (``parse_source``); ``LOADERS[kind]`` loads it.
+
+    ``kind``: ``pixels`` (``pixels:SIZE``), ``timm_pretrained`` (``timm:NAME.TAG``),
+    ``timm_random`` (``timm:NAME``), ``hf_folder`` (a Hugging Face ViTMAE folder, an ``hf-hub:``
+    name's included), ``timm_export``, ``project_export`` (config.yaml + model.safetensors),
+    ``run`` (config.yaml: built from it, its newest checkpoint loaded) or ``weights`` (a weights
+    file or checkpoint folder)."""
+
+    kind: str
+    # the image size in pixels (pixels), the timm model name (timm_*), else the folder or file
+    location: str
+    fresh: bool  # random:SOURCE — the architecture of SOURCE with fresh weights
+    text: str  # the source as given: names the encoder in its records and errors
+
+
+def parse_source(text: str) -> EncoderSource:
+    """What ``text`` (see the module docstring) names. A folder is recognised by the format its
+    files declare: a Hugging Face folder by its config.json's ``model_type``, a timm export by its
+    config.json's ``architecture`` (and model.safetensors), a run or project export by its
+    config.yaml. A run's own ``export/`` stands for the run, unless fresh weights are asked for.
+    An ``hf-hub:`` name is fetched into the Hugging Face cache (``mae.hub``)."""
+    if text.startswith(PIXELS_PREFIX):
+        size = text.removeprefix(PIXELS_PREFIX)
+        if not size.isdigit() or int(size) <= 0:
+            raise ConfigError(f"encoder={text!r}: give the image size in pixels, e.g. pixels:32")
+        return EncoderSource("pixels", size, False, text)
+    # NAME.TAG: timm's pretrained weights, through the Hugging Face cache
+    if is_timm_pretrained(text):
+        return EncoderSource("timm_pretrained", text.removeprefix(TIMM_PREFIX), False, text)
+    if text.startswith(TIMM_PREFIX):
+        name = text.removeprefix(TIMM_PREFIX)
+        if not timm.is_model(name):
+            raise ConfigError(
+                f"encoder={text!r}: timm has no model {name!r}; see timm.list_models()"
+            )
+        return EncoderSource("timm_random", name, False, text)
+    fresh = text.startswith(RANDOM_PREFIX)
+    # an hf-hub: name is its snapshot folder in the cache
+    path = local_path(text.removeprefix(RANDOM_PREFIX))
+    kind = _path_kind(path)
+    if kind in ("run", "project_export") and not fresh:
+        export = path / "export"
+        # what the run exported, in either format
+        if (exported := _path_kind(export)) in ("timm_export", "project_export"):
+            path, kind = export, exported
+    if kind is None:
         raise ConfigError(
-            f"num_heads={num_heads} applies to weights files only (they do not record it); {source!r} records its "
-            "own: leave num_heads out"
+            f"encoder={text!r} is not an export directory (config.json + model.safetensors), a "
+            "run directory (config.yaml), a weights file (.pth, .safetensors) or checkpoint "
+            "folder, hf-hub:ORG/NAME, timm:NAME[.TAG], random:SOURCE or pixels:SIZE"
         )
-    try:
-        return _load_encoder(source, seed, num_heads)
-    except ConfigError:
-        raise
-    except (
-        OSError,
-        RuntimeError,
-        ValueError,
-        KeyError,
-    ) as e:  # missing files, bad configs, shape mismatches
-        raise ConfigError(
-            f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})"
-        ) from e
+    return EncoderSource(kind, str(path), fresh, text)
+
+
+def _path_kind(path: Path) -> str | None:
+    """The kind of source the folder or file ``path`` is, by its files; None for none."""
+    if is_hf_folder(path):
+        return "hf_folder"
+    if "architecture" in folder_config(path) and (path / _WEIGHTS_FILE).is_file():
+        return "timm_export"
+    if (path / "config.yaml").is_file():
+        return "project_export" if (path / _WEIGHTS_FILE).is_file() else "run"
+    if _is_weights(path):  # an official .pth, a .safetensors file, a checkpoint folder
+        return "weights"
+    return None
 
 
 def _is_weights(path: Path) -> bool:
@@ -284,52 +301,101 @@ def _is_weights(path: Path) -> bool:
     if path.is_file():
         return True
     configs = (path / "config.json").is_file() or (path / "config.yaml").is_file()
-    return (path / "model.safetensors").is_file() and not configs
+    return (path / _WEIGHTS_FILE).is_file() and not configs
 
 
-def _load_encoder(source: str, seed: int, num_heads: int | None) -> FrozenEncoder:
-    if source.startswith("pixels:"):
-        size = source.removeprefix("pixels:")
-        if not size.isdigit() or int(size) <= 0:
-            raise ConfigError(f"encoder={source!r}: give the image size in pixels, e.g. pixels:32")
-        data = DataConfig(image_size=int(size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return _freeze(
-            Pixels(), source, "autoencoder", timm_data_config(data), "encode", {"pixels": int(size)}
-        )
-    if is_timm_pretrained(
-        source
-    ):  # NAME.TAG: timm's pretrained weights, through the Hugging Face cache
-        return _timm_encoder(timm_pretrained(source), source)
-    if source.startswith("timm:"):
-        name = source.removeprefix("timm:")
-        if not timm.is_model(name):
+# ------------------------------------------------------------------------------------------ loaders
+
+
+def _pixels_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    size = int(source.location)
+    data = timm_data_config(3, (size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return _freeze(Pixels(), source.text, "autoencoder", data, "encode", {"pixels": size})
+
+
+def _timm_pretrained_encoder(
+    source: EncoderSource, seed: int, num_heads: int | None
+) -> FrozenEncoder:
+    return _timm_encoder(timm_pretrained(source.text), source.text)
+
+
+def _timm_random_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    torch.manual_seed(seed)
+    model = timm.create_model(source.location, pretrained=False, num_classes=0)
+    return _timm_encoder(model, source.text)
+
+
+def _timm_export_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    torch.manual_seed(seed)
+    model = timm.create_model(f"local-dir:{source.location}", pretrained=not source.fresh)
+    return _timm_encoder(model, source.text)
+
+
+def _run_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    """A run's (or a project export's) own model, of any family."""
+    if source.fresh:
+        cfg = from_dict(read_yaml(Path(source.location) / "config.yaml"))
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    else:
+        model, cfg = load_run_model(source.location)
+    return _model_encoder(model, cfg, source.text)
+
+
+def _hf_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    """A Hugging Face ViTMAE folder: converted to the project's MAE (``mae.interop.from_hf``); its
+    timm encoder is what is probed or fine-tuned (``random:``: the same architecture at MAE's
+    init)."""
+    model, cfg = from_hf(Path(source.location))
+    if source.fresh:
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    return _model_encoder(model, cfg, source.text)
+
+
+def _weights_encoder(source: EncoderSource, seed: int, num_heads: int | None) -> FrozenEncoder:
+    """A weights file or checkpoint folder (``mae.interop``): the project's MAE of its
+    architecture."""
+    path = Path(source.location)
+    state = load_weights(path)
+    cfg = architecture_config(infer_architecture(path, state), num_heads)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    if not source.fresh:
+        load_into(model, state, str(path))
+    return _model_encoder(model, cfg, source.text)
+
+
+# Every kind of source and how it loads: (source, seed of fresh weights, num_heads of a weights
+# file) -> its frozen encoder
+LOADERS: dict[str, Callable[[EncoderSource, int, int | None], FrozenEncoder]] = {
+    "pixels": _pixels_encoder,
+    "timm_pretrained": _timm_pretrained_encoder,
+    "timm_random": _timm_random_encoder,
+    "hf_folder": _hf_encoder,
+    "timm_export": _timm_export_encoder,
+    "project_export": _run_encoder,
+    "run": _run_encoder,
+    "weights": _weights_encoder,
+}
+
+
+def load_encoder(source: str, seed: int = 0, num_heads: int | None = None) -> FrozenEncoder:
+    """Resolve an ``encoder=`` source (see the module docstring) into a frozen encoder.
+    ``num_heads``: the head count of a WEIGHTS source, when it is not the one
+    ``infer_architecture`` assumes."""
+    try:
+        parsed = parse_source(source)
+        if num_heads is not None and parsed.kind != "weights":
             raise ConfigError(
-                f"encoder={source!r}: timm has no model {name!r}; see timm.list_models()"
+                f"num_heads={num_heads} applies to weights files only (they do not record it); "
+                f"{source!r} records its own: leave num_heads out"
             )
-        torch.manual_seed(seed)
-        return _timm_encoder(timm.create_model(name, pretrained=False, num_classes=0), source)
-    fresh = source.startswith("random:")
-    path = local_path(
-        source.removeprefix("random:")
-    )  # an hf-hub: name is its snapshot folder in the cache
-    if is_hf_folder(path):
-        return _hf_encoder(path, source, fresh, seed)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        torch.manual_seed(seed)
-        return _timm_encoder(timm.create_model(f"local-dir:{path}", pretrained=not fresh), source)
-    if (
-        path / "config.yaml"
-    ).is_file():  # a run, or a project export (config.yaml + model.safetensors)
-        export = path / "export"
-        if not fresh and (export / "config.json").is_file():
-            return _timm_encoder(timm.create_model(f"local-dir:{export}", pretrained=True), source)
-        if not fresh and (export / "model.safetensors").is_file():
-            return _run_encoder(export, source, fresh, seed)
-        return _run_encoder(path, source, fresh, seed)
-    if _is_weights(path):  # an official .pth, a .safetensors file, a checkpoint folder
-        return _weights_encoder(path, source, fresh, seed, num_heads)
-    raise ConfigError(
-        f"encoder={source!r} is not an export directory (config.json + model.safetensors), a run directory "
-        "(config.yaml), a weights file (.pth, .safetensors) or checkpoint folder, hf-hub:ORG/NAME, timm:NAME[.TAG], "
-        "random:SOURCE or pixels:SIZE"
-    )
+        return LOADERS[parsed.kind](parsed, seed, num_heads)
+    except ConfigError:
+        raise
+    # missing files, bad configs, shape mismatches
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"encoder={source!r} could not be loaded ({type(e).__name__}: {e})"
+        ) from e

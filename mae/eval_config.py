@@ -1,8 +1,10 @@
-"""Evaluation run configuration (``finetune.py``: linear probe, kNN, fine-tuning): the schema and its loader.
+"""Evaluation run configuration (``finetune.py``: linear probe, kNN, fine-tuning): the schema
+and its loader.
 
-Loaded the same way as the pretraining config (``mae.config``): defaults <- recipe file (``configs/eval/``)
-<- ``dotted.key=value`` overrides, then validated and frozen. The training-schedule checks and
-``derive_schedule`` are shared with pretraining: ``mae.config_checks``, ``mae.config``.
+Loaded the same way as the pretraining config (``mae.config``): defaults <- recipe file
+(``configs/eval/``) <- ``dotted.key=value`` overrides, then validated and frozen. The
+``finetune`` section holds the training settings pretraining's ``train`` holds
+(``mae.train_settings``), with their checks and ``mae.config.derive_schedule``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from mae.config_checks import crop_scale_check, raise_first_invalid, schedule_checks, size_hw
+from mae.config_checks import Check, crop_scale_check, raise_first_invalid, size_hw
 from mae.config_loader import ConfigError, load_raw
+from mae.train_settings import TrainingSettings, training_checks
 
 __all__ = ["EvalConfig", "EvalDataConfig", "FinetuneConfig", "ProbeConfig", "load_eval_config"]
 
@@ -24,9 +27,8 @@ class EvalDataConfig:
 
     dataset: str = "sample"  # as data.dataset of pretraining
     split: str = "train"  # the split the probe is fitted on
-    eval_split: str | None = (
-        None  # default: test, else validation, else a stratified holdout of `split`
-    )
+    # default: test, else validation, else a stratified holdout of `split`
+    eval_split: str | None = None
     holdout_fraction: float = 0.1  # only when there is no evaluation split
     image_column: str | None = None
     label_column: str | None = None  # default: the first ClassLabel feature (labels are required)
@@ -35,64 +37,63 @@ class EvalDataConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    features: Literal["default", "cls", "avg"] = (
-        "default"  # default: the pooling the encoder was made for
-    )
+    # default: the pooling the encoder was made for
+    features: Literal["default", "cls", "avg"] = "default"
     batch_size: int = 1024  # linear probe (MAE: 16384 on ImageNet)
     epochs: int = 90
-    blr: float = 10.0  # lr = blr x batch_size / 256, LARS (MAE: 0.1 at batch 16384; measured on CIFAR-10 features)
+    # lr = blr x batch_size / 256, LARS (MAE: 0.1 at batch 16384; measured on CIFAR-10 features)
+    blr: float = 10.0
     weight_decay: float = 0.0
     warmup_epochs: int = 10
     k: int = 20  # kNN neighbours
     temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
-    # the features kNN takes the cosine of: raw; centred, less the training features' mean (SimpleShot's "CL2N");
-    # standardised, also divided by their std per dimension, as the linear probe's BatchNorm head sees them. Codes
-    # that share a large common offset (sigmoid codes: every pair at cosine ~0.97) are otherwise told apart by
-    # what little is left of their angle
+    # the features kNN takes the cosine of: raw; centred, less the training features' mean
+    # (SimpleShot's "CL2N"); standardised, also divided by their std per dimension, as the linear
+    # probe's BatchNorm head sees them. Codes that share a large common offset (sigmoid codes: every
+    # pair at cosine ~0.97) are otherwise told apart by what little is left of their angle
     knn_features: Literal["raw", "centred", "standardised"] = "raw"
-    # true: fit on features extracted once (fast; no augmentation). false: the paper's protocol, each
-    # epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per image per epoch)
+    # true: fit on features extracted once (fast; no augmentation). false: the paper's protocol,
+    # each epoch's images freshly cropped/flipped through the frozen encoder (an encoder pass per
+    # image per epoch)
     cached: bool = True
     extract_batch_size: int = 256
-    # features under bf16 autocast (auto: where the device computes bf16 natively, as for training; the
-    # official linear probe also runs under autocast) or fp32 (no)
+    # features under bf16 autocast (auto: where the device computes bf16 natively, as for training;
+    # the official linear probe also runs under autocast) or fp32 (no)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    # features of the last N transformer blocks concatenated (each pooled, through the final norm), as
-    # DINO/iBOT probe; 1: the encoder's output only (the MAE paper's protocol)
+    # features of the last N transformer blocks concatenated (each pooled, through the final norm),
+    # as DINO/iBOT probe; 1: the encoder's output only (the MAE paper's protocol)
     blocks: int = 1
-    # the linear probe's head: bn, BatchNorm1d(affine=False) + Linear (the MAE paper's: it normalises
-    # each feature with the training set's statistics); linear, a plain Linear on the raw features
+    # the linear probe's head: bn, BatchNorm1d(affine=False) + Linear (the MAE paper's: it
+    # normalises each feature with the training set's statistics); linear, a plain Linear on the raw
+    # features
     head: Literal["bn", "linear"] = "bn"
-    cache_dir: str = (
-        "~/.cache/mae/features"  # features extracted once per (encoder, data, transform)
-    )
+    # features extracted once per (encoder, data, transform)
+    cache_dir: str = "~/.cache/mae/features"
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Whole-network fine-tuning; defaults are the MAE paper's ViT-B recipe (its batch 1024 is
-    batch_size x accum_steps x processes)."""
+class FinetuneConfig(TrainingSettings):
+    """Whole-network fine-tuning: the shared training settings (``mae.train_settings``) with the
+    MAE paper's ViT-B recipe as defaults (its batch 1024 is batch_size x accum_steps x
+    processes), and what only fine-tuning has."""
+
+    SECTION: ClassVar[str] = "finetune"
 
     epochs: int = 100
-    max_steps: int | None = None  # stop after this many optimizer steps; overrides epochs
-    batch_size: int = 128  # per process, per micro-batch
-    accum_steps: int = 1
-    blr: float = 5e-4  # lr = blr x effective batch / 256
+    blr: float = 5e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = (
-        0.65  # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
-    )
+    # lr scale decay per block from the head down (1.0: none); ViT-L: 0.75
+    layer_decay: float = 0.65
     drop_path: float = 0.1  # stochastic depth rate of the last block
-    clip_grad: float | None = None
-    global_pool: Literal["avg", "token"] = (
-        "avg"  # avg: mean of patch tokens + a trained fc_norm (the paper's)
-    )
+    # avg: mean of patch tokens + a trained fc_norm (the paper's)
+    global_pool: Literal["avg", "token"] = "avg"
     # default: the encoder's; another size (one side, or [H, W]) resamples the position embeddings
     image_size: int | tuple[int, int] | None = None
-    # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing, mixup/cutmix
+    # augmentation (timm): RandomResizedCrop(crop_scale) + flip + RandAugment + random erasing,
+    # mixup/cutmix
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # a timm auto-augment spec; null disables it
@@ -102,31 +103,19 @@ class FinetuneConfig:
     mixup_prob: float = 1.0  # probability of mixing a batch
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     smoothing: float = 0.1  # label smoothing
-    # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
-    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
-    # auto: math on CPU under bf16, where it is faster, else fused
-    attention: Literal["auto", "fused", "math"] = "auto"
-    cpu_threads: int | None = None  # as train.cpu_threads
-    dist_timeout: int = 300  # as train.dist_timeout
-    log_with: tuple[str, ...] = ("tensorboard",)  # as train.log_with
-    eval_every: int = (
-        1  # epochs between evaluations (each also writes a checkpoint); the last epoch always
-    )
-    log_every: int = 10  # optimizer steps between metric lines
-    keep_checkpoints: int = 2
+    # epochs between evaluations (each also writes a checkpoint); the last epoch always
+    eval_every: int = 1
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     # export dir | run dir | weights file or checkpoint folder (official MAE .pth, .safetensors) |
-    # Hugging Face ViTMAE folder | hf-hub:ORG/NAME (a ViTMAE repository, mae.hub) | timm:NAME.TAG (timm's
-    # pretrained weights, mae.hub) | timm:NAME (random init) | random:SOURCE | pixels:SIZE
+    # Hugging Face ViTMAE folder | hf-hub:ORG/NAME (a ViTMAE repository, mae.hub) | timm:NAME.TAG
+    # (timm's pretrained weights, mae.hub) | timm:NAME (random init) | random:SOURCE | pixels:SIZE
     encoder: str | None = None
     init: str | None = None  # the same as encoder= (the key pretrain.py uses for starting weights)
-    # heads per block of a weights-file encoder: files do not record it (default: its preset's, else 64
-    # channels per head)
+    # heads per block of a weights-file encoder: files do not record it (default: its preset's, else
+    # 64 channels per head)
     num_heads: int | None = None
     mode: Literal["linear", "knn", "finetune"] = "linear"
     output_dir: str = "runs/eval"
@@ -134,6 +123,12 @@ class EvalConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+ENCODER_FORMS = (
+    "an export dir, a run dir, a weights file, hf-hub:ORG/NAME, timm:NAME[.TAG], random:SOURCE "
+    "or pixels:SIZE"
+)
 
 
 def load_eval_config(
@@ -146,14 +141,24 @@ def load_eval_config(
                 f"encoder={cfg.encoder!r} and init={cfg.init!r} name two encoders; give one of them"
             )
         cfg = dataclasses.replace(cfg, encoder=cfg.init)
-    d, p = cfg.data, cfg.probe
-    checks = [
-        (
-            cfg.encoder is not None,
-            "encoder",
-            cfg.encoder,
-            "an export dir, a run dir, a weights file, hf-hub:ORG/NAME, timm:NAME[.TAG], random:SOURCE or pixels:SIZE",
-        ),
+    raise_first_invalid(
+        _top_checks(cfg) + _probe_checks(cfg.probe) + _finetune_checks(cfg.finetune)
+    )
+    f = cfg.finetune
+    mixing = (f.mixup > 0 or f.cutmix > 0) and f.mixup_prob > 0
+    if cfg.mode == "finetune" and mixing and f.batch_size % 2:
+        raise ConfigError(
+            f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images "
+            "within a batch); choose an even batch size or set finetune.mixup=0 finetune.cutmix=0"
+        )
+    return cfg
+
+
+def _top_checks(cfg: EvalConfig) -> list[Check]:
+    """The encoder, the data and the seed."""
+    d = cfg.data
+    return [
+        (cfg.encoder is not None, "encoder", cfg.encoder, ENCODER_FORMS),
         (
             d.eval_split != d.split,
             "data.eval_split",
@@ -173,6 +178,12 @@ def load_eval_config(
             cfg.num_heads,
             "a positive integer or null",
         ),
+        (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
+    ]
+
+
+def _probe_checks(p: ProbeConfig) -> list[Check]:
+    return [
         (p.batch_size > 0, "probe.batch_size", p.batch_size, "a positive integer"),
         (p.epochs > 0, "probe.epochs", p.epochs, "a positive integer"),
         (p.blr > 0, "probe.blr", p.blr, "a positive number"),
@@ -192,11 +203,13 @@ def load_eval_config(
             p.extract_batch_size,
             "a positive integer",
         ),
-        (0 <= cfg.seed < 2**31, "seed", cfg.seed, "an integer in [0, 2**31)"),
     ]
-    f = cfg.finetune
-    checks += [
-        *schedule_checks(f, "finetune"),
+
+
+def _finetune_checks(f: FinetuneConfig) -> list[Check]:
+    probability = "a probability in [0, 1]"
+    return [
+        *training_checks(f),
         (0 < f.layer_decay <= 1, "finetune.layer_decay", f.layer_decay, "in (0, 1]; 1 disables it"),
         (0 <= f.drop_path < 1, "finetune.drop_path", f.drop_path, "in [0, 1)"),
         (
@@ -206,28 +219,16 @@ def load_eval_config(
             "a positive integer, [H, W] or null",
         ),
         crop_scale_check(f.crop_scale, "finetune.crop_scale"),
-        (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, "a probability in [0, 1]"),
+        (0 <= f.reprob <= 1, "finetune.reprob", f.reprob, probability),
         (f.mixup >= 0, "finetune.mixup", f.mixup, "0 (off) or a positive alpha"),
         (f.cutmix >= 0, "finetune.cutmix", f.cutmix, "0 (off) or a positive alpha"),
-        (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, "a probability in [0, 1]"),
+        (0 <= f.mixup_prob <= 1, "finetune.mixup_prob", f.mixup_prob, probability),
         (
             0 <= f.mixup_switch_prob <= 1,
             "finetune.mixup_switch_prob",
             f.mixup_switch_prob,
-            "a probability in [0, 1]",
+            probability,
         ),
         (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
         (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
     ]
-    raise_first_invalid(checks)
-    if (
-        cfg.mode == "finetune"
-        and (f.mixup > 0 or f.cutmix > 0)
-        and f.mixup_prob > 0
-        and f.batch_size % 2
-    ):
-        raise ConfigError(
-            f"finetune.batch_size={f.batch_size} must be even for mixup/cutmix (they pair images within a batch); "
-            "choose an even batch size or set finetune.mixup=0 finetune.cutmix=0"
-        )
-    return cfg

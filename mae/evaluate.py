@@ -1,21 +1,22 @@
-"""What autoencoders are used for, measured: ``python -m mae.evaluate TASK --run RUN_DIR [options]``.
+"""What autoencoders are used for, measured:
+``python -m mae.evaluate TASK --run RUN_DIR [options]``.
 
 Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/evaluate/TASK``):
 
 - ``reconstruct``: MSE, PSNR and SSIM (pixels in [0, 1]) between a split's images and their
   reconstructions, and a grid (input as the encoder saw it | reconstruction | original). For MAE
   the reconstruction keeps the visible patches and predicts the hidden ones (``--mask-ratio``).
-- ``denoise``: corrupt the split (``--corruption``, ``--level``; default the corruption a denoising run
-  trained with, else Gaussian std 0.2), reconstruct, PSNR before and after, and of the noisy image
-  projected on PCA with as many components as the code; grid (noisy | restored | PCA | clean).
+- ``denoise``: corrupt the split (``--corruption``, ``--level``; default the corruption a denoising
+  run trained with, else Gaussian std 0.2), reconstruct, PSNR before and after, and of the noisy
+  image projected on PCA with as many components as the code; grid (noisy | restored | PCA | clean).
 - ``anomaly``: classes ``--normal`` are normal, every other class an anomaly; the score of an
   image is its reconstruction error. AUROC and AUPR (anomaly = positive) per anomalous class and
   for all of them, and the two score histograms. Train on the normal classes only with
   ``pretrain.py data.classes=[...]``, or score with a model trained on everything.
 - ``reduce``: the encoder as dimensionality reduction against PCA with as many components as the
-  code has (``mae.evaluate_pca``, pixel space): reconstruction PSNR of both on the split (printed side by
-  side), linear-probe and kNN accuracy of both (fitted on ``--fit-split``), and a 2-D PCA scatter of the
-  codes coloured by class.
+  code has (``mae.evaluate_pca``, pixel space): reconstruction PSNR of both on the split (printed
+  side by side), linear-probe and kNN accuracy of both (fitted on ``--fit-split``), and a 2-D PCA
+  scatter of the codes coloured by class.
 - ``sample`` (generative models): a grid of prior samples and latent interpolations between
   pairs of the split's images.
 - ``report``: the tables of ``mae.results_table`` (runs with their probes and the tasks above;
@@ -29,7 +30,6 @@ that differ, and ``identical`` counts the others.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -56,7 +56,7 @@ class EvaluateError(UserError, ValueError):
     """A task that cannot run as asked; the message says what to change."""
 
 
-# ---------------------------------------------------------------------------------------------- data + model
+# ------------------------------------------------------------------------------------- data + model
 
 
 class Evaluation:
@@ -71,17 +71,16 @@ class Evaluation:
             raise EvaluateError(f"--run {run}: {e}") from e
         self.model.eval()
         self.cfg: Config = cfg
-        self.data: DataConfig = (
-            cfg.data if dataset is None else dataclasses.replace(cfg.data, dataset=dataset)
-        )
-        self.splits = load_splits(self.data)
+        self.data: DataConfig = cfg.data  # the run's own preprocessing
+        self.dataset = cfg.data.dataset if dataset is None else dataset
+        self.splits = load_splits(self.dataset)
         self.split, self.max_images, self.batch, self.seed = split, max_images, batch, seed
 
     def images(self, split: str | None = None, limit: int | None = None) -> ImageDataset:
         name = split or self.split
-        ds = pick_split(self.splits, self.data, name, "--split")
+        ds = pick_split(self.splits, self.dataset, name, "--split")
         n = min(len(ds), limit or self.max_images)
-        return ImageDataset(ds.select(range(n)), self.data, eval_transform(self.data))
+        return ImageDataset(ds.select(range(n)), self.data.columns, eval_transform(self.data))
 
     def batches(self, data: ImageDataset):
         return DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0)
@@ -100,7 +99,7 @@ class Evaluation:
         save_tiles(stacked, path, nrow=len(panels))
 
 
-# ---------------------------------------------------------------------------------------------- tasks
+# ------------------------------------------------------------------------------------- tasks
 
 
 def reconstruct(ev: Evaluation, out: Path, mask_ratio: float | None) -> dict[str, Any]:
@@ -154,7 +153,8 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
     present = set(y.unique().tolist())
     if not set(normal) <= present or present <= set(normal):
         raise EvaluateError(
-            f"--normal {normal}: the split's classes are {sorted(present)}; name normal classes it has, and not all"
+            f"--normal {normal}: the split's classes are {sorted(present)}; name normal classes it "
+            "has, and not all"
         )
     result = {
         "normal": normal,
@@ -198,10 +198,10 @@ def sample(ev: Evaluation, out: Path, n: int) -> dict[str, Any]:
     return {"samples": n, "interpolations": pairs, "steps": 8}
 
 
-# ---------------------------------------------------------------------------------------------- entry
+# ------------------------------------------------------------------------------------- entry
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mae.evaluate", description=__doc__.split("\n\n")[0]
     )
@@ -248,7 +248,32 @@ def main(argv: list[str] | None = None) -> int:
         "--fit-images", type=int, default=20000, help="reduce, denoise: images of --fit-split"
     )
     parser.add_argument("-n", type=int, default=64, help="sample: images to generate")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run_task(args: argparse.Namespace, ev: Evaluation, out: Path) -> dict:
+    """The task's metrics, its files written into ``out``."""
+    if args.task == "reconstruct":
+        return reconstruct(ev, out, args.mask_ratio)
+    if args.task == "denoise":
+        return denoise(
+            ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images
+        )
+    if args.task == "anomaly":
+        try:
+            normal = [int(c) for c in args.normal.split(",")]
+        except ValueError as e:
+            raise EvaluateError(
+                f"--normal {args.normal!r}: give comma-separated class ids, e.g. 0,1"
+            ) from e
+        return anomaly(ev, out, normal)
+    if args.task == "reduce":
+        return reduce(ev, out, args.fit_split, args.fit_images)
+    return sample(ev, out, args.n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.task == "report":
             if not args.out:
@@ -265,24 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = Evaluation(run, args.dataset, args.split, args.max_images, args.batch_size, args.seed)
         out = Path(args.out) if args.out else Path(run) / "evaluate" / args.task
         out.mkdir(parents=True, exist_ok=True)
-        if args.task == "reconstruct":
-            result = reconstruct(ev, out, args.mask_ratio)
-        elif args.task == "denoise":
-            result = denoise(
-                ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images
-            )
-        elif args.task == "anomaly":
-            try:
-                normal = [int(c) for c in args.normal.split(",")]
-            except ValueError as e:
-                raise EvaluateError(
-                    f"--normal {args.normal!r}: give comma-separated class ids, e.g. 0,1"
-                ) from e
-            result = anomaly(ev, out, normal)
-        elif args.task == "reduce":
-            result = reduce(ev, out, args.fit_split, args.fit_images)
-        else:
-            result = sample(ev, out, args.n)
+        result = _run_task(args, ev, out)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "task": args.task,
         "run": run,
         "split": args.split,
-        "dataset": ev.data.dataset,
+        "dataset": ev.dataset,
         **result,
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=1))

@@ -1,10 +1,10 @@
 """The ``mae.evaluate`` tasks judged against PCA with as many components as the code has: ``reduce``
-(reconstruction, linear probe and kNN of the code and of PCA) and ``denoise`` (the model's restoration and
-the projection of the noisy image on PCA's components).
+(reconstruction, linear probe and kNN of the code and of PCA) and ``denoise`` (the model's
+restoration and the projection of the noisy image on PCA's components).
 
 PCA is fitted in pixel space (values in [0, 1], every channel alike) on ``--fit-images`` images of
-``--fit-split`` (default 20,000 of train), by an SVD of the centred data: the best linear code of that
-size, the baseline an autoencoder should beat at equal code size.
+``--fit-split`` (default 20,000 of train), by an SVD of the centred data: the best linear code of
+that size, the baseline an autoencoder should beat at equal code size.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from mae.models.dae import corrupt_pixels
 from mae.probe import accuracy, knn_scores, linear_probe
 from mae.visualize import pyplot
 
-# ``ev`` below is an ``mae.evaluate.Evaluation`` (a run's model and data); that module imports this one, so the
-# type is written as Any rather than imported back.
+# ``ev`` below is an ``mae.evaluate.Evaluation`` (a run's model and data); that module imports this
+# one, so the type is written as Any rather than imported back.
 Evaluation = Any
 
 
 class PCA:
-    """Mean (D,) and the first ``dims`` principal components (dims, D) of the rows of ``x`` (N, D)."""
+    """Mean (D,) and the first ``dims`` principal components (dims, D) of the rows of
+    ``x`` (N, D)."""
 
     def __init__(self, x: torch.Tensor, dims: int) -> None:
         if dims > min(x.shape):
@@ -42,7 +43,8 @@ class PCA:
         return (x - self.mean) @ self.components.T
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (N, D) reconstructed from its codes: the nearest point of the components' affine span."""
+        """``x`` (N, D) reconstructed from its codes: the nearest point of the components' affine
+        span."""
         return self.codes(x) @ self.components + self.mean
 
 
@@ -59,8 +61,9 @@ def code_size(ev: Evaluation) -> int:
 def run_corruption(
     ev: Evaluation, corruption: str | None, level: float | None, patch: int | None
 ) -> tuple:
-    """The corruption to evaluate, what is not given filled from the one a denoising run trained with (other
-    runs, or another kind than the run's: Gaussian std 0.2, or a fraction 0.5 of single pixels)."""
+    """The corruption to evaluate, what is not given filled from the one a denoising run trained
+    with (other runs, or another kind than the run's: Gaussian std 0.2, or a fraction 0.5 of single
+    pixels)."""
     m = ev.cfg.model
     trained = (
         (m.corruption, m.noise_level, m.corruption_patch)
@@ -104,7 +107,8 @@ def denoise(
     }
     print(
         f"denoise ({corruption} {level:g}): noisy {summary['noisy']['psnr_db']:.2f} dB, restored "
-        f"{summary['restored']['psnr_db']:.2f} dB, projected on PCA-{code_size(ev)} {summary['pca']['psnr_db']:.2f} dB"
+        f"{summary['restored']['psnr_db']:.2f} dB, projected on PCA-{code_size(ev)} "
+        f"{summary['pca']['psnr_db']:.2f} dB"
     )
     return {
         "corruption": corruption,
@@ -140,8 +144,10 @@ def reduce(ev: Evaluation, out: Path, fit_split: str, fit_images: int) -> dict[s
     result: dict[str, Any] = {"dims": dims, "fit_images": len(fit_flat), "images": len(flat)}
     result["reconstruction"] = {"encoder": psnr_summary(ae_mse), "pca": psnr_summary(pca_mse)}
     print(
-        f"reconstruction PSNR: the {dims}-d code {result['reconstruction']['encoder']['psnr_db']:.2f} dB, PCA-{dims} "
-        f"{result['reconstruction']['pca']['psnr_db']:.2f} dB (fitted on {len(fit_flat)} images of {fit_split})"
+        f"reconstruction PSNR: the {dims}-d code "
+        f"{result['reconstruction']['encoder']['psnr_db']:.2f} dB, PCA-{dims} "
+        f"{result['reconstruction']['pca']['psnr_db']:.2f} dB (fitted on {len(fit_flat)} images of "
+        f"{fit_split})"
     )
     if (labels >= 0).all() and (fit_labels >= 0).all():
         classes = int(max(labels.max(), fit_labels.max())) + 1

@@ -35,9 +35,9 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
         raise TypeError(
             f"{type(encoder).__name__} is not a timm model; it cannot be exported in timm's format"
         )
-    return save_timm(
-        encoder, out_dir, timm_data_config(cfg.data), f"mae_{cfg.model.preset or 'custom'}"
-    )
+    d = cfg.data
+    data_config = timm_data_config(d.channels, d.hw, d.mean, d.std)
+    return save_timm(encoder, out_dir, data_config, f"mae_{cfg.model.preset or 'custom'}")
 
 
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
@@ -72,7 +72,8 @@ def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, ta
 
 
 def replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` a temporary sibling folder, then swap it in: an earlier ``out_dir`` survives any failure."""
+    """``write`` a temporary sibling folder, then swap it in: an earlier ``out_dir`` survives any
+    failure."""
     tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
     if not out_dir.exists() and old.exists():  # an earlier swap died between its two renames
         os.replace(old, out_dir)
@@ -89,8 +90,9 @@ def replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
 def load_run_model(
     run_dir: str | Path, checkpoint: str | Path | None = None
 ) -> tuple[torch.nn.Module, Config]:
-    """Rebuild a run's model from its ``config.yaml`` and load weights strictly: from ``checkpoint``,
-    else the folder's own ``model.safetensors`` (a project export), else the newest checkpoint."""
+    """Rebuild a run's model from its ``config.yaml`` and load weights strictly: from
+    ``checkpoint``, else the folder's own ``model.safetensors`` (a project export), else the newest
+    checkpoint."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -116,11 +118,13 @@ def load_run_model(
 
 
 def save_hf(model: torch.nn.Module, cfg: Config, folder: Path) -> None:
-    """The Hugging Face folder: the model (``save_pretrained``) and its image processor, as the published
-    facebook/vit-mae-* repos have it (ViTImageProcessor: bicubic resize to the run's size, /255, the run's
-    mean and std), so ``transformers.pipeline("image-feature-extraction", model=folder)`` takes it as it is.
-    (The processor resizes to the run's size, where the project's evaluation transform resizes to cover it,
-    keeping the aspect ratio, and crops the centre: the same for images of the run's aspect ratio.)"""
+    """The Hugging Face folder: the model (``save_pretrained``) and its image processor, as the
+    published facebook/vit-mae-* repos have it (ViTImageProcessor: bicubic resize to the run's size,
+    /255, the run's mean and std), so
+    ``transformers.pipeline("image-feature-extraction", model=folder)`` takes it as it is. (The
+    processor resizes to the run's size, where the project's evaluation transform resizes to cover
+    it, keeping the aspect ratio, and crops the centre: the same for images of the run's aspect
+    ratio.)"""
     from transformers import ViTImageProcessor
     from transformers.image_utils import PILImageResampling
 
@@ -156,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("timm", "hf"),
         default="timm",
         help="timm: the encoder in timm's format (classic autoencoders: the project's); "
-        "hf: an MAE as a Hugging Face ViTMAEForPreTraining folder (save_pretrained), decoder included (CrossMAE: "
-        "its encoder, a ViTMAEModel)",
+        "hf: an MAE as a Hugging Face ViTMAEForPreTraining folder (save_pretrained), decoder "
+        "included (CrossMAE: its encoder, a ViTMAEModel)",
     )
     args = parser.parse_args(argv)
     try:

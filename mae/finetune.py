@@ -7,9 +7,9 @@ position embeddings resampled when ``finetune.image_size`` differs from the enco
 autoencoder's ``encode`` features get a linear head and train end to end. Training: AdamW with
 layer-wise lr decay (timm's param groups), lr = blr x batch / 256, warmup + cosine per step,
 RandAugment + random erasing, mixup/cutmix with a soft-target loss, label smoothing, all through
-Accelerate (mixed precision, processes, accumulation); the loop is ``mae.runner``'s. Every ``eval_every``
-epochs: accuracy on the evaluation split, a checkpoint
-(resume is exact), and the ``last/`` and ``best/`` classifiers (timm's format for a timm encoder).
+Accelerate (mixed precision, processes, accumulation); the loop is ``mae.runner``'s. Every
+``eval_every`` epochs: accuracy on the evaluation split, a checkpoint (resume is exact), and the
+``last/`` and ``best/`` classifiers (timm's format for a timm encoder).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 
 from mae import runner
 from mae.classifier import Classifier, build_classifier, save_classifier
-from mae.config import ConfigError, DataConfig, Derived, derive_schedule, to_dict
+from mae.config import Columns, ConfigError, Derived, derive_schedule, to_dict
 from mae.config_loader import build
+from mae.data.base import Batch
 from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
 from mae.distributed import check_shardable, peers_watched
@@ -47,7 +48,8 @@ RESUMABLE = ("probe.cache_dir", "probe.extract_batch_size")
 
 
 def _posterize(img: Image.Image, bits: int, **_: Any) -> Image.Image:
-    """timm's posterize op, keeping its meaning for 0 bits (a black image), which Pillow >= 12 refuses."""
+    """timm's posterize op, keeping its meaning for 0 bits (a black image), which Pillow >= 12
+    refuses."""
     return ImageOps.posterize(img, bits) if bits >= 1 else Image.new(img.mode, img.size)
 
 
@@ -78,8 +80,9 @@ def build_optimizer(
     model: nn.Module, f: FinetuneConfig, derived: Derived, layered: bool = True
 ) -> torch.optim.Optimizer:
     """AdamW; with layer decay each group carries ``lr_scale`` = decay^(depth + 1 - layer), which
-    timm's scheduler multiplies into the lr (head: 1, patch embedding: decay^(depth + 1)). ``layered``:
-    the model has timm's layer grouping (a classic autoencoder's classifier has none: no decay)."""
+    timm's scheduler multiplies into the lr (head: 1, patch embedding: decay^(depth + 1)).
+    ``layered``: the model has timm's layer grouping (a classic autoencoder's classifier has none:
+    no decay)."""
     return create_optimizer_v2(
         model,
         opt="adamw",
@@ -116,7 +119,8 @@ def _criterion(f: FinetuneConfig, mixup: Mixup | None) -> nn.Module:
 def evaluate_model(
     accelerator: Accelerator, model: nn.Module, loader: DataLoader, names: list[str]
 ) -> tuple[dict[str, Any], float]:
-    """Accuracy (``mae.probe.accuracy``) and mean cross-entropy on the evaluation split, over all processes."""
+    """Accuracy (``mae.probe.accuracy``) and mean cross-entropy on the evaluation split, over all
+    processes."""
     model.eval()
     logits, labels = [], []
     for images, y in loader:
@@ -125,16 +129,15 @@ def evaluate_model(
         labels.append(y.cpu())
     model.train()
     scores, targets = torch.cat(logits), torch.cat(labels)
-    result = accuracy(scores, targets, names) | {
-        "scored": len(targets)
-    }  # every image once, over all processes
+    # every image once, over all processes
+    result = accuracy(scores, targets, names) | {"scored": len(targets)}
     return result, nn.functional.cross_entropy(scores, targets.long()).item()
 
 
 class Finetuning:
-    """The runner's job for fine-tuning: mixup and the classification loss; every ``eval_every`` epochs
-    (and at the end) accuracy on the evaluation split, the ``last/`` and ``best/`` classifiers and a
-    checkpoint."""
+    """The runner's job for fine-tuning: mixup and the classification loss; every ``eval_every``
+    epochs (and at the end) accuracy on the evaluation split, the ``last/`` and ``best/``
+    classifiers and a checkpoint."""
 
     def __init__(
         self,
@@ -167,11 +170,10 @@ class Finetuning:
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
 
-    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> runner.StepLoss:
-        images, labels = batch
-        targets = labels
+    def loss(self, batch: Batch, step: int) -> runner.StepLoss:
+        images, targets = batch.images, batch.labels
         if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
+            images, targets = self.mixup(images, targets)
         loss = self.criterion(self.model(images).float(), targets)
         return runner.StepLoss(loss, loss.detach(), {})
 
@@ -186,7 +188,8 @@ class Finetuning:
         )
 
     def before_checkpoint(self, step: int) -> None:
-        """Evaluate, record, and write the ``last/`` (and, when it improved, ``best/``) classifier."""
+        """Evaluate, record, and write the ``last/`` (and, when it improved, ``best/``)
+        classifier."""
         acc, epochs = self.accelerator, step / self.derived.steps_per_epoch
         scores, eval_loss = evaluate_model(acc, self.model, self.eval_loader, self.names)
         self.last_eval = scores
@@ -218,7 +221,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     """Fine-tune (or resume) in ``cfg.output_dir``; returns what it writes to ``results.json``."""
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
     fetch(cfg.encoder)  # a hub name that cannot be served stops here, before output_dir is made
-    accelerator = runner.accelerator_for(f, run_dir, "finetune")
+    accelerator = runner.accelerator_for(f, run_dir)
     watched = peers_watched(accelerator, run_dir, "finetune.dist_timeout", f.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
         return _finetune(cfg, accelerator)
@@ -233,30 +236,21 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     clf = build_classifier(cfg, num_classes)  # the same initial weights on every process
     check_shardable(accelerator, clf.model, f"the {clf.kind} classifier")
-    set_seed(
-        cfg.seed, device_specific=True
-    )  # drop path and mixup differ per process; data order does not
+    # drop path and mixup differ per process; data order does not
+    set_seed(cfg.seed, device_specific=True)
     d = cfg.data
-    data_cfg = DataConfig(
-        dataset=d.dataset,
-        image_column=d.image_column,
-        label_column=d.label_column,
-        channels=clf.data_config["input_size"][0],
-        num_workers=d.num_workers,
-    )
-    train_set = ImageDataset(fit_ds, data_cfg, train_transform(f, clf.data_config), seed=cfg.seed)
-    if (
-        train_set.rows.columns.arrays and f.auto_augment is not None
-    ):  # timm's RandAugment is Pillow's operations
+    columns = Columns(d.image_column, d.label_column, clf.data_config["input_size"][0])
+    train_set = ImageDataset(fit_ds, columns, train_transform(f, clf.data_config), seed=cfg.seed)
+    if train_set.rows.columns.arrays and f.auto_augment is not None:  # RandAugment is Pillow's
         raise ConfigError(
-            f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} holds arrays; set "
-            "finetune.auto_augment=null"
+            f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} "
+            "holds arrays; set finetune.auto_augment=null"
         )
     eval_set = ImageDataset(
-        eval_ds, data_cfg, create_transform(**clf.data_config, is_training=False)
+        eval_ds, columns, create_transform(**clf.data_config, is_training=False)
     )
     source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
-    derived = derive_schedule(f, source.size, accelerator.num_processes, "finetune")
+    derived = derive_schedule(f, source.size, accelerator.num_processes)
     if resume_from is not None:
         resumable = resumable_keys("finetune", *RESUMABLE)
         check_resumable(accelerator, run_dir, cfg, derived, resumable, partial(build, EvalConfig))
@@ -308,15 +302,15 @@ def _print_setup(
     f, init = cfg.finetune, clf.init
     params = sum(p.numel() for p in clf.model.parameters() if p.requires_grad)
     resampled = init["pos_embed_resampled"]
-    timm_model = (
-        clf.kind == "timm"
-    )  # global pool and layer decay are timm's; a classic encoder's are its own
+    # global pool and layer decay are timm's; a classic encoder's are its own
+    timm_model = clf.kind == "timm"
     pool = f.global_pool if timm_model else "encode()"
     accelerator.print(
-        f"classifier from {cfg.encoder}: {params / 1e6:.2f}M parameters, {classes} classes, pool {pool}; "
-        f"fresh {init['fresh']}, dropped {init['dropped']}"
+        f"classifier from {cfg.encoder}: {params / 1e6:.2f}M parameters, {classes} classes, "
+        f"pool {pool}; fresh {init['fresh']}, dropped {init['dropped']}"
         + (f"; pos_embed {resampled['from']} -> {resampled['to']}" if resampled else "")
-        + f"\ndata {cfg.data.dataset}: {derived.dataset_size} training images, {eval_size} evaluation images, "
-        f"{derived.steps_per_epoch} steps/epoch; layer decay {f.layer_decay if timm_model else 'none'}\n"
+        + f"\ndata {cfg.data.dataset}: {derived.dataset_size} training images, {eval_size} "
+        f"evaluation images, {derived.steps_per_epoch} steps/epoch; "
+        f"layer decay {f.layer_decay if timm_model else 'none'}\n"
         + runner.schedule_lines(accelerator, f, derived, attention)
     )

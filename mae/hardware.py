@@ -1,12 +1,13 @@
 """What runs fast on this machine: the precision ``auto`` picks, and the attention kernel.
 
 - ``mixed_precision=auto`` is bf16 autocast where the device computes bf16 natively (a CUDA GPU
-  with bf16; a CPU with AVX512-BF16 or AMX-BF16), fp32 elsewhere (emulated bf16 is slower than fp32).
+  with bf16; a CPU with AVX512-BF16 or AMX-BF16), fp32 elsewhere (emulated bf16 is slower than
+  fp32).
 - ``attention=auto`` picks per device and precision. PyTorch's fused CPU attention kernel is slow
   in bf16 for short sequences (MAE's 17 and 65 tokens for ViT-Tiny/4 at 32 px, 50 in the ViT-B/16
-  encoder), so on CPU under bf16 the attention core of sequences up to ``MATH_MAX_TOKENS`` is written
-  out (``MathAttention``: bf16 matmuls, softmax in fp32 as CUDA autocast does); longer sequences and
-  every other case use timm's ``F.scaled_dot_product_attention`` (flash on GPU).
+  encoder), so on CPU under bf16 the attention core of sequences up to ``MATH_MAX_TOKENS`` is
+  written out (``MathAttention``: bf16 matmuls, softmax in fp32 as CUDA autocast does); longer
+  sequences and every other case use timm's ``F.scaled_dot_product_attention`` (flash on GPU).
   ``python bench/vs_hf.py`` measures both; parameters and state dicts do not change.
 - ``tune_cpu_allocator``: training on CPU keeps its large short-lived tensors in glibc's heap
   instead of mapping fresh pages for each one (``python bench/allocator.py`` measures it).
@@ -52,9 +53,9 @@ def resolve_attention(requested: str, device: torch.device, precision: str) -> s
     return "math" if device.type == "cpu" and precision == "bf16" else "fused"
 
 
-# Up to this many tokens the written-out core is faster on CPU under bf16; beyond it the fused kernel is
-# (ViT-B/16 at 224 px, batch 32: 4.46 img/s with the encoder's 50 tokens written out and the decoder's 197
-# fused, 4.37 all fused, 3.67 all written out).
+# Up to this many tokens the written-out core is faster on CPU under bf16; beyond it the fused
+# kernel is (ViT-B/16 at 224 px, batch 32: 4.46 img/s with the encoder's 50 tokens written out and
+# the decoder's 197 fused, 4.37 all fused, 3.67 all written out).
 MATH_MAX_TOKENS = 128
 
 
@@ -65,11 +66,11 @@ TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 
 
 def tune_cpu_allocator() -> bool:
-    """Raise glibc's mmap threshold to 32 MB and its trim threshold to 2 GB, for this process and the
-    processes it forks. By default glibc maps every allocation over a threshold (which adapts, but not
-    beyond 32 MB) with a fresh ``mmap`` and unmaps it when freed, so the step's activations and gradients
-    of a few MB to 32 MB are page-faulted in anew at every step. With these settings they are reused from
-    the heap. The arithmetic is unchanged.
+    """Raise glibc's mmap threshold to 32 MB and its trim threshold to 2 GB, for this process and
+    the processes it forks. By default glibc maps every allocation over a threshold (which adapts,
+    but not beyond 32 MB) with a fresh ``mmap`` and unmaps it when freed, so the step's activations
+    and gradients of a few MB to 32 MB are page-faulted in anew at every step. With these settings
+    they are reused from the heap. The arithmetic is unchanged.
 
     Skipped, returning False, without glibc, or where these settings are already chosen
     (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES``), with an
@@ -83,7 +84,8 @@ def tune_cpu_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)  # the symbols this process already has, the C library's among them
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl and macOS have no mallopt like it)
+        # glibc only (musl and macOS have no mallopt like it): a missing symbol raises
+        libc.gnu_get_libc_version  # noqa: B018
     except (OSError, AttributeError):
         return False
     return bool(
@@ -116,19 +118,32 @@ class MathAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+# Each attention module class, with the class computing the same attention the other way: its
+# fused (SDPA) and its math variant. A module's kind is switched by its class alone (parameters,
+# buffers and state dict are the same), which works for timm's blocks inside any timm model as well
+# as for the project's own modules; ``register_attention`` adds a pair.
+ATTENTION_VARIANTS: dict[type[nn.Module], dict[str, type[nn.Module]]] = {}
+
+
+def register_attention(fused: type[nn.Module], math: type[nn.Module]) -> None:
+    """``set_attention`` turns ``fused`` modules into ``math`` ones and back."""
+    variants = {"fused": fused, "math": math}
+    ATTENTION_VARIANTS[fused] = ATTENTION_VARIANTS[math] = variants
+
+
+register_attention(Attention, MathAttention)
+
+
 def set_attention(model: nn.Module, kind: str) -> int:
-    """Every timm ``Attention`` of ``model``, and every attention with an ``attention_core`` switch (the
-    project's own: ``mae.models.crossmae.CrossAttention``), computes with ``kind`` (``fused`` | ``math``);
-    returns how many modules there are. Only the class changes: parameters, buffers and state dict stay."""
+    """Every attention module of ``model`` with a registered pair (``ATTENTION_VARIANTS``: timm's
+    ``Attention``, the project's ``CrossAttention``) computes with ``kind`` (``fused`` | ``math``);
+    returns how many modules there are."""
     count = 0
     for module in model.modules():
-        if type(module) in (Attention, MathAttention):
-            module.__class__ = MathAttention if kind == "math" else Attention
-            module.fused_attn = (
-                True  # (MathAttention: for the sequences it leaves to timm's fused path)
-            )
-            count += 1
-        elif hasattr(module, "attention_core"):
-            module.attention_core = kind
+        variants = ATTENTION_VARIANTS.get(type(module))
+        if variants is not None:
+            module.__class__ = variants[kind]
+            if isinstance(module, Attention):  # fused means timm's SDPA path, whatever its default
+                module.fused_attn = True
             count += 1
     return count

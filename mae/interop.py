@@ -9,7 +9,8 @@
 - a Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` ``save_pretrained`` folder (``from_hf``;
   ``to_hf`` goes the other way, ``python -m mae.export RUN --format hf`` writes one);
 - a run's checkpoint folder or ``model.safetensors`` of the project;
-- by name through the Hugging Face cache (``mae.hub``): ``hf-hub:ORG/NAME`` (ViTMAE) and ``timm:NAME.TAG``.
+- by name through the Hugging Face cache (``mae.hub``): ``hf-hub:ORG/NAME`` (ViTMAE) and
+  ``timm:NAME.TAG``.
 
 ``load_into(model, state)`` maps the names onto ``MaskedAutoencoder`` (the official encoder keys
 gain the ``encoder.`` prefix of the timm encoder; decoder keys are shared) and loads strictly; when
@@ -23,11 +24,12 @@ has one (a timm export's ``model_args``, a Hugging Face ``config.json``), else f
 shapes. Head counts leave no trace in the shapes; without a config they follow the presets
 (or 64 channels per encoder head, 32 per decoder head) and are reported as guessed.
 ``load_pretrain_config`` (``mae.config.load_config`` plus this) fills the architecture keys a recipe
-leaves unset from it and refuses a conflict.
+leaves unset from it and refuses a conflict. ``architecture_config`` turns an architecture into the
+resolved ``Config`` to build its MAE from (``from_hf``; ``mae.encoders`` for a weights file).
 
 Importing this module is cheap (no torch): the pretraining entry point loads its config through it,
-and a config is checked before torch is imported. torch, safetensors and transformers are imported by
-the functions that read or build weights, ``mae.models`` (torch, timm) by ``from_hf`` alone.
+and a config is checked before torch is imported. torch, safetensors and transformers are imported
+by the functions that read or build weights, ``mae.models`` (torch, timm) by ``from_hf`` alone.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if (sharded := read_sharded_model(p)) is not None:  # a checkpoint of an FSDP run
             return _to_ours(sharded)
         raise WeightsError(
-            f"init={path}: the folder holds no model.safetensors and no FSDP shards (an export or a checkpoint folder)"
+            f"init={path}: the folder holds no model.safetensors and no FSDP shards (an export or "
+            "a checkpoint folder)"
         )
     if not p.is_file():
         raise WeightsError(f"init={path} does not exist; give a checkpoint file or folder")
@@ -85,8 +88,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise WeightsError(
-            f"init={path} needs full unpickling (it could run code), which is never done; convert it to "
-            "safetensors where you trust it, or give the official {'model': state_dict} checkpoint"
+            f"init={path} needs full unpickling (it could run code), which is never done; convert "
+            "it to safetensors where you trust it, or give the official {'model': state_dict} "
+            "checkpoint"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightsError(
@@ -102,12 +106,12 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Architecture:
-    """What a weights file says about its model: ``model.*`` keys, its input, and what was guessed."""
+    """What a weights file says about its model: ``model.*`` keys, its input, and what was
+    guessed."""
 
     model: dict[str, Any]  # model.* keys (the decoder's only when the file holds a decoder)
-    image_size: (
-        int | None
-    )  # the position embeddings' grid x patch size (None without position embeddings)
+    # the position embeddings' grid x patch size (None without position embeddings)
+    image_size: int | None
     channels: int
     guessed: list[str] = field(default_factory=list)  # keys the file does not record (head counts)
     origin: str = "tensor shapes"
@@ -160,15 +164,15 @@ def infer_architecture(
             model["mlp_ratio"] * ddim
         ):
             raise WeightsError(
-                f"init={path}: the encoder and decoder MLP ratios differ; model.mlp_ratio is one value"
+                f"init={path}: the encoder and decoder MLP ratios differ; "
+                "model.mlp_ratio is one value"
             )
     elif preset:  # an encoder-only file of a known size: that preset's decoder
         decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
         model |= {k: getattr(preset, k) for k in decoder}
         guessed += ["decoder_embed_dim", "decoder_depth", "decoder_num_heads"]
-    if (
-        is_timm_pretrained(path) and (heads := timm_heads(str(path))) is not None
-    ):  # timm's definition has them
+    # timm's definition has them
+    if is_timm_pretrained(path) and (heads := timm_heads(str(path))) is not None:
         model["num_heads"], guessed = heads, [k for k in guessed if k != "num_heads"]
         return Architecture(
             model, image_size, channels, guessed, "timm model definition and tensor shapes"
@@ -195,8 +199,9 @@ def _preset_with(**values: int) -> Preset | None:
 def load_pretrain_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """``mae.config.load_config`` for pretraining: with ``init=`` (MAE), the architecture keys the recipe
-    leaves unset come from the checkpoint (``infer_architecture``; torch is imported only then)."""
+    """``mae.config.load_config`` for pretraining: with ``init=`` (MAE), the architecture keys the
+    recipe leaves unset come from the checkpoint (``infer_architecture``; torch is imported only
+    then)."""
     cfg = load_raw(path, overrides, Config)
     if cfg.init is not None and cfg.model.name == "mae":
         cfg = architecture_from_init(cfg, infer_architecture(cfg.init))
@@ -204,8 +209,9 @@ def load_pretrain_config(
 
 
 def architecture_from_init(cfg: Config, arch: Architecture) -> Config:
-    """``cfg`` (not yet resolved) with its unset ``model.*`` architecture keys taken from ``arch``, the
-    architecture of ``cfg.init``; a key the recipe names (itself or through ``model.preset``) must agree."""
+    """``cfg`` (not yet resolved) with its unset ``model.*`` architecture keys taken from ``arch``,
+    the architecture of ``cfg.init``; a key the recipe names (itself or through ``model.preset``)
+    must agree."""
     m = cfg.model
     preset = preset_values(m.preset) if m.preset else {}
     fill = {}
@@ -217,23 +223,53 @@ def architecture_from_init(cfg: Config, arch: Architecture) -> Config:
             fill[key] = value
         elif key not in arch.guessed and abs(named - value) > 1e-6:
             raise ConfigError(
-                f"init={cfg.init} has {key}={value:g} (from its {arch.origin}) but the recipe names {where}; "
-                "leave it out to take the checkpoint's architecture, or give weights of that architecture"
+                f"init={cfg.init} has {key}={value:g} (from its {arch.origin}) but the recipe "
+                f"names {where}; leave it out to take the checkpoint's architecture, or give "
+                "weights of that architecture"
             )
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **fill))
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face ViTMAE ``save_pretrained`` folder."""
+def folder_config(path: Path) -> dict[str, Any]:
+    """The JSON object of the ``config.json`` in folder ``path``; empty where there is none, or it
+    is not a JSON object (timm's exports and Hugging Face's folders both declare their format in
+    one)."""
     config = path / "config.json"
-    return path.is_dir() and config.is_file() and '"vit_mae"' in config.read_text()
+    if not (path.is_dir() and config.is_file()):
+        return {}
+    try:
+        declared = json.loads(config.read_text())
+    except ValueError:  # not JSON (or not UTF-8): no declared format
+        return {}
+    return declared if isinstance(declared, dict) else {}
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face ViTMAE ``save_pretrained`` folder: its ``config.json`` declares
+    ``model_type`` ``vit_mae``."""
+    return folder_config(path).get("model_type") == "vit_mae"
+
+
+def architecture_config(
+    arch: Architecture, num_heads: int | None = None, **settings: Any
+) -> Config:
+    """The resolved ``Config`` to build the project's MAE of ``arch`` from: its ``model.*`` keys,
+    its channels and (where the weights have position embeddings) its input size. ``num_heads``:
+    the head count where it is not the one ``arch`` holds (weights do not record it);
+    ``settings``: ``model.*`` keys that are not architecture (``mask_ratio``, ``norm_pix_loss``)."""
+    model = arch.model if num_heads is None else arch.model | {"num_heads": num_heads}
+    data = DataConfig(channels=arch.channels)
+    if arch.image_size is not None:
+        data = dataclasses.replace(data, image_size=arch.image_size)
+    return resolve(Config(model=ModelConfig(name="mae", **settings, **model), data=data))
 
 
 def _hf_architecture(c: Any) -> Architecture:
     """The architecture a ``ViTMAEConfig`` describes (refusing what has no counterpart here)."""
     if c.hidden_act != "gelu" or not c.qkv_bias:
         raise WeightsError(
-            f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} has no counterpart here"
+            f"ViTMAE with hidden_act={c.hidden_act!r}, qkv_bias={c.qkv_bias} "
+            "has no counterpart here"
         )
     model = {
         "patch_size": c.patch_size,
@@ -291,15 +327,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                 continue
             else:
                 raise WeightsError(
-                    f"init={source}: {k} has shape {tuple(v.shape)} in the file and {tuple(want)} in the model; "
-                    "choose the matching model.preset / model.* dimensions"
+                    f"init={source}: {k} has shape {tuple(v.shape)} in the file and "
+                    f"{tuple(want)} in the model; choose the matching model.preset / model.* "
+                    "dimensions"
                 )
         merged[k] = v.to(ours[k].dtype)
     missing = sorted(k for k in ours if k not in state)
     bad = [k for k in missing if not k.startswith(_DECODER)]
     if bad:
         raise WeightsError(
-            f"init={source}: the file lacks encoder weights {bad[:5]}; is it an MAE / ViT checkpoint?"
+            f"init={source}: the file lacks encoder weights {bad[:5]}; "
+            "is it an MAE / ViT checkpoint?"
         )
     model.load_state_dict(merged, strict=True)
     done = {
@@ -312,13 +350,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def _decoder_kind(state: dict[str, Any]) -> tuple[bool, bool] | None:
-    """(CrossMAE's decoder?, weighted features?) of ``state``; None without decoder blocks (``mae.models``)."""
+    """(CrossMAE's decoder?, weighted features?) of ``state``; None without decoder blocks
+    (``mae.models``)."""
     if not any(k.startswith("decoder_blocks.") for k in state):
         return None
     return any(".cross_attn." in k for k in state), "decoder_feature_mix" in state
 
 
-# ---------------------------------------------------------------------------------------------- Hugging Face
+# ------------------------------------------------------------------------------------- Hugging Face
 
 
 def _block_pairs(ours: str, hf: str) -> list[tuple[str, str]]:
@@ -385,15 +424,17 @@ def hf_config(cfg: Any) -> Any:
 
 
 def to_hf(model: nn.Module, cfg: Any) -> Any:
-    """The project's MAE as a ``ViTMAEForPreTraining`` with the same weights (``save_pretrained`` it). A
-    CrossMAE (``model.decoder=cross``) gives its encoder alone, a ``ViTMAEModel``: Hugging Face's decoder is MAE's."""
+    """The project's MAE as a ``ViTMAEForPreTraining`` with the same weights (``save_pretrained``
+    it). A CrossMAE (``model.decoder=cross``) gives its encoder alone, a ``ViTMAEModel``: Hugging
+    Face's decoder is MAE's."""
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
     m, (height, width) = cfg.model, cfg.data.hw
     if height != width:  # transformers' ViTMAE builds its sin-cos grids as sqrt(patches) squared
         raise ValueError(
-            f"data.image_size={list(cfg.data.hw)}: Hugging Face's ViTMAE has square position grids only; export this "
-            "run in timm's format (python -m mae.export RUN), which keeps its H x W grid"
+            f"data.image_size={list(cfg.data.hw)}: Hugging Face's ViTMAE has square position "
+            "grids only; export this run in timm's format (python -m mae.export RUN), which keeps "
+            "its H x W grid"
         )
     encoder_only = m.decoder == "cross"
     decoder_depth = 0 if encoder_only else m.decoder_depth
@@ -416,8 +457,9 @@ def to_hf(model: nn.Module, cfg: Any) -> Any:
 
 
 def from_hf(source: Any) -> tuple[nn.Module, Any]:
-    """A ``ViTMAEForPreTraining`` (in memory, or a ``save_pretrained`` folder) -> (the project's MAE with
-    the same weights, its Config). A bare ``ViTMAEModel`` gives the encoder; the decoder stays fresh."""
+    """A ``ViTMAEForPreTraining`` (in memory, or a ``save_pretrained`` folder) -> (the project's MAE
+    with the same weights, its Config). A bare ``ViTMAEModel`` gives the encoder; the decoder stays
+    fresh."""
     import torch
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
@@ -429,12 +471,8 @@ def from_hf(source: Any) -> tuple[nn.Module, Any]:
         except (OSError, ValueError) as e:
             raise WeightsError(f"{source} is not a Hugging Face ViTMAE folder ({e})") from e
     c = source.config
-    arch = _hf_architecture(c)
-    model_cfg = ModelConfig(
-        name="mae", mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss, **arch.model
-    )
-    cfg = resolve(
-        Config(model=model_cfg, data=DataConfig(image_size=arch.image_size, channels=arch.channels))
+    cfg = architecture_config(
+        _hf_architecture(c), mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss
     )
     model = build_model(cfg)
     theirs = source.state_dict()

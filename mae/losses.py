@@ -8,7 +8,8 @@ import torch
 def normalize_patches(
     patches: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch pixel normalisation of (B, L, P): returns (normalised, mean, std), mean/std (B, L, 1).
+    """Per-patch pixel normalisation of (B, L, P): returns (normalised, mean, std), mean/std
+    (B, L, 1).
 
     Uses the unbiased variance, as the official MAE code does.
     """
@@ -49,6 +50,6 @@ def bernoulli_kl(rho: float, rho_hat: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 def sigmoid_layer_jacobian_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Squared Frobenius norm of d h / d x for h = sigmoid(W x + b), per sample: (B, D_h), W (D_h, D_x)
-    -> (B,). Closed form (Rifai et al. 2011): sum_j (h_j (1 - h_j))^2 ||W_j||^2."""
+    """Squared Frobenius norm of d h / d x for h = sigmoid(W x + b), per sample: (B, D_h),
+    W (D_h, D_x) -> (B,). Closed form (Rifai et al. 2011): sum_j (h_j (1 - h_j))^2 ||W_j||^2."""
     return ((h * (1 - h)).pow(2) * weight.pow(2).sum(dim=1)).sum(dim=1)

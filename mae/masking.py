@@ -72,12 +72,14 @@ def num_predicted(num_patches: int, reconstruct_ratio: float) -> int:
 
 
 def predicted_patches(ids_restore: torch.Tensor, count: int) -> torch.Tensor:
-    """(B, count) indices (patch order) of the ``count`` patches with the largest noise of each sample.
+    """(B, count) indices (patch order) of the ``count`` patches with the largest noise of each
+    sample.
 
-    ``ids_restore`` (B, L) is ``random_masking``'s: the rank of each patch's noise. The patches ranked last
-    are removed first, so for ``count <= L - L_keep`` the subset lies inside the removed patches, is fixed
-    by the same noise as the mask, and grows with ``count`` (a larger subset contains a smaller one). They
-    come in ascending rank, so ``count = L - L_keep`` lists the removed patches in ``ids_shuffle`` order.
+    ``ids_restore`` (B, L) is ``random_masking``'s: the rank of each patch's noise. The patches
+    ranked last are removed first, so for ``count <= L - L_keep`` the subset lies inside the removed
+    patches, is fixed by the same noise as the mask, and grows with ``count`` (a larger subset
+    contains a smaller one). They come in ascending rank, so ``count = L - L_keep`` lists the
+    removed patches in ``ids_shuffle`` order.
     """
     ids_shuffle = torch.argsort(ids_restore, dim=1)
     return ids_shuffle[:, ids_shuffle.shape[1] - count :]

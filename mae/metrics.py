@@ -1,5 +1,5 @@
-"""Image and detection metrics of ``mae.evaluate``: PSNR over a split (identical images handled), per-image
-MSE, SSIM, and AUROC / AUPR of anomaly scores."""
+"""Image and detection metrics of ``mae.evaluate``: PSNR over a split (identical images handled),
+per-image MSE, SSIM, and AUROC / AUPR of anomaly scores."""
 
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ def image_metrics(pixels: torch.Tensor, target: torch.Tensor) -> dict[str, torch
     """Per-image MSE and SSIM of (B, C, H, W) pixels in [0, 1]."""
     mse = pixel_mse(pixels, target)
     side = min(target.shape[-2:])
-    size = (
-        11 if side >= 11 else side - (side + 1) % 2
-    )  # the usual 11x11 window, or the largest odd one that fits
+    # the usual 11x11 window, or the largest odd one that fits
+    size = 11 if side >= 11 else side - (side + 1) % 2
     ssim = structural_similarity_index_measure(
         pixels.float(), target.float(), data_range=1.0, reduction="none", kernel_size=size
     )
@@ -45,7 +44,8 @@ def image_metrics(pixels: torch.Tensor, target: torch.Tensor) -> dict[str, torch
 def detection_scores(
     scores: torch.Tensor, labels: torch.Tensor, normal: list[int]
 ) -> dict[str, Any]:
-    """AUROC / AUPR of ``scores`` (higher = more anomalous), each anomalous class against the normal ones."""
+    """AUROC / AUPR of ``scores`` (higher = more anomalous), each anomalous class against the normal
+    ones."""
     is_normal = torch.isin(labels, torch.tensor(normal))
     out: dict[str, Any] = {"per_class": {}}
     groups = {int(c): labels == c for c in labels.unique().tolist() if c not in normal}

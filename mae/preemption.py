@@ -35,8 +35,8 @@ class Preempted(UserError):
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM/SIGINT only set ``signum`` (main thread only; elsewhere
-    signals keep their handlers)."""
+    """Context manager: while active, SIGTERM/SIGINT only set ``signum`` (main thread only;
+    elsewhere signals keep their handlers)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -76,11 +76,11 @@ def ignore_in_worker(worker_id: int) -> None:
 
 
 def _kill_workers_left() -> None:
-    """At exit, SIGKILL the daemonic children still running. A loader still open when the process ends (an
-    error raised mid-run or in the export) keeps its workers; multiprocessing's own exit hook sends them
-    SIGTERM, which they ignore (``ignore_in_worker``), then waits for them forever. PyTorch's SIGCHLD handler
-    would report each killed worker as an error of its own, after the one that ended the run: it is set back
-    to the default first."""
+    """At exit, SIGKILL the daemonic children still running. A loader still open when the process
+    ends (an error raised mid-run or in the export) keeps its workers; multiprocessing's own exit
+    hook sends them SIGTERM, which they ignore (``ignore_in_worker``), then waits for them forever.
+    PyTorch's SIGCHLD handler would report each killed worker as an error of its own, after the one
+    that ended the run: it is set back to the default first."""
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if children and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -1,6 +1,8 @@
-"""Pre-resized shards: a dataset written once as small JPEGs in parquet, so that training decodes less.
+"""Pre-resized shards: a dataset written once as small JPEGs in parquet, so that training decodes
+less.
 
-    python -m mae.prepare SOURCE OUT --max-side 256 --quality 90 [--workers N] [--shard-size 10000] [--overwrite]
+    python -m mae.prepare SOURCE OUT --max-side 256 --quality 90 [--workers N]
+        [--shard-size 10000] [--overwrite]
 
 SOURCE is anything ``data.dataset`` takes (an image folder, a parquet folder, a hub id, ``sample``);
 every split is written. Each image is resized so that its longer side is at most ``--max-side``
@@ -46,9 +48,14 @@ from typing import Any, NamedTuple
 import datasets
 from PIL import ExifTags, Image, ImageOps
 
-from mae.config import DataConfig
 from mae.data.images import DECODE_ERRORS, to_mode
-from mae.data.loading import SAMPLE_DIR, image_column, label_column, load_splits
+from mae.data.loading import (
+    SAMPLE_DIR,
+    dataset_fingerprint,
+    image_column,
+    label_column,
+    load_splits,
+)
 from mae.errors import UserError
 from mae.export import replace_dir
 
@@ -61,7 +68,8 @@ class PrepareError(UserError, ValueError):
 
 
 class Job(NamedTuple):
-    """What every worker process converts: the source's splits (undecoded), their columns, the settings."""
+    """What every worker process converts: the source's splits (undecoded), their columns, the
+    settings."""
 
     splits: dict[str, datasets.Dataset]
     image: str
@@ -87,7 +95,8 @@ _job: list[Job] = []  # the job, in each worker process (set by the pool's initi
 
 
 def folder_fingerprint(root: Path) -> str:
-    """sha256 over the sorted relative paths, sizes and modification times of every file under ``root``."""
+    """sha256 over the sorted relative paths, sizes and modification times of every file under
+    ``root``."""
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         st = path.stat()
@@ -105,18 +114,20 @@ def fingerprint(source: str, splits: datasets.DatasetDict | None) -> str:
     assert splits is not None, "a hub dataset is fingerprinted once loaded"
     h = hashlib.sha256()
     for name in sorted(splits):
-        h.update(f"{name}\0{splits[name]._fingerprint}\n".encode())
+        h.update(f"{name}\0{dataset_fingerprint(splits[name])}\n".encode())
     return h.hexdigest()
 
 
 def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) with the longer side at most ``max_side``, the aspect ratio kept; never larger."""
+    """(width, height) with the longer side at most ``max_side``, the aspect ratio kept; never
+    larger."""
     scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def open_image(raw: dict[str, Any]) -> Image.Image:
-    """An undecoded ``datasets.Image`` value (bytes or a path) opened by Pillow; only the header is read."""
+    """An undecoded ``datasets.Image`` value (bytes or a path) opened by Pillow; only the header is
+    read."""
     return Image.open(io.BytesIO(raw["bytes"])) if raw.get("bytes") else Image.open(raw["path"])
 
 
@@ -124,22 +135,21 @@ def resized_jpeg(raw: dict[str, Any], max_side: int, quality: int) -> bytes:
     """The image of ``raw`` with its longer side at most ``max_side``, as JPEG bytes (L or RGB)."""
     image = open_image(raw)
     size = target_size(*image.size, max_side)
-    image.draft(
-        None, (2 * size[0], 2 * size[1])
-    )  # a JPEG decodes at 1/2, 1/4 or 1/8 where 2x the target is left
+    # a JPEG decodes at 1/2, 1/4 or 1/8 where 2x the target is left
+    image.draft(None, (2 * size[0], 2 * size[1]))
     image.load()
+    # stored turned by 90 degrees
     if image.getexif().get(ExifTags.Base.Orientation) in (
         5,
         6,
         7,
         8,
-    ):  # stored turned by 90 degrees
+    ):
         size = size[::-1]
     image = ImageOps.exif_transpose(image)  # as datasets decodes it
     gray = image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16")
-    image = to_mode(
-        image, "L" if gray else "RGB"
-    )  # before resizing: Pillow resizes palette images nearest
+    # before resizing: Pillow resizes palette images nearest
+    image = to_mode(image, "L" if gray else "RGB")
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -167,7 +177,8 @@ def _convert(chunk: Chunk) -> list[Converted]:
 
 
 def toolkit_version() -> str | None:
-    """This package's installed version; None when it runs from a checkout that was never installed."""
+    """This package's installed version; None when it runs from a checkout that was never
+    installed."""
     try:
         return metadata.version("mae-toolkit")
     except metadata.PackageNotFoundError:
@@ -177,8 +188,8 @@ def toolkit_version() -> str | None:
 def write_split(
     pool: Any, job: Job, name: str, features: datasets.Features, shard_size: int, out: Path
 ) -> dict:
-    """The shards of split ``name`` in ``out/data`` (``pool``: worker processes, or None for this one);
-    returns its images, shards and skipped images."""
+    """The shards of split ``name`` in ``out/data`` (``pool``: worker processes, or None for this
+    one); returns its images, shards and skipped images."""
     rows = len(job.splits[name])
     shards = max(1, math.ceil(rows / shard_size))
     counts: dict[str, Any] = {"images": 0, "shards": shards, "skipped": []}
@@ -198,20 +209,22 @@ def write_split(
         datasets.Dataset.from_dict(columns, features=features).to_parquet(str(shard))
         counts["images"] += len(images)
         print(
-            f"{name}: shard {k + 1}/{shards}, {counts['images']} images, {len(counts['skipped'])} skipped"
+            f"{name}: shard {k + 1}/{shards}, {counts['images']} images, "
+            f"{len(counts['skipped'])} skipped"
         )
     return counts
 
 
 def make_job(
-    dsd: datasets.DatasetDict, cfg: DataConfig, args: argparse.Namespace
+    dsd: datasets.DatasetDict, source: str, args: argparse.Namespace
 ) -> tuple[Job, datasets.Features]:
-    """The job for every split, and the features OUT is written with (the label's own, names kept)."""
+    """The job for every split, and the features OUT is written with (the label's own, names
+    kept)."""
     first = next(iter(dsd.values()))
-    image, label = image_column(first, cfg), label_column(first, cfg)
+    image, label = image_column(first, None), label_column(first, None)
     if not isinstance(first.features[image], datasets.Image):
         raise PrepareError(
-            f"{cfg.dataset!r} holds arrays in {image!r}, not images; mae.prepare writes JPEG images"
+            f"{source!r} holds arrays in {image!r}, not images; mae.prepare writes JPEG images"
         )
     keep = [c for c in (image, label) if c]
     splits = {
@@ -242,8 +255,9 @@ def needs_writing(
         )
     if old.get("fingerprint") != fp and not overwrite:
         raise PrepareError(
-            f"{out} holds shards written from {old.get('source')!r} (fingerprint {str(old.get('fingerprint'))[:12]}), "
-            f"not from {source!r} ({fp[:12]}); pass --overwrite to replace them, or choose another OUT"
+            f"{out} holds shards written from {old.get('source')!r} (fingerprint "
+            f"{str(old.get('fingerprint'))[:12]}), not from {source!r} ({fp[:12]}); pass "
+            "--overwrite to replace them, or choose another OUT"
         )
     same = old.get("fingerprint") == fp and all(old.get(k) == v for k, v in settings.items())
     return overwrite or not same
@@ -252,17 +266,18 @@ def needs_writing(
 def prepare(args: argparse.Namespace) -> Path:
     """Write OUT from SOURCE as the command line asks (or find it up to date); returns OUT."""
     out, tic = Path(args.out), time.perf_counter()
-    cfg = DataConfig(dataset=args.source)
     local = args.source == "sample" or Path(args.source).is_dir()
-    dsd = None if local else load_splits(cfg)  # a local folder is checked before it is loaded
+    dsd = None if local else load_splits(args.source)  # a local folder is checked before loading
     fp = fingerprint(args.source, dsd)
     settings = {"format": FORMAT, "max_side": args.max_side, "quality": args.quality}
     if not needs_writing(args.source, out, fp, settings, args.overwrite):
         print(
-            f"{out} is up to date (same source fingerprint, --max-side and --quality): nothing to do"
+            f"{out} is up to date (same source fingerprint, --max-side and --quality): "
+            "nothing to do"
         )
         return out
-    job, features = make_job(dsd if dsd is not None else load_splits(cfg), cfg, args)
+    splits = dsd if dsd is not None else load_splits(args.source)
+    job, features = make_job(splits, args.source, args)
     source = str(Path(args.source).resolve()) if Path(args.source).is_dir() else args.source
     manifest: dict[str, Any] = {
         "source": source,

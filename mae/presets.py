@@ -1,10 +1,11 @@
 """MAE architecture presets: named records of the ``model.*`` architecture keys.
 
-They would sit in ``mae/models/`` beside the model they size (DESIGN: presets next to their model), but
-the config fills the architecture keys a recipe leaves unset from a preset, so ``mae.config`` imports
-them, and anything under ``mae/models/`` runs ``mae/models/__init__.py`` first, which imports
-``mae.config`` (the builders take a Config): a cycle. So they live in this leaf module beside the
-package, which imports nothing from ``mae``; config, interop and the models can all import it.
+They would sit in ``mae/models/`` beside the model they size (DESIGN: presets next to their model),
+but the config fills the architecture keys a recipe leaves unset from a preset, so ``mae.config``
+imports them, and anything under ``mae/models/`` runs ``mae/models/__init__.py`` first, which
+imports ``mae.config`` (the builders take a Config): a cycle. So they live in this leaf module
+beside the package, which imports nothing from ``mae``; config, interop and the models can all
+import it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Preset:
 
 PRESET_KEYS = tuple(f.name for f in dataclasses.fields(Preset))
 
-# The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale) images.
+# The first three are the paper's (decoder 512 x 8); the patch-4 ones are for 32x32 (CIFAR-scale)
+# images.
 _PAPER_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 PRESETS: dict[str, Preset] = {
     "vit_base_patch16": Preset(

@@ -1,4 +1,5 @@
-"""Pretraining: an autoencoder of any family trained by the step runner, its encoder exported at the end.
+"""Pretraining: an autoencoder of any family trained by the step runner, its encoder exported at
+the end.
 
 The runner never knows which autoencoder it trains: the job calls ``model(images) -> AEOutput``
 and back-propagates ``loss``. One optimizer step consumes ``train.accum_steps`` micro-batches on
@@ -18,7 +19,7 @@ from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 
 from mae.config import Config, ConfigError, Derived, derive, from_dict
-from mae.data.base import DataSource
+from mae.data.base import Batch, DataSource
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError
 from mae.data.sources import build_source
@@ -58,8 +59,8 @@ class RunResult:
 def build_optimizer(
     model: Autoencoder, cfg: Config, derived: Derived, fused: bool = False
 ) -> torch.optim.Optimizer:
-    # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay,
-    # and skips frozen parameters (the fixed position embeddings). ``fused``: torch's one-kernel AdamW.
+    # timm excludes biases, norms (ndim <= 1) and model.no_weight_decay() from weight decay, and
+    # skips frozen parameters (the fixed position embeddings). ``fused``: torch's one-kernel AdamW.
     t = cfg.train
     extra = {"fused": True} if fused else {}
     return create_optimizer_v2(
@@ -71,8 +72,8 @@ def describe_model(m: Any) -> str:
     if m.name != "mae":
         return m.name
     return (
-        f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, decoder {m.decoder_embed_dim}x{m.decoder_depth}"
-        + (f" ({m.preset})" if m.preset else "")
+        f"mae ViT {m.embed_dim}x{m.depth}/{m.patch_size}, "
+        f"decoder {m.decoder_embed_dim}x{m.decoder_depth}" + (f" ({m.preset})" if m.preset else "")
     )
 
 
@@ -115,9 +116,10 @@ class Pretraining:
             derived,
             Path(cfg.output_dir),
         )
-        # torch's one-kernel AdamW on a GPU: 1.3% more images/s for the compiled ViT-B/16 step on an H200
-        # (bench/vs_hf.py --optimizers foreach fused); the same update up to rounding. Kept off under FSDP,
-        # whose sharded parameters it was not measured with, and on CPU, so CPU runs stay bit-identical.
+        # torch's one-kernel AdamW on a GPU: 1.3% more images/s for the compiled ViT-B/16 step on an
+        # H200 (bench/vs_hf.py --optimizers foreach fused); the same update up to rounding. Kept off
+        # under FSDP, whose sharded parameters it was not measured with, and on CPU, so CPU runs
+        # stay bit-identical.
         fused = accelerator.device.type == "cuda" and not is_sharded(accelerator)
         self.optimizers = [build_optimizer(model, cfg, derived, fused=fused)]
         self.scheduler = cosine_schedule(self.optimizers[0], derived, t.min_lr)
@@ -129,8 +131,10 @@ class Pretraining:
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # compiled apart from what Accelerate holds, so checkpoints keep the plain parameter names
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # fixed images for reconstruction grids: the first ones of the split, deterministic transform
-        shown = ImageDataset(source.first_rows(t.recon_images), cfg.data, eval_transform(cfg.data))
+        # fixed images for reconstruction grids: the first ones of the split, deterministic
+        # transform
+        rows = source.first_rows(t.recon_images)
+        shown = ImageDataset(rows, cfg.data.columns, eval_transform(cfg.data))
         self.recon_images = torch.stack(
             [shown[i][0] for i in range(min(t.recon_images, len(shown)))]
         )
@@ -140,9 +144,11 @@ class Pretraining:
         if not self.cfg.train.online_probe:
             return None
         if self.cfg.train.mixed_precision == "fp16":
-            # one GradScaler would serve two optimizers (double unscaling with clipping, two updates per step)
+            # one GradScaler would serve two optimizers (double unscaling with clipping, two updates
+            # per step)
             raise ConfigError(
-                "train.online_probe=true does not work with train.mixed_precision=fp16; use bf16 or no"
+                "train.online_probe=true does not work with train.mixed_precision=fp16; "
+                "use bf16 or no"
             )
         if is_sharded(self.accelerator):  # Accelerate's FSDP2 prepares one model with its optimizer
             raise ConfigError(
@@ -151,8 +157,9 @@ class Pretraining:
         feature = source.label_feature
         if not isinstance(feature, datasets.ClassLabel):
             raise DataError(
-                "train.online_probe=true needs a ClassLabel column (it gives the number of classes) and the dataset "
-                "has none; name one with data.label_column=NAME or set train.online_probe=false"
+                "train.online_probe=true needs a ClassLabel column (it gives the number of "
+                "classes) and the dataset has none; name one with data.label_column=NAME or set "
+                "train.online_probe=false"
             )
         probe = OnlineProbe(
             self.accelerator.unwrap_model(self.model).feature_dim, feature.num_classes
@@ -161,21 +168,21 @@ class Pretraining:
         self.optimizers.append(optimizer)
         return probe
 
-    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss:
-        images, labels, *noise = batch
-        self.net.set_step(
-            step
-        )  # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
-        out = (
-            self.forward(images, noise=noise[0]) if noise else self.forward(images)
-        )  # MAE: each sample's own mask
+    def loss(self, batch: Batch, step: int) -> StepLoss:
+        # schedules inside the model (e.g. a KL warm-up) follow the optimizer step
+        self.net.set_step(step)
+        if batch.noise is None:
+            out = self.forward(batch.images)
+        else:  # MAE: each sample's own mask, drawn by the source
+            out = self.forward(batch.images, noise=batch.noise)
         loss = out.loss
         if self.probe is not None:
             if out.features is None:
                 raise ConfigError(
-                    f"train.online_probe=true: model.name={self.cfg.model.name!r} returns no features"
+                    f"train.online_probe=true: model.name={self.cfg.model.name!r} returns no "
+                    "features"
                 )
-            probe_loss, probe_acc = self.probe(out.features, labels)
+            probe_loss, probe_acc = self.probe(out.features, batch.labels)
             out.terms |= {"probe_loss": probe_loss.detach(), "probe_acc": probe_acc}
             loss = loss + probe_loss  # separate parameters: the sum only saves a backward call
         return StepLoss(loss, out.loss, out.terms)
@@ -197,8 +204,9 @@ class Pretraining:
         pass
 
     def _recon(self, path: Path) -> None:
-        """Write a reconstruction grid (main process), leaving every RNG stream untouched. Under FSDP
-        every process runs the forward (it gathers the shards: a collective); only the main one writes."""
+        """Write a reconstruction grid (main process), leaving every RNG stream untouched. Under
+        FSDP every process runs the forward (it gathers the shards: a collective); only the main
+        one writes."""
         acc, net, cfg = self.accelerator, self.net, self.cfg
         sharded = is_sharded(acc)
         if not (acc.is_main_process or sharded):
@@ -212,9 +220,8 @@ class Pretraining:
             out = net(images)
             if acc.is_main_process:
                 save_recon_grid(path, images, out, cfg.data, self.arrays)
-                if (
-                    hasattr(net, "sample") and not sharded
-                ):  # a generative model: prior samples beside it
+                # a generative model: prior samples beside it
+                if hasattr(net, "sample") and not sharded:
                     samples = net.sample(len(images) * 4).float().cpu()
                     tiles = shown_channels(
                         denormalize(samples, cfg.data.mean, cfg.data.std), cfg.data.grid_channels
@@ -228,12 +235,12 @@ class Pretraining:
 
 
 def train(cfg: Config) -> RunResult:
-    """Pretrain (or resume) the run in ``cfg.output_dir``, holding its lock; the encoder is exported at the end."""
+    """Pretrain (or resume) the run in ``cfg.output_dir``, holding its lock; the encoder is
+    exported at the end."""
     run_dir, t = Path(cfg.output_dir), cfg.train
-    idle = getattr(
-        MODELS[cfg.model.name], "has_unused_parameters", False
-    )  # e.g. greedy layer-wise stages
-    accelerator = accelerator_for(t, run_dir, "train", find_unused_parameters=idle)
+    # e.g. greedy layer-wise stages
+    idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)
+    accelerator = accelerator_for(t, run_dir, find_unused_parameters=idle)
     watched = peers_watched(accelerator, run_dir, "train.dist_timeout", t.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
         return _train(cfg, accelerator)
@@ -242,9 +249,8 @@ def train(cfg: Config) -> RunResult:
 def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     run_dir, t = Path(cfg.output_dir), cfg.train
     resume_from = open_run_dir(accelerator, run_dir)
-    set_seed(
-        t.seed, device_specific=True
-    )  # model-side randomness per process; MAE masks come with each sample
+    # model-side randomness per process; MAE masks come with each sample
+    set_seed(t.seed, device_specific=True)
 
     h, w, p = *cfg.data.hw, cfg.model.patch_size
     noise = (h // p) * (w // p) if cfg.model.name == "mae" else None
@@ -252,9 +258,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     source = build_source(
         cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first
     )
-    cfg = dataclasses.replace(
-        cfg, data=source.data_config
-    )  # data.mean=auto: the measured statistics
+    # data.mean=auto: the measured statistics
+    cfg = dataclasses.replace(cfg, data=source.data_config)
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
         check_resumable(

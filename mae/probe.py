@@ -6,11 +6,13 @@ digest and architecture, the dataset's rows and columns, the transform's values,
 the torch/timm versions, so a change to any of them extracts the features again.
 
 - Linear probe (the MAE paper's head): ``BatchNorm1d(affine=False)`` + ``Linear``, LARS, lr = blr x
-  batch / 256, linear warmup + cosine, cross-entropy; on cached features, or (``probe.cached=false``)
-  on freshly augmented images passed through the frozen encoder every epoch.
+  batch / 256, linear warmup + cosine, cross-entropy; on cached features, or
+  (``probe.cached=false``) on freshly augmented images passed through the frozen encoder every
+  epoch.
 - kNN: cosine similarity to every training feature, the ``k`` nearest vote with weight
-  ``exp(similarity / temperature)``; ``probe.knn_features``: of the raw features, or less the training
-  mean (centred), or also divided by the training std (standardised, as the linear head's BatchNorm sees them).
+  ``exp(similarity / temperature)``; ``probe.knn_features``: of the raw features, or less the
+  training mean (centred), or also divided by the training std (standardised, as the linear head's
+  BatchNorm sees them).
 """
 
 from __future__ import annotations
@@ -36,26 +38,32 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mae.config import DataConfig, to_dict
-from mae.data.images import EpochSampler, ImageDataset, augment_transform
-from mae.data.loading import DataError, label_column, load_splits, pick_split
+from mae.config import Columns, to_dict
+from mae.data.images import EpochSampler, ImageDataset, crop_transform
+from mae.data.loading import (
+    DataError,
+    dataset_fingerprint,
+    label_column,
+    load_splits,
+    pick_split,
+)
 from mae.encoders import FrozenEncoder, load_encoder
 from mae.eval_config import EvalConfig, ProbeConfig
 
-# ---------------------------------------------------------------------------------------------- features
+# ----------------------------------------------------------------------------------------- features
 
 
 def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder) -> ImageDataset:
     """Images converted to the encoder's channels, through its eval transform (labels: -1 when the
     split has none, which ``probe`` refuses)."""
+    transform = create_transform(**encoder.data_config, is_training=False)
+    return ImageDataset(ds, encoder_columns(cfg, encoder), transform)
+
+
+def encoder_columns(cfg: EvalConfig, encoder: FrozenEncoder) -> Columns:
+    """The evaluation data's columns, read in the encoder's channels."""
     channels = encoder.data_config["input_size"][0]
-    data = DataConfig(
-        dataset=cfg.data.dataset,
-        image_column=cfg.data.image_column,
-        label_column=cfg.data.label_column,
-        channels=channels,
-    )
-    return ImageDataset(ds, data, create_transform(**encoder.data_config, is_training=False))
+    return Columns(cfg.data.image_column, cfg.data.label_column, channels)
 
 
 # Bump when feature extraction changes in a way the key below cannot see.
@@ -75,13 +83,14 @@ def cache_key(
             where,
             split,
             len(data),
-            data.rows.ds._fingerprint,
+            dataset_fingerprint(data.rows.ds),
         ],  # fingerprint of the selected rows/columns
         "columns": [data.rows.columns.image, data.rows.columns.label, data.rows.columns.mode],
         "transform": encoder.data_config,
         "pool": pool,
         "precision": encoder.precision,
-        "device": encoder.device.type,  # the attention kernel (and so the rounding) follows device and precision
+        # the attention kernel (and so the rounding) follows device and precision
+        "device": encoder.device.type,
         "blocks": encoder.blocks,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -124,7 +133,7 @@ def cached_features(
     return out, False
 
 
-# ---------------------------------------------------------------------------------------------- splits
+# ------------------------------------------------------------------------------------------- splits
 
 
 def stratified_holdout(
@@ -148,26 +157,25 @@ def fit_and_eval_splits(
 ) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
     """The fitting split, the evaluation split, and a record of how the latter was chosen."""
     d = cfg.data
-    data = DataConfig(dataset=d.dataset, split=d.split)
-    splits = load_splits(data)  # once: a hub id would be resolved again for every split
-    fit = pick_split(splits, data, d.split)
+    splits = load_splits(d.dataset)  # once: a hub id would be resolved again for every split
+    fit = pick_split(splits, d.dataset, d.split)
     if d.eval_split:
         return (
             fit,
-            pick_split(splits, data, d.eval_split, "data.eval_split"),
+            pick_split(splits, d.dataset, d.eval_split, "data.eval_split"),
             {"eval_split": d.eval_split},
         )
     for name in (n for n in ("test", "validation") if n != d.split and n in splits):
-        held = pick_split(splits, data, name)
-        col = label_column(held, DataConfig(label_column=d.label_column))
-        if (
-            col is not None and max(held[col]) >= 0
-        ):  # hub test splits often come without labels (-1)
+        held = pick_split(splits, d.dataset, name)
+        col = label_column(held, d.label_column)
+        # hub test splits often come without labels (-1)
+        if col is not None and max(held[col]) >= 0:
             return fit, held, {"eval_split": name}
-    col = label_column(fit, DataConfig(label_column=d.label_column))
+    col = label_column(fit, d.label_column)
     if col is None:
         raise DataError(
-            f"{d.dataset!r} has no ClassLabel column to stratify a holdout; name it: data.label_column=NAME"
+            f"{d.dataset!r} has no ClassLabel column to stratify a holdout; name it: "
+            "data.label_column=NAME"
         )
     keep, held = stratified_holdout(fit[col], d.holdout_fraction, cfg.seed)
     record = {
@@ -184,10 +192,11 @@ def class_info(
     fit_ds: datasets.Dataset, eval_ds: datasets.Dataset, cfg: EvalConfig
 ) -> tuple[int, list[str]]:
     """(number of classes, class names); every image of both splits must carry a valid label."""
-    col = label_column(fit_ds, DataConfig(label_column=cfg.data.label_column))
+    col = label_column(fit_ds, cfg.data.label_column)
     if col is None:
         raise DataError(
-            f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: data.label_column=NAME"
+            f"{cfg.data.dataset!r} has no ClassLabel column; name the labels: "
+            "data.label_column=NAME"
         )
     fit_labels, eval_labels = torch.as_tensor(fit_ds[col]), torch.as_tensor(eval_ds[col])
     feature = fit_ds.features[col]
@@ -200,18 +209,18 @@ def class_info(
         bad = int(((labels < 0) | (labels >= num_classes)).sum())
         if bad:
             raise DataError(
-                f"the {which} split has {bad} images without a valid label (column {col!r}, classes "
-                f"0..{num_classes - 1}); choose a labelled split with data.split / data.eval_split"
+                f"the {which} split has {bad} images without a valid label (column {col!r}, "
+                f"classes 0..{num_classes - 1}); choose a labelled split with data.split / "
+                "data.eval_split"
             )
     return num_classes, names
 
 
-# ---------------------------------------------------------------------------------------------- heads
+# -------------------------------------------------------------------------------------------- heads
 
 
-Batches = Callable[
-    [int], Iterable[tuple[torch.Tensor, torch.Tensor]]
-]  # epoch -> (features, labels) batches
+# epoch -> (features, labels) batches
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def fit_linear_head(
@@ -293,17 +302,10 @@ def augmented_linear_probe(
     """The paper's protocol: every epoch the training images pass, freshly cropped and flipped
     (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head."""
     p = cfg.probe
-    c, h, w = encoder.data_config["input_size"]
-    data_cfg = DataConfig(
-        image_size=(h, w),
-        channels=c,
-        crop_scale=(0.08, 1.0),
-        mean=tuple(encoder.data_config["mean"]),
-        std=tuple(encoder.data_config["std"]),
-        image_column=cfg.data.image_column,
-        label_column=cfg.data.label_column,
-    )
-    data = ImageDataset(ds, data_cfg, augment_transform(data_cfg), seed=cfg.seed)
+    _, h, w = encoder.data_config["input_size"]
+    mean, std = tuple(encoder.data_config["mean"]), tuple(encoder.data_config["std"])
+    transform = crop_transform((h, w), (0.08, 1.0), mean, std)
+    data = ImageDataset(ds, encoder_columns(cfg, encoder), transform, seed=cfg.seed)
     batch = min(p.batch_size, len(data))
     steps = len(data) // batch
     sampler = EpochSampler(len(data), steps * batch, seed=cfg.seed)
@@ -332,8 +334,9 @@ def knn_scores(
     features: str = "raw",
     chunk: int = 512,
 ) -> torch.Tensor:
-    """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C). ``features``:
-    ``raw``; ``centred`` (less the training features' mean); ``standardised`` (and divided by their std)."""
+    """Temperature-weighted votes of the k most cosine-similar training features: (N_test, C).
+    ``features``: ``raw``; ``centred`` (less the training features' mean); ``standardised`` (and
+    divided by their std)."""
     mean = train["features"].float().mean(dim=0) if features != "raw" else 0.0
     scale = (
         train["features"].float().std(dim=0).clamp_min(1e-6) if features == "standardised" else 1.0
@@ -368,12 +371,12 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: list[str])
     }
 
 
-# ---------------------------------------------------------------------------------------------- entry
+# -------------------------------------------------------------------------------------------- entry
 
 
 def probe_encoder(cfg: EvalConfig) -> tuple[FrozenEncoder, str]:
-    """The frozen encoder as the probes use it (on the GPU where there is one, the configured precision and
-    blocks) and its pooling."""
+    """The frozen encoder as the probes use it (on the GPU where there is one, the configured
+    precision and blocks) and its pooling."""
     encoder = load_encoder(cfg.encoder, cfg.seed, cfg.num_heads).to(
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -397,9 +400,8 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
             "cached": cfg.probe.cached,
             "head": cfg.probe.head,
         }
-    if (
-        cfg.mode == "linear" and not cfg.probe.cached
-    ):  # no training features to extract: fresh every epoch
+    # no training features to extract: fresh every epoch
+    if cfg.mode == "linear" and not cfg.probe.cached:
         scores = augmented_linear_probe(encoder, fit_ds, cfg, pool, test, num_classes)
         train_cached = None
     else:

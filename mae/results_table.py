@@ -1,9 +1,10 @@
 """The report of ``python -m mae.evaluate report``: one table across pretraining runs and one across
 evaluation results, as ``report.md`` + ``report.json`` with the figures copied beside them.
 
-- Runs (``--run``, directories written by ``pretrain.py``): per run, its probes (the ``results.json``
-  files found under ``--results`` whose encoder is the run, random init of it included) and the
-  tasks of ``mae.evaluate`` found in ``RUN/evaluate/*/metrics.json``, with their figures.
+- Runs (``--run``, directories written by ``pretrain.py``): per run, its probes (the
+  ``results.json`` files found under ``--results`` whose encoder is the run, random init of it
+  included) and the tasks of ``mae.evaluate`` found in ``RUN/evaluate/*/metrics.json``, with their
+  figures.
 - Results (``--results``, ``finetune.py`` output_dirs or folders holding them): one row per
   ``results.json`` — encoder, mode, top-1, top-5, features, sizes, evaluation split, settings.
 """
@@ -52,11 +53,12 @@ class ReportError(UserError, ValueError):
     """A report that cannot be made from what was given; the message says what to pass instead."""
 
 
-# ---------------------------------------------------------------------------------------------- results.json
+# ------------------------------------------------------------------------------------- results.json
 
 
 def find_results(paths: list[str]) -> list[Path]:
-    """Every ``results.json``: in each path itself (an evaluation output_dir) or anywhere below it."""
+    """Every ``results.json``: in each path itself (an evaluation output_dir) or anywhere below
+    it."""
     found: list[Path] = []
     for p in map(Path, paths):
         if (p / "results.json").is_file():
@@ -75,7 +77,8 @@ def result_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
     mode = results["mode"]
     knn_features = results.get("config", {}).get("probe", {}).get("knn_features", "raw")
     if mode == "knn" and knn_features != "raw":
-        mode = f"knn_{knn_features}"  # probe.knn_features: kept apart from the plain kNN of the same encoder
+        # probe.knn_features: kept apart from the plain kNN of the same encoder
+        mode = f"knn_{knn_features}"
     if mode == "linear":
         details = f"batch {results['probe_batch']}, lr {results['probe_lr']:g}" + (
             "" if results.get("cached", True) else ", augmented"
@@ -85,7 +88,10 @@ def result_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
         details = f"k {probe['k']}, T {probe['temperature']}"
     else:
         best = results.get("best") or {}
-        details = f"{results['steps']} steps; best top1 {best.get('top1', float('nan')):.4f} at epoch {best.get('epoch')}"
+        details = (
+            f"{results['steps']} steps; best top1 {best.get('top1', float('nan')):.4f} "
+            f"at epoch {best.get('epoch')}"
+        )
     return {
         "encoder": results["encoder"]["source"],
         "mode": mode,
@@ -125,11 +131,12 @@ def results_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------- runs
+# --------------------------------------------------------------------------------------------- runs
 
 
 def run_row(run: Path, probes: dict[str, dict[str, float]], figures: Path) -> dict[str, Any]:
-    """One run's method, steps, probe accuracies and task metrics; its figures copied into ``figures``."""
+    """One run's method, steps, probe accuracies and task metrics; its figures copied into
+    ``figures``."""
     if not (run / "config.yaml").is_file():
         raise ReportError(
             f"--run {run} has no config.yaml; pass run directories written by pretrain.py"
@@ -211,10 +218,11 @@ def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
     if baselines:
         lines += [
             "",
-            "PCA rows: as many components as the codes, fitted on the training images of `mae.evaluate reduce`; "
-            "reconstruction is the projection of the test images, denoising the projection of the noisy ones. "
-            "† linear and kNN of the PCA codes by `reduce`'s own probes (fitted on its training images, tested on "
-            "its test images), not `finetune.py`'s full split.",
+            "PCA rows: as many components as the codes, fitted on the training images of "
+            "`mae.evaluate reduce`; reconstruction is the projection of the test images, denoising "
+            "the projection of the noisy ones. † linear and kNN of the PCA codes by `reduce`'s own "
+            "probes (fitted on its training images, tested on its test images), not "
+            "`finetune.py`'s full split.",
         ]
     lines += ["", "Figures:", ""]
     for r in rows:
@@ -226,8 +234,8 @@ def runs_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def pca_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One PCA baseline per code size among ``rows``: the values of the first run of that size that has them
-    (PCA depends on the data and the size alone, not the run)."""
+    """One PCA baseline per code size among ``rows``: the values of the first run of that size that
+    has them (PCA depends on the data and the size alone, not the run)."""
     found: dict[int, dict[str, Any]] = {}
     for r in rows:
         if "pca" in r:
@@ -237,12 +245,13 @@ def pca_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [found[d] for d in sorted(found)]
 
 
-# ---------------------------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------------------------- report
 
 
 def write_report(runs: list[str], results: list[str], out: Path) -> str:
-    """``out/report.md`` and ``out/report.json`` (``{"runs": [...], "results": [...]}``) from the run
-    directories ``runs`` and the ``results.json`` files under ``results``; returns the Markdown."""
+    """``out/report.md`` and ``out/report.json`` (``{"runs": [...], "results": [...]}``) from the
+    run directories ``runs`` and the ``results.json`` files under ``results``; returns the
+    Markdown."""
     if not runs and not results:
         raise ReportError(
             "report needs --run RUN_DIR (pretraining runs) or --results DIR (finetune.py results)"

@@ -1,5 +1,5 @@
-"""The run directory's own files: ``config.yaml``, ``derived.json``, ``metrics.jsonl``, and the check
-that a relaunch resumes the same run (the checkpoints themselves are ``mae.checkpoint``'s)."""
+"""The run directory's own files: ``config.yaml``, ``derived.json``, ``metrics.jsonl``, and the
+check that a relaunch resumes the same run (the checkpoints themselves are ``mae.checkpoint``'s)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ SECTION_RESUMABLE = (
 
 
 def resumable_keys(section: str, *extra: str) -> set[str]:
-    """The dotted keys that may differ when ``section``'s run is resumed (``extra``: the job's own)."""
+    """The dotted keys that may differ when ``section``'s run is resumed (``extra``: the job's
+    own)."""
     return {
         "output_dir",
         "data.num_workers",
@@ -55,13 +56,14 @@ def check_resumable(
     resumable: set[str],
     read: Callable[[dict[str, Any]], Any],
 ) -> None:
-    """Refuse to resume a run whose saved config (read back by ``read``) or data/process layout differs
-    in anything that shapes training."""
+    """Refuse to resume a run whose saved config (read back by ``read``) or data/process layout
+    differs in anything that shapes training."""
     missing = [n for n in ("config.yaml", "derived.json") if not (run_dir / n).is_file()]
     if missing:
         raise ConfigError(
-            f"output_dir={str(run_dir)!r} holds checkpoints but not the run's {' and '.join(missing)}, so whether "
-            "they can be resumed cannot be checked; restore the files, or use another output_dir"
+            f"output_dir={str(run_dir)!r} holds checkpoints but not the run's "
+            f"{' and '.join(missing)}, so whether they can be resumed cannot be checked; restore "
+            "the files, or use another output_dir"
         )
     old, new = flat(to_dict(read(read_yaml(run_dir / "config.yaml")))), flat(to_dict(cfg))
     diff = [
@@ -82,17 +84,18 @@ def check_resumable(
     ]
     if changed:
         raise ConfigError(
-            f"output_dir={str(run_dir)!r} holds a run made with another data/process layout ({'; '.join(changed)}); "
-            "resume it with the same number of processes and dataset, or use another output_dir"
+            f"output_dir={str(run_dir)!r} holds a run made with another data/process layout "
+            f"({'; '.join(changed)}); resume it with the same number of processes and dataset, or "
+            "use another output_dir"
         )
     was = before.get("distributed", {}).get("type")  # (not recorded by older runs)
     now = distributed.describe(accelerator)["type"]
-    if (
-        was is not None and was != now and "fsdp" in (was, now)
-    ):  # sharded and whole checkpoints differ in kind
+    # sharded and whole checkpoints differ in kind
+    if was is not None and was != now and "fsdp" in (was, now):
         raise ConfigError(
-            f"output_dir={str(run_dir)!r} holds a run trained under {was} and this launch runs {now}; its "
-            f"checkpoints are {'sharded' if was == 'fsdp' else 'whole'}: resume it with the launch it was made with"
+            f"output_dir={str(run_dir)!r} holds a run trained under {was} and this launch runs "
+            f"{now}; its checkpoints are {'sharded' if was == 'fsdp' else 'whole'}: resume it with "
+            "the launch it was made with"
         )
 
 
@@ -119,9 +122,8 @@ def start_run(
         k: v if isinstance(v, (int, float, str, bool)) else str(v)
         for k, v in flat(to_dict(cfg)).items()
     }
-    accelerator.init_trackers(
-        name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}}
-    )  # its files here
+    # its files here
+    accelerator.init_trackers(name, config=hparams, init_kwargs={"wandb": {"dir": str(run_dir)}})
 
 
 def truncate_metrics(path: Path, step: int) -> None:

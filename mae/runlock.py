@@ -35,7 +35,8 @@ class RunDirBusyError(UserError, RuntimeError):
 
 
 class RunLock:
-    """``acquire`` -> a takeover note or None (raises ``RunDirBusyError`` while held); ``release``."""
+    """``acquire`` -> a takeover note or None (raises ``RunDirBusyError`` while held);
+    ``release``."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.path, self.fd, self.created = run_dir, run_dir / LOCK, None, False
@@ -51,12 +52,11 @@ class RunLock:
                 holder = self._holder(fd)
                 os.close(fd)
                 raise RunDirBusyError(
-                    f"{self.run_dir} is in use by {holder} (lock {self.path}); wait for that run to end or stop it, "
-                    "or give another output_dir"
+                    f"{self.run_dir} is in use by {holder} (lock {self.path}); wait for that run "
+                    "to end or stop it, or give another output_dir"
                 ) from None
-            if self._same_file(
-                fd
-            ):  # not a file a finishing holder unlinked between our open and flock
+            # not a file a finishing holder unlinked between our open and flock
+            if self._same_file(fd):
                 break
             os.close(fd)
         previous = self._holder(fd)

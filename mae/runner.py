@@ -35,18 +35,13 @@ from tqdm.auto import tqdm
 
 from mae import checkpoint as ckpt
 from mae import distributed
-from mae.config import ConfigError, Derived, TrainConfig
-from mae.config_checks import TRACKERS
-from mae.data.base import DataSource
+from mae.config import ConfigError, Derived
+from mae.data.base import Batch, DataSource
 from mae.errors import UserError
-from mae.eval_config import FinetuneConfig
 from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
 from mae.preemption import Preempted, StopSignals
 from mae.rundir import truncate_metrics
-
-Section = (
-    TrainConfig | FinetuneConfig
-)  # the config section a run trains by (``train`` or ``finetune``)
+from mae.train_settings import TRACKERS, TrainingSettings
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -69,7 +64,7 @@ class Job(Protocol):
     optimizers: list[torch.optim.Optimizer]  # stepped together; the first follows ``scheduler``
     scheduler: CosineLRScheduler
 
-    def loss(self, batch: tuple[torch.Tensor, ...], step: int) -> StepLoss: ...
+    def loss(self, batch: Batch, step: int) -> StepLoss: ...
 
     def after_step(self, step: int, done: bool) -> None: ...  # e.g. reconstruction grids
 
@@ -97,25 +92,27 @@ def open_run_dir(accelerator: Accelerator, run_dir: Path) -> Path | None:
 
 
 def _accelerate_device() -> torch.device:
-    """The device type Accelerate will pick, known before it starts (it fixes the precision at start)."""
+    """The device type Accelerate will pick, known before it starts (it fixes the precision at
+    start)."""
     gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     return torch.device("cuda" if gpu else "cpu")
 
 
-def trackers(t: Section, key: str) -> list[str]:
-    """The section's ``log_with``, each tracker's package checked: Accelerate would drop a missing one
-    with a log line and train on without it."""
+def trackers(t: TrainingSettings) -> list[str]:
+    """The section's ``log_with``, each tracker's package checked: Accelerate would drop a missing
+    one with a log line and train on without it."""
     missing = [name for name in t.log_with if importlib.util.find_spec(TRACKERS[name]) is None]
     if missing:
+        key = t.key("log_with")
         raise ConfigError(
-            f"{key}.log_with={list(t.log_with)}: {', '.join(missing)} is not installed; pip install "
-            f"{' '.join(TRACKERS[m] for m in missing)}, or leave it out of {key}.log_with"
+            f"{key}={list(t.log_with)}: {', '.join(missing)} is not installed; pip install "
+            f"{' '.join(TRACKERS[m] for m in missing)}, or leave it out of {key}"
         )
     return list(t.log_with)
 
 
 def accelerator_for(
-    t: Section, run_dir: Path, key: str, find_unused_parameters: bool = False
+    t: TrainingSettings, run_dir: Path, find_unused_parameters: bool = False
 ) -> Accelerator:
     """Accelerate with the section's precision and accumulation, logging into ``run_dir``; on CPU,
     the torch threads split between the processes of this machine."""
@@ -123,7 +120,7 @@ def accelerator_for(
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.mixed_precision, _accelerate_device()),
         gradient_accumulation_steps=t.accum_steps,
-        log_with=trackers(t, key) or None,
+        log_with=trackers(t) or None,
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
         ),
@@ -133,36 +130,32 @@ def accelerator_for(
         ],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if (
-        launched != accelerator.num_processes
-    ):  # N copies of one run, each alone: N times the same work
+    if launched != accelerator.num_processes:  # N copies of one run, each alone: N times the work
         raise ConfigError(
-            f"{launched} processes were launched but they do not form one group ({accelerator.num_processes} "
-            "seen by Accelerate); without a GPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"{launched} processes were launched but they do not form one group "
+            f"({accelerator.num_processes} seen by Accelerate); without a GPU launch with "
+            "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "(or configs/accelerate/cpu_ddp.yaml)"
         )
-    distributed.enable_fsdp(accelerator, key)
+    distributed.enable_fsdp(accelerator, t.SECTION)
     if accelerator.device.type == "cpu":
         tune_cpu_allocator()
         if t.mixed_precision == "fp16":  # Accelerate would silently run fp32
-            raise ConfigError(
-                f"{key}.mixed_precision=fp16 needs a GPU; on CPU use {key}.mixed_precision=bf16 or no"
-            )
-        local_processes = int(
-            os.environ.get("LOCAL_WORLD_SIZE", 1)
-        )  # set by torchrun / accelerate launch
-        cores = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
+            key = t.key("mixed_precision")
+            raise ConfigError(f"{key}=fp16 needs a GPU; on CPU use {key}=bf16 or no")
+        # set by torchrun / accelerate launch
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if hasattr(os, "sched_getaffinity"):
+            cores = len(os.sched_getaffinity(0))
+        else:
+            cores = os.cpu_count() or 1
         torch.set_num_threads(t.cpu_threads or max(1, cores // local_processes))
     return accelerator
 
 
 def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested: str) -> str:
-    """Set the attention core of ``model``'s timm blocks for this device and precision (``mae.hardware``);
-    returns what was chosen, or 'none' for a model without attention."""
+    """Set the attention core of ``model``'s timm blocks for this device and precision
+    (``mae.hardware``); returns what was chosen, or 'none' for a model without attention."""
     kind = resolve_attention(requested, accelerator.device, accelerator.mixed_precision)
     return kind if set_attention(model, kind) else "none"
 
@@ -174,10 +167,10 @@ def prepare_with_data(
     *objects: Any,
     after: tuple[Any, ...] = (),
 ) -> list[Any]:
-    """``objects`` (model, optimizers), the source's loader and ``after`` (e.g. an evaluation loader)
-    through one ``accelerator.prepare`` call, in that order (DeepSpeed, for one, infers its batch size
-    from the loaders it sees with the model); the source keeps its prepared loader. Returns the
-    prepared ``objects`` and ``after``."""
+    """``objects`` (model, optimizers), the source's loader and ``after`` (e.g. an evaluation
+    loader) through one ``accelerator.prepare`` call, in that order (DeepSpeed, for one, infers its
+    batch size from the loaders it sees with the model); the source keeps its prepared loader.
+    Returns the prepared ``objects`` and ``after``."""
     loader = source.loader_for(derived)
     loaders = [] if loader is None else [loader]
     prepared = accelerator.prepare(*objects, *loaders, *after)
@@ -204,22 +197,29 @@ def cosine_schedule(
 
 
 def schedule_lines(
-    accelerator: Accelerator, t: Section, derived: Derived, attention: str, compiled: bool = False
+    accelerator: Accelerator,
+    t: TrainingSettings,
+    derived: Derived,
+    attention: str,
+    compiled: bool = False,
 ) -> str:
     """The derived batch, lr and schedule, and where it runs: the setup printout's common part."""
     threads = f" ({torch.get_num_threads()} threads)" if accelerator.device.type == "cpu" else ""
+    batch, epochs = derived.effective_batch, derived.total_steps / derived.steps_per_epoch
     return (
-        f"effective batch {derived.effective_batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
-        f"x {derived.num_processes} processes; lr {derived.lr:.3g} = blr {t.blr:g} x {derived.effective_batch} / 256\n"
-        f"{derived.total_steps} steps ({derived.total_steps / derived.steps_per_epoch:.2f} epochs), "
-        f"{derived.warmup_steps} warmup; mixed precision {accelerator.mixed_precision}; attention {attention}"
+        f"effective batch {batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
+        f"x {derived.num_processes} processes; "
+        f"lr {derived.lr:.3g} = blr {t.blr:g} x {batch} / 256\n"
+        f"{derived.total_steps} steps ({epochs:.2f} epochs), {derived.warmup_steps} warmup; "
+        f"mixed precision {accelerator.mixed_precision}; attention {attention}"
         f"{' (torch.compile)' if compiled else ''}; device {accelerator.device}{threads}\n"
         + distributed.summary(distributed.describe(accelerator))
     )
 
 
 class MetricLog:
-    """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's trackers."""
+    """Running sums between log lines -> ``metrics.jsonl`` (main process) and Accelerate's
+    trackers."""
 
     def __init__(
         self, accelerator: Accelerator, path: Path, step: int, images_per_step: int
@@ -235,26 +235,19 @@ class MetricLog:
 
     def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach()
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0) + v.float().to(
-                self.loss.device
-            )  # reduced across processes
+        for k, v in terms.items():  # summed here, reduced across processes when written
+            self.terms[k] = self.terms.get(k, 0) + v.float().to(self.loss.device)
         self.count += 1
 
+    def mean_loss(self) -> float:
+        """Collective: the mean loss over micro-batches and processes since the last line."""
+        return self.accelerator.reduce(self.loss, reduction="mean").item() / self.count
+
     def line(
-        self,
-        step: int,
-        derived: Derived,
-        optimizer: torch.optim.Optimizer,
-        bar: tqdm,
-        run_dir: Path,
+        self, step: int, derived: Derived, loss: float, optimizer: torch.optim.Optimizer, bar: tqdm
     ) -> None:
-        """Collective: the mean loss over micro-batches and processes since the last line (stopping the
-        run if it is not finite), written with the lr (the largest group's: layer decay scales the
+        """Collective: ``loss`` written with the lr (the largest group's: layer decay scales the
         others) and shown on the bar."""
-        loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.count
-        if not math.isfinite(loss):
-            raise non_finite_error(f"loss became {loss}", step, run_dir)
         lr = max(g["lr"] for g in optimizer.param_groups)
         self.write(step, step / derived.steps_per_epoch, loss, lr)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -285,35 +278,31 @@ class MetricLog:
 
 
 class Runner:
-    """Train ``job`` on ``source`` from a step to ``derived.total_steps``, in ``run_dir``."""
+    """Train ``job`` on ``source`` from a step to ``derived.total_steps``, in ``run_dir``, by the
+    training settings of ``section`` (pretraining's ``train``, fine-tuning's ``finetune``)."""
 
     def __init__(
         self,
         accelerator: Accelerator,
         run_dir: Path,
-        section: Section,
+        section: TrainingSettings,
         derived: Derived,
         source: DataSource,
         job: Job,
     ) -> None:
-        self.accelerator, self.run_dir, self.section, self.derived = (
-            accelerator,
-            run_dir,
-            section,
-            derived,
-        )
+        self.accelerator, self.run_dir = accelerator, run_dir
+        self.section, self.derived = section, derived
         self.source, self.job = source, job
 
     def _resume(self, path: Path | None) -> int:
-        """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric lines past
-        it are dropped."""
+        """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric
+        lines past it are dropped."""
         step = 0
         if path is not None:
             loop = ckpt.load_checkpoint(self.accelerator, path)
             step = loop["step"]
-            self.source.load_state_dict(
-                ckpt.read_process_state(path, self.accelerator.process_index), str(path)
-            )
+            state = ckpt.read_process_state(path, self.accelerator.process_index)
+            self.source.load_state_dict(state, str(path))
             self.job.load_loop_state(loop)
             self.accelerator.print(f"resumed from {path} at step {step}")
         if self.accelerator.is_main_process:
@@ -321,14 +310,14 @@ class Runner:
         return step
 
     def run(self, resume_from: Path | None, desc: str) -> int:
-        """Resume from checkpoint ``resume_from`` (None: from the start), then loop; returns the last step
-        taken. SIGTERM/SIGINT: a checkpoint at the end of the step, then ``Preempted``."""
+        """Resume from checkpoint ``resume_from`` (None: from the start), then loop; returns the
+        last step taken. SIGTERM/SIGINT: a checkpoint at the end of the step, then
+        ``Preempted``."""
         acc, derived = self.accelerator, self.derived
         step = self._resume(resume_from)
         log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
-        bar = tqdm(
-            total=derived.total_steps, initial=step, disable=not acc.is_main_process, desc=desc
-        )
+        shown = acc.is_main_process
+        bar = tqdm(total=derived.total_steps, initial=step, disable=not shown, desc=desc)
         # however the loop ends, the data's workers stop with it
         with StopSignals() as stop, bar, contextlib.closing(self.source):
             while step < derived.total_steps:
@@ -342,7 +331,7 @@ class Runner:
                         break
         return step
 
-    def _micro_step(self, batch: tuple[torch.Tensor, ...], step: int, log: MetricLog) -> None:
+    def _micro_step(self, batch: Batch, step: int, log: MetricLog) -> None:
         acc, job = self.accelerator, self.job
         with acc.accumulate(*job.modules):
             out = job.loss(batch, step)
@@ -357,75 +346,66 @@ class Runner:
         log.add(out.logged, out.terms)
 
     def _after_step(self, step: int, log: MetricLog, bar: tqdm, stop: StopSignals) -> bool:
-        """Log, the job's own work, checkpoint and signals after optimizer step ``step``; True at the end."""
+        """Log, the job's own work, checkpoint and signals after optimizer step ``step``; True at
+        the end."""
         done = step >= self.derived.total_steps
         due = self.job.checkpoint_due(step, done)
-        if (
-            step % self.section.log_every == 0 or due or done
-        ):  # a line at every checkpoint: resumes log exactly
-            log.line(step, self.derived, self.job.optimizers[0], bar, self.run_dir)
+        # a line at every checkpoint, so that a resumed run logs exactly what an unbroken one does
+        if step % self.section.log_every == 0 or due or done:
+            loss = log.mean_loss()
+            if not math.isfinite(loss):
+                raise non_finite_error(f"loss became {loss}", step, self.run_dir, self.section)
+            log.line(step, self.derived, loss, self.job.optimizers[0], bar)
             self.source.check_bad_images(self.accelerator)
         self.job.after_step(step, done)
         if due:
             self.save(step, job_first=True)
         signum = None if done else stop.requested(self.accelerator)
         if signum is not None:
-            stop_for_signal(
-                self.accelerator,
-                step,
-                self.derived.total_steps,
-                self.run_dir,
-                signum,
-                None if due else self.save,
-            )
-        if (
-            log.last_step == step
-        ):  # grids, evaluation and checkpoints do not count against the next images/s
+            if not due:  # else it was just written
+                self.save(step)
+            self.stop_for_signal(step, signum)
+        if log.last_step == step:  # grids, evaluation and checkpoints don't count against images/s
             log.restart_clock()
         return done
 
     def save(self, step: int, job_first: bool = False) -> None:
-        """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a signal
-        asked for) the job's own work before it."""
-        check_finite_weights(self.accelerator, self.job.model, step, self.run_dir)
+        """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a
+        signal asked for) the job's own work before it."""
+        check_finite_weights(self.accelerator, self.job.model, step, self.run_dir, self.section)
         if job_first:
             self.job.before_checkpoint(step)
-        loop = self.job.loop_state(step)
         ckpt.save_checkpoint(
             self.accelerator,
             self.run_dir,
             step,
-            loop,
+            self.job.loop_state(step),
             self.section.keep_checkpoints,
             process_state=self.source.state_dict(),
         )
 
-
-def stop_for_signal(
-    accelerator: Accelerator,
-    step: int,
-    total: int,
-    run_dir: Path,
-    signum: int,
-    save: Callable[[int], None] | None,
-) -> None:
-    """Collective: ``save`` the checkpoint of ``step`` (None: it was just written), then ``Preempted``."""
-    if save is not None:
-        save(step)
-    accelerator.end_training()
-    raise Preempted(
-        f"stopped by {signal.Signals(signum).name} after step {step} of {total}; checkpoint "
-        f"{run_dir}/checkpoints/step_{step} written: launch the same command again to resume",
-        signum,
-    )
+    def stop_for_signal(self, step: int, signum: int) -> None:
+        """Collective, after the checkpoint of ``step`` is written: ``Preempted``."""
+        self.accelerator.end_training()
+        raise Preempted(
+            f"stopped by {signal.Signals(signum).name} after step {step} of "
+            f"{self.derived.total_steps}; checkpoint {self.run_dir}/checkpoints/step_{step} "
+            "written: launch the same command again to resume",
+            signum,
+        )
 
 
 def check_finite_weights(
-    accelerator: Accelerator, model: torch.nn.Module, step: int, run_dir: Path
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    step: int,
+    run_dir: Path,
+    section: TrainingSettings,
 ) -> None:
     """Collective under FSDP: a finite loss can still come with an update that overflowed; never
-    checkpoint such weights. (DDP replicas are identical, so every process reaches the same verdict;
-    FSDP processes hold different slices, so they agree on the first bad one any of them found.)"""
+    checkpoint such weights. (DDP replicas are identical, so every process reaches the same
+    verdict; FSDP processes hold different slices, so they agree on the first bad one any of them
+    found.)"""
     params = (
         (n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()
     )
@@ -433,22 +413,26 @@ def check_finite_weights(
     if distributed.is_sharded(accelerator):
         bad = next((b for b in gather_object([bad]) if b is not None), None)
     if bad is not None:
-        raise non_finite_error(f"weights became non-finite ({bad})", step, run_dir)
+        raise non_finite_error(f"weights became non-finite ({bad})", step, run_dir, section)
 
 
-def non_finite_error(what: str, step: int, run_dir: Path) -> NonFiniteLossError:
+def non_finite_error(
+    what: str, step: int, run_dir: Path, section: TrainingSettings
+) -> NonFiniteLossError:
+    """The stop of a diverging run, naming the keys of the section it trains by."""
     return NonFiniteLossError(
         f"{what} by step {step}; stopped without saving. Last good checkpoint: "
-        f"{ckpt.latest_checkpoint(run_dir) or 'none'}. Lower train.blr or set train.clip_grad, then relaunch to resume."
+        f"{ckpt.latest_checkpoint(run_dir) or 'none'}. Lower {section.key('blr')} or set "
+        f"{section.key('clip_grad')}, then relaunch to resume."
     )
 
 
 def gathered(
     accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]
 ) -> torch.nn.Module:
-    """The trained model as a plain module, to write files from. Under FSDP its shards are gathered
-    (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh copy from
-    ``build`` on the main process; elsewhere it is the unwrapped model itself."""
+    """The trained model as a plain module, to write files from. Under FSDP its shards are
+    gathered (``accelerator.get_state_dict``, a collective: every process calls it) into a fresh
+    copy from ``build`` on the main process; elsewhere it is the unwrapped model itself."""
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     if not distributed.is_sharded(accelerator):
         return net
@@ -456,9 +440,8 @@ def gathered(
     if not accelerator.is_main_process:
         return net
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(
-        devices=devices
-    ):  # building seeds; training's random streams go on untouched
+    # building draws seeds; training's random streams go on untouched
+    with torch.random.fork_rng(devices=devices):
         full = build()
     full.load_state_dict(state)
     return full

@@ -20,14 +20,13 @@ MIN_TILE = 96  # pixels: the shorter side of a tile in a saved grid, at least
 
 
 def save_tiles(tiles: torch.Tensor, path: str | Path, nrow: int) -> None:
-    """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least MIN_TILE px (an
-    array of other than 1, 3 or 4 channels: its first three, ``shown_channels``)."""
+    """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least
+    MIN_TILE px (an array of other than 1, 3 or 4 channels: its first three, ``shown_channels``)."""
     tiles = shown_channels(tiles, None)
     factor = -(-MIN_TILE // min(tiles.shape[-2:]))  # ceil
     if factor > 1:
-        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(
-            factor, dim=-1
-        )  # nearest neighbour
+        # nearest neighbour
+        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     save_image(tiles, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
@@ -41,8 +40,8 @@ def denormalize(
 
 
 def shown_channels(x: torch.Tensor, channels: Sequence[int] | None) -> torch.Tensor:
-    """The channels a grid shows: ``data.grid_channels``; by default all of a grey, RGB or RGBA image, else the
-    first three (the first one of a two-channel array)."""
+    """The channels a grid shows: ``data.grid_channels``; by default all of a grey, RGB or RGBA
+    image, else the first three (the first one of a two-channel array)."""
     if channels is None:
         if x.shape[1] in (1, 3, 4):
             return x
@@ -51,8 +50,8 @@ def shown_channels(x: torch.Tensor, channels: Sequence[int] | None) -> torch.Ten
 
 
 def stretch(panels: list[torch.Tensor], reference: torch.Tensor) -> list[torch.Tensor]:
-    """Arrays (16-bit, float) rarely fill [0, 1]: each channel of every panel is mapped linearly from the
-    reference's 1st-99th percentile to [0, 1], as remote-sensing viewers do."""
+    """Arrays (16-bit, float) rarely fill [0, 1]: each channel of every panel is mapped linearly
+    from the reference's 1st-99th percentile to [0, 1], as remote-sensing viewers do."""
     flat = reference.transpose(0, 1).flatten(1).float()
     lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
     span = (hi - lo).clamp(min=1e-8)
@@ -60,8 +59,8 @@ def stretch(panels: list[torch.Tensor], reference: torch.Tensor) -> list[torch.T
 
 
 def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
-    """Panels in normalised space. With a mask: masked input (hidden parts grey), reconstruction with
-    the visible patches pasted back, original; without: reconstruction, original."""
+    """Panels in normalised space. With a mask: masked input (hidden parts grey), reconstruction
+    with the visible patches pasted back, original; without: reconstruction, original."""
     if out.recon is None:
         raise ValueError("the model returned no reconstruction; call it in eval mode")
     recon = out.recon.float()
@@ -76,8 +75,8 @@ def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
 def save_recon_grid(
     path: str | Path, images: torch.Tensor, out: AEOutput, data: DataConfig, arrays: bool = False
 ) -> None:
-    """Panels of ``recon_panels`` in ``data``'s pixel units, the channels ``shown_channels`` picks; arrays
-    ``stretch``ed to the originals' range."""
+    """Panels of ``recon_panels`` in ``data``'s pixel units, the channels ``shown_channels`` picks;
+    arrays ``stretch``ed to the originals' range."""
     panels = [
         shown_channels(
             denormalize(p.cpu(), data.mean, data.std, clamp=not arrays), data.grid_channels

@@ -3,8 +3,8 @@ kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to
 ``SAVE_SLEEP`` seconds inside every checkpoint write (after the files, before the rename that
 commits it), ``SAVE_MARK`` a file created when such a write begins. None changes what is computed.
 ``CRASH_AT_STEP`` with ``CRASH_RANK`` and ``CRASH_MARK``: that process dies (exit 3, no cleanup)
-after that optimizer step, once: the mark file records that it did. ``EXPORT_FAIL``: the export raises
-that message (a failure after training, with the loader still open)."""
+after that optimizer step, once: the mark file records that it did. ``EXPORT_FAIL``: the export
+raises that message (a failure after training, with the loader still open)."""
 
 import os
 import sys

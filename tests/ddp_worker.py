@@ -26,9 +26,8 @@ if __name__ == "__main__":
             seen.append(list(index))
         return load(self, index)
 
-    images.ImageDataset.__getitem__ = (
-        recording_getitem  # data.num_workers=0: loading happens in this process
-    )
+    # data.num_workers=0: loading happens in this process
+    images.ImageDataset.__getitem__ = recording_getitem
     load_keys = on_device.DecodedImages.__getitems__
 
     def recording_getitems(self, indices):  # data.on_device=true: batches of keys
@@ -36,15 +35,15 @@ if __name__ == "__main__":
         return load_keys(self, indices)
 
     on_device.DecodedImages.__getitems__ = recording_getitems
-    # train.compile=true: dynamo traces and guards as usual, without inductor's minutes of C++ compiling
+    # train.compile=true: dynamo traces and guards as usual, without inductor's minutes of
+    # C++ compiling
     real_compile = torch.compile
     torch.compile = lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": "eager"})
     held = {}
     gathered = pretrain.gathered
 
-    def counting_gathered(
-        accelerator, model, build
-    ):  # the prepared model, as this process holds it
+    # the prepared model, as this process holds it
+    def counting_gathered(accelerator, model, build):
         params = list(model.parameters())
         held["held"] = sum(
             p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params
@@ -57,9 +56,8 @@ if __name__ == "__main__":
     state = PartialState()
     out = Path(cfg.output_dir) / f"rank{state.process_index}_of_{state.num_processes}"
     Path(cfg.output_dir, f"held_{state.process_index}.json").write_text(json.dumps(held))
-    if not any(
-        isinstance(v, DTensor) for v in result.model.state_dict().values()
-    ):  # FSDP: only the main one
+    # FSDP: only the main one
+    if not any(isinstance(v, DTensor) for v in result.model.state_dict().values()):
         weights = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
         save_file(weights, f"{out}.safetensors")
     Path(f"{out}.json").write_text(json.dumps(seen))

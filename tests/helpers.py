@@ -1,6 +1,7 @@
 """Shared test code: paths, tiny-model overrides, synthetic datasets and launch helpers.
 
-Test files import from here; none imports another test file or ``conftest`` (tests/test_layout.py)."""
+Test files import from here; none imports another test file or ``conftest``
+(tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def reset_accelerate() -> None:
 def write_image_folder(
     root: Path, classes: int = 3, per_class: int = 8, size: int = 20, modes=("RGB",)
 ) -> Path:
-    """An image folder with class subfolders; images cycle through ``modes`` (RGB, L, RGBA, P...)."""
+    """An image folder of class subfolders; images cycle through ``modes`` (RGB, L, RGBA, P...)."""
     rng = np.random.default_rng(0)
     for c in range(classes):
         d = root / f"class_{c}"
@@ -61,8 +62,8 @@ def write_image_folder(
 
 
 def colour_folder(root, per_class=20, size=16):
-    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane encoder.
-    ``size``: one side, or (height, width)."""
+    """Three classes told apart by colour only (plus pixel noise): linearly separable for any sane
+    encoder. ``size``: one side, or (height, width)."""
     rng = np.random.default_rng(0)
     h, w = (size, size) if isinstance(size, int) else size
     for c, rgb in enumerate([(220, 40, 40), (40, 200, 40), (40, 40, 220)]):
@@ -74,7 +75,7 @@ def colour_folder(root, per_class=20, size=16):
 
 
 def png(rgb, size=16) -> bytes:
-    """PNG bytes of a ``size`` x ``size`` image of colour ``rgb`` plus noise seeded by the colour."""
+    """PNG bytes of a ``size`` x ``size`` image of colour ``rgb`` plus noise seeded by colour."""
     rng = np.random.default_rng(sum(rgb))
     a = np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(
         np.uint8
@@ -107,8 +108,8 @@ def parquet_stream(root, shards=4, per_shard=12, bad=()) -> str:
 
 
 def metric_write_then(step: int, action: Callable[[], None]) -> Callable[..., None]:
-    """A stand-in for ``MetricLog.write`` that writes as ever, then runs ``action`` once the line of optimizer
-    step ``step`` is written: a run stopped (an exception, a signal) at a known step."""
+    """A stand-in for ``MetricLog.write`` that writes as ever, then runs ``action`` once the line of
+    optimizer step ``step`` is written: a run stopped (an exception, a signal) at a known step."""
     from mae.runner import MetricLog
 
     real_write = MetricLog.write
@@ -129,7 +130,7 @@ def env_without_accelerate() -> dict[str, str]:
 def accelerate_launch(
     script: str, *args: str, processes: int = 1, multi: bool = False
 ) -> list[str]:
-    """An ``accelerate launch`` command line with every launcher default spelled out (no warnings)."""
+    """An ``accelerate launch`` command line, every launcher default spelled out (no warnings)."""
     flags = ["--multi_gpu", "--main_process_port", str(free_port())] if multi else []
     return [
         sys.executable,

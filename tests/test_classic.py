@@ -57,12 +57,10 @@ def test_every_model_keeps_the_contract(name, extra):
     assert not missing, missing
     model.eval()
     a, b = model.encode(x), model.encode(x)
-    assert a.shape == (4, model.feature_dim) and torch.equal(
-        a, b
-    )  # deterministic: no noise, mask or sampling
-    assert torch.allclose(
-        model.encode(x[:1]), a[:1], atol=1e-5
-    )  # a code depends on its own image only
+    # deterministic: no noise, mask or sampling
+    assert a.shape == (4, model.feature_dim) and torch.equal(a, b)
+    # a code depends on its own image only
+    assert torch.allclose(model.encode(x[:1]), a[:1], atol=1e-5)
     recon = model(x).recon
     assert recon.shape == x.shape
 
@@ -210,10 +208,11 @@ def test_bad_classic_configs_are_refused():
         ConfigError, match="train.online_probe=true does not work with model.name=stacked_ae"
     ):
         load_config(None, ["model.name=stacked_ae", "train.online_probe=true"])
+    # their forward follows the step: compiling would recompile each step
     for name in (
         "vae",
         "stacked_ae",
-    ):  # their forward follows the step: compiling would recompile each step
+    ):
         with pytest.raises(
             ConfigError, match=f"train.compile=true does not work with model.name={name}"
         ):
@@ -299,9 +298,8 @@ def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
     real_write = runner.MetricLog.write
 
     def write_then_crash(self, step, *args):
-        if (
-            step == 9
-        ):  # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
+        # after the step-6 checkpoint (stage 1), before the stage-2 boundary at 8 is saved
+        if step == 9:
             raise RuntimeError("killed")
         return real_write(self, step, *args)
 
@@ -317,8 +315,8 @@ def test_stacked_resume_across_a_stage_boundary_is_exact(tmp_path, monkeypatch):
 
 
 def blob_folder(root, train=600, test=200, size=28):
-    """Grayscale images of one Gaussian blob at a random position and width: three numbers per image, which
-    a non-linear code of a few dimensions can hold and a linear one (PCA) cannot."""
+    """Grayscale images of one Gaussian blob at a random position and width: three numbers per
+    image, which a non-linear code of a few dimensions can hold and a linear one (PCA) cannot."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
     for split, n in (("train", train), ("test", test)):
@@ -359,9 +357,8 @@ def test_an_mlp_autoencoder_with_its_defaults_beats_pca_at_equal_code_size(tmp_p
     pretrain.train(cfg)
     assert evaluate_main(["reduce", "--run", str(run), "--fit-images", "600"]) == 0
     result = json.loads((run / "evaluate/reduce/metrics.json").read_text())["reconstruction"]
-    assert (
-        result["encoder"]["psnr_db"] > result["pca"]["psnr_db"] + 1.0
-    )  # dB, on the 200 test images
+    # dB, on the 200 test images
+    assert result["encoder"]["psnr_db"] > result["pca"]["psnr_db"] + 1.0
 
 
 def test_each_family_resolves_its_own_defaults_and_mae_keeps_the_papers():
@@ -383,11 +380,12 @@ def test_each_family_resolves_its_own_defaults_and_mae_keeps_the_papers():
     given = load_config(
         None, ["model.name=ae", "data.augment=crop", "train.blr=3e-3", "train.weight_decay=0.05"]
     )
+    # yours stay
     assert (given.data.augment, given.train.blr, given.train.weight_decay) == (
         "crop",
         3e-3,
         0.05,
-    )  # yours stay
+    )
     with pytest.raises(
         ConfigError, match="data.decoder=dali decodes the crops of data.augment=crop"
     ):
@@ -406,7 +404,7 @@ def test_data_augment_none_and_flip_show_the_whole_image(augment):
     data = DecodedImages(split, cfg)
     device = DeviceAugment(data, cfg, seed=0, noise_length=None, device=torch.device("cpu"))
     keys = torch.tensor([[0, i] for i in range(16)])
-    on_device, _ = device(keys, data.labels[:16])
+    on_device = device(keys, data.labels[:16]).images
     flipped = set()
     for i in range(16):
         image = split[i]["image"]

@@ -86,7 +86,8 @@ def test_round_trip_through_yaml():
         ("model.preset=vit_giant", "model.preset='vit_giant' is unknown; choose one of"),
         (
             "model.name=gan",
-            "model.name='gan' is invalid; choose one of ['mae', 'ae', 'dae', 'sparse_ae', 'cae', 'vae', 'stacked_ae']",
+            "model.name='gan' is invalid; choose one of "
+            "['mae', 'ae', 'dae', 'sparse_ae', 'cae', 'vae', 'stacked_ae']",
         ),
         ("train.mixed_precision=fp8", "choose one of ['auto', 'no', 'bf16', 'fp16']"),
         ("data.crop_scale=[0.5]", "data.crop_scale=[0.5] must have 2 values"),
@@ -117,9 +118,8 @@ def test_yaml_12_scalars_and_text_fields():
     )
     assert cfg.train.mixed_precision == "no" and cfg.train.blr == 1e-4
     assert cfg.output_dir == "2024" and cfg.data.split == "2017"
-    assert (
-        load_config(None, ['output_dir="runs/a b"']).output_dir == "runs/a b"
-    )  # YAML quotes still work
+    # YAML quotes still work
+    assert load_config(None, ['output_dir="runs/a b"']).output_dir == "runs/a b"
     assert (
         load_config(None, ["model.norm_pix_loss=false", "train.clip_grad=null"]).model.norm_pix_loss
         is False

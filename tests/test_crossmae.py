@@ -1,5 +1,5 @@
-"""CrossMAE's decoder (model.decoder=cross): independent queries, a loss on the chosen patches only, the
-subset fixed by the mask's noise, and an encoder that everything taking an MAE encoder takes."""
+"""CrossMAE's decoder (model.decoder=cross): independent queries, a loss on the chosen patches only,
+the subset fixed by the mask's noise, and an encoder that everything taking an MAE encoder takes."""
 
 import json
 import subprocess
@@ -37,9 +37,8 @@ def test_a_query_does_not_depend_on_the_other_queries(features):
         among_all = model.forward_decoder(memories, every)[:, -3:]
     torch.testing.assert_close(alone, among_all, rtol=1e-5, atol=1e-6)
 
-    model = tiny(
-        *CROSS, "model.decoder_self_attn=true"
-    ).eval()  # the same check fails with self-attention
+    # the same check fails with self-attention
+    model = tiny(*CROSS, "model.decoder_self_attn=true").eval()
     with torch.no_grad():
         memories, _, _, ids_restore = model.encoder_outputs(images, noise)
         every = predicted_patches(ids_restore, 12)
@@ -56,18 +55,17 @@ def test_loss_and_gradients_touch_only_the_chosen_patches():
     chosen = torch.zeros(2, 16).scatter(1, predicted_patches(ids_restore, 4), 1.0)
     per_patch = images.grad.abs().unfold(2, 4, 4).unfold(3, 4, 4).sum(dim=(1, 4, 5)).reshape(2, 16)
     visible, unscored = mask == 0, (mask == 1) & (chosen == 0)
-    assert (
-        chosen.sum() == 8 and (chosen * mask).sum() == 8
-    )  # 25% of the patches, all of them masked
+    # 25% of the patches, all of them masked
+    assert chosen.sum() == 8 and (chosen * mask).sum() == 8
     assert (per_patch[visible] > 0).all() and (per_patch[chosen == 1] > 0).all()
     assert (per_patch[unscored] == 0).all()
-    # every parameter but the fixed positions learns (data parallel needs no unused-parameter search)
+    # every parameter but the fixed positions learns (data parallel needs
+    # no unused-parameter search)
     idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert idle == [] and model.decoder_feature_mix.grad.abs().sum() > 0
 
-    changed = (
-        images.detach().clone().unfold(2, 4, 4).unfold(3, 4, 4)
-    )  # a view of (B, C, 4, 4, 4, 4) patches
+    # a view of (B, C, 4, 4, 4, 4) patches
+    changed = images.detach().clone().unfold(2, 4, 4).unfold(3, 4, 4)
     before = model(images.detach(), noise).loss
     for b, patch in unscored.nonzero().tolist():
         changed[b, :, patch // 4, patch % 4] += 5.0  # writes through the view

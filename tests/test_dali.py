@@ -1,4 +1,5 @@
-"""data.decoder=dali: NVIDIA DALI's CPU backend decodes, crops and normalises with the Pillow path's draws."""
+"""data.decoder=dali: NVIDIA DALI's CPU backend decodes, crops and normalises with
+the Pillow path's draws."""
 
 import io
 import json
@@ -48,9 +49,10 @@ def jpeg(a: np.ndarray, quality: int = 95) -> bytes:
 
 
 def jpeg_shards(root, texture=False, count=40, seed=0):
-    """``count`` JPEGs of random sizes 40-90 px in one parquet shard, ``label`` each image's own id. Smooth ones
-    whose colour encodes the position (red: x, green: y), so that a box off by a pixel moves every value a
-    little and a wrong box or flip by tens of levels; or a texture of random 4-px blobs (``texture``)."""
+    """``count`` JPEGs of random sizes 40-90 px in one parquet shard, ``label`` each image's own id.
+    Smooth ones whose colour encodes the position (red: x, green: y), so that a box off by a pixel
+    moves every value a little and a wrong box or flip by tens of levels; or a texture of random
+    4-px blobs (``texture``)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(count):
@@ -86,12 +88,13 @@ def data_config(root, *extra):
 def through_dali(cfg, items):
     """``EncodedImages`` items as DALI's (B, C, H, W) normalised crops, on the CPU."""
     augment = dali.DaliAugment(cfg, len(items), 1, torch.device("cpu"))
-    (images, *_), *_ = augment.batches([dali.collate(items)])
-    return images
+    (batch,) = augment.batches([dali.collate(items)])
+    return batch.images
 
 
-# DALI's float output against Pillow's rounded bytes: 0.5 level from the rounding alone; a box off by a pixel or a
-# wrong flip moves the gradient by several to hundreds of levels. Texture: the two cubic resamplers differ a little.
+# DALI's float output against Pillow's rounded bytes: 0.5 level from the rounding alone; a box off
+# by a pixel or a wrong flip moves the gradient by several to hundreds of levels. Texture: the two
+# cubic resamplers differ a little.
 @pytest.mark.parametrize(
     "texture, mean, largest", [(False, 0.3, 1.5), (True, 0.4, 8)], ids=["gradient", "texture"]
 )
@@ -109,7 +112,7 @@ def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_wi
         return params
 
     monkeypatch.setattr(v2.RandomResizedCrop, "make_params", recorded)
-    pillow = ImageDataset(ds, cfg, augment_transform(cfg), seed=3, noise_length=5)
+    pillow = ImageDataset(ds, cfg.columns, augment_transform(cfg), seed=3, noise_length=5)
     keys = [(epoch, i) for epoch in range(5) for i in range(len(ds))]
     expected = [pillow[k] for k in keys]
     pillow_boxes, boxes[:] = list(boxes), []
@@ -117,9 +120,8 @@ def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_wi
     items = [encoded[k] for k in keys]
     assert boxes == pillow_boxes  # the same crops, drawn by torchvision from the header's size
     draws = np.stack([draws for _, draws, _, _ in items])
-    assert (
-        draws[:, :4].tolist() == pillow_boxes and 0.3 < draws[:, 4].mean() < 0.7
-    )  # flips half the time
+    # flips half the time
+    assert draws[:, :4].tolist() == pillow_boxes and 0.3 < draws[:, 4].mean() < 0.7
     for (_, _, label, noise), (_, pillow_label, pillow_noise) in zip(items, expected, strict=True):
         assert label == pillow_label and torch.equal(noise, pillow_noise)  # the same masks
 
@@ -128,7 +130,8 @@ def test_dali_draws_the_pillow_paths_crops_flips_and_noise_and_its_pixels_are_wi
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     diff = (images - torch.stack([x for x, *_ in expected])).abs() * std * 255  # in 0-255 levels
     print(
-        f"DALI against Pillow, {len(keys)} crops to {SIZE} px: mean {diff.mean():.2f}, max {diff.max():.2f} levels"
+        f"DALI against Pillow, {len(keys)} crops to {SIZE} px: "
+        f"mean {diff.mean():.2f}, max {diff.max():.2f} levels"
     )
     assert diff.mean() < mean and diff.max() < largest, (diff.mean(), diff.max())
 
@@ -161,10 +164,11 @@ def sources(root, *extra):
 
 
 def test_dali_batches_come_in_the_loaded_order_and_resume_at_the_step(shards):
+    # 40 images: 5 steps of 2 micro-batches an epoch
     extra = [
         "train.accum_steps=2",
         "train.batch_size=4",
-    ]  # 40 images: 5 steps of 2 micro-batches an epoch
+    ]
     try:
         pillow = list(sources(shards, *extra).batches(5))  # epoch 1
         whole = sources(shards, *extra, "data.decoder=dali")
@@ -179,16 +183,17 @@ def test_dali_batches_come_in_the_loaded_order_and_resume_at_the_step(shards):
     finally:
         reset_accelerate()
     assert len(epoch) == len(pillow) == 10 and len(resumed) == 4
-    for (x, labels, noise), (px, plabels, pnoise) in zip(epoch, pillow, strict=True):
-        assert torch.equal(labels, plabels) and torch.equal(
-            noise, pnoise
-        )  # LoadedSource's order and masks
-        levels = (x - px).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-        assert (
-            levels.mean() < 0.3 and levels.max() < 1.5
-        )  # the same crops and flips, normalised alike
+    for batch, ref in zip(epoch, pillow, strict=True):
+        # LoadedSource's order and masks
+        assert torch.equal(batch.labels, ref.labels) and torch.equal(batch.noise, ref.noise)
+        levels = (
+            (batch.images - ref.images).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        )
+        # the same crops and flips, normalised alike
+        assert levels.mean() < 0.3 and levels.max() < 1.5
     for a, b in zip(epoch[6:], resumed, strict=True):
-        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.noise, b.noise)
 
 
 def test_dali_is_refused_without_the_package_and_with_on_device_or_streaming(shards, monkeypatch):
@@ -216,7 +221,8 @@ def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(
         *TINY,
         f"data.dataset={shards}",
         "data.decoder=dali",
-        "train.max_steps=10",  # 40 images of batch 8: 5 steps an epoch; the checkpoint at 4, the stop at 6
+        # 40 images of batch 8: 5 steps an epoch; the checkpoint at 4, the stop at 6
+        "train.max_steps=10",
         "train.checkpoint_every=4",
         "train.log_every=1",
     ]
@@ -255,8 +261,9 @@ def test_pretraining_with_dali_trains_and_resumes_exactly_after_a_stop(
 def test_two_processes_with_dali_end_where_one_process_with_the_same_global_batch_ends(
     shards, tmp_path
 ):
-    """2 processes x batch 4 (gloo) against 1 x batch 8: each process decodes its own share of every global
-    batch (LoadedSource's split), with the same crops and masks per sample; the weights agree."""
+    """2 processes x batch 4 (gloo) against 1 x batch 8: each process decodes its own share of every
+    global batch (LoadedSource's split), with the same crops and masks per sample; the weights
+    agree."""
     args = [
         *TINY,
         f"data.dataset={shards}",
@@ -283,9 +290,8 @@ def test_two_processes_with_dali_end_where_one_process_with_the_same_global_batc
         for name in ("one", "two")
     )
     for k in a:
-        if not k.endswith(
-            "attn.qkv.bias"
-        ):  # its key part's gradient is rounding noise (tests/test_resilience.py)
+        # its key part's gradient is rounding noise (tests/test_resilience.py)
+        if not k.endswith("attn.qkv.bias"):
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
     losses = [
         [

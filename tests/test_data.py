@@ -17,7 +17,10 @@ def test_sample_ships_balanced_train_and_test():
     cfg = data_cfg()
     for split, per_class in (("train", 300), ("test", 100)):
         ds = load_split(cfg, split)
-        assert label_column(ds, cfg) == "label" and image_column(ds, cfg) == "image"
+        assert (
+            label_column(ds, cfg.label_column) == "label"
+            and image_column(ds, cfg.image_column) == "image"
+        )
         counts = np.bincount(ds["label"], minlength=10)
         assert counts.tolist() == [per_class] * 10
     assert ds.features["label"].names[0] == "airplane"
@@ -33,8 +36,8 @@ def test_image_folder_with_mixed_modes_becomes_configured_channels(tmp_path):
             f"data.std={[0.5] * channels}",
         )
         ds = load_split(cfg)
-        assert len(ds) == 24 and label_column(ds, cfg) == "label"
-        item = ImageDataset(ds, cfg, augment_transform(cfg))
+        assert len(ds) == 24 and label_column(ds, cfg.label_column) == "label"
+        item = ImageDataset(ds, cfg.columns, augment_transform(cfg))
         shapes = {tuple(item[i][0].shape) for i in range(4)}
         assert shapes == {(channels, 16, 16)}
 
@@ -51,8 +54,11 @@ def test_parquet_shards_like_a_hub_repo(tmp_path):
     cfg = data_cfg(f"data.dataset={tmp_path}")
     train = load_split(cfg)
     assert len(train) == 6 and len(load_split(cfg, "test")) == 3
-    assert image_column(train, cfg) == "picture" and label_column(train, cfg) == "y"
-    x, y = ImageDataset(train, cfg, eval_transform(cfg))[4]
+    assert (
+        image_column(train, cfg.image_column) == "picture"
+        and label_column(train, cfg.label_column) == "y"
+    )
+    x, y = ImageDataset(train, cfg.columns, eval_transform(cfg))[4]
     assert x.shape == (3, 16, 16) and y == 1
 
 
@@ -60,19 +66,20 @@ def test_named_and_missing_columns(tmp_path):
     ds = datasets.Dataset.from_dict({"pixels": [[1, 2]], "label": [0]})
     cfg = data_cfg()
     with pytest.raises(DataError, match="has no Image feature.*data.image_column=NAME"):
-        image_column(ds, cfg)
+        image_column(ds, cfg.image_column)
     with pytest.raises(DataError, match="data.image_column='img' is not a column"):
-        image_column(ds, data_cfg("data.image_column=img"))
+        image_column(ds, data_cfg("data.image_column=img").image_column)
+    # a plain int column is not a ClassLabel: no labels, fine for pretraining
+    assert label_column(ds, cfg.label_column) is None
     assert (
-        label_column(ds, cfg) is None
-    )  # a plain int column is not a ClassLabel: no labels, fine for pretraining
-    assert label_column(ds, data_cfg("data.label_column=label")) == "label"  # but it may be named
+        label_column(ds, data_cfg("data.label_column=label").label_column) == "label"
+    )  # but it may be named
     with pytest.raises(DataError, match="data.image_column='label' holds .* not images"):
-        image_column(ds, data_cfg("data.image_column=label"))
+        image_column(ds, data_cfg("data.image_column=label").image_column)
     with pytest.raises(
         DataError, match="data.label_column='pixels' holds .* not integer class labels"
     ):
-        label_column(ds, data_cfg("data.label_column=pixels"))
+        label_column(ds, data_cfg("data.label_column=pixels").label_column)
 
 
 def test_bad_split_and_dataset(tmp_path):
@@ -87,7 +94,7 @@ def test_bad_split_and_dataset(tmp_path):
 
 def test_augmentation_is_a_function_of_seed_epoch_index():
     cfg = data_cfg()
-    ds = ImageDataset(load_split(cfg), cfg, augment_transform(cfg), seed=3)
+    ds = ImageDataset(load_split(cfg), cfg.columns, augment_transform(cfg), seed=3)
     a = ds[(0, 5)][0]
     torch.manual_seed(123)  # the global RNG does not matter ...
     assert torch.equal(a, ds[(0, 5)][0])

@@ -1,5 +1,5 @@
-"""Real 2-process data parallel on CPU (gloo) through the documented launch command, for data paths and
-models beyond the plain loader's MAE (that one is tests/test_distributed.py's reference run)."""
+"""Real 2-process data parallel on CPU (gloo) through the documented launch command, for data paths
+and models beyond the plain loader's MAE (that one is tests/test_distributed.py's reference run)."""
 
 import json
 import subprocess
@@ -54,9 +54,8 @@ def test_two_cpu_processes_average_gradients_and_stay_in_sync(tmp_path, extra):
     # Each process loads its own shard of every global batch ...
     seen0 = [tuple(x) for x in json.loads((out / "rank0_of_2.json").read_text())]
     seen1 = [tuple(x) for x in json.loads((out / "rank1_of_2.json").read_text())]
-    assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(
-        seen1
-    )  # (the loader reads ahead)
+    # (the loader reads ahead)
+    assert min(len(seen0), len(seen1)) >= 6 * 8 and not set(seen0) & set(seen1)
     # ... and computes its own gradients; only averaging them keeps the replicas identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

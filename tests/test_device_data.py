@@ -148,9 +148,8 @@ def test_decoded_images_refuse_mixed_sizes_and_large_images(tmp_path):
     cfg = load_config(None, [f"data.dataset={root}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="every image the same size"):
         DecodedImages(load_split(cfg), cfg)
-    big = write_image_folder(
-        tmp_path / "big", classes=1, per_class=2, size=20
-    )  # a crop would shrink
+    # a crop would shrink
+    big = write_image_folder(tmp_path / "big", classes=1, per_class=2, size=20)
     cfg = load_config(None, [f"data.dataset={big}", "data.image_size=16"]).data
     with pytest.raises(DataError, match="at most data.image_size=16"):
         DecodedImages(load_split(cfg), cfg)
@@ -180,7 +179,9 @@ def test_a_sample_is_augmented_alike_in_any_batch(tmp_path):
     loader = key_loader(data, EpochSampler(len(data), 16, seed=0), batch_size=4)
     batches = [augment(keys, labels) for keys, labels in loader]
     keys = torch.cat([k for k, _ in loader])
-    images, labels, noise = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    images = torch.cat([b.images for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    noise = torch.cat([b.noise for b in batches])
     assert (
         images.shape == (16, 3, 16, 16)
         and noise.shape == (16, 16)
@@ -189,11 +190,10 @@ def test_a_sample_is_augmented_alike_in_any_batch(tmp_path):
     # the same keys in another order and batch size: each sample gets the same crop, flip and mask
     order = torch.randperm(16)
     again = augment(keys[order], data.labels[keys[order, 1]])
-    assert torch.allclose(again[0], images[order], atol=1e-6) and torch.equal(
-        again[2], noise[order]
-    )
+    assert torch.allclose(again.images, images[order], atol=1e-6)
+    assert torch.equal(again.noise, noise[order])
     # normalised with the config's statistics: roughly zero-mean pixels
     assert abs(images.mean().item()) < 0.5 and math.isfinite(images.std().item())
     # another epoch draws other crops
     other = augment(keys + torch.tensor([1, 0]), labels=data.labels[keys[:, 1]])
-    assert not torch.allclose(other[0], images, atol=1e-3)
+    assert not torch.allclose(other.images, images, atol=1e-3)

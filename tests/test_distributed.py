@@ -195,12 +195,10 @@ def test_fsdp_is_recorded_and_really_shards_the_parameters(ddp, fsdp):
     assert json.loads((ddp / "derived.json").read_text())["distributed"]["type"] == "ddp"
     held = [json.loads((fsdp / f"held_{r}.json").read_text()) for r in (0, 1)]
     total = held[0]["total"]
-    assert (
-        all(h["held"] < total for h in held) and sum(h["held"] for h in held) == total
-    )  # each its slice
-    assert all(
-        json.loads((ddp / f"held_{r}.json").read_text())["held"] == total for r in (0, 1)
-    )  # replicas
+    # each its slice
+    assert all(h["held"] < total for h in held) and sum(h["held"] for h in held) == total
+    # replicas
+    assert all(json.loads((ddp / f"held_{r}.json").read_text())["held"] == total for r in (0, 1))
     step = fsdp / "checkpoints" / f"step_{STEPS}"
     assert len(list((step / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     assert not (step / "model.safetensors").exists()
@@ -232,7 +230,8 @@ def test_the_fsdp_export_loads_in_timm_and_equals_ddp(ddp, fsdp):
 @pytest.mark.slow
 @pytest.mark.xdist_group("fsdp")
 def test_an_fsdp_checkpoint_is_read_whole_by_one_process(ddp, fsdp):
-    """``init=RUN/checkpoints/step_N`` takes an FSDP checkpoint's shards as it takes a DDP checkpoint's file."""
+    """``init=RUN/checkpoints/step_N`` takes an FSDP checkpoint's shards as it takes
+    a DDP checkpoint's file."""
     sharded = load_weights(fsdp / "checkpoints" / f"step_{STEPS}")
     assert_close(sharded, load_weights(ddp / "checkpoints" / f"step_{STEPS}"), rel=1e-5)
 
@@ -291,9 +290,8 @@ def test_fsdp_fine_tunes(ddp, tmp_path):
     assert json.loads((out / "derived.json").read_text())["distributed"]["type"] == "fsdp"
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     assert list((out / "checkpoints" / "step_4" / "pytorch_model_fsdp_0").glob("*.distcp"))
-    clf = timm.create_model(
-        f"local-dir:{out / 'last'}", pretrained=True
-    )  # gathered from the shards
+    # gathered from the shards
+    clf = timm.create_model(f"local-dir:{out / 'last'}", pretrained=True)
     assert clf.head.weight.shape[0] == 10
 
 
@@ -314,9 +312,8 @@ def test_sigterm_to_one_machine_stops_both_at_one_step_and_they_resume_exactly(d
     wait_for(out / "metrics.jsonl")
     while len(losses(out)) < 3:
         time.sleep(0.05)
-    procs[1].send_signal(
-        signal.SIGTERM
-    )  # machine 1's launcher only, as a scheduler would stop that node
+    # machine 1's launcher only, as a scheduler would stop that node
+    procs[1].send_signal(signal.SIGTERM)
     results = [finish(p, 120) for p in procs]
     stops = {
         line.split("after step ")[1].split()[0]
@@ -361,9 +358,8 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
     finally:
         kill_machine(procs[1], signal.SIGKILL)
         procs[1].wait(timeout=60)
-    assert code != 0 and 9 <= time.time() - tic < 60, err[
-        -3000:
-    ]  # (a collective may start just before the stop)
+    # (a collective may start just before the stop)
+    assert code != 0 and 9 <= time.time() - tic < 60, err[-3000:]
     assert "train.dist_timeout=10" in err and "Timed out" in err, err[-3000:]
 
 
@@ -400,6 +396,7 @@ def test_torchrun_restarts_a_crashed_job_which_resumes_by_itself(ddp, tmp_path):
 @pytest.fixture
 def one_process_group(monkeypatch):
     """A 1-process gloo group in this process, as ``torchrun --nproc_per_node 1`` would make it."""
+    # (unset, Accelerate sets it for good)
     env = {
         "ACCELERATE_USE_CPU": "true",
         "RANK": "0",
@@ -409,7 +406,7 @@ def one_process_group(monkeypatch):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }  # (unset, Accelerate sets it for good)
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     yield
@@ -433,18 +430,16 @@ def fsdp_env(monkeypatch):
 
 
 def test_restarts_through_a_shared_launcher_store_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(
-        "TORCHELASTIC_MAX_RESTARTS", "3"
-    )  # what torchrun --max-restarts 3 gives its processes
+    # what torchrun --max-restarts 3 gives its processes
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     with pytest.raises(
         ConfigError, match="launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set"
     ):
         pretrain.train(load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
-    monkeypatch.setenv(
-        "TORCHELASTIC_USE_AGENT_STORE", "False"
-    )  # with the variable set, torchrun says so
+    # with the variable set, torchrun says so
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert (
         pretrain.train(
             load_config(None, [*ARGS, f"output_dir={tmp_path / 'run'}", "train.max_steps=1"])
@@ -454,9 +449,9 @@ def test_restarts_through_a_shared_launcher_store_are_refused(tmp_path, monkeypa
 
 
 def test_a_launch_that_asks_for_fsdp_without_a_process_group_is_refused(tmp_path, monkeypatch):
-    fsdp_env(
-        monkeypatch
-    )  # e.g. python pretrain.py with the variables set, or a GPU-less launch without ACCELERATE_USE_CPU
+    # e.g. python pretrain.py with the variables set, or a GPU-less launch without
+    # ACCELERATE_USE_CPU
+    fsdp_env(monkeypatch)
     with pytest.raises(
         ConfigError, match="the launch asks for FSDP but Accelerate set up NO on cpu"
     ):

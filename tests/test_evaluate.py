@@ -28,9 +28,8 @@ def test_psnr_of_identical_images_is_infinite_and_handled():
     x = torch.rand(2, 3, 16, 16)
     m = image_metrics(x, x)
     assert torch.equal(m["mse"], torch.zeros(2)) and torch.allclose(m["ssim"], torch.ones(2))
-    assert (
-        image_metrics(torch.rand(2, 3, 8, 8), x[:, :, :8, :8])["ssim"] < 0.5
-    ).all()  # an 8x8 window fits too
+    # an 8x8 window fits too
+    assert (image_metrics(torch.rand(2, 3, 8, 8), x[:, :, :8, :8])["ssim"] < 0.5).all()
 
 
 def test_perfectly_separated_scores_give_auroc_and_aupr_one():
@@ -197,7 +196,7 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     table = (out / "report.md").read_text()
     assert f"| vae | 6 | – | {100 * knn:.1f}% |" in table
     assert all((out / f).is_file() for f in rows[0]["figures"]) and len(rows[0]["figures"]) == 4
-    # the PCA baseline's row: reconstruction and denoising by projection, its linear and kNN from reduce
+    # the PCA baseline's row: reconstruction and denoising by projection, linear and kNN from reduce
     red = json.loads((vae_run / "evaluate/reduce/metrics.json").read_text())
     den = json.loads((vae_run / "evaluate/denoise/metrics.json").read_text())
     pca_row = next(
@@ -208,9 +207,8 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
         pca_row[8] == f"{den['pca']['psnr_db']:.2f}"
         and pca_row[2] == f"{100 * red['linear']['pca']:.1f}%†"
     )
-    results = json.loads((out / "report.json").read_text())[
-        "results"
-    ]  # and one row per results.json
+    # and one row per results.json
+    results = json.loads((out / "report.json").read_text())["results"]
     assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
     # a kNN on standardised features is a column of its own, beside the plain one
     std_dir = tmp_path / "probes" / "run_standardised"
@@ -274,10 +272,11 @@ def test_denoise_defaults_to_the_corruption_the_run_trained_with(tmp_path):
     den, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18")
     assert (den["corruption"], den["level"], den["patch"]) == ("masking", 0.25, 2)
     other, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--corruption", "gaussian")
+    # another kind: its own
     assert (other["corruption"], other["level"], other["patch"]) == (
         "gaussian",
         0.2,
         1,
-    )  # another kind: its own
+    )
     finer, _ = run_task(tmp_path, out, "denoise", "--fit-images", "18", "--patch", "1")
     assert (finer["corruption"], finer["level"], finer["patch"]) == ("masking", 0.25, 1)

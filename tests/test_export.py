@@ -33,9 +33,8 @@ def test_timm_loads_export_strictly_with_same_features(trained):
     export = trained.export_dir
     keys = load_file(str(export / "model.safetensors")).keys()
     assert not any(k.startswith(("module.", "_orig_mod.", "encoder.")) for k in keys)
-    timm_model = timm.create_model(
-        f"local-dir:{export}", pretrained=True
-    ).eval()  # strict load inside timm
+    # strict load inside timm
+    timm_model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     assert type(timm_model).__name__ == "VisionTransformer"
     ours = trained.model.eval()
     x = torch.randn(4, 1, 16, 16)

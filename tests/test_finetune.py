@@ -1,4 +1,4 @@
-"""Whole-network fine-tuning: classifier construction, layer decay, augmentation, training, resume."""
+"""Full fine-tuning: classifier construction, layer decay, augmentation, training, resume."""
 
 import json
 import os
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from mae import finetune as ft
 from mae import pretrain, runner
-from mae.config import ConfigError, DataConfig, derive_schedule, load_config
+from mae.config import Columns, ConfigError, DataConfig, derive_schedule, load_config
 from mae.data.images import ImageDataset
 from mae.data.loading import load_split
 from mae.encoders import load_encoder
@@ -61,7 +61,8 @@ def test_classifier_keeps_every_pretrained_weight(tmp_path, run_dir):
     encoder = load_encoder(str(run_dir)).module.state_dict()
     clf = ft.build_classifier(ft_cfg(tmp_path, f"encoder={run_dir}"), num_classes=3)
     state = clf.model.state_dict()
-    # avg pooling: the final norm is replaced by a fresh, trained fc_norm (never a frozen random one)
+    # avg pooling: the final norm is replaced by a fresh, trained fc_norm
+    # (never a frozen random one)
     assert clf.init["fresh"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert clf.init["dropped"] == ["norm.bias", "norm.weight"]
     for k, v in encoder.items():
@@ -73,9 +74,8 @@ def test_classifier_keeps_every_pretrained_weight(tmp_path, run_dir):
     )
     assert state["head.weight"].std() < 1e-4  # the paper's head init (std 2e-5)
     assert clf.model.fc_norm.weight.requires_grad and clf.model.pos_embed.requires_grad
-    assert clf.model.blocks[-1].drop_path1.drop_prob == pytest.approx(
-        0.1
-    )  # finetune.drop_path, last block
+    # finetune.drop_path, last block
+    assert clf.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     x = torch.randn(2, 3, 16, 16)
     assert clf.model(x).shape == (2, 3)
 
@@ -90,10 +90,11 @@ def test_position_embeddings_are_resampled_to_the_fine_tuning_size(tmp_path, run
     clf = ft.build_classifier(
         ft_cfg(tmp_path, f"encoder={run_dir}", "finetune.image_size=24"), num_classes=3
     )
+    # 4x4 -> 6x6 patches + cls
     assert clf.init["pos_embed_resampled"] == {
         "from": [1, 17, 32],
         "to": [1, 37, 32],
-    }  # 4x4 -> 6x6 patches + cls
+    }
     assert clf.data_config["input_size"] == (3, 24, 24)
     before = load_encoder(str(run_dir)).module.pos_embed
     assert torch.equal(clf.model.pos_embed[:, :1], before[:, :1])  # the cls position is kept as is
@@ -105,7 +106,7 @@ def test_layer_decay_scales_each_block(tmp_path, run_dir):
         tmp_path, f"encoder={run_dir}", "finetune.layer_decay=0.5", "finetune.warmup_epochs=1"
     )
     clf = ft.build_classifier(cfg, num_classes=3)
-    derived = derive_schedule(cfg.finetune, 1000, 1, "finetune")
+    derived = derive_schedule(cfg.finetune, 1000, 1)
     opt = ft.build_optimizer(clf.model, cfg.finetune, derived)
     sched = runner.cosine_schedule(opt, derived, cfg.finetune.min_lr)
     sched.step_update(derived.warmup_steps)  # the peak
@@ -152,7 +153,7 @@ def test_timm_augmentation_is_a_function_of_the_sample(tmp_path):
     transform = ft.train_transform(
         f, {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
     )
-    ds = ImageDataset(load_split(cfg), cfg, transform, seed=3)
+    ds = ImageDataset(load_split(cfg), cfg.columns, transform, seed=3)
     random.seed(1)
     np.random.seed(1)
     first = [ds[(2, i)][0] for i in range(6)]
@@ -200,7 +201,7 @@ def test_finetuning_learns_and_exports_timm_classifiers(tmp_path, run_dir, colou
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (3, 16, 16)
     _, held, _ = ft.fit_and_eval_splits(cfg)
-    images = ImageDataset(held, DataConfig(), timm.data.create_transform(**data))
+    images = ImageDataset(held, Columns(), timm.data.create_transform(**data))
     x = torch.stack([images[i][0] for i in range(len(images))])
     y = torch.tensor([images[i][1] for i in range(len(images))])
     with torch.no_grad():
@@ -399,3 +400,36 @@ def test_classic_autoencoders_fine_tune_their_encode_features(tmp_path, colours,
     clf = ft.build_classifier(cfg, 3)
     clf.model.load_state_dict(after)
     assert clf.model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_a_diverging_fine_tune_names_the_finetune_keys(tmp_path, run_dir, colours, monkeypatch):
+    real = ft._criterion
+
+    def poisoned(f, mixup):
+        criterion = real(f, mixup)
+        return lambda logits, targets: criterion(logits, targets) * float("nan")
+
+    monkeypatch.setattr(ft, "_criterion", poisoned)
+    cfg = ft_cfg(
+        tmp_path,
+        f"encoder={run_dir}",
+        f"data.dataset={colours}",
+        "finetune.batch_size=8",
+        "finetune.max_steps=2",
+    )
+    with pytest.raises(runner.NonFiniteLossError) as stopped:
+        ft.finetune(cfg)
+    message = str(stopped.value)
+    assert message.startswith("loss became nan by step 1; stopped without saving")
+    assert "Lower finetune.blr or set finetune.clip_grad, then relaunch" in message
+    assert "train." not in message
+
+
+def test_the_non_finite_message_names_the_keys_of_the_section_it_trains_by(tmp_path):
+    pretraining = load_config(None, []).train
+    for section, prefix in ((pretraining, "train"), (FinetuneConfig(), "finetune")):
+        message = str(runner.non_finite_error("loss became inf", 3, tmp_path, section))
+        assert message == (
+            "loss became inf by step 3; stopped without saving. Last good checkpoint: none. "
+            f"Lower {prefix}.blr or set {prefix}.clip_grad, then relaunch to resume."
+        )

@@ -1,5 +1,5 @@
-"""Precision and attention choices: what ``auto`` picks, and that the written-out attention is the same
-computation as the fused one."""
+"""Precision and attention choices: what ``auto`` picks, and that the written-out attention is the
+same computation as the fused one."""
 
 import ctypes
 import os
@@ -55,15 +55,14 @@ def test_the_written_out_attention_computes_what_the_fused_one_does(precision, t
     assert torch.allclose(loss_f, loss_m, rtol=tol, atol=tol)
     for name, g in grads_f.items():
         assert torch.allclose(g, grads_m[name], rtol=tol, atol=tol * g.abs().max()), name
-    assert all(
-        torch.equal(v, model.state_dict()[k]) for k, v in state.items()
-    )  # only the class changed
+    # only the class changed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     set_attention(model, "fused")
     assert all(type(m) is Attention for m in model.modules() if isinstance(m, Attention))
 
 
 def test_bf16_softmax_runs_in_fp32():
-    """Under bf16 autocast the written-out core takes the softmax in fp32 (as CUDA autocast does)."""
+    """Under bf16 autocast the written-out core takes softmax in fp32 (as CUDA autocast does)."""
     torch.manual_seed(0)
     attn = MathAttention(32, num_heads=2, qkv_bias=True)
     seen = {}
@@ -86,14 +85,12 @@ def test_long_sequences_take_the_fused_path():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = attn(x)
         set_attention(attn, "math")
-        assert type(attn) is MathAttention and torch.equal(
-            attn(x), fused
-        )  # the same kernel, the same bits
+        # the same kernel, the same bits
+        assert type(attn) is MathAttention and torch.equal(attn(x), fused)
         short = attn(x[:, :17])
         set_attention(attn, "fused")
-        assert not torch.equal(
-            attn(x[:, :17]), short
-        )  # the written-out core: close, not the same bits
+        # the written-out core: close, not the same bits
+        assert not torch.equal(attn(x[:, :17]), short)
 
 
 MMAPPED_AFTER_16MB = """
@@ -124,10 +121,11 @@ def test_the_tuned_allocator_takes_large_blocks_from_the_heap_not_fresh_mappings
             cmd, capture_output=True, text=True, check=True, env=env
         ).stdout.split()
 
+    # glibc maps a 16 MB block afresh (and unmaps it when freed)
     assert mapped("default") == [
         "None",
         "16",
-    ]  # glibc maps a 16 MB block afresh (and unmaps it when freed)
+    ]
     assert mapped("tune") == ["True", "0"]
 
 

@@ -1,9 +1,9 @@
-"""Pretrained weights by name (``hf-hub:ORG/NAME``, ``timm:NAME.TAG``) from a Hugging Face cache, offline; and
-the official ImageNet recipes of configs/eval/, run small.
+"""Pretrained weights by name (``hf-hub:ORG/NAME``, ``timm:NAME.TAG``) from a Hugging Face cache,
+offline; and the official ImageNet recipes of configs/eval/, run small.
 
-Each test fills a cache of its own in huggingface_hub's layout (content-addressed blobs, the snapshot's files as
-links to them, refs/main naming the commit) and points huggingface_hub at it, offline: what a machine without
-network sees after ``hf download`` filled its cache elsewhere."""
+Each test fills a cache of its own in huggingface_hub's layout (content-addressed blobs, the
+snapshot's files as links to them, refs/main naming the commit) and points huggingface_hub at it,
+offline: what a machine without network sees after ``hf download`` filled its cache elsewhere."""
 
 import hashlib
 import json
@@ -42,10 +42,10 @@ pytest.importorskip(
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MAE_REPO = "tiny-org/vit-mae-tiny"  # a ViTMAE repository, as facebook/vit-mae-base is one
-TIMM_TAG = "test_vit.r160_in1k"  # timm's smallest ViT with pretrained weights (hub repo timm/test_vit.r160_in1k)
-RUN = [
-    k for k in TINY if k not in TINY_ARCH
-]  # a tiny pretraining run whose architecture comes from init=
+# timm's smallest ViT with pretrained weights (hub repo timm/test_vit.r160_in1k)
+TIMM_TAG = "test_vit.r160_in1k"
+# a tiny pretraining run whose architecture comes from init=
+RUN = [k for k in TINY if k not in TINY_ARCH]
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def cache_repo(cache: Path, repo: str, files: Path) -> Path:
-    """The files of folder ``files`` as huggingface_hub keeps a downloaded snapshot of ``repo``; its snapshot folder."""
+    """The files of folder ``files`` as huggingface_hub keeps a downloaded snapshot of ``repo``; its
+    snapshot folder."""
     root = cache / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / COMMIT
     for d in (root / "blobs", root / "refs", snapshot):
@@ -73,7 +74,7 @@ def cache_repo(cache: Path, repo: str, files: Path) -> Path:
 
 @pytest.fixture
 def mae_repo(tmp_path, hub_cache):
-    """A tiny MAE saved as a Hugging Face ViTMAE folder, and the same files cached as hf-hub:MAE_REPO."""
+    """A tiny MAE saved as a Hugging Face ViTMAE folder and its files cached as hf-hub:MAE_REPO."""
     from mae.export import save_hf
 
     cfg = load_config(None, TINY)
@@ -86,7 +87,8 @@ def mae_repo(tmp_path, hub_cache):
 
 @pytest.fixture
 def timm_weights(tmp_path, hub_cache):
-    """A seeded test_vit (with its 1000-class head, as published) cached as timm/TIMM_TAG; its weights file."""
+    """A seeded test_vit (with its 1000-class head, as published) cached as timm/TIMM_TAG;
+    its weights file."""
     torch.manual_seed(3)
     model = timm.create_model("test_vit")
     files = tmp_path / "timm_files"
@@ -120,10 +122,11 @@ def test_init_from_a_hub_name_is_init_from_its_folder(tmp_path, mae_repo):
     folder, model = mae_repo
     by_name = first_step(tmp_path, "by_name", f"init=hf-hub:{MAE_REPO}")
     assert_same_run(by_name, first_step(tmp_path, "by_folder", f"init={folder}"))
+    # the repository's config.json
     assert (by_name[0].model.embed_dim, by_name[0].model.depth) == (
         32,
         2,
-    )  # the repository's config.json
+    )
     # a revision pins the commit
     cfg = load_pretrain_config(None, [*RUN, f"init=hf-hub:{MAE_REPO}@{COMMIT}"])
     assert cfg.model == by_name[0].model
@@ -156,7 +159,7 @@ def test_a_repository_without_safetensors_is_read_from_its_pytorch_model_bin(
 
 def test_a_timm_tag_loads_its_cached_weights_and_a_bare_name_stays_random(tmp_path, timm_weights):
     encoder = load_encoder(f"timm:{TIMM_TAG}")
-    # the same weights as a timm export folder (config.json + model.safetensors), loaded by timm from there
+    # the same weights as a timm export folder (config.json + model.safetensors), loaded by timm
     reference = timm.create_model("test_vit")
     reference.load_state_dict(load_file(str(timm_weights)))
     timm.models.save_for_hf(reference, str(tmp_path / "export"), safe_serialization=True)
@@ -272,7 +275,7 @@ def test_an_uncached_name_stops_the_entry_points_before_they_write(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "ft").exists()
 
 
-# ---------------------------------------------------------------------------------------------- recipes
+# ------------------------------------------------------------------------------------------ recipes
 
 RECIPES = Path(ROOT) / "configs" / "eval"
 
@@ -289,7 +292,8 @@ def colours(tmp_path):
 @pytest.mark.parametrize("size", ["base", "large"])
 def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colours, size):
     recipe = RECIPES / f"finetune_imagenet_vit_{size}.yaml"
-    # the documented command line, scaled down: the tiny hub encoder, the colour folder, 3 short epochs on a CPU
+    # the documented command line, scaled down: the tiny hub encoder, the colour folder, 3 short
+    # epochs on a CPU
     small = [
         f"encoder=hf-hub:{MAE_REPO}",
         f"data.dataset={colours}",
@@ -302,9 +306,8 @@ def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colour
         "finetune.keep_checkpoints=1",
     ]
     as_written = load_eval_config(recipe, [f"encoder=hf-hub:{MAE_REPO}"])
-    on_one_node = derive_schedule(
-        as_written.finetune, 1_281_167, 8, "finetune"
-    )  # ImageNet-1k, 8 processes
+    # ImageNet-1k, 8 processes
+    on_one_node = derive_schedule(as_written.finetune, 1_281_167, 8)
     assert on_one_node.effective_batch == 1024 and on_one_node.lr == as_written.finetune.blr * 4
 
     def cfg(name):
@@ -316,10 +319,11 @@ def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colour
         raise Stop()
 
     # 54 training images, 6 steps per epoch: step 10 is after the epoch-1 checkpoint, mid-epoch 2
+    # (the hub cache's patches stay)
     with (
         pytest.MonkeyPatch.context() as patch,
         pytest.raises(Stop),
-    ):  # (the hub cache's patches stay)
+    ):
         patch.setattr(runner.MetricLog, "write", metric_write_then(10, stop))
         ft.finetune(cfg("b"))
     assert [p.name for p in (tmp_path / "b/checkpoints").iterdir()] == ["step_6"]
@@ -364,7 +368,8 @@ def test_the_linear_probe_recipes_run_small_and_rerun_to_the_same_result(
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):
         patch.setattr(probe_mod, "fit_linear_head", fit_then_stop)
         probe_mod.probe(cfg("b"))
-    # a probe keeps no checkpoint: run again, it fits from the start, its evaluation features from the cache
+    # a probe keeps no checkpoint: run again, it fits from the start, its evaluation features
+    # from the cache
     again = probe_mod.probe(cfg("b"))
     assert again["features_from_cache"]["eval"] is True
     assert (again["top1"], again["per_class"]) == (straight["top1"], straight["per_class"])

@@ -1,13 +1,15 @@
-"""No import cycles among the ``mae`` modules, function-level imports included (DESIGN: imports flow one
-way, config -> data / masking / losses -> models -> runner -> entry points; interop never below config).
+"""No import cycles among the ``mae`` modules, function-level imports included (DESIGN: imports flow
+one way, config -> data / masking / losses -> models -> runner -> entry points; interop never below
+config).
 
-Every ``.py`` file under ``mae/`` is parsed, not imported: whatever modules are there now are checked, and
-a cycle that bites only when a function runs is caught before it does. Every import in a file is an edge
-(top level, inside a function, under ``if TYPE_CHECKING:``, relative, ``importlib.import_module("mae.x")``).
-A package is its ``__init__``. Importing ``mae.models.mae`` first runs ``mae/models/__init__.py``, so it is
-an edge to ``mae.models`` too — except from a module inside ``mae.models``: a submodule only runs once its
-package has started, so reaching a sibling does not run the package again. Naming the package itself
-(``from mae.models import build_model``) is an edge from anywhere.
+Every ``.py`` file under ``mae/`` is parsed, not imported: whatever modules are there now are
+checked, and a cycle that bites only when a function runs is caught before it does. Every import in
+a file is an edge (top level, inside a function, under ``if TYPE_CHECKING:``, relative,
+``importlib.import_module("mae.x")``). A package is its ``__init__``. Importing ``mae.models.mae``
+first runs ``mae/models/__init__.py``, so it is an edge to ``mae.models`` too — except from a module
+inside ``mae.models``: a submodule only runs once its package has started, so reaching a sibling
+does not run the package again. Naming the package itself (``from mae.models import build_model``)
+is an edge from anywhere.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ def named_modules(node: ast.AST, module: str, is_package: bool, known: set[str])
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
         base = node.module or ""
-        if (
-            node.level
-        ):  # relative to the package the module is in (a package's __init__: the package itself)
+        # relative to the package the module is in (a package's __init__: the package itself)
+        if node.level:
             package = module.split(".") if is_package else module.split(".")[:-1]
             base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
         submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
@@ -104,7 +105,8 @@ def components(graph: Graph) -> list[list[str]]:
 
 
 def shortest_cycle(graph: Graph, part: list[str]) -> list[str]:
-    """The shortest cycle through ``part[0]`` inside the component ``part``, first module repeated last."""
+    """The shortest cycle through ``part[0]`` inside the component ``part``,
+    first module repeated last."""
     start, within = part[0], set(part)
     parent: dict[str, str] = {}
     queue = deque([start])
@@ -130,7 +132,8 @@ def describe(graph: Graph, cycle: list[str]) -> str:
 
 
 def cycles(graph: Graph) -> list[str]:
-    """One line per component: its modules, then its shortest cycle, each import with its file and line."""
+    """One line per component: its modules, then its shortest cycle,
+    each import with its file and line."""
     return [
         f"{', '.join(part)}: {describe(graph, shortest_cycle(graph, part))}"
         for part in components(graph)
@@ -162,7 +165,8 @@ def test_the_checker_finds_function_level_relative_and_package_cycles(tmp_path):
             "pkg/a.py": "def f():\n    from pkg.b import x\n",  # function level
             "pkg/b.py": "from pkg import a\n",  # a submodule through its package
             "pkg/c.py": "import pkg.sub.d\n",  # runs pkg/sub/__init__.py first ...
-            "pkg/sub/__init__.py": "from . import e\nfrom ..c import y\n",  # ... which imports c back
+            # ... which imports c back
+            "pkg/sub/__init__.py": "from . import e\nfrom ..c import y\n",
             "pkg/sub/d.py": "",
             "pkg/sub/e.py": "from pkg.sub.d import z\n",  # a sibling: pkg.sub is already running
             "pkg/sub/g.py": "import importlib\nmod = importlib.import_module('pkg.sub')\n",
@@ -175,11 +179,16 @@ def test_the_checker_finds_function_level_relative_and_package_cycles(tmp_path):
         "pkg.sub.e": "pkg/sub/__init__.py:1",
         "pkg.c": "pkg/sub/__init__.py:2",
     }
+    # g and h are imported by nothing
     assert components(graph) == [
         ["pkg.a", "pkg.b"],
         ["pkg.c", "pkg.sub"],
-    ]  # g and h are imported by nothing
-    a_b = "pkg.a, pkg.b: pkg.a -> pkg.b -> pkg.a\n    pkg/a.py:2 imports pkg.b\n    pkg/b.py:1 imports pkg.a"
+    ]
+    a_b = (
+        "pkg.a, pkg.b: pkg.a -> pkg.b -> pkg.a\n"
+        "    pkg/a.py:2 imports pkg.b\n"
+        "    pkg/b.py:1 imports pkg.a"
+    )
     assert cycles(graph)[0] == a_b
     (root / "pkg/sub/__init__.py").write_text("from . import e, g, h\n")
     assert components(import_graph(root, "pkg")) == [
@@ -199,6 +208,7 @@ def test_the_config_sits_below_everything_and_presets_below_the_config():
     assert reachable(graph, "mae.config") <= {
         "mae.config_checks",
         "mae.config_loader",
+        "mae.train_settings",
         "mae.errors",
         *leaves,
     }

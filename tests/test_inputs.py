@@ -123,10 +123,11 @@ def test_a_48x32_encoder_fine_tunes_at_64x48(rect_run, tmp_path):
         ],
     )
     clf = ft.build_classifier(cfg, num_classes=3)
+    # 6x4 -> 8x6 patches
     assert clf.init["pos_embed_resampled"] == {
         "from": [1, 25, 32],
         "to": [1, 49, 32],
-    }  # 6x4 -> 8x6 patches
+    }
     assert clf.data_config["input_size"] == (3, 64, 48)
     reset_accelerate()
     out = ft.finetune(cfg)
@@ -290,12 +291,10 @@ def test_resuming_an_auto_statistics_run_measures_the_same(tmp_path):
             pretrain.train(load_config(None, args))
     reset_accelerate()
     recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"]
-    assert (
-        len(recorded["mean"]) == 6 and len(recorded["std"]) == 6
-    )  # the measured values, not "auto"
-    res = pretrain.train(
-        load_config(None, args)
-    )  # data.mean=auto again: measured equal, so it resumes
+    # the measured values, not "auto"
+    assert len(recorded["mean"]) == 6 and len(recorded["std"]) == 6
+    # data.mean=auto again: measured equal, so it resumes
+    res = pretrain.train(load_config(None, args))
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert res.steps == 2 and [x["step"] for x in lines] == [1, 2]
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"] == recorded
@@ -364,9 +363,8 @@ def test_on_device_data_crops_to_48x32(tmp_path):
     )
     res = pretrain.train(cfg)
     assert res.steps == 2 and res.model.grid == (6, 4)
-    big = rect_folder(
-        tmp_path / "big", per_class=4, h=40, w=40
-    )  # wider than 32: a downscale, refused
+    # wider than 32: a downscale, refused
+    big = rect_folder(tmp_path / "big", per_class=4, h=40, w=40)
     with pytest.raises(Exception, match=r"at most data.image_size=\(48, 32\)"):
         pretrain.train(
             load_config(
@@ -389,7 +387,7 @@ def test_images_take_one_three_or_four_channels_and_arrays_any(tmp_path):
     images = rect_folder(tmp_path / "d", per_class=1)
     cfg = load_config(None, [f"data.dataset={images}", "data.channels=2"]).data
     with pytest.raises(DataError, match="data.channels=2 is not supported for images"):
-        ImageColumns(load_split(cfg), cfg)
+        ImageColumns(load_split(cfg), cfg.columns)
     arrays = npy_folder(tmp_path / "npy", band_arrays(2, np.uint8, per_class=1))
     cfg = load_config(None, [f"data.dataset={arrays}", "data.channels=2"]).data
-    assert ImageColumns(load_split(cfg), cfg).arrays
+    assert ImageColumns(load_split(cfg), cfg.columns).arrays

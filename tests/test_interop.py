@@ -196,7 +196,7 @@ def test_a_run_exports_to_hugging_face_and_pretraining_starts_from_it(tmp_path):
 
 
 def test_the_hugging_face_export_serves_the_feature_extraction_pipeline(tmp_path):
-    """The export's image processor (preprocessor_config.json) is what transformers.pipeline needs."""
+    """The export's image processor (preprocessor_config.json): what transformers.pipeline needs."""
     import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor, pipeline
@@ -220,9 +220,8 @@ def test_the_hugging_face_export_serves_the_feature_extraction_pipeline(tmp_path
     )
     x = processor(image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        ours = model.encoder.forward_features(x)[
-            :, 0
-        ]  # the class token: the same whatever the patch order
+        # the class token: the same whatever the patch order
+        ours = model.encoder.forward_features(x)[:, 0]
     assert torch.allclose(features[:, 0], ours, atol=1e-5)
 
 
@@ -279,17 +278,19 @@ def test_the_architecture_is_read_off_the_checkpoint_and_conflicts_name_both(tmp
         24,
         1,
     )
+    # 48 / 64, 24 / 32: one head each
     assert m.preset is None and (m.num_heads, m.decoder_num_heads) == (
         1,
         1,
-    )  # 48 / 64, 24 / 32: one head each
+    )
     target = build_model(cfg)
     assert load_into(target, load_weights(path), str(path))["fresh"] == []
     # head counts are the recipe's when it names them (shapes cannot contradict them)
     assert load_pretrain_config(None, [f"init={path}", "model.num_heads=4"]).model.num_heads == 4
     with pytest.raises(
         ConfigError,
-        match=r"has embed_dim=48 \(from its tensor shapes\) but the recipe names model.embed_dim=32",
+        match=r"has embed_dim=48 \(from its tensor shapes\) "
+        r"but the recipe names model.embed_dim=32",
     ):
         load_pretrain_config(None, [f"init={path}", "model.embed_dim=32"])
     with pytest.raises(
@@ -298,7 +299,8 @@ def test_the_architecture_is_read_off_the_checkpoint_and_conflicts_name_both(tmp
         load_pretrain_config(None, [f"init={path}", "model.preset=vit_base_patch16"])
     with pytest.raises(ConfigError, match=r"has mlp_ratio=2 .* model.mlp_ratio=4"):
         load_pretrain_config(None, [f"init={path}", "model.mlp_ratio=4"])
-    # the config alone reads no checkpoint (it sits below mae.interop): the default preset fills the keys
+    # the config alone reads no checkpoint (it sits below mae.interop): the default preset fills
+    # the keys
     assert load_config(None, [f"init={path}", "data.image_size=16"]).model.embed_dim == 192
 
 
@@ -306,7 +308,8 @@ def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decod
     from mae.interop import infer_architecture
     from mae.presets import PRESETS
 
-    # the key layout and shapes of mae_pretrain_vit_large.pth (encoder only), on the meta device: no values
+    # the key layout and shapes of mae_pretrain_vit_large.pth (encoder only), on the meta device:
+    # no values
     with torch.device("meta"):
         ref = build_model(
             load_config(None, ["model.preset=vit_large_patch16", "data.image_size=224"])

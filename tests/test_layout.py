@@ -1,6 +1,6 @@
 """The test suite's own layout: shared code lives in helpers.py, and no test file imports another
-test file or conftest (pytest imports those itself; importing them again runs their module code twice
-and ties one test file's names to another's)."""
+test file or conftest (pytest imports those itself; importing them again runs their module code
+twice and ties one test file's names to another's)."""
 
 import ast
 from pathlib import Path
@@ -10,7 +10,8 @@ SHARED = {"helpers"}  # the one sibling module test files may import
 
 
 def sibling_imports(source: str, siblings: set[str]) -> list[str]:
-    """The names of modules in ``siblings`` that ``source`` imports, at any depth (function-level too)."""
+    """The names of modules in ``siblings`` that ``source`` imports, at any depth
+    (function-level too)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -24,11 +25,15 @@ def sibling_imports(source: str, siblings: set[str]) -> list[str]:
 
 
 def test_sibling_imports_finds_top_level_and_function_level_imports():
+    # names held apart so a grep for such imports stays clean
     fixtures, other = (
         "conftest",
         "test_probe",
-    )  # names held apart so a grep for such imports stays clean
-    source = f"import os\nfrom {fixtures} import ROOT\n\ndef f():\n    import {other}\n    from helpers import TINY\n"
+    )
+    source = (
+        f"import os\nfrom {fixtures} import ROOT\n\n"
+        f"def f():\n    import {other}\n    from helpers import TINY\n"
+    )
     assert sibling_imports(source, {fixtures, other}) == [fixtures, other]
 
 

@@ -18,10 +18,11 @@ def test_patchify_layout_matches_official_convention():
     p = patchify(x, 2)
     ref = x.reshape(1, 2, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(1, 4, 8)
     assert torch.equal(p, ref)
+    # patch (0,1), pixel (0,0), c0 c1
     assert p[0, 1, :2].tolist() == [
         x[0, 0, 0, 2].item(),
         x[0, 1, 0, 2].item(),
-    ]  # patch (0,1), pixel (0,0), c0 c1
+    ]
 
 
 def test_noise_fixes_the_mask_ascending_argsort():

@@ -1,5 +1,5 @@
-"""Cheaper data: pre-resized shards (python -m mae.prepare), JPEG draft decoding (data.decoder=pillow_draft),
-uint8 batches from the workers, normalised where they arrive."""
+"""Cheaper data: pre-resized shards (python -m mae.prepare), JPEG draft decoding
+(data.decoder=pillow_draft), uint8 batches from the workers, normalised where they arrive."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def colour_image(rgb, size, mode="RGB", seed=0) -> Image.Image:
 
 
 def mixed_folder(root):
-    """train/ and test/ splits of three colour classes: PNG, JPEG, grayscale, RGBA, small and large, one JPEG
-    stored sideways with an EXIF orientation, and one file that is not an image."""
+    """train/ and test/ splits of three colour classes: PNG, JPEG, grayscale, RGBA, small and large,
+    one JPEG stored sideways with an EXIF orientation, and one file that is not an image."""
     for c, rgb in enumerate(COLOURS):
         for i, (size, mode, fmt) in enumerate(
             [
@@ -111,13 +111,11 @@ def test_prepare_writes_capped_jpeg_shards_with_labels_splits_and_a_manifest(tmp
     assert len(raw) == len(kept) == 13  # 12 + the turned one; the broken file skipped
     for row, orig in zip(raw, kept, strict=True):
         fmt, mode, size = decoded_size(row["image"])
-        full = (
-            datasets.Image().decode_example(orig["image"]).size
-        )  # as datasets shows it: EXIF turn applied
+        # as datasets shows it: EXIF turn applied
+        full = datasets.Image().decode_example(orig["image"]).size
         assert fmt == "JPEG" and max(size) == min(32, max(full)), (orig, size)
-        assert (
-            abs(size[0] / size[1] - full[0] / full[1]) < 0.1
-        )  # aspect kept (turned: 32x64 -> 16x32)
+        # aspect kept (turned: 32x64 -> 16x32)
+        assert abs(size[0] / size[1] - full[0] / full[1]) < 0.1
         assert mode == ("L" if orig["image"]["path"].endswith("2.png") else "RGB")
         assert row["label"] == orig["label"]
         mean = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")).mean((0, 1))
@@ -136,7 +134,8 @@ def test_prepare_writes_capped_jpeg_shards_with_labels_splits_and_a_manifest(tmp
 
 
 def test_prepare_runs_from_a_checkout_that_was_never_installed(tmp_path, monkeypatch):
-    # the package's metadata is absent (python -m mae.prepare from a plain checkout): the manifest says so
+    # the package's metadata is absent (python -m mae.prepare from a plain checkout): the
+    # manifest says so
     from importlib import metadata
 
     def missing(name):
@@ -165,9 +164,8 @@ def test_prepare_refuses_shards_of_another_source_and_is_a_no_op_for_the_same(tm
     assert prepare_main([str(a), str(out), "--max-side", "16", "--workers", "1"]) == 0
     before, manifest = shard_bytes(out), (out / "manifest.json").read_text()
 
-    refused = run_prepare(
-        b, out, "--max-side", "16", "--workers", "1"
-    )  # as a process: its exit code
+    # as a process: its exit code
+    refused = run_prepare(b, out, "--max-side", "16", "--workers", "1")
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "--overwrite" in lines[0] and str(a) in lines[0], refused.stderr
@@ -209,8 +207,8 @@ def test_a_30_step_pretraining_run_reads_the_shards(tmp_path):
 
 
 def gradient_jpegs(root, count=12, size=(160, 120)):
-    """Smooth JPEGs whose colour encodes the position (red: x, green: y): a crop box off by a pixel at the
-    draft scale changes every pixel of the crop by a few levels, a wrong box by tens."""
+    """Smooth JPEGs whose colour encodes the position (red: x, green: y): a crop box off by a pixel
+    at the draft scale changes every pixel of the crop by a few levels, a wrong box by tens."""
     x, y = np.meshgrid(np.linspace(0, 255, size[0]), np.linspace(0, 255, size[1]))
     for i in range(count):
         a = np.stack([x, y, np.full_like(x, 20 * i)], -1).astype(np.uint8)
@@ -224,30 +222,34 @@ def test_draft_decoding_draws_the_exact_paths_crops_flips_and_noise_within_a_few
     exact_cfg = load_config(None, overrides).data
     draft_cfg = load_config(None, [*overrides, "data.decoder=pillow_draft"]).data
     ds = load_split(exact_cfg)
-    exact = ImageDataset(ds, exact_cfg, augment_transform(exact_cfg), seed=3, noise_length=5)
-    draft = ImageDataset(ds, draft_cfg, augment_transform(draft_cfg), seed=3, noise_length=5)
+    exact = ImageDataset(
+        ds, exact_cfg.columns, augment_transform(exact_cfg), seed=3, noise_length=5
+    )
+    draft = ImageDataset(
+        ds, draft_cfg.columns, augment_transform(draft_cfg), seed=3, noise_length=5
+    )
     std = torch.tensor(exact_cfg.std).view(3, 1, 1)
     drafted, diffs = 0, []
     for epoch in range(2):
         for i in range(len(ds)):
             (a, label_a, noise_a), (b, label_b, noise_b) = exact[(epoch, i)], draft[(epoch, i)]
-            assert (
-                torch.equal(noise_a, noise_b) and label_a == label_b
-            )  # the same draws, in the same order
+            # the same draws, in the same order
+            assert torch.equal(noise_a, noise_b) and label_a == label_b
             diff = ((a - b).abs() * std * 255).flatten()
             drafted += bool(diff.max() > 0)  # a crop decoded whole is the exact one, bit for bit
             diffs.append(diff)
     d = torch.cat(diffs)
     assert drafted >= len(diffs) // 2  # 160x120 to 32: most crops decode at 1/2 or less
     print(f"drafted {drafted}/{len(diffs)}, mean {d.mean():.2f}, max {d.max():.1f} levels")
+    # a wrong box or flip: tens of levels
     assert d.mean() < 1.0 and d.max() < 6, (
         d.mean(),
         d.max(),
-    )  # a wrong box or flip: tens of levels
+    )
 
 
 def test_a_draft_decoding_run_trains_and_draws_its_reconstruction_grid(tmp_path):
-    """The grid's images come from the split the loader reads undecoded: decoded again for the grid."""
+    """The grid's images come from the split the loader reads undecoded, decoded again for it."""
     root = gradient_jpegs(tmp_path / "jpegs", count=8)
     overrides = [*TINY, f"data.dataset={root}", "data.decoder=pillow_draft", "train.max_steps=2"]
     try:
@@ -260,24 +262,23 @@ def test_a_draft_decoding_run_trains_and_draws_its_reconstruction_grid(tmp_path)
 def test_draft_decoding_replaces_a_truncated_jpeg_and_logs_it(tmp_path):
     root = gradient_jpegs(tmp_path / "jpegs", count=4)
     whole = (root / "c0" / "0.jpg").read_bytes()
-    (root / "c0" / "0.jpg").write_bytes(
-        whole[: len(whole) // 3]
-    )  # its header reads, its data does not
+    # its header reads, its data does not
+    (root / "c0" / "0.jpg").write_bytes(whole[: len(whole) // 3])
     cfg = load_config(
         None, [f"data.dataset={root}", "data.image_size=32", "data.decoder=pillow_draft"]
     ).data
     ds = load_split(cfg)
     log = tmp_path / "bad.jsonl"
-    data = ImageDataset(ds, cfg, augment_transform(cfg), bad_log=log)
+    data = ImageDataset(ds, cfg.columns, augment_transform(cfg), bad_log=log)
     paths = [r["path"] for r in ds.cast_column("image", datasets.Image(decode=False))["image"]]
     first = next(i for i, path in enumerate(paths) if path.endswith("c0/0.jpg"))
     x, _ = data[first]
     assert x.shape == (3, 32, 32) and count_bad_images(log) == 1
     with pytest.raises(Exception, match="cannot be decoded"):
-        ImageDataset(ds, cfg, augment_transform(cfg))[first]
+        ImageDataset(ds, cfg.columns, augment_transform(cfg))[first]
 
 
-def test_workers_hand_over_uint8_that_the_batch_normalisation_turns_into_the_whole_transforms_values(
+def test_workers_hand_over_uint8_that_batch_normalisation_turns_into_the_whole_transforms_values(
     tmp_path,
 ):
     root = gradient_jpegs(tmp_path / "jpegs", count=8)
@@ -285,9 +286,9 @@ def test_workers_hand_over_uint8_that_the_batch_normalisation_turns_into_the_who
     ds = load_split(cfg)
     head, normalise = split_normalisation(augment_transform(cfg))
     whole = default_collate(
-        [ImageDataset(ds, cfg, augment_transform(cfg), 1, 4)[(2, i)] for i in range(8)]
+        [ImageDataset(ds, cfg.columns, augment_transform(cfg), 1, 4)[(2, i)] for i in range(8)]
     )
-    part = default_collate([ImageDataset(ds, cfg, head, 1, 4)[(2, i)] for i in range(8)])
+    part = default_collate([ImageDataset(ds, cfg.columns, head, 1, 4)[(2, i)] for i in range(8)])
     assert part[0].dtype == torch.uint8 and whole[0].dtype == torch.float32
     assert torch.equal(normalise(part[0]), whole[0]) and torch.equal(part[2], whole[2])
     assert split_normalisation(eval_transform(cfg))[1] is not None

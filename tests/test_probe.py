@@ -52,13 +52,11 @@ def test_knn_on_one_hot_features_is_perfect():
     bank = {"features": torch.nn.functional.one_hot(labels, 5).float(), "labels": labels}
     queries = torch.tensor([3, 0, 4, 1, 2, 2])
     query = {"features": torch.nn.functional.one_hot(queries, 5).float() * 2.5, "labels": queries}
-    scores = knn_scores(
-        bank, query, 5, k=10, temperature=0.07
-    )  # k > images per class: other classes vote too
+    # k > images per class: other classes vote too
+    scores = knn_scores(bank, query, 5, k=10, temperature=0.07)
     assert accuracy(scores, queries, list("abcde"))["top1"] == 1.0
-    tiny_t = knn_scores(
-        bank, query, 5, k=10, temperature=1e-4
-    )  # no overflow to inf at a tiny temperature
+    # no overflow to inf at a tiny temperature
+    tiny_t = knn_scores(bank, query, 5, k=10, temperature=1e-4)
     assert torch.isfinite(tiny_t).all() and tiny_t.argmax(1).tolist() == queries.tolist()
 
 
@@ -75,9 +73,10 @@ def test_knn_votes_are_temperature_weighted():
 
 
 def test_centred_and_standardised_knn_tell_apart_what_plain_cosine_cannot_see():
-    # two classes of all-positive codes that differ in how strongly every unit is on (0.8x or 1.2x a common
-    # pattern, as sigmoid codes' overall activation does): the same direction, so the cosine of the raw codes
-    # is blind to the class; less the training mean they point in opposite directions
+    # two classes of all-positive codes that differ in how strongly every unit is on (0.8x or 1.2x a
+    # common pattern, as sigmoid codes' overall activation does): the same direction, so the cosine
+    # of the raw codes is blind to the class; less the training mean they point in opposite
+    # directions
     g = torch.Generator().manual_seed(0)
     pattern = torch.rand(64, generator=g) * 0.8 + 0.2
 
@@ -124,7 +123,7 @@ def test_linear_probe_separates_gaussian_clusters():
 
 def test_bn_head_ignores_feature_scale_and_the_plain_head_does_not():
     # one informative feature on a scale of 1e-3 beside 15 noise features on a scale of 1: the BN
-    # head normalises each feature and finds it; a plain linear head at the same lr barely moves on it
+    # head normalises each feature and finds it; a plain linear head at the same lr barely moves
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(2).repeat_interleave(200)
     feats = torch.randn(400, 16, generator=g)
@@ -163,9 +162,8 @@ def test_stratified_holdout_is_seeded_and_keeps_proportions():
     assert stratified_holdout(labels, 0.1, seed=3) == (fit, held)
     assert stratified_holdout(labels, 0.1, seed=4)[1] != held
     small = [0, 0, 1, 1, 1, 2]
-    fit, held = stratified_holdout(
-        small, 0.75, seed=0
-    )  # a big fraction still leaves every class a fit image
+    # a big fraction still leaves every class a fit image
+    fit, held = stratified_holdout(small, 0.75, seed=0)
     assert {small[i] for i in fit} == {0, 1, 2} and {small[i] for i in held} == {0, 1}
 
 
@@ -194,8 +192,8 @@ def test_cache_is_exact_and_never_stale(tmp_path, run_dir):
 
 
 def test_bf16_features_are_close_to_fp32_and_cached_apart(tmp_path, run_dir):
-    """probe.mixed_precision=bf16: autocast features (written-out attention on CPU) within bf16 rounding
-    of fp32, under their own cache entry."""
+    """probe.mixed_precision=bf16: autocast features (written-out attention on CPU) within bf16
+    rounding of fp32, under their own cache entry."""
     cfg = eval_cfg(tmp_path, f"encoder={run_dir}")
     ds = load_split(DataConfig(), "test").select(range(32))
     full, half = load_encoder(cfg.encoder), load_encoder(cfg.encoder)
@@ -218,9 +216,8 @@ def test_features_of_several_blocks_are_concatenated_last_block_last(run_dir, tm
     for pool, last in one.items():
         both = enc.features(x, pool)
         assert both.shape == (3, 2 * last.shape[1])
-        torch.testing.assert_close(
-            both[:, last.shape[1] :], last
-        )  # the last block: the encoder's own output
+        # the last block: the encoder's own output
+        torch.testing.assert_close(both[:, last.shape[1] :], last)
         assert not torch.allclose(both[:, : last.shape[1]], last)  # the block before it
     with pytest.raises(ConfigError, match="has 2 blocks; use at most 2"):
         enc.set_blocks(3)
@@ -255,9 +252,8 @@ def test_linear_probe_end_to_end_on_colours_with_holdout(tmp_path, run_dir, monk
     )
     encoder = load_encoder(cfg.encoder)
     weights = {k: v.clone() for k, v in encoder.module.state_dict().items()}
-    monkeypatch.setattr(
-        "mae.probe.load_encoder", lambda source, seed, heads: encoder
-    )  # the very instance evaluated
+    # the very instance evaluated
+    monkeypatch.setattr("mae.probe.load_encoder", lambda source, seed, heads: encoder)
     res = probe(cfg)
     assert res["top1"] > 0.9  # chance is 1/3
     assert (
@@ -305,9 +301,8 @@ def test_cache_follows_the_label_column(tmp_path, run_dir):
 
 
 def test_cnn_encoders_work_too(tmp_path):
-    enc = load_encoder(
-        "timm:resnet10t"
-    )  # BatchNorm buffers (0-d tensors) in the digest, timm's own pooling
+    # BatchNorm buffers (0-d tensors) in the digest, timm's own pooling
+    enc = load_encoder("timm:resnet10t")
     assert len(enc.sha256) == 64 and enc.default_pool == "avg"
     assert enc.features(torch.randn(2, 3, 32, 32), "avg").shape == (2, 512)
 
@@ -424,7 +419,7 @@ def test_pixel_baseline_is_the_normalised_image():
 
 
 def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monkeypatch):
-    """probe.cached=false: no training features are cached; every epoch the crops pass the encoder."""
+    """probe.cached=false: no training features cached; every epoch the crops pass the encoder."""
     folder = colour_folder(tmp_path / "colours")
     cfg = eval_cfg(
         tmp_path,
@@ -446,8 +441,8 @@ def test_augmented_probe_fits_through_the_frozen_encoder(tmp_path, run_dir, monk
     assert (
         res["top1"] > 0.9 and res["cached"] is False and res["features_from_cache"]["train"] is None
     )
-    # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15 held out
+    # 45 training images, batch 16: 2 full batches per epoch, 60 epochs, plus one pass over the 15
+    # held out
     assert sum(calls) == 60 * 2 * 16 + 15
-    assert (
-        len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
-    )  # only the evaluation features
+    # only the evaluation features
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1

@@ -76,8 +76,8 @@ def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 )
 def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path, decoder):
     """2 processes x batch 4 (gloo) against 1 process x batch 8: the same samples per step, the same
-    crops and masks (and CrossMAE's predicted patches) per sample, drawn from each sample's own seed,
-    averaged gradients."""
+    crops and masks (and CrossMAE's predicted patches) per sample, drawn from each sample's own
+    seed, averaged gradients."""
     args = [*EXACT, "train.max_steps=4", "train.blr=1e-2", "train.checkpoint_every=4", *decoder]
     one = run(tmp_path / "one", *args[len(EXACT) :], "train.batch_size=8")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -98,8 +98,9 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
     for k in a:
         x, y = a[k], b[k]
         if k.endswith(("attn.qkv.bias", "cross_attn.kv.bias")):
-            # The key bias shifts every logit of a query equally, so softmax makes its gradient exactly 0;
-            # in floats it is rounding noise, which Adam scales to steps of up to lr. Bounded, not equal.
+            # The key bias shifts every logit of a query equally, so softmax makes its gradient
+            # exactly 0; in floats it is rounding noise, which Adam scales to steps of up to lr.
+            # Bounded, not equal.
             cross = k.endswith("cross_attn.kv.bias")  # [k, v]; a self-attention's qkv: [q, k, v]
             dim = x.shape[0] // (2 if cross else 3)
             start = 0 if cross else dim
@@ -118,8 +119,8 @@ def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp
 
 
 def test_two_processes_stream_disjoint_parts_and_resume_from_their_own_positions(tmp_path):
-    """data.streaming=true under 2 gloo processes x 2 workers: each process checkpoints its own stream
-    position; a relaunch for more steps resumes both and finishes."""
+    """data.streaming=true under 2 gloo processes x 2 workers: each process checkpoints its own
+    stream position; a relaunch for more steps resumes both and finishes."""
     data = parquet_stream(tmp_path / "data", shards=4, per_shard=16)
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     common = [
@@ -157,7 +158,7 @@ def test_two_processes_stream_disjoint_parts_and_resume_from_their_own_positions
 
 
 def test_processes_that_do_not_form_a_group_are_refused(tmp_path, monkeypatch):
-    """A launcher that starts 2 processes which never join one group would train the same run twice."""
+    """A launcher starting 2 processes which never join one group would train the same run twice."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(
         pretrain.ConfigError, match="2 processes were launched but they do not form one group"
@@ -210,7 +211,7 @@ def test_sigterm_writes_a_checkpoint_and_the_relaunch_ends_identically(tmp_path,
 
 
 def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
-    """2 gloo processes: the signal reaches them at different moments, the checkpoint is still one."""
+    """2 gloo processes: the signal reaches them at different moments, still one checkpoint."""
     out = tmp_path / "run"
     args = [
         *EXACT,
@@ -261,18 +262,17 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, reference):
-    """SIGKILL at seeded random times (start-up, mid-step, mid-checkpoint), then once exactly inside a
-    checkpoint write; every complete checkpoint must stay loadable, and the last relaunch must end
+    """SIGKILL at seeded random times (start-up, mid-step, mid-checkpoint), then once exactly inside
+    a checkpoint write; every complete checkpoint must stay loadable, and the last relaunch must end
     with the uninterrupted run's weights, bit for bit."""
     out, mark = tmp_path / "run", tmp_path / "saving"
     args = ("train.max_steps=12", "train.checkpoint_every=3", "data.num_workers=1")
     rng = random.Random(7)
     kills = []
     for attempt in range(6):
-        if (
-            attempt == 0
-        ):  # exactly inside a checkpoint write, after its files and before the commit; first,
-            # so that a checkpoint is still to come however fast the machine runs the random attempts
+        # First, exactly inside a checkpoint write, after its files and before the commit, so
+        # that a checkpoint is still to come however fast the machine runs the random attempts
+        if attempt == 0:
             proc = launch(out, *args, STEP_SLEEP="0.2", SAVE_SLEEP="5", SAVE_MARK=str(mark))
             deadline = time.time() + 300
             while not mark.exists() and proc.poll() is None and time.time() < deadline:
@@ -280,7 +280,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
             if not mark.exists():
                 os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail(
-                    f"no checkpoint write began (exit {proc.poll()}): {proc.communicate()[1][-2000:]}"
+                    f"no checkpoint write began (exit {proc.poll()}): "
+                    f"{proc.communicate()[1][-2000:]}"
                 )
             kills.append(("in checkpoint write", mark.read_text()))
         else:
@@ -292,9 +293,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_identically(tmp_path, r
             break
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        for folder in checkpoint.complete_checkpoints(
-            out
-        ):  # never a complete-looking broken checkpoint
+        # never a complete-looking broken checkpoint
+        for folder in checkpoint.complete_checkpoints(out):
             load_file(str(folder / "model.safetensors"))
             json.loads((folder / checkpoint.LOOP_STATE).read_text())
     print("kills:", kills, "checkpoints:", [p.name for p in checkpoint.complete_checkpoints(out)])
@@ -353,9 +353,8 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, victim):
         checkpoint.CheckpointError, match=f"no checkpoint in .* verifies \\(step_2: {victim} has "
     ):
         pretrain.train(load_config(None, [*EXACT, f"output_dir={out}", "train.max_steps=4"]))
-    checkpoint.write_manifest(
-        out / "checkpoints/step_2"
-    )  # a file planted with its manifest: still never run
+    # a file planted with its manifest: still never run
+    checkpoint.write_manifest(out / "checkpoints/step_2")
     before = digests(out / "checkpoints")
     Path("/tmp/mae_resilience_pwned").unlink(missing_ok=True)
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read as plain data"):
@@ -363,7 +362,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, victim):
     assert not Path("/tmp/mae_resilience_pwned").exists() and digests(out / "checkpoints") == before
 
 
-# ---------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
 
 
 def bad_folder(root: Path) -> Path:
@@ -410,8 +409,9 @@ def test_undecodable_images_are_skipped_counted_and_listed(tmp_path):
 def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_that_error(
     tmp_path,
 ):
-    # the workers ignore SIGTERM (they are the main process's to stop), so multiprocessing's exit hook alone
-    # would wait for them forever; at exit they are killed, and the run's own error is the last word
+    # the workers ignore SIGTERM (they are the main process's to stop), so multiprocessing's exit
+    # hook alone would wait for them forever; at exit they are killed, and the run's own error is
+    # the last word
     args = (
         f"data.dataset={write_image_folder(tmp_path / 'data')}",
         "train.max_steps=3",
@@ -425,9 +425,8 @@ def test_an_error_after_training_with_loader_workers_open_ends_the_process_with_
         pytest.fail("the process did not end after its error")
     assert proc.returncode == 1
     assert stderr.strip().splitlines()[-1] == "RuntimeError: export failed on purpose"
-    assert (
-        tmp_path / "run" / "checkpoints" / "step_3"
-    ).is_dir()  # trained and checkpointed before the export
+    # trained and checkpointed before the export
+    assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
 
 
 def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_path):
@@ -439,9 +438,8 @@ def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_
         "data.max_bad_images=1",
         "train.log_every=6",
     )
-    first = run(
-        out, *args, "train.max_steps=2", "train.checkpoint_every=2"
-    )  # before any bad image is met
+    # before any bad image is met
+    first = run(out, *args, "train.max_steps=2", "train.checkpoint_every=2")
     assert first.returncode == 0, first.stderr[-2000:]
     before = digests(out / "checkpoints/step_2")
     stopped = run(out, *args, "train.max_steps=12", "train.checkpoint_every=2")
@@ -459,9 +457,8 @@ def test_other_modes_and_depths_become_the_configured_channels():
     deep = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert np.asarray(to_mode(deep, "RGB")).min() == 255
     mid = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
-    assert (
-        abs(int(np.asarray(to_mode(mid, "L"))[0, 0]) - 128) <= 1
-    )  # Pillow alone would clip it to 255
+    # Pillow alone would clip it to 255
+    assert abs(int(np.asarray(to_mode(mid, "L"))[0, 0]) - 128) <= 1
     assert to_mode(Image.new("CMYK", (2, 2)), "RGB").mode == "RGB"
     assert to_mode(Image.new("RGBA", (2, 2)), "L").mode == "L"
     floats = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))
@@ -485,9 +482,9 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
     paths = ds.cast_column("image", datasets.Image(decode=False))["image"]
     big = next(i for i, p in enumerate(paths) if p["path"].endswith("big.png"))
     with pytest.raises(DataError, match=r"big.png.*cannot be decoded.*DecompressionBombError"):
-        ImageDataset(ds, cfg, eval_transform(cfg))[big]
+        ImageDataset(ds, cfg.columns, eval_transform(cfg))[big]
     log = tmp_path / "bad.jsonl"
-    x, _ = ImageDataset(ds, cfg, eval_transform(cfg), bad_log=log)[big]
+    x, _ = ImageDataset(ds, cfg.columns, eval_transform(cfg), bad_log=log)[big]
     assert x.shape == (3, 8, 8) and "DecompressionBombError" in log.read_text()
 
 
@@ -515,9 +512,10 @@ def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys
         probe,
         ["encoder=pixels:8", f"data.dataset={tmp_path / 'flat'}", f"output_dir={tmp_path / 'p'}"],
     )
+    # datasets
     err = [
         x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("Generating")
-    ]  # datasets
+    ]
     assert (
         code == 2
         and len(err) == 1

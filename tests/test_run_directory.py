@@ -1,4 +1,5 @@
-"""A run directory that checks what it resumes from (checkpoint manifests) and admits one writer (run.lock)."""
+"""A run directory that checks what it resumes from (checkpoint manifests) and admits
+one writer (run.lock)."""
 
 import hashlib
 import json
@@ -170,7 +171,8 @@ def test_a_launch_while_another_trains_is_refused(tmp_path):
     """The real case: a requeued job whose first copy is still running."""
     out = tmp_path / "run"
     worker = str(Path(__file__).parent / "crash_worker.py")
-    # 20 steps of 1 s: the second launch starts (imports, data) well within the first's run, even on a busy machine
+    # 20 steps of 1 s: the second launch starts (imports, data) well within the first's run, even
+    # on a busy machine
     env = {**env_without_accelerate(), "STEP_SLEEP": "1.0"}
     first = subprocess.Popen(
         [sys.executable, worker, *TINY, *COMMON, f"output_dir={out}"],
@@ -198,6 +200,5 @@ def test_a_launch_while_another_trains_is_refused(tmp_path):
     finally:
         stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
-    assert (
-        len((out / "metrics.jsonl").read_text().splitlines()) == 20
-    )  # one writer: every step logged once
+    # one writer: every step logged once
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 20

@@ -1,4 +1,5 @@
-"""data.streaming=true: the split read as a `datasets` stream, sharded per process and worker, resumed exactly."""
+"""data.streaming=true: the split read as a `datasets` stream, sharded per process and worker,
+resumed exactly."""
 
 import json
 import signal
@@ -50,9 +51,8 @@ def test_processes_and_workers_read_disjoint_parts_that_cover_every_epoch(tmp_pa
         seen.append([next(items) for _ in range(48)])  # two epochs of this process's 24
     for epoch in range(2):
         ids = [int(x[1]) for part in seen for x in part[24 * epoch : 24 * (epoch + 1)]]
-        assert sorted(ids) == list(range(48)), (
-            epoch
-        )  # the two processes split each epoch between them
+        # the two processes split each epoch between them
+        assert sorted(ids) == list(range(48)), epoch
     first = [int(x[1]) for x in seen[0][:24]]
     second = [int(x[1]) for x in seen[0][24:]]
     assert first != second  # reshuffled per epoch (files move between processes too)
@@ -64,9 +64,9 @@ def test_processes_and_workers_read_disjoint_parts_that_cover_every_epoch(tmp_pa
 def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(
     tmp_path, monkeypatch
 ):
-    """2 workers (4 files), batch 8, epochs of 24 per worker: 9 steps cross epochs. A SIGTERM after step 5
-    (an odd batch count: the worker round robin is mid-round) and a relaunch end with the weights of the
-    uninterrupted run, and every step logs the same loss."""
+    """2 workers (4 files), batch 8, epochs of 24 per worker: 9 steps cross epochs. A SIGTERM after
+    step 5 (an odd batch count: the worker round robin is mid-round) and a relaunch end with the
+    weights of the uninterrupted run, and every step logs the same loss."""
     data = parquet_stream(tmp_path / "data")
     args = ("train.max_steps=9", "train.checkpoint_every=4", "data.num_workers=2")
     pretrain.train(stream_run(tmp_path / "ref", data, *args))
@@ -146,8 +146,8 @@ def test_undecodable_images_in_a_stream_are_skipped_counted_and_limited(tmp_path
 
 @pytest.mark.slow
 def test_a_worker_whose_files_hold_no_usable_row_stops_the_run_with_the_fix(tmp_path):
-    """data.classes keeps one image, in the first file: the second worker's files give nothing in a whole
-    epoch. Without the check the loop would wait for that worker forever."""
+    """data.classes keeps one image, in the first file: the second worker's files give nothing in a
+    whole epoch. Without the check the loop would wait for that worker forever."""
     data = parquet_stream(tmp_path / "data")
     cfg = stream_run(
         tmp_path / "run", data, "train.max_steps=2", "data.num_workers=2", "data.classes=[0]"

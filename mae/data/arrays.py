@@ -1,17 +1,21 @@
-"""Arrays as images: a dataset column of arrays, or a folder of ``.npy`` files laid out like an image folder.
+"""Arrays as images: a dataset column of arrays, or a folder of ``.npy`` files laid out like an
+image folder.
 
-Satellite and medical images come as arrays of any channel count, 8-bit, 16-bit or float. Pillow holds
-at most four channels, so such images never pass through it: each array becomes a float32 tensor
-(C, H, W) and the augmentation runs on tensors (torchvision's transforms take them as they are).
+Satellite and medical images come as arrays of any channel count, 8-bit, 16-bit or float. Pillow
+holds at most four channels, so such images never pass through it: each array becomes a float32
+tensor (C, H, W) and the augmentation runs on tensors (torchvision's transforms take them as they
+are).
 
-- Layout: (C, H, W), (H, W, C) or (H, W). The axis whose length is ``data.channels`` is the channel axis,
-  the first one when both ends qualify (channels first, as torch and rasterio store them).
+- Layout: (C, H, W), (H, W, C) or (H, W). The axis whose length is ``data.channels`` is the channel
+  axis, the first one when both ends qualify (channels first, as torch and rasterio store them).
 - Scale: uint8 / 255, uint16 / 65535, other integers and floats as they are. ``data.mean`` and
   ``data.std`` are in these units; ``data.mean=auto`` measures them (``mae.data.stats``).
-- A ``.npy`` folder: ``ROOT/CLASS/*.npy`` (labels from the sorted class folder names), or files directly
-  in ROOT (no labels); ``ROOT/train``, ``ROOT/test``, ``ROOT/validation`` are splits when present.
-  ``datasets`` has no ``.npy`` builder, so the split is a table of file paths and labels, read lazily.
-- An array with another channel count, or with NaN or infinity, is refused with the row that holds it.
+- A ``.npy`` folder: ``ROOT/CLASS/*.npy`` (labels from the sorted class folder names), or files
+  directly in ROOT (no labels); ``ROOT/train``, ``ROOT/test``, ``ROOT/validation`` are splits when
+  present. ``datasets`` has no ``.npy`` builder, so the split is a table of file paths and labels,
+  read lazily.
+- An array with another channel count, or with NaN or infinity, is refused with the row that holds
+  it.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def is_array_feature(feature: Any) -> bool:
 
 
 def has_npy_files(root: Path) -> bool:
-    """Whether ``root`` is a ``.npy`` folder: the first file found down its first folders (3 levels) is one.
-    (Not a full walk: an image folder of a million files is not listed to find out.)"""
+    """Whether ``root`` is a ``.npy`` folder: the first file found down its first folders (3 levels)
+    is one. (Not a full walk: an image folder of a million files is not listed to find out.)"""
     folder = root
     for _ in range(3):
         entries = sorted(folder.iterdir())
@@ -69,7 +73,8 @@ def has_npy_files(root: Path) -> bool:
 
 
 def npy_folder(root: Path) -> datasets.DatasetDict:
-    """The splits of a ``.npy`` folder (see the module docstring) as tables of ``path`` and ``label``."""
+    """The splits of a ``.npy`` folder (see the module docstring) as tables of ``path`` and
+    ``label``."""
     roots = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} or {"train": root}
     splits = {}
     for name, folder in roots.items():
@@ -80,8 +85,8 @@ def npy_folder(root: Path) -> datasets.DatasetDict:
         if classes:
             if any(f.parent == folder or f.parent.parent != folder for f in files):
                 raise ArrayError(
-                    f"{folder}: .npy files must all sit in class folders one level down (CLASS/x.npy), or all "
-                    "directly in it; move them"
+                    f"{folder}: .npy files must all sit in class folders one level down "
+                    "(CLASS/x.npy), or all directly in it; move them"
                 )
             table["label"] = [classes.index(f.parent.name) for f in files]
             features["label"] = datasets.ClassLabel(names=classes)
@@ -107,8 +112,9 @@ def to_tensor(value: Any, channels: int, where: str) -> torch.Tensor:
     if a.shape[0] != channels:
         if a.shape[-1] != channels:
             raise ArrayError(
-                f"{where} has shape {a.shape}: no axis of data.channels={channels}; every array needs "
-                f"{channels} channels (set data.channels to the dataset's, or remove that array)"
+                f"{where} has shape {a.shape}: no axis of data.channels={channels}; every array "
+                f"needs {channels} channels (set data.channels to the dataset's, or remove that "
+                "array)"
             )
         a = np.moveaxis(a, -1, 0)
     if a.dtype.kind == "f" and not np.isfinite(a).all():

@@ -10,7 +10,8 @@ never asks which kind it holds; a new kind of data is a new subclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,36 @@ class BadImagesError(UserError, RuntimeError):
     exit_code = 1
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch on the training device."""
+
+    images: torch.Tensor  # (B, C, H, W), normalised
+    labels: torch.Tensor  # (B,) int64 class ids; -1 where the split has no labels
+    # (B, L) uniform noise whose argsort is each image's patch mask (mae.masking), where the
+    # source draws it per sample; None: the model draws its own
+    noise: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, parts: Sequence[torch.Tensor]) -> Batch:
+        """From a loader's collated ``(images, labels)`` or ``(images, labels, noise)``: the one
+        place that reads a batch by position."""
+        if len(parts) not in (2, 3):
+            raise ValueError(f"a batch is (images, labels[, noise]), not {len(parts)} tensors")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def with_images(self, images: torch.Tensor) -> Batch:
+        return replace(self, images=images)
+
+
 class DataSource(ABC):
-    """Batches ``(images, labels[, noise])`` on the training device, from (epoch, step) on.
+    """``Batch``es on the training device, from (epoch, step) on.
 
     ``size`` (images per epoch) is known at construction, so the schedule can be derived from it.
     Then ``loader_for`` gives the loader Accelerate should prepare for that schedule (together with
     the model, in one ``prepare`` call) and ``attach`` takes it back prepared. Every sample's
-    randomness comes from (seed, epoch, index), so any source, process count and resume draw the same."""
+    randomness comes from (seed, epoch, index), so any source, process count and resume draw the
+    same."""
 
     size: int
     split: Any  # the ``datasets`` split it reads (map-style or stream)
@@ -44,15 +68,14 @@ class DataSource(ABC):
     bad_log: Path | None = None  # where undecodable images are recorded (None: they are errors)
     max_bad_images: int = 0  # past this many, the run stops
     bad_images_seen: int = 0
-    data_config: DataConfig | None = (
-        None  # the data config it was built with, data.mean=auto measured
-    )
-    data_stats: dict[str, Any] | None = (
-        None  # what data.mean=auto measured (mae.data.stats), else None
-    )
+    # the data config it was built with, data.mean=auto measured
+    data_config: DataConfig | None = None
+    # what data.mean=auto measured (mae.data.stats), else None
+    data_stats: dict[str, Any] | None = None
 
     def loader_for(self, derived: Derived) -> DataLoader | None:
-        """The loader for this schedule, for Accelerate to prepare (None: the source shards itself)."""
+        """The loader for this schedule, for Accelerate to prepare (None: the source shards
+        itself)."""
         return None
 
     @abstractmethod
@@ -60,11 +83,12 @@ class DataSource(ABC):
         """Keep ``loader_for``'s loader as Accelerate prepared it (None when there was none)."""
 
     @abstractmethod
-    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    def batches(self, step: int) -> Iterator[Batch]:
         """The micro-batches from optimizer step ``step`` on, at least to the end of its epoch."""
 
     def state_dict(self) -> dict[str, Any] | None:
-        """This process's position, for a checkpoint (None: the step alone says where the data stands)."""
+        """This process's position, for a checkpoint (None: the step alone says where the data
+        stands)."""
         return None
 
     def load_state_dict(self, state: dict[str, Any] | None, where: str) -> None:
@@ -93,8 +117,9 @@ class DataSource(ABC):
         )
         if count > self.max_bad_images:
             raise BadImagesError(
-                f"{count} images could not be decoded (data.max_bad_images={self.max_bad_images}); they are listed "
-                f"in {self.bad_log}: fix or remove them, or raise data.max_bad_images, and launch again to resume"
+                f"{count} images could not be decoded (data.max_bad_images={self.max_bad_images}); "
+                f"they are listed in {self.bad_log}: fix or remove them, or raise "
+                "data.max_bad_images, and launch again to resume"
             )
         if count != self.bad_images_seen:
             self.bad_images_seen = count
@@ -107,8 +132,8 @@ class DataSource(ABC):
         return features.get(self.label_column) if self.label_column else None
 
     def first_rows(self, n: int) -> datasets.Dataset:
-        """A map-style dataset whose first ``n`` rows are the split's (e.g. for reconstruction grids):
-        the split itself, or the first ``n`` examples of a stream."""
+        """A map-style dataset whose first ``n`` rows are the split's (e.g. for reconstruction
+        grids): the split itself, or the first ``n`` examples of a stream."""
         if isinstance(self.split, datasets.Dataset):
             return self.split
         return datasets.Dataset.from_list(list(self.split.take(n)), features=self.split.features)

@@ -22,44 +22,48 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
-from mae.config import DataConfig
+from mae.config import Columns, DataConfig
 from mae.data.arrays import ArrayError, to_tensor
 from mae.data.draft import DraftResizedCrop, open_jpeg, takes_undecoded
 from mae.data.loading import DataError, image_column, label_column
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # data.channels -> the Pillow mode images are converted to
+# what Pillow raises
 DECODE_ERRORS = (
     OSError,
     ValueError,
     SyntaxError,
     Image.DecompressionBombError,
-)  # what Pillow raises
+)
 
 
 class ImageColumns:
-    """Which columns of a dataset (map-style or stream) hold the images and labels; whether the images are
-    arrays (``mae.data.arrays``) or Pillow images, and the mode these are converted to. ``undecoded``:
-    JPEGs are only opened (``mae.data.draft``), from a column cast to ``datasets.Image(decode=False)``."""
+    """Which columns of a dataset (map-style or stream) hold the images and labels; whether the
+    images are arrays (``mae.data.arrays``) or Pillow images, and the mode these are converted to.
+    ``undecoded``: JPEGs are only opened (``mae.data.draft``), from a column cast to
+    ``datasets.Image(decode=False)``."""
 
     def __init__(
         self,
         ds: datasets.Dataset | datasets.IterableDataset,
-        cfg: DataConfig,
+        columns: Columns,
         undecoded: bool = False,
     ) -> None:
-        self.image, self.label = image_column(ds, cfg), label_column(ds, cfg)
+        self.image = image_column(ds, columns.image)
+        self.label = label_column(ds, columns.label)
         self.arrays = not isinstance(ds.features[self.image], datasets.Image)
         self.undecoded = undecoded and not self.arrays
-        self.channels = cfg.channels
-        self.mode = MODES.get(cfg.channels)
+        self.channels = columns.channels
+        self.mode = MODES.get(columns.channels)
         if self.mode is None and not self.arrays:
             raise DataError(
-                f"data.channels={cfg.channels} is not supported for images; choose one of {sorted(MODES)} (arrays "
-                "take any count: mae.data.arrays)"
+                f"data.channels={columns.channels} is not supported for images; choose one of "
+                f"{sorted(MODES)} (arrays take any count: mae.data.arrays)"
             )
 
     def decode(self, row: dict[str, Any], where: str) -> Image.Image | torch.Tensor:
-        """The row's image: in ``data.channels``' Pillow mode, or an array's float32 (C, H, W) tensor."""
+        """The row's image: in ``data.channels``' Pillow mode, or an array's float32 (C, H, W)
+        tensor."""
         value = row[self.image]
         if self.undecoded:
             return open_jpeg(value) or to_mode(datasets.Image().decode_example(value), self.mode)
@@ -70,7 +74,8 @@ class ImageColumns:
         )
 
     def select(self, ds: Any) -> Any:
-        """``ds`` with only the image and label columns (the images undecoded where ``undecoded``)."""
+        """``ds`` with only the image and label columns (the images undecoded where
+        ``undecoded``)."""
         ds = ds.select_columns([c for c in (self.image, self.label) if c is not None])
         return ds.cast_column(self.image, datasets.Image(decode=False)) if self.undecoded else ds
 
@@ -78,12 +83,18 @@ class ImageColumns:
         return row[self.label] if self.label is not None else -1
 
 
-def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
-    """This preprocessing in timm's terms: what an export records and evaluation feeds the encoder."""
+def timm_data_config(
+    channels: int,
+    size: tuple[int, int],
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+) -> dict[str, Any]:
+    """Preprocessing of images of ``size`` (H, W) in timm's terms: what an export records and
+    evaluation feeds the encoder."""
     return {
-        "input_size": (cfg.channels, *cfg.hw),
-        "mean": tuple(cfg.mean),
-        "std": tuple(cfg.std),
+        "input_size": (channels, *size),
+        "mean": tuple(mean),
+        "std": tuple(std),
         "interpolation": "bicubic",
         "crop_pct": 1.0,
         "crop_mode": "center",
@@ -91,34 +102,47 @@ def timm_data_config(cfg: DataConfig) -> dict[str, Any]:
 
 
 def augment_transform(cfg: DataConfig) -> v2.Compose:
-    """The training transform of ``data.augment``: crop, the MAE paper's (RandomResizedCrop(scale, bicubic),
-    horizontal flip); flip, the evaluation transform's resize with a horizontal flip; none, the evaluation
-    transform. Then normalisation. (Unset: crop.)"""
+    """The training transform of ``data.augment``: crop, the MAE paper's
+    (RandomResizedCrop(scale, bicubic), horizontal flip); flip, the evaluation transform's resize
+    with a horizontal flip; none, the evaluation transform. Then normalisation. (Unset: crop.)"""
     if (cfg.augment or "crop") != "crop":
         steps = eval_transform(cfg).transforms
         return v2.Compose([v2.RandomHorizontalFlip(), *steps] if cfg.augment == "flip" else steps)
-    if (
-        cfg.decoder == "pillow_draft"
-    ):  # the same crops, JPEGs decoded at a reduced scale where they allow
-        crop = DraftResizedCrop(list(cfg.hw), cfg.crop_scale, MODES.get(cfg.channels, "RGB"))
-    else:
+    # the same crops, JPEGs decoded at a reduced scale where they allow
+    draft = None
+    if cfg.decoder == "pillow_draft":
+        draft = DraftResizedCrop(list(cfg.hw), cfg.crop_scale, MODES.get(cfg.channels, "RGB"))
+    return crop_transform(cfg.hw, cfg.crop_scale, cfg.mean, cfg.std, cfg.hflip, draft)
+
+
+def crop_transform(
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    hflip: bool = True,
+    crop: v2.Transform | None = None,
+) -> v2.Compose:
+    """RandomResizedCrop(``scale``, bicubic) to ``size`` (H, W) (or ``crop``, which draws the same
+    boxes), a horizontal flip half the time, then normalisation."""
+    if crop is None:
         crop = v2.RandomResizedCrop(
-            list(cfg.hw), scale=cfg.crop_scale, interpolation=v2.InterpolationMode.BICUBIC
+            list(size), scale=scale, interpolation=v2.InterpolationMode.BICUBIC
         )
     return v2.Compose(
         [
             crop,
-            v2.RandomHorizontalFlip() if cfg.hflip else v2.Identity(),
+            v2.RandomHorizontalFlip() if hflip else v2.Identity(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(cfg.mean, cfg.std),
+            v2.Normalize(mean, std),
         ]
     )
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """Deterministic: resize to cover ``data.image_size`` keeping the aspect ratio (a square: the short side
-    to its size), centre crop, normalise."""
+    """Deterministic: resize to cover ``data.image_size`` keeping the aspect ratio (a square: the
+    short side to its size), centre crop, normalise."""
     h, w = cfg.hw
     bicubic = v2.InterpolationMode.BICUBIC
     return v2.Compose(
@@ -133,8 +157,9 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
 
 
 class CoverResize(v2.Transform):
-    """Resize to the smallest size that covers ``size`` (H, W) with the image's own aspect ratio, so that a
-    centre crop of ``size`` follows (torchvision's Resize takes one side or an exact size)."""
+    """Resize to the smallest size that covers ``size`` (H, W) with the image's own aspect ratio, so
+    that a centre crop of ``size`` follows (torchvision's Resize takes one side or an exact
+    size)."""
 
     def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode) -> None:
         super().__init__()
@@ -170,8 +195,9 @@ def sample_rng(seed: int) -> Iterator[None]:
 def seeded_sample(
     transform: Any, image: Image.Image, seed: int, noise_length: int | None
 ) -> tuple[Any, Any]:
-    """``transform(image)`` and MAE's masking noise ``(noise_length,)`` uniform in [0, 1) (None without a
-    length), both drawn from the sample's own RNG: the same whatever the processes and workers."""
+    """``transform(image)`` and MAE's masking noise ``(noise_length,)`` uniform in [0, 1) (None
+    without a length), both drawn from the sample's own RNG: the same whatever the processes and
+    workers."""
     with sample_rng(seed & 0x7FFF_FFFF_FFFF_FFFF):
         x = transform(image)
         noise = torch.rand(noise_length) if noise_length else None
@@ -189,11 +215,11 @@ class ImageRows:
     def __init__(
         self,
         ds: datasets.Dataset,
-        cfg: DataConfig,
+        columns: Columns,
         bad_log: Path | None = None,
         undecoded: bool = False,
     ) -> None:
-        self.columns = ImageColumns(ds, cfg, undecoded)
+        self.columns = ImageColumns(ds, columns, undecoded)
         self.ds = self.columns.select(ds)
         self.bad_log = bad_log
 
@@ -203,24 +229,23 @@ class ImageRows:
     def decodable(
         self, i: int, finish: Callable[[Any], Any] | None = None
     ) -> tuple[dict[str, Any], Any]:
-        """Row ``i`` and its image (passed through ``finish``, whose decoding errors count as the image's);
-        past an undecodable one, the next decodable row."""
+        """Row ``i`` and its image (passed through ``finish``, whose decoding errors count as the
+        image's); past an undecodable one, the next decodable row."""
         for attempt in range(min(len(self.ds), 1000)):
             j = (i + attempt) % len(self.ds)
             try:
                 row = self.ds[j]
                 image = self.columns.decode(row, f"image {j} of the dataset")
                 return row, image if finish is None else finish(image)
-            except (
-                ArrayError
-            ):  # a wrong array is the data's mistake, not a damaged file: not skipped
+            # a wrong array is the data's mistake, not a damaged file: not skipped
+            except ArrayError:
                 raise
             except DECODE_ERRORS as e:
                 where = self._source(j)
                 if self.bad_log is None:
                     raise DataError(
-                        f"image {j} of the dataset ({where}) cannot be decoded ({type(e).__name__}: {e}); remove or "
-                        "replace it"
+                        f"image {j} of the dataset ({where}) cannot be decoded "
+                        f"({type(e).__name__}: {e}); remove or replace it"
                     ) from e
                 log_bad_image(self.bad_log, j, where, e)
         raise DataError(
@@ -245,19 +270,20 @@ class ImageDataset(Dataset):
     Items are ``(image (C, H, W) float, label int or -1)``, plus ``noise (noise_length,)`` when
     ``noise_length`` is given (``seeded_sample``). Undecodable images: see ``ImageRows``. 16-bit and
     32-bit grayscale images are scaled to 8 bits; every mode is converted to ``data.channels``. A
-    transform that starts with ``DraftResizedCrop`` gets JPEGs opened, not decoded, and decodes them.
+    transform that starts with ``DraftResizedCrop`` gets JPEGs opened, not decoded, and decodes
+    them.
     """
 
     def __init__(
         self,
         ds: datasets.Dataset,
-        cfg: DataConfig,
+        columns: Columns,
         transform: v2.Compose,
         seed: int = 0,
         noise_length: int | None = None,
         bad_log: Path | None = None,
     ) -> None:
-        self.rows = ImageRows(ds, cfg, bad_log, undecoded=takes_undecoded(transform))
+        self.rows = ImageRows(ds, columns, bad_log, undecoded=takes_undecoded(transform))
         self.transform, self.seed, self.noise_length = transform, seed, noise_length
 
     def __len__(self) -> int:
@@ -280,8 +306,8 @@ class ImageDataset(Dataset):
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """``image`` in ``mode`` (L, RGB, RGBA). 16/32-bit integer and float grayscale are scaled to 8 bits
-    first (Pillow's own conversion would clip them to white)."""
+    """``image`` in ``mode`` (L, RGB, RGBA). 16/32-bit integer and float grayscale are scaled to 8
+    bits first (Pillow's own conversion would clip them to white)."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         a = np.asarray(image, dtype=np.float64)
         peak = float(a.max(initial=0))
@@ -302,7 +328,8 @@ def log_bad_image(bad_log: Path, key: int | str, where: str, error: Exception) -
 
 
 def count_bad_images(bad_log: Path) -> int:
-    """Distinct dataset rows recorded in ``bad_log`` (a row hit again after a resume counts once)."""
+    """Distinct dataset rows recorded in ``bad_log`` (a row hit again after a resume counts
+    once)."""
     if not bad_log.is_file():
         return 0
     rows = set()

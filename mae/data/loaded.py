@@ -1,14 +1,15 @@
 """Map-style data through DataLoader workers: each worker decodes and augments its samples.
 
-For pretraining, workers hand over uint8 images and each batch is scaled and normalised where it arrives,
-on the training device (``split_normalisation``): the values are bit for bit those of the whole
-transform run per image, with a quarter of the bytes to collate, pin and copy and no float work per
-image in the workers (on a CPU core, about a third of the time of a 256-px image: docs/results.md).
+For pretraining, workers hand over uint8 images and each batch is scaled and normalised where it
+arrives, on the training device (``split_normalisation``): the values are bit for bit those of the
+whole transform run per image, with a quarter of the bytes to collate, pin and copy and no float
+work per image in the workers (on a CPU core, about a third of the time of a 256-px image:
+docs/results.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import datasets
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mae.config import Derived
-from mae.data.base import DataSource
+from mae.data.base import Batch, DataSource
 from mae.data.images import EpochSampler
 from mae.preemption import ignore_in_worker
 
@@ -30,15 +31,16 @@ def worker_loader(
     batch_size: int,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """Training batches in ``sampler``'s order, decoded by ``num_workers`` processes (``collate_fn``:
-    how items make a batch; default torch's)."""
+    """Training batches in ``sampler``'s order, decoded by ``num_workers`` processes
+    (``collate_fn``: how items make a batch; default torch's)."""
     return DataLoader(
         ds,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        worker_init_fn=ignore_in_worker,  # a SIGTERM to the process group is the main process's to handle
+        # a SIGTERM to the process group is the main process's to handle
+        worker_init_fn=ignore_in_worker,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
@@ -50,9 +52,10 @@ def worker_loader(
 
 
 class BatchNormalise:
-    """A training transform's last two steps, ``ToDtype(float32, scale=True)`` then ``Normalize``, for a
-    whole (B, C, H, W) batch: the same operations in the same order (uint8 to float32, times 1/255; minus
-    the mean, divided by the std), so every value is the one the per-image steps give."""
+    """A training transform's last two steps, ``ToDtype(float32, scale=True)`` then ``Normalize``,
+    for a whole (B, C, H, W) batch: the same operations in the same order (uint8 to float32, times
+    1/255; minus the mean, divided by the std), so every value is the one the per-image steps
+    give."""
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
         self.mean, self.std = (
@@ -68,8 +71,8 @@ class BatchNormalise:
 
 
 def split_normalisation(transform: v2.Compose) -> tuple[v2.Compose, BatchNormalise | None]:
-    """``transform`` without its closing ``ToDtype(float32, scale=True)`` and ``Normalize``, and those as a
-    ``BatchNormalise``; a transform that does not end so is returned whole, with None."""
+    """``transform`` without its closing ``ToDtype(float32, scale=True)`` and ``Normalize``, and
+    those as a ``BatchNormalise``; a transform that does not end so is returned whole, with None."""
     *head, to_float, norm = transform.transforms
     if not (isinstance(to_float, v2.ToDtype) and isinstance(norm, v2.Normalize) and to_float.scale):
         return transform, None
@@ -79,10 +82,11 @@ def split_normalisation(transform: v2.Compose) -> tuple[v2.Compose, BatchNormali
 
 
 class LoadedSource(DataSource):
-    """A map-style dataset (an ``ImageDataset``, or any with its ``rows``) in a seeded per-epoch order,
-    split across processes by Accelerate. A resumed run skips the micro-batches of its epoch already
-    consumed (``skip_first_batches``). ``normalise``: applied to each batch's images on the device (the
-    dataset's transform then stops before scaling and normalising: ``split_normalisation``)."""
+    """A map-style dataset (an ``ImageDataset``, or any with its ``rows``) in a seeded per-epoch
+    order, split across processes by Accelerate. A resumed run skips the micro-batches of its epoch
+    already consumed (``skip_first_batches``). ``normalise``: applied to each batch's images on the
+    device (the dataset's transform then stops before scaling and normalising:
+    ``split_normalisation``)."""
 
     def __init__(
         self,
@@ -93,9 +97,8 @@ class LoadedSource(DataSource):
         seed: int,
         normalise: BatchNormalise | None = None,
     ) -> None:
-        rows = (
-            dataset.rows
-        )  # the split's rows, columns and bad-image log, as the dataset reads them
+        # the split's rows, columns and bad-image log, as the dataset reads them
+        rows = dataset.rows
         self.dataset, self.size = dataset, len(dataset)
         self.split, self.label_column, self.bad_log = rows.ds, rows.columns.label, rows.bad_log
         self.num_workers, self.batch_size, self.accum_steps, self.seed = (
@@ -107,8 +110,8 @@ class LoadedSource(DataSource):
         self.normalise = normalise
 
     def first_rows(self, n: int) -> datasets.Dataset:
-        """The split, its images decodable where the dataset reads them undecoded (``data.decoder=pillow_draft``,
-        ``dali``)."""
+        """The split, its images decodable where the dataset reads them undecoded
+        (``data.decoder=pillow_draft``, ``dali``)."""
         rows = self.dataset.rows
         return (
             rows.ds.cast_column(rows.columns.image, datasets.Image())
@@ -133,13 +136,18 @@ class LoadedSource(DataSource):
             loader,
         )
 
-    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    def loaded(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        """The prepared loader's collated tuples from optimizer step ``step`` on."""
         epoch, within = divmod(step, self.steps_per_epoch)
         # through Accelerate's loader: it keeps its own epoch counter and passes it to the sampler
         self.prepared.set_epoch(epoch)
-        loader = self.prepared
         if within:  # resume mid-epoch: skip the micro-batches already consumed
-            loader = self.accelerator.skip_first_batches(self.prepared, within * self.accum_steps)
-        if self.normalise is None:
-            return loader
-        return ((self.normalise(images), *rest) for images, *rest in loader)
+            return self.accelerator.skip_first_batches(self.prepared, within * self.accum_steps)
+        return self.prepared
+
+    def batches(self, step: int) -> Iterator[Batch]:
+        for parts in self.loaded(step):
+            batch = Batch.of(parts)
+            yield (
+                batch if self.normalise is None else batch.with_images(self.normalise(batch.images))
+            )

@@ -1,4 +1,5 @@
-"""Datasets as ``datasets`` objects: which source, which split, which columns. Knows nothing about models.
+"""Datasets as ``datasets`` objects: which source, which split, which columns. Knows nothing about
+models.
 
 ``data.dataset`` is one of: ``sample`` (the class-balanced CIFAR-10 subset shipped in the
 package), a local directory (an image folder with class subfolders, or parquet shards laid
@@ -29,18 +30,19 @@ class DataError(UserError, ValueError):
 def load_split(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     """Load one split of ``cfg.dataset`` as a map-style ``datasets.Dataset`` (only the images of
     ``cfg.classes`` when set)."""
-    ds = pick_split(load_splits(cfg), cfg, split or cfg.split)
+    ds = pick_split(load_splits(cfg.dataset), cfg.dataset, split or cfg.split)
     return ds if cfg.classes is None else select_classes(ds, cfg)
 
 
 def load_stream(cfg: DataConfig, split: str | None = None) -> datasets.IterableDataset:
     """One split of ``cfg.dataset`` as a ``datasets`` stream (only ``cfg.classes`` when set)."""
     split = split or cfg.split
-    ds = pick_split(load_splits(cfg, streaming=True), cfg, split)
+    ds = pick_split(load_splits(cfg.dataset, streaming=True), cfg.dataset, split)
     if ds.features is None:
         raise DataError(
-            f"data.dataset={cfg.dataset!r} does not say its columns' types when streamed; use data.streaming=false or "
-            "a dataset with features (parquet, image folders, most hub datasets)"
+            f"data.dataset={cfg.dataset!r} does not say its columns' types when streamed; use "
+            "data.streaming=false or a dataset with features (parquet, image folders, most hub "
+            "datasets)"
         )
     return ds if cfg.classes is None else select_classes(ds, cfg)
 
@@ -52,34 +54,35 @@ def stream_size(ds: datasets.IterableDataset, cfg: DataConfig, split: str) -> in
     known = ds.info.splits.get(split) if ds.info.splits and cfg.classes is None else None
     if known is None or not known.num_examples:
         raise DataError(
-            f"data.streaming=true: {cfg.dataset!r} does not record how many images split {split!r} holds (needed "
-            "for epochs, warm-up and the schedule); give it as data.stream_size=N"
+            f"data.streaming=true: {cfg.dataset!r} does not record how many images split {split!r} "
+            "holds (needed for epochs, warm-up and the schedule); give it as data.stream_size=N"
         )
     return known.num_examples
 
 
 def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
-    col = label_column(ds, cfg)
+    col = label_column(ds, cfg.label_column)
     if col is None:
         raise DataError(
-            "data.classes needs labels and the dataset has none; name them with data.label_column=NAME"
+            "data.classes needs labels and the dataset has none; name them with "
+            "data.label_column=NAME"
         )
     keep = set(cfg.classes)
     ds = ds.filter(lambda labels: [y in keep for y in labels], input_columns=col, batched=True)
-    if (
-        isinstance(ds, datasets.Dataset) and len(ds) == 0
-    ):  # a stream's size is not known before reading it
+    # a stream's size is not known before reading it
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
         raise DataError(
-            f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids it has"
+            f"data.classes={list(cfg.classes)} selects no image of {cfg.dataset!r}; give label ids "
+            "it has"
         )
     return ds
 
 
 def load_splits(
-    cfg: DataConfig, streaming: bool = False
+    source: str, streaming: bool = False
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """Every split of ``cfg.dataset`` (``streaming``: as ``datasets`` streams, nothing loaded)."""
-    source = cfg.dataset
+    """Every split of dataset ``source`` (``data.dataset``'s forms; ``streaming``: as ``datasets``
+    streams, nothing loaded)."""
     try:
         if source == "sample":
             files = {s: str(SAMPLE_DIR / f"{s}-*.parquet") for s in ("train", "test")}
@@ -110,21 +113,35 @@ def load_splits(
 
 
 def pick_split(
-    dsd: datasets.DatasetDict, cfg: DataConfig, split: str, key: str = "data.split"
+    dsd: datasets.DatasetDict, source: str, split: str, key: str = "data.split"
 ) -> datasets.Dataset:
-    """One non-empty split of ``dsd``; ``key`` names the setting that asked for it."""
+    """One non-empty split of ``dsd``, the splits of dataset ``source``; ``key`` names the setting
+    that asked for it."""
     if split not in dsd:
         raise DataError(
-            f"{key}={split!r} does not exist in {cfg.dataset!r}; available splits: {sorted(dsd)}"
+            f"{key}={split!r} does not exist in {source!r}; available splits: {sorted(dsd)}"
         )
     ds = dsd[split]
-    if (
-        isinstance(ds, datasets.Dataset) and len(ds) == 0
-    ):  # a stream's size is not known before reading it
+    # a stream's size is not known before reading it
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
         raise DataError(
-            f"split {split!r} of {cfg.dataset!r} is empty; point data.dataset at data with images"
+            f"split {split!r} of {source!r} is empty; point data.dataset at data with images"
         )
     return ds
+
+
+def dataset_fingerprint(ds: datasets.Dataset) -> str:
+    """The identity ``datasets`` gives a dataset's rows and columns after every transform (the key
+    of its own cache). ``datasets`` has no public accessor for it: the attribute is read here alone,
+    and a release without it is an error that says so."""
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if not isinstance(fingerprint, str):
+        raise RuntimeError(
+            f"datasets {datasets.__version__} keeps no dataset fingerprint where mae.data.loading "
+            "reads it (Dataset._fingerprint); install a datasets release this project supports "
+            "(pyproject.toml)"
+        )
+    return fingerprint
 
 
 def _named_column(ds: datasets.Dataset, key: str, name: str, accepts: Any, what: str) -> str:
@@ -139,15 +156,15 @@ def _named_column(ds: datasets.Dataset, key: str, name: str, accepts: Any, what:
     return name
 
 
-def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
-    """The column named by ``data.image_column`` (checked), else the first ``Image`` feature, else the first
-    column of arrays (``mae.data.arrays``: nested lists, Array2D/3D, or a ``.npy`` folder's paths)."""
+def image_column(ds: datasets.Dataset, name: str | None) -> str:
+    """The column named by ``data.image_column`` (checked), else the first ``Image`` feature, else
+    the first column of arrays (``mae.data.arrays``: nested lists, Array2D/3D, or a ``.npy``
+    folder's paths)."""
 
-    def holds_images(name: str, f: Any) -> bool:
-        return isinstance(f, datasets.Image) or is_array_feature(f) or is_npy_column(ds, name)
+    def holds_images(column: str, f: Any) -> bool:
+        return isinstance(f, datasets.Image) or is_array_feature(f) or is_npy_column(ds, column)
 
-    if cfg.image_column is not None:
-        name = cfg.image_column
+    if name is not None:
         return _named_column(
             ds, "data.image_column", name, lambda f: holds_images(name, f), "images or arrays"
         )
@@ -156,18 +173,17 @@ def image_column(ds: datasets.Dataset, cfg: DataConfig) -> str:
     col = col or next((n for n, f in features if holds_images(n, f)), None)
     if col is None:
         raise DataError(
-            f"the dataset has no Image feature or column of arrays (columns: {ds.column_names}); name the image "
-            "column with data.image_column=NAME"
+            f"the dataset has no Image feature or column of arrays (columns: {ds.column_names}); "
+            "name the image column with data.image_column=NAME"
         )
     return col
 
 
-def label_column(ds: datasets.Dataset, cfg: DataConfig) -> str | None:
-    """The column named by ``data.label_column`` (checked), else the first ``ClassLabel``, else None."""
-    if cfg.label_column is not None:
-        return _named_column(
-            ds, "data.label_column", cfg.label_column, _is_label, "integer class labels"
-        )
+def label_column(ds: datasets.Dataset, name: str | None) -> str | None:
+    """The column named by ``data.label_column`` (checked), else the first ``ClassLabel``, else
+    None."""
+    if name is not None:
+        return _named_column(ds, "data.label_column", name, _is_label, "integer class labels")
     return next(
         (name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None
     )

@@ -17,16 +17,16 @@ So, as with the worker loader, a sample's crop, flip and mask are the same whate
 processes, and a resumed run draws exactly what an uninterrupted one would. They are not the worker
 loader's numbers, though: the two paths draw the same distributions from different generators.
 The resampling also differs a little from Pillow's (mean absolute difference ~1.3 of 255 levels on
-a smooth image, tests/test_device_data.py): the bicubic kernel is a = -0.75 and the crop's neighbours
-are read at its edges. A downscale would not be antialiased (a 2x one differs from Pillow's by ~25
-levels on fine texture), so images larger than ``data.image_size`` are refused.
+a smooth image, tests/test_device_data.py): the bicubic kernel is a = -0.75 and the crop's
+neighbours are read at its edges. A downscale would not be antialiased (a 2x one differs from
+Pillow's by ~25 levels on fine texture), so images larger than ``data.image_size`` are refused.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from mae.config import DataConfig, Derived
+from mae.data.base import Batch
 from mae.data.images import EpochSampler, ImageRows
 from mae.data.loaded import LoadedSource
 from mae.data.loading import DataError
@@ -66,7 +67,8 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 def uniforms(seed: int, keys: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) float32 uniform in [0, 1) for ``keys`` (B, 2) int64 ``(epoch, index)`` pairs: the
-    first ``count`` outputs of a SplitMix64 stream whose state starts at a hash of ``(seed, epoch, index)``."""
+    first ``count`` outputs of a SplitMix64 stream whose state starts at a hash of
+    ``(seed, epoch, index)``."""
     state = splitmix64(splitmix64(torch.full_like(keys[:, 0], seed)) ^ keys[:, 0])
     state = splitmix64(state ^ keys[:, 1])
     counter = torch.arange(count, device=keys.device, dtype=torch.int64)
@@ -75,7 +77,8 @@ def uniforms(seed: int, keys: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def centre_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """``RandomResizedCrop``'s fallback: the centre crop clamped to an aspect ratio in [3/4, 4/3]."""
+    """``RandomResizedCrop``'s fallback: the centre crop clamped to an aspect ratio in
+    [3/4, 4/3]."""
     in_ratio = width / height
     if in_ratio < RATIO[0]:
         cw, ch = width, round(width / RATIO[0])
@@ -96,7 +99,8 @@ def crop_boxes(
     """``RandomResizedCrop.get_params`` for a batch: (B, 4) float ``(top, left, h, w)`` from ``u``
     (B, 4 x CROP_TRIES) uniforms. Each try draws an area fraction in ``scale`` and a log-uniform
     aspect ratio in [3/4, 4/3]; the first try that fits is taken, at a uniform integer position;
-    when none fits, the centre crop clamped to that ratio (``centre``: that box, made once by the caller)."""
+    when none fits, the centre crop clamped to that ratio (``centre``: that box, made once by the
+    caller)."""
     area_u, ratio_u, top_u, left_u = u.view(len(u), 4, CROP_TRIES).unbind(1)
     area = height * width * (scale[0] + area_u * (scale[1] - scale[0]))
     log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
@@ -121,13 +125,12 @@ def resized_crops(
     mean: torch.Tensor,
     std: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, C, H, W) float for ``size`` (H, W): each uint8 image's box (top, left, h, w), flipped where ``flip``,
-    resampled bicubically and normalised, in one ``grid_sample``."""
+    """(B, C, H, W) float for ``size`` (H, W): each uint8 image's box (top, left, h, w), flipped
+    where ``flip``, resampled bicubically and normalised, in one ``grid_sample``."""
     b, c, height, width = images.shape
     top, left, h, w = boxes.unbind(1)
-    sx = torch.where(
-        flip, -w / width, w / width
-    )  # output x in [-1, 1] -> input x, mirrored for a flip
+    # output x in [-1, 1] -> input x, mirrored for a flip
+    sx = torch.where(flip, -w / width, w / width)
     theta = torch.zeros(b, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / width - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
@@ -143,8 +146,8 @@ class DecodedImages:
     """The split decoded into ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 (-1 without
     labels), in CPU memory. An undecodable image is replaced by the next decodable one (logged to
     ``bad_log``), as in ``ImageDataset``. Items are batches of keys: ``__getitems__`` gives one
-    ``((B, 2) int64 (epoch, index), (B,) labels)`` pair (collated by ``first``). A split of more than
-    ``max_bytes`` decoded is refused before it is decoded."""
+    ``((B, 2) int64 (epoch, index), (B,) labels)`` pair (collated by ``first``). A split of more
+    than ``max_bytes`` decoded is refused before it is decoded."""
 
     def __init__(
         self,
@@ -153,10 +156,11 @@ class DecodedImages:
         bad_log: Path | None = None,
         max_bytes: int = 16 << 30,
     ) -> None:
-        self.rows = ImageRows(ds, cfg, bad_log)
+        self.rows = ImageRows(ds, cfg.columns, bad_log)
         if self.rows.columns.arrays:
             raise DataError(
-                "data.on_device=true holds 8-bit images; this dataset is arrays: set data.on_device=false"
+                "data.on_device=true holds 8-bit images; this dataset is arrays: set "
+                "data.on_device=false"
             )
         tic = time.perf_counter()
         arrays, labels, shape = [], [], None
@@ -169,8 +173,9 @@ class DecodedImages:
                 _check_fits(shape, len(self.rows) * a.nbytes, cfg, max_bytes)
             elif a.shape != shape:
                 raise DataError(
-                    f"data.on_device=true needs every image the same size; image {i} is {a.shape[1]}x{a.shape[0]}, "
-                    f"the first {shape[1]}x{shape[0]}: set data.on_device=false"
+                    f"data.on_device=true needs every image the same size; image {i} is "
+                    f"{a.shape[1]}x{a.shape[0]}, the first {shape[1]}x{shape[0]}: set "
+                    "data.on_device=false"
                 )
             arrays.append(a)
             labels.append(self.rows.columns.label_of(row))
@@ -194,14 +199,15 @@ class DecodedImages:
 def _check_fits(shape: tuple[int, ...], total: int, cfg: DataConfig, max_bytes: int) -> None:
     if shape[0] > cfg.hw[0] or shape[1] > cfg.hw[1]:
         raise DataError(
-            f"data.on_device=true is for images stored at most data.image_size={cfg.image_size} (height, width; "
-            f"it does not antialias a downscale); these are {shape[0]}x{shape[1]}: set "
-            "data.on_device=false, or data.image_size to at least their size"
+            f"data.on_device=true is for images stored at most data.image_size={cfg.image_size} "
+            f"(height, width; it does not antialias a downscale); these are {shape[0]}x{shape[1]}: "
+            "set data.on_device=false, or data.image_size to at least their size"
         )
     if total > max_bytes:
         raise DataError(
             f"data.on_device=true would hold {total / 2**30:.1f} GiB of decoded images (limit "
-            f"{max_bytes / 2**30:.0f} GiB); it is meant for CIFAR-scale data: set data.on_device=false"
+            f"{max_bytes / 2**30:.0f} GiB); it is meant for CIFAR-scale data: set "
+            "data.on_device=false"
         )
 
 
@@ -211,7 +217,8 @@ def first(batch: list[Any]) -> Any:
 
 
 def key_loader(ds: DecodedImages, sampler: EpochSampler, batch_size: int) -> DataLoader:
-    """Batches of keys in the worker loader's order (same sampler); no workers, nothing to decode."""
+    """Batches of keys in the worker loader's order (same sampler); no workers, nothing to
+    decode."""
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -224,7 +231,8 @@ def key_loader(ds: DecodedImages, sampler: EpochSampler, batch_size: int) -> Dat
 
 
 class DeviceAugment:
-    """The decoded split on ``device`` and the pretraining transform applied there, batch by batch."""
+    """The decoded split on ``device`` and the pretraining transform applied there, batch by
+    batch."""
 
     def __init__(
         self,
@@ -238,13 +246,13 @@ class DeviceAugment:
             free, _ = torch.cuda.mem_get_info(device)
             if data.images.numel() > free // 2:
                 raise DataError(
-                    f"data.on_device=true: the decoded split ({data.images.numel() / 2**30:.2f} GiB) would take more "
-                    f"than half of the GPU's free memory ({free / 2**30:.1f} GiB); set data.on_device=false"
+                    f"data.on_device=true: the decoded split ({data.images.numel() / 2**30:.2f} "
+                    f"GiB) would take more than half of the GPU's free memory ({free / 2**30:.1f} "
+                    "GiB); set data.on_device=false"
                 )
         self.images = data.images.to(device)
-        if (
-            self.images is not data.images
-        ):  # the loader keeps only the labels; no second copy in CPU memory
+        # the loader keeps only the labels; no second copy in CPU memory
+        if self.images is not data.images:
             data.images = data.images[:0]
         _, _, height, width = self.images.shape
         self.centre = torch.tensor(centre_crop(height, width), dtype=torch.float32, device=device)
@@ -252,7 +260,7 @@ class DeviceAugment:
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(cfg.std, dtype=torch.float32, device=device)
 
-    def __call__(self, keys: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, keys: torch.Tensor, labels: torch.Tensor) -> Batch:
         """(images, labels) or, with noise, (images, labels, noise) for a batch of keys."""
         keys = keys.to(self.images.device)
         n = 4 * CROP_TRIES
@@ -261,7 +269,9 @@ class DeviceAugment:
         augment = self.cfg.augment or "crop"
         if augment == "crop":
             boxes = crop_boxes(u[:, :n], height, width, self.cfg.crop_scale, self.centre)
-        else:  # the whole image (stored at most data.image_size: resized up, as the evaluation transform does)
+        else:
+            # the whole image (stored at most data.image_size: resized up, as the evaluation
+            # transform does)
             boxes = torch.tensor([[0.0, 0.0, height, width]], device=keys.device).expand(
                 len(keys), 4
             )
@@ -271,18 +281,17 @@ class DeviceAugment:
         )
         x = resized_crops(self.images[keys[:, 1]], boxes, flip, self.cfg.hw, self.mean, self.std)
         labels = labels.to(self.images.device)
-        return (x, labels) if self.noise_length is None else (x, labels, u[:, n + 1 :].contiguous())
+        noise = None if self.noise_length is None else u[:, n + 1 :].contiguous()
+        return Batch(x, labels, noise)
 
-    def batches(
-        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    ) -> Iterable[tuple[torch.Tensor, ...]]:
+    def batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Batch]:
         for keys, labels in batches:
             yield self(keys, labels)
 
 
 class DeviceSource(LoadedSource):
-    """``data.on_device``: the loader carries keys in ``LoadedSource``'s order; ``DeviceAugment`` turns
-    them into images on the training device."""
+    """``data.on_device``: the loader carries keys in ``LoadedSource``'s order; ``DeviceAugment``
+    turns them into images on the training device."""
 
     def __init__(
         self,
@@ -293,9 +302,8 @@ class DeviceSource(LoadedSource):
         seed: int,
         noise_length: int | None,
     ) -> None:
-        super().__init__(
-            data, 0, batch_size, accum_steps, seed
-        )  # its items are keys: nothing for workers
+        # its items are keys: nothing for workers
+        super().__init__(data, 0, batch_size, accum_steps, seed)
         self.cfg, self.noise_length = cfg, noise_length
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
@@ -307,12 +315,13 @@ class DeviceSource(LoadedSource):
             self.dataset, self.cfg, self.seed, self.noise_length, accelerator.device
         )
 
-    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
-        return self.augment.batches(super().batches(step))
+    def batches(self, step: int) -> Iterator[Batch]:
+        return self.augment.batches(self.loaded(step))
 
     def describe(self) -> str:
         images = self.augment.images
         return (
-            f"data on {images.device}: {tuple(images.shape)} uint8 ({images.numel() / 2**20:.0f} MiB), decoded in "
-            f"{self.dataset.decode_s:.1f} s; augmented there, no loader workers (data.num_workers is not used)"
+            f"data on {images.device}: {tuple(images.shape)} uint8 ({images.numel() / 2**20:.0f} "
+            f"MiB), decoded in {self.dataset.decode_s:.1f} s; augmented there, no loader workers "
+            "(data.num_workers is not used)"
         )

@@ -27,11 +27,12 @@ def build_source(
     loading: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> DataSource:
     """The training split of ``cfg.data``: streamed (``data.streaming``), decoded by DALI
-    (``data.decoder=dali``), decoded once onto the device (``data.on_device``), or loaded and decoded by
-    loader workers. ``noise_length``: MAE's masking noise per sample (None: no noise). ``source.data_config``
-    is ``cfg.data`` with ``data.mean=auto`` measured (``mae.data.stats``, recorded in ``source.data_stats``,
-    else None). The split is opened inside ``loading()`` (e.g. one process per machine first, so that it
-    alone builds the datasets cache); decoding happens after it, in every process at once."""
+    (``data.decoder=dali``), decoded once onto the device (``data.on_device``), or loaded and
+    decoded by loader workers. ``noise_length``: MAE's masking noise per sample (None: no noise).
+    ``source.data_config`` is ``cfg.data`` with ``data.mean=auto`` measured (``mae.data.stats``,
+    recorded in ``source.data_stats``, else None). The split is opened inside ``loading()`` (e.g.
+    one process per machine first, so that it alone builds the datasets cache); decoding happens
+    after it, in every process at once."""
     d, t = cfg.data, cfg.train
     with loading():
         split = load_stream(d) if d.streaming else load_split(d)
@@ -49,7 +50,7 @@ def build_source(
         )
     else:
         transform, normalise = split_normalisation(augment_transform(d))  # workers hand over uint8
-        dataset = ImageDataset(split, d, transform, t.seed, noise_length, bad_log)
+        dataset = ImageDataset(split, d.columns, transform, t.seed, noise_length, bad_log)
         source = LoadedSource(
             dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise
         )

@@ -1,4 +1,5 @@
-"""Streaming (iterable) datasets for pretraining: data read while it is trained on, never stored whole.
+"""Streaming (iterable) datasets for pretraining: data read while it is trained on, never stored
+whole.
 
 ``data.streaming=true`` opens the training split with ``datasets.load_dataset(..., streaming=True)``
 (a hub id, or local parquet / image folders), so a dataset larger than the disk can be trained on.
@@ -9,8 +10,8 @@
   files get nothing (``datasets`` warns); use more files or fewer workers.
 - **Order.** Files and a buffer of ``data.shuffle_buffer`` examples are shuffled with
   ``train.seed`` + epoch. Every worker loops over epochs on its own, so no process ever waits for
-  another's epoch to end; an epoch is ``data.stream_size`` images (or the size the dataset's metadata
-  gives) for the schedule's sake.
+  another's epoch to end; an epoch is ``data.stream_size`` images (or the size the dataset's
+  metadata gives) for the schedule's sake.
 - **Augmentation.** Each example's crop, flip and MAE mask come from its own seed (process, worker,
   epoch, position in the worker's stream), as for map-style data.
 - **Resuming exactly.** Every checkpoint stores, per process, the position (epoch, examples read) of
@@ -26,7 +27,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from torchvision.transforms import v2
 
 from mae.config import ConfigError, DataConfig, Derived
 from mae.data.arrays import ArrayError
-from mae.data.base import DataSource
+from mae.data.base import Batch, DataSource
 from mae.data.images import DECODE_ERRORS, ImageColumns, log_bad_image, seeded_sample, to_mode
 from mae.data.loading import DataError
 from mae.preemption import ignore_in_worker
@@ -47,7 +48,8 @@ from mae.preemption import ignore_in_worker
 
 class ImageStream(IterableDataset):
     """This process's part of a stream as ``(image, label or -1[, noise], tag)`` items; ``tag`` is
-    ``(worker, epoch, examples read)`` for ``StreamBatches``. Endless: each worker loops over epochs."""
+    ``(worker, epoch, examples read)`` for ``StreamBatches``. Endless: each worker loops over
+    epochs."""
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class ImageStream(IterableDataset):
         noise_length: int | None = None,
         bad_log: Path | None = None,
     ) -> None:
-        self.columns = ImageColumns(stream, cfg)
+        self.columns = ImageColumns(stream, cfg.columns)
         stream = self.columns.select(stream)
         if not self.columns.arrays:  # decode only what is used
             stream = stream.cast_column(self.columns.image, datasets.Image(decode=False))
@@ -74,8 +76,9 @@ class ImageStream(IterableDataset):
         ] = {}  # worker -> (epoch, examples read), from a checkpoint
 
     def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
-        """This process's part of the stream, files and buffer shuffled for ``epoch``. A new object per
-        epoch and worker: ``set_epoch`` would change an epoch counter that forked workers share."""
+        """This process's part of the stream, files and buffer shuffled for ``epoch``. A new object
+        per epoch and worker: ``set_epoch`` would change an epoch counter that forked workers
+        share."""
         shuffled = self.base.shuffle(
             seed=(self.seed * 1_000_003 + epoch) % 2**32, buffer_size=self.buffer
         )
@@ -100,12 +103,12 @@ class ImageStream(IterableDataset):
                 if item is not None:
                     given += 1
                     yield item
-            if (
-                given == 0 and skip == 0
-            ):  # a whole epoch without one image: the loop would wait forever
+            # a whole epoch without one image: the loop would wait forever
+            if given == 0 and skip == 0:
                 raise DataError(
-                    f"process {self.rank}'s loader worker {worker} read {read + 1} examples and no decodable image in "
-                    "a whole epoch of its files; check data.classes and the files, or lower data.num_workers"
+                    f"process {self.rank}'s loader worker {worker} read {read + 1} examples and no "
+                    "decodable image in a whole epoch of its files; check data.classes and the "
+                    "files, or lower data.num_workers"
                 )
             epoch, skip = epoch + 1, 0
 
@@ -145,8 +148,9 @@ class ImageStream(IterableDataset):
 
 
 class StreamBatches:
-    """The batches of an ``ImageStream`` DataLoader in a fixed worker order (round robin over the active
-    workers, as an uninterrupted DataLoader gives them), recording where each worker's stream stands.
+    """The batches of an ``ImageStream`` DataLoader in a fixed worker order (round robin over the
+    active workers, as an uninterrupted DataLoader gives them), recording where each worker's stream
+    stands.
 
     ``state_dict`` / ``load_state_dict`` are what a checkpoint keeps; load before iterating."""
 
@@ -161,7 +165,8 @@ class StreamBatches:
             stream,
             batch_size=batch_size,
             num_workers=cfg.num_workers,
-            worker_init_fn=ignore_in_worker,  # a SIGTERM to the process group is the main process's to handle
+            # a SIGTERM to the process group is the main process's to handle
+            worker_init_fn=ignore_in_worker,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
@@ -180,27 +185,31 @@ class StreamBatches:
         layout = (state["num_processes"], state["num_workers"])
         if layout != (self.num_processes, self.num_workers):
             raise DataError(
-                f"{where} was written by {layout[0]} processes x data.num_workers={layout[1]} reading the stream; "
-                f"this launch has {self.num_processes} x {self.num_workers}. A stream resumes exactly only with the "
-                f"same layout: launch with {layout[0]} processes and data.num_workers={layout[1]}"
+                f"{where} was written by {layout[0]} processes x data.num_workers={layout[1]} "
+                f"reading the stream; this launch has {self.num_processes} x {self.num_workers}. A "
+                f"stream resumes exactly only with the same layout: launch with {layout[0]} "
+                f"processes and data.num_workers={layout[1]}"
             )
         self.batches = state["batches"]
         self.positions = {int(w): (p[0], p[1]) for w, p in state["workers"].items()}
         self.stream.start = dict(self.positions)
 
     def close(self) -> None:
-        """Stop the loader's worker processes now. A training loop that ends with an exception keeps its
-        iterator alive in the traceback, and live workers can keep the interpreter from exiting."""
+        """Stop the loader's worker processes now. A training loop that ends with an exception keeps
+        its iterator alive in the traceback, and live workers can keep the interpreter from
+        exiting."""
         it, self._it = self._it, None
+        # torch has no public call that stops an iterator's workers: dropping it is not enough
+        # while a traceback's frames still hold it. ``_shutdown_workers`` is what the iterator's
+        # own ``__del__`` calls; where a torch release lacks it, the workers end with the process.
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         try:
             yield from self._batches()
-        except (
-            BaseException
-        ):  # an error from a worker, or the consumer closing early: no worker outlives it
+        # an error from a worker, or the consumer closing early: no worker outlives it
+        except BaseException:
             self.close()
             raise
 
@@ -215,17 +224,16 @@ class StreamBatches:
                     batch = next(self._it)
                 except StopIteration:
                     raise DataError(
-                        "the stream gave no images (every worker's part is empty); check data.dataset, data.split and "
-                        "data.classes"
+                        "the stream gave no images (every worker's part is empty); check "
+                        "data.dataset, data.split and data.classes"
                     ) from None
                 held[int(batch[-1][0, 0])].append(batch)
-                if (
-                    sum(map(len, held.values())) > 4 * self.active + 8
-                ):  # the worker due has stopped giving batches
+                # the worker due has stopped giving batches
+                if sum(map(len, held.values())) > 4 * self.active + 8:
                     raise DataError(
-                        f"loader worker {want} of process {self.stream.rank} stopped giving images while the others "
-                        "go on; its files are empty or unreadable: check the files and data.classes, or lower "
-                        "data.num_workers"
+                        f"loader worker {want} of process {self.stream.rank} stopped giving images "
+                        "while the others go on; its files are empty or unreadable: check the "
+                        "files and data.classes, or lower data.num_workers"
                     )
             *batch, tags = held[want].popleft()
             last = tags[-1]
@@ -235,8 +243,8 @@ class StreamBatches:
 
 
 class StreamSource(DataSource):
-    """``data.streaming``: each process reads its own part of the stream (not through Accelerate) and
-    moves its batches to the device; a checkpoint keeps where every worker's stream stands."""
+    """``data.streaming``: each process reads its own part of the stream (not through Accelerate)
+    and moves its batches to the device; a checkpoint keeps where every worker's stream stands."""
 
     def __init__(
         self,
@@ -253,9 +261,9 @@ class StreamSource(DataSource):
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
         self.device = accelerator.device  # no loader: each process reads its own part of the stream
 
-    def batches(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    def batches(self, step: int) -> Iterator[Batch]:
         for batch in self.batches_of:  # endless: the stream has no epoch ends the loop waits for
-            yield tuple(x.to(self.device, non_blocking=True) for x in batch)
+            yield Batch.of([x.to(self.device, non_blocking=True) for x in batch])
 
     def state_dict(self) -> dict[str, Any]:
         return self.batches_of.state_dict()
@@ -263,8 +271,8 @@ class StreamSource(DataSource):
     def load_state_dict(self, state: dict[str, Any] | None, where: str) -> None:
         if state is None:
             raise ConfigError(
-                f"{where} holds no stream position (it was written with data.streaming=false); resume "
-                "with data.streaming=false or use another output_dir"
+                f"{where} holds no stream position (it was written with data.streaming=false); "
+                "resume with data.streaming=false or use another output_dir"
             )
         self.batches_of.load_state_dict(state, where)
 

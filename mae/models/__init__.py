@@ -1,10 +1,16 @@
-"""Model registry: every family registers a builder taking the resolved config."""
+"""Model registry: every family registers a builder taking the resolved config.
+
+A new family is one file defining an ``Autoencoder`` and one ``register`` call: its builder and
+what it trains with by default.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from mae.config import Config
+from mae.family_defaults import FAMILY_DEFAULTS, MAE
 from mae.models.ae import VanillaAutoencoder
 from mae.models.base import AEOutput, Autoencoder
 from mae.models.cae import ContractiveAutoencoder
@@ -33,7 +39,10 @@ def _build_mae(cfg: Config) -> MaskedAutoencoder:
     return CrossMaskedAutoencoder(**mae, **cross, features=m.decoder_features)
 
 
-MODELS: dict[str, Callable[[Config], Autoencoder]] = {
+Builder = Callable[[Config], Autoencoder]
+# The built-in families; their defaults are in mae.family_defaults, which the config reads
+# without importing the models.
+MODELS: dict[str, Builder] = {
     "mae": _build_mae,
     "ae": VanillaAutoencoder,
     "dae": DenoisingAutoencoder,
@@ -42,6 +51,19 @@ MODELS: dict[str, Callable[[Config], Autoencoder]] = {
     "vae": VariationalAutoencoder,
     "stacked_ae": StackedAutoencoder,
 }
+
+
+def register(name: str, build: Builder, defaults: dict[str, Any]) -> None:
+    """Add a family: ``model.name=NAME`` builds ``build(cfg)``. ``defaults``: what the family
+    trains with where a recipe leaves it unset, the keys of ``mae.family_defaults.MAE`` (augment,
+    blr, weight_decay, warmup_epochs)."""
+    if name in MODELS:
+        raise ValueError(f"model family {name!r} is already registered")
+    missing = set(MAE) - set(defaults)
+    if missing:
+        raise ValueError(f"family {name!r} registered without defaults for {sorted(missing)}")
+    MODELS[name] = build
+    FAMILY_DEFAULTS[name] = dict(defaults)
 
 
 def build_model(cfg: Config) -> Autoencoder:
@@ -61,4 +83,5 @@ __all__ = [
     "VanillaAutoencoder",
     "VariationalAutoencoder",
     "build_model",
+    "register",
 ]

@@ -26,13 +26,13 @@ class AEOutput:
     recon: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     features: torch.Tensor | None = None
-    corrupted: torch.Tensor | None = (
-        None  # the input the encoder saw, when the model corrupts it (denoising)
-    )
+    # the input the encoder saw, when the model corrupts it (denoising)
+    corrupted: torch.Tensor | None = None
 
 
 class Autoencoder(nn.Module, abc.ABC):
-    """``forward(images) -> AEOutput``; ``encode(images) -> (B, feature_dim)``; ``encoder`` submodule.
+    """``forward(images) -> AEOutput``; ``encode(images) -> (B, feature_dim)``; ``encoder``
+    submodule.
 
     ``encode`` is deterministic (no masking, noise or sampling). ``encoder`` is the part that is
     exported and fine-tuned.

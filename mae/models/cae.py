@@ -30,16 +30,16 @@ class ContractiveAutoencoder(ClassicAutoencoder):
         self.exact = m.arch == "mlp" and len(m.widths) == 0
 
     def jacobian_norm(self, x: torch.Tensor, code: torch.Tensor | None = None) -> torch.Tensor:
-        """||d code / d x||_F^2 per image, (B,): exact for a single sigmoid layer, else the estimate."""
+        """||d code / d x||_F^2 per image, (B,): exact for a single sigmoid layer, else the
+        estimate."""
         if self.exact:
             code = self.code(x) if code is None else code
             return sigmoid_layer_jacobian_norm(code.float(), self.encoder.net[0].weight.float())
         total = torch.zeros(len(x), device=x.device)
         for _ in range(self.projections):
             v = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1  # Rademacher
-            with (
-                warnings.catch_warnings()
-            ):  # torch's forward-AD set-up scripts its decompositions once
+            # torch's forward-AD set-up scripts its decompositions once
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
                 _, jv = jvp(self.code, (x,), (v,))
             total = total + jv.float().pow(2).flatten(1).sum(dim=1)

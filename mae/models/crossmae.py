@@ -2,20 +2,21 @@
 
 The encoder, its masking and the loss are MAE's (``mae.models.mae``); only the decoder differs:
 
-- it predicts ``reconstruct_ratio`` of all patches, not every removed one: the removed patches with the
-  largest noise (``mae.masking.predicted_patches``), so the noise that fixes the mask fixes them too;
-- each prediction is a query, the shared mask token plus the decoder's sin-cos position of its patch, that
-  cross-attends to the encoder's tokens and (by default) not to the other queries, so its prediction does
-  not depend on which other patches are predicted;
-- ``features="weighted"``: each decoder block reads its own learned mix of the encoder's input and its
-  blocks' outputs (CrossMAE's weighted feature maps, with its recipe's input map), layer-normed;
+- it predicts ``reconstruct_ratio`` of all patches, not every removed one: the removed patches with
+  the largest noise (``mae.masking.predicted_patches``), so the noise that fixes the mask fixes them
+  too;
+- each prediction is a query, the shared mask token plus the decoder's sin-cos position of its
+  patch, that cross-attends to the encoder's tokens and (by default) not to the other queries, so
+  its prediction does not depend on which other patches are predicted;
+- ``features="weighted"``: each decoder block reads its own learned mix of the encoder's input and
+  its blocks' outputs (CrossMAE's weighted feature maps, with its recipe's input map), layer-normed;
   ``"last"``: every block reads the encoder's output.
   The last block's output enters the mix through the encoder's final norm, so that norm (part of the
   export, read by probes and fine-tuning) trains as in MAE instead of being left unused.
 
-Encoder tokens are projected to the decoder width once (``decoder_embed``, as in MAE) and each block's
-keys and values come from that. In eval mode the decoder predicts every removed patch (it can query any
-position), so reconstructions are whole whatever the training ratio.
+Encoder tokens are projected to the decoder width once (``decoder_embed``, as in MAE) and each
+block's keys and values come from that. In eval mode the decoder predicts every removed patch (it
+can query any position), so reconstructions are whole whatever the training ratio.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ from mae.models.mae import MaskedAutoencoder, sincos_pos_embed
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from queries (B, Q, D) to a memory (B, T, D).
+    """Multi-head attention from queries (B, Q, D) to a memory (B, T, D), through
+    ``F.scaled_dot_product_attention``.
 
     timm's ``Attention`` computes queries, keys and values from one sequence (a fused qkv) and its
-    ``AttentionPoolLatent`` pools to learned latents; neither takes queries and memory apart. The core is
-    ``F.scaled_dot_product_attention``, or written out (``attention_core = "math"``, set by
-    ``mae.hardware.set_attention`` as for the encoder's blocks) for memories of at most
-    ``mae.hardware.MATH_MAX_TOKENS`` tokens.
+    ``AttentionPoolLatent`` pools to learned latents; neither takes queries and memory apart.
+    ``mae.hardware.set_attention`` turns it into ``MathCrossAttention`` and back, as it does the
+    encoder's blocks.
     """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.heads, self.attention_core = heads, "fused"
+        self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -56,12 +57,26 @@ class CrossAttention(nn.Module):
         k, v = (
             self.kv(memory).view(batch, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         )
-        if self.attention_core == "math" and memory.shape[1] <= hardware.MATH_MAX_TOKENS:
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            out = attn.float().softmax(dim=-1).to(v.dtype) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Q, d)
+        out = self.core(q, k, v)  # (B, h, Q, d)
         return self.proj(out.transpose(1, 2).reshape(batch, queries, dim))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class MathCrossAttention(CrossAttention):
+    """``CrossAttention`` with the core written out for memories of at most
+    ``mae.hardware.MATH_MAX_TOKENS`` tokens (the softmax in fp32), as ``mae.hardware.MathAttention``
+    does for self-attention; longer ones take the fused path."""
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[2] > hardware.MATH_MAX_TOKENS:
+            return super().core(q, k, v)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        return attn.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+hardware.register_attention(CrossAttention, MathCrossAttention)
 
 
 class CrossBlock(nn.Module):
@@ -86,7 +101,8 @@ class CrossBlock(nn.Module):
 
 
 class CrossMaskedAutoencoder(MaskedAutoencoder):
-    """``MaskedAutoencoder`` with CrossMAE's decoder; ``encode`` and ``encoder`` are MAE's, unchanged."""
+    """``MaskedAutoencoder`` with CrossMAE's decoder; ``encode`` and ``encoder`` are MAE's,
+    unchanged."""
 
     def __init__(
         self, *, reconstruct_ratio: float, self_attn: bool = False, features: str = "last", **mae
@@ -102,7 +118,8 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
     ) -> None:
         """Projection of the encoder tokens, mask token, positions, cross blocks, norm; for weighted
-        features the (decoder blocks x feature maps) mixing weights and one norm per decoder block."""
+        features the (decoder blocks x feature maps) mixing weights and one norm per decoder
+        block."""
         self.decoder_embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer(
@@ -125,8 +142,8 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
             nn.init.normal_(self.decoder_feature_mix, std=self.decoder_feature_mix.shape[1] ** -0.5)
 
     def encoder_outputs(self, images: torch.Tensor, noise: torch.Tensor | None = None):
-        """-> (what each decoder block reads, projected to the decoder width: (B, 1 + L_keep, Dd) each; the
-        encoder's normed output (B, 1 + L_keep, D); mask; ids_restore)."""
+        """-> (what each decoder block reads, projected to the decoder width: (B, 1 + L_keep, Dd)
+        each; the encoder's normed output (B, 1 + L_keep, D); mask; ids_restore)."""
         x, mask, ids_restore = self.embed_and_mask(images, noise)
         if self.features == "last":  # one projection that every block reads
             latent = self.encoder.norm(self.encoder.blocks(x))
@@ -141,9 +158,8 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
             x = block(x)
             outputs.append(x)
         latent = outputs[-1] = self.encoder.norm(x)
-        mixed = (
-            torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T
-        )  # (B, T, D, decoder blocks)
+        # (B, T, D, decoder blocks)
+        mixed = torch.stack(outputs, dim=-1) @ self.decoder_feature_mix.T
         memories = [
             self.decoder_embed(norm(mixed[..., i]))
             for i, norm in enumerate(self.decoder_feature_norms)
@@ -151,7 +167,8 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         return memories, latent, mask, ids_restore
 
     def forward_decoder(self, memories: list[torch.Tensor], ids_pred: torch.Tensor) -> torch.Tensor:
-        """One memory per decoder block (B, T, Dd) and the patches to predict (B, Q) -> (B, Q, p*p*C)."""
+        """One memory per decoder block (B, T, Dd) and the patches to predict (B, Q)
+        -> (B, Q, p*p*C)."""
         pos = self.decoder_pos_embed[:, 1:].expand(ids_pred.shape[0], -1, -1)
         x = self.mask_token + torch.gather(
             pos, 1, ids_pred.unsqueeze(-1).expand(-1, -1, pos.shape[-1])
@@ -161,8 +178,8 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         return self.decoder_pred(self.decoder_norm(x))
 
     def predicted(self, ids_restore: torch.Tensor) -> torch.Tensor:
-        """The patches this forward predicts: ``reconstruct_ratio`` of them in training, every removed one in
-        eval mode."""
+        """The patches this forward predicts: ``reconstruct_ratio`` of them in training, every
+        removed one in eval mode."""
         length = ids_restore.shape[1]
         count = length - num_kept(length, self.mask_ratio)
         if self.training:

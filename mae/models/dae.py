@@ -22,7 +22,8 @@ from mae.models.conv import ClassicAutoencoder
 
 
 def corrupt_pixels(pixels: torch.Tensor, kind: str, level: float, patch: int = 1) -> torch.Tensor:
-    """Corrupt (B, C, H, W) pixels in [0, 1] (see the module docstring); draws from the global RNG."""
+    """Corrupt (B, C, H, W) pixels in [0, 1] (see the module docstring); draws from the global
+    RNG."""
     if kind == "gaussian":
         return pixels + level * torch.randn_like(pixels)
     b, _, h, w = pixels.shape
@@ -51,8 +52,7 @@ class DenoisingAutoencoder(ClassicAutoencoder):
         )
 
     def corrupt(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (
-            images * self.std + self.mean
-        )  # not clamped: the clean image is recovered exactly at level 0
+        # not clamped: the clean image is recovered exactly at level 0
+        pixels = images * self.std + self.mean
         noisy = corrupt_pixels(pixels, self.corruption, self.noise_level, self.corruption_patch)
         return (noisy - self.mean) / self.std

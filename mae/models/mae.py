@@ -103,7 +103,8 @@ class MaskedAutoencoder(Autoencoder):
     def build_decoder(
         self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
     ) -> None:
-        """The paper's decoder but for its prediction head: embed, mask token, positions, blocks, norm."""
+        """The paper's decoder but for its prediction head: embed, mask token, positions, blocks,
+        norm."""
         self.decoder_embed = nn.Linear(embed_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer(
@@ -117,7 +118,8 @@ class MaskedAutoencoder(Autoencoder):
         self.decoder_norm = norm_layer(width)
 
     def initialize_weights(self) -> None:
-        """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02) tokens."""
+        """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02)
+        tokens."""
         with torch.no_grad():
             self.encoder.pos_embed.copy_(sincos_pos_embed(self.feature_dim, self.grid))
         w = self.encoder.patch_embed.proj.weight
@@ -142,7 +144,8 @@ class MaskedAutoencoder(Autoencoder):
         return self.grid[0] * self.grid[1]
 
     def embed_and_mask(self, images: torch.Tensor, noise: torch.Tensor | None = None):
-        """images (B, C, H, W) -> the encoder's input (B, 1 + L_keep, D), mask (B, L), ids_restore (B, L)."""
+        """images (B, C, H, W) -> the encoder's input (B, 1 + L_keep, D), mask (B, L),
+        ids_restore (B, L)."""
         enc = self.encoder
         x = enc.patch_embed(images)  # (B, L, D)
         x = x + enc.pos_embed[:, 1:]
@@ -163,9 +166,8 @@ class MaskedAutoencoder(Autoencoder):
         batch, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order
-        x_ = torch.gather(
-            x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2])
-        )  # patch order
+        # patch order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, 1:]  # (B, L, p*p*C), cls dropped
@@ -195,10 +197,12 @@ class MaskedAutoencoder(Autoencoder):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """The visible patches as they are, the hidden ones (``mask_ratio``, global RNG) predicted."""
+        """The visible patches as they are, the hidden ones (``mask_ratio``, global RNG)
+        predicted."""
         out = self.forward(images)
         return images * (1 - out.mask) + out.recon * out.mask
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D): the cls token of the full (unmasked) image, after the final norm."""
+        """(B, C, H, W) -> (B, D): the cls token of the full (unmasked) image, after the final
+        norm."""
         return self.encoder(images)

@@ -7,11 +7,11 @@ decoder layer mapping its output back to its input. Stage k (optimizer steps
 [k x ``stage_steps``, (k + 1) x ``stage_steps``)) trains layer k and its decoder to reconstruct
 the codes of the frozen layers below (stage 0: the image, with the model's loss); with
 ``stack_denoising`` each layer is a denoising autoencoder (stage 0: ``model.corruption``; above:
-masking noise zeroing a fraction ``noise_level`` of the code units). After the last layer's stage, the rest of the run
-trains the whole stack end to end (encoder, then the decoders in reverse) on the image. Logged:
-``recon`` (the stage's reconstruction error: of the image, or of the codes below) and ``stage``. The
-stage is a function of the optimizer step, so checkpoints and resume work across stage
-boundaries. Evaluation mode always runs the whole stack.
+masking noise zeroing a fraction ``noise_level`` of the code units). After the last layer's stage,
+the rest of the run trains the whole stack end to end (encoder, then the decoders in reverse) on the
+image. Logged: ``recon`` (the stage's reconstruction error: of the image, or of the codes below) and
+``stage``. The stage is a function of the optimizer step, so checkpoints and resume work across
+stage boundaries. Evaluation mode always runs the whole stack.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def _layers(m, channels: int, hw: tuple[int, int]) -> tuple[list[nn.Module], lis
 
 class StackedAutoencoder(ClassicAutoencoder):
     code_activation = "identity"
-    has_unused_parameters = (
-        True  # a greedy stage trains one layer: data parallel must expect idle ones
-    )
+    # a greedy stage trains one layer: data parallel must expect idle ones
+    has_unused_parameters = True
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, nets=False)
@@ -62,8 +61,8 @@ class StackedAutoencoder(ClassicAutoencoder):
         enc, dec = _layers(m, d.channels, d.hw)
         # the stages: layers with parameters (an mlp's leading Flatten has none)
         self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
-        # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too, which
-        # also makes the whole decoder non-linear; the first stage's decoder outputs the image
+        # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too,
+        # which also makes the whole decoder non-linear; the first stage's decoder outputs the image
         dec = [
             nn.Sequential(layer, nn.GELU()) if i > self.stages[0] else layer
             for i, layer in enumerate(dec)
@@ -113,9 +112,8 @@ class StackedAutoencoder(ClassicAutoencoder):
                 x = self._corrupt_input(h, False)
             out = self.decoders[index](self.encoder[index](x)).float()
             if first:
-                for layer in reversed(
-                    self.decoders[:index]
-                ):  # back to image shape (an mlp's Unflatten)
+                # back to image shape (an mlp's Unflatten)
+                for layer in reversed(self.decoders[:index]):
                     out = layer(out)
                 loss = self.reconstruction_loss(out, images)
             else:

@@ -1,6 +1,6 @@
-"""Variational autoencoder (Kingma & Welling 2014): Gaussian posterior q(z|x) = N(mu, diag(sigma^2)),
-reparameterised samples, a standard normal prior, and a decoder likelihood on pixels in [0, 1]
-(``model.likelihood``):
+"""Variational autoencoder (Kingma & Welling 2014): Gaussian posterior q(z|x) =
+N(mu, diag(sigma^2)), reparameterised samples, a standard normal prior, and a decoder likelihood
+on pixels in [0, 1] (``model.likelihood``):
 
 - ``bernoulli``: the decoder gives logits; -log p(x|z) is the binary cross-entropy;
 - ``gaussian``: the decoder gives the mean; one learned scale sigma for every pixel.
