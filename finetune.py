@@ -13,17 +13,17 @@ or pixels:SIZE (raw pixels; probes only). See docs/evaluation.md and docs/intero
 import sys
 
 from mae.cli import main
-from mae.eval_config import EvalConfig, load_eval_config
+from mae.config.evaluation import EvalConfig, load_eval_config
 
 
 def run(cfg: EvalConfig) -> None:
     # torch, datasets: only once the config is known to be valid
     if cfg.mode == "finetune":
-        from mae.finetune import finetune
+        from mae.eval.finetune import finetune
 
         results = finetune(cfg)
     else:
-        from mae.probe import probe
+        from mae.eval.probe import probe
 
         results = probe(cfg)
     from accelerate import PartialState

@@ -3,10 +3,10 @@
     python bench/allocator.py --setting base --precision bf16      # ViT-B/16, 224 px, batch 32
     python bench/allocator.py --setting tiny --precision fp32      # ViT-Tiny/4, 32 px, batch 256
 
-Training on CPU calls ``mae.hardware.tune_cpu_allocator`` at start. It is process-wide, so the two
-settings run in separate fresh processes, alternately (``--pairs`` of each, the order flipped every
-pair so that drift hits both alike). Each process times ``--rounds`` rounds of 2 steps after one
-untimed step. The script prints the medians, their ratio and each process's peak RSS, and writes
+Training on CPU calls ``mae.run.hardware.tune_cpu_allocator`` at start. It is process-wide, so the
+two settings run in separate fresh processes, alternately (``--pairs`` of each, the order flipped
+every pair so that drift hits both alike). Each process times ``--rounds`` rounds of 2 steps after
+one untimed step. The script prints the medians, their ratio and each process's peak RSS, and writes
 JSON. ``bench/vs_hf.py`` compares implementations within one process, under the default settings.
 """
 
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import vs_hf  # noqa: E402  (bench/ is the script's own folder)
 
-from mae.hardware import tune_cpu_allocator  # noqa: E402
 from mae.models import build_model  # noqa: E402
+from mae.run.hardware import tune_cpu_allocator  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

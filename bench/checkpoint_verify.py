@@ -3,7 +3,7 @@
     python bench/checkpoint_verify.py  # ViT-B/16 at 224 px, AdamW state, 3 repeats
     python bench/checkpoint_verify.py --preset vit_large_patch16
 
-A real checkpoint (``mae.checkpoint.save_checkpoint``: model, AdamW moments after one step, RNG
+A real checkpoint (``mae.run.checkpoint.save_checkpoint``: model, AdamW moments after one step, RNG
 states, loop state, manifest) is written to a temporary folder under ``--dir``; then, ``--repeats``
 times each, interleaved: ``verify`` (sizes, then the sha256 of every file) and ``load_checkpoint``
 (Accelerate's ``load_state`` into the model and optimizer), and the manifest's own hashing at save
@@ -24,10 +24,10 @@ from common import ROOT, add_out, medians, write_json
 
 sys.path.insert(0, str(ROOT))
 
-from mae import checkpoint  # noqa: E402
 from mae.config import derive, load_config  # noqa: E402
 from mae.models import build_model  # noqa: E402
 from mae.pretrain import build_optimizer  # noqa: E402
+from mae.run import checkpoint  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -4,7 +4,8 @@
         bench/results/budget600_family/runs/cae
 
 For each run (or ``random:RUN``), on the training split's features as the probes take them
-(``mae.probe``'s cache, extracted when missing, with ``configs/eval/knn_cifar10.yaml``'s settings):
+(``mae.eval.probe``'s cache, extracted when missing, with ``configs/eval/knn_cifar10.yaml``'s
+settings):
 
 - offset share: ||mean feature||^2 / mean ||feature||^2 (0: centred codes; 1: all images one code);
 - mean cosine between two images' features (4,000 images, each pair once);
@@ -24,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from mae.eval_config import load_eval_config  # noqa: E402
-from mae.probe import cached_features, fit_and_eval_splits, probe_encoder  # noqa: E402
+from mae.config.evaluation import load_eval_config  # noqa: E402
+from mae.eval.probe import cached_features, fit_and_eval_splits, probe_encoder  # noqa: E402
 
 
 def offset_stats(x: torch.Tensor, pairs_of: int = 4000) -> dict[str, float]:

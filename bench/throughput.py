@@ -7,7 +7,7 @@
 2. data loader: the pretraining DataLoader over --data, without a model;
 3. end to end: the loader feeding the model step, as in the engine's inner loop (no Accelerate).
 
-On CPU, glibc's malloc is tuned first, as training does (``mae.hardware.tune_cpu_allocator``;
+On CPU, glibc's malloc is tuned first, as training does (``mae.run.hardware.tune_cpu_allocator``;
 ``--default-malloc`` leaves it alone).
 
 ``--on-device``: the split decoded once into a uint8 tensor on ``--device`` and augmented there
@@ -51,19 +51,19 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 from mae.config import Config, derive, load_config  # noqa: E402
+from mae.config.presets import PRESET_KEYS, PRESETS  # noqa: E402
 from mae.data.images import EpochSampler, ImageDataset, augment_transform  # noqa: E402
 from mae.data.loaded import worker_loader  # noqa: E402
 from mae.data.loading import load_split  # noqa: E402
 from mae.data.on_device import DecodedImages, DeviceAugment, key_loader  # noqa: E402
-from mae.hardware import (  # noqa: E402
+from mae.models import build_model  # noqa: E402
+from mae.pretrain import build_optimizer  # noqa: E402
+from mae.run.hardware import (  # noqa: E402
     resolve_attention,
     resolve_precision,
     set_attention,
     tune_cpu_allocator,
 )
-from mae.models import build_model  # noqa: E402
-from mae.presets import PRESET_KEYS, PRESETS  # noqa: E402
-from mae.pretrain import build_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 Step = Callable[[torch.Tensor], torch.Tensor]

@@ -7,7 +7,7 @@
 Both models have the identical architecture and the same weights (``mae.interop.to_hf``): dims,
 depth, heads, decoder, mask ratio, norm-pix loss; same batch, threads and optimizer (timm AdamW,
 the engine's parameter groups). Each runs at fp32 and under bf16 autocast; ours with the attention
-core the engine picks for that precision (``mae.hardware``), Hugging Face with its default
+core the engine picks for that precision (``mae.run.hardware``), Hugging Face with its default
 (``sdpa``). A step is forward + backward + optimizer step on random images in memory.
 
 - **Same results first**: before timing, both compute the loss for the same images and mask noise;
@@ -59,9 +59,9 @@ sys.path.insert(0, str(ROOT))
 from throughput import sync  # noqa: E402  (bench/ is the script's own folder)
 
 from mae.config import Config, derive, load_config  # noqa: E402
-from mae.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
 from mae.models import build_model  # noqa: E402
 from mae.pretrain import build_optimizer  # noqa: E402
+from mae.run.hardware import resolve_attention, resolve_precision, set_attention  # noqa: E402
 
 SETTINGS = {  # name -> (preset, image size, CPU batch, GPU batch)
     "tiny": ("vit_tiny_patch4", 32, 256, 1024),
@@ -238,7 +238,7 @@ def step_flops(model: torch.nn.Module, cfg: Config, device: torch.device) -> flo
     """FLOPs of one forward + backward of ``model`` per image (attention counted as matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mae import hardware
+    from mae.run import hardware
 
     probe = copy.deepcopy(model)
     set_attention(probe, "math")

@@ -14,12 +14,12 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
   for all of them, and the two score histograms. Train on the normal classes only with
   ``pretrain.py data.classes=[...]``, or score with a model trained on everything.
 - ``reduce``: the encoder as dimensionality reduction against PCA with as many components as the
-  code has (``mae.evaluate_pca``, pixel space): reconstruction PSNR of both on the split (printed
+  code has (``mae.eval.pca``, pixel space): reconstruction PSNR of both on the split (printed
   side by side), linear-probe and kNN accuracy of both (fitted on ``--fit-split``), and a 2-D PCA
   scatter of the codes coloured by class.
 - ``sample`` (generative models): a grid of prior samples and latent interpolations between
   pairs of the split's images.
-- ``report``: the tables of ``mae.results_table`` (runs with their probes and the tasks above;
+- ``report``: the tables of ``mae.eval.report`` (runs with their probes and the tasks above;
   every ``results.json`` under ``--results``) as ``report.md`` + ``report.json`` in ``--out``.
 
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
@@ -43,10 +43,10 @@ from mae.config import Config, DataConfig
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError, load_splits, pick_split
 from mae.errors import UserError
-from mae.evaluate_pca import denoise, reduce
+from mae.eval.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
+from mae.eval.pca import denoise, reduce
+from mae.eval.report import write_report
 from mae.export import load_run_model
-from mae.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
-from mae.results_table import write_report
 from mae.visualize import denormalize, pyplot, save_tiles
 
 TASKS = ("reconstruct", "denoise", "anomaly", "reduce", "sample", "report")

@@ -21,11 +21,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
-from mae import checkpoint as ckpt
 from mae.config import Config, from_dict, read_yaml, to_dict
 from mae.data.images import timm_data_config
 from mae.interop import to_hf
 from mae.models import build_model
+from mae.run import checkpoint as ckpt
 
 
 def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:

@@ -11,7 +11,7 @@
   else ``pytorch_model.bin``) comes into the cache the same way, and timm builds the model from it
   (``timm.create_model(NAME.TAG, pretrained=True, num_classes=0)``, timm's own checkpoint filter
   included). A name without a tag, ``timm:NAME``, stays what it always was: timm's random
-  initialisation (``mae.encoders``).
+  initialisation (``mae.eval.encoders``).
 
 Only those files are fetched (a repository may also hold TensorFlow or Flax weights). Offline
 (``HF_HUB_OFFLINE=1``, or no network) a name is served from the cache alone; one that is not there
@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mae.config_loader import ConfigError
+from mae.config.loader import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn

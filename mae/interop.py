@@ -25,7 +25,7 @@ shapes. Head counts leave no trace in the shapes; without a config they follow t
 (or 64 channels per encoder head, 32 per decoder head) and are reported as guessed.
 ``load_pretrain_config`` (``mae.config.load_config`` plus this) fills the architecture keys a recipe
 leaves unset from it and refuses a conflict. ``architecture_config`` turns an architecture into the
-resolved ``Config`` to build its MAE from (``from_hf``; ``mae.encoders`` for a weights file).
+resolved ``Config`` to build its MAE from (``from_hf``; ``mae.eval.encoders`` for a weights file).
 
 Importing this module is cheap (no torch): the pretraining entry point loads its config through it,
 and a config is checked before torch is imported. torch, safetensors and transformers are imported
@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae.checkpoint import read_sharded_model
 from mae.config import Config, ConfigError, DataConfig, ModelConfig, preset_values, resolve
-from mae.config_loader import load_raw
+from mae.config.loader import load_raw
+from mae.config.presets import PRESETS, Preset
 from mae.errors import UserError
 from mae.hub import is_timm_pretrained, local_path, timm_heads, timm_pretrained
-from mae.presets import PRESETS, Preset
+from mae.run.checkpoint import read_sharded_model
 
 if TYPE_CHECKING:
     import torch

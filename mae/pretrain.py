@@ -23,13 +23,13 @@ from mae.data.base import Batch, DataSource
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError
 from mae.data.sources import build_source
-from mae.distributed import check_shardable, is_sharded, peers_watched, same_init_everywhere
 from mae.export import export_model
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
-from mae.rundir import check_resumable, resumable_keys, start_run
-from mae.runlock import hold_run_dir
+from mae.run.directory import check_resumable, resumable_keys, start_run
+from mae.run.distributed import check_shardable, is_sharded, peers_watched, same_init_everywhere
+from mae.run.lock import hold_run_dir
 from mae.runner import (
     Runner,
     StepLoss,
@@ -44,7 +44,7 @@ from mae.runner import (
 from mae.visualize import denormalize, save_recon_grid, save_tiles, shown_channels
 
 BAD_IMAGES = "bad_images.jsonl"
-# what may change when a pretraining run is resumed, beside the runner's own (``mae.rundir``)
+# what may change when a pretraining run is resumed, beside the runner's own (``mae.run.directory``)
 RESUMABLE = ("train.compile", "train.checkpoint_every", "train.recon_every", "train.recon_images")
 
 
@@ -239,7 +239,7 @@ def train(cfg: Config) -> RunResult:
     exported at the end."""
     run_dir, t = Path(cfg.output_dir), cfg.train
     # e.g. greedy layer-wise stages
-    idle = getattr(MODELS[cfg.model.name], "has_unused_parameters", False)
+    idle = MODELS[cfg.model.name].unused_parameters
     accelerator = accelerator_for(t, run_dir, find_unused_parameters=idle)
     watched = peers_watched(accelerator, run_dir, "train.dist_timeout", t.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
@@ -255,11 +255,12 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     h, w, p = *cfg.data.hw, cfg.model.patch_size
     noise = (h // p) * (w // p) if cfg.model.name == "mae" else None
     rank, world = accelerator.process_index, accelerator.num_processes
-    source = build_source(
+    data = build_source(
         cfg, rank, world, run_dir / BAD_IMAGES, noise, accelerator.local_main_process_first
     )
+    source = data.source
     # data.mean=auto: the measured statistics
-    cfg = dataclasses.replace(cfg, data=source.data_config)
+    cfg = dataclasses.replace(cfg, data=data.config)
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
         check_resumable(
@@ -282,7 +283,7 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     )
     if (about_data := source.describe()) is not None:
         accelerator.print(about_data)
-    stats = {} if source.data_stats is None else {"data_stats": source.data_stats}
+    stats = {} if data.stats is None else {"data_stats": data.stats}
     start_run(accelerator, run_dir, cfg, derived, "pretrain", stats)
     step = Runner(accelerator, run_dir, t, derived, source, job).run(resume_from, "pretrain")
 

@@ -33,15 +33,15 @@ from timm.scheduler import CosineLRScheduler
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from mae import checkpoint as ckpt
-from mae import distributed
 from mae.config import ConfigError, Derived
+from mae.config.training import TRACKERS, TrainingSettings
 from mae.data.base import Batch, DataSource
 from mae.errors import UserError
-from mae.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
-from mae.preemption import Preempted, StopSignals
-from mae.rundir import truncate_metrics
-from mae.train_settings import TRACKERS, TrainingSettings
+from mae.run import checkpoint as ckpt
+from mae.run import distributed
+from mae.run.directory import truncate_metrics
+from mae.run.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
+from mae.run.signals import Preempted, StopSignals
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -155,7 +155,7 @@ def accelerator_for(
 
 def choose_attention(accelerator: Accelerator, model: torch.nn.Module, requested: str) -> str:
     """Set the attention core of ``model``'s timm blocks for this device and precision
-    (``mae.hardware``); returns what was chosen, or 'none' for a model without attention."""
+    (``mae.run.hardware``); returns what was chosen, or 'none' for a model without attention."""
     kind = resolve_attention(requested, accelerator.device, accelerator.mixed_precision)
     return kind if set_attention(model, kind) else "none"
 

@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from mae import checkpoint, export, pretrain, runner
+from mae import export, pretrain, runner
 from mae.cli import main
 from mae.config import load_config
+from mae.run import checkpoint
 
 if __name__ == "__main__":
     step_sleep, save_sleep = (

@@ -11,9 +11,9 @@ from PIL import Image
 
 from mae import pretrain, runner
 from mae.config import ConfigError, load_config
-from mae.encoders import load_encoder
+from mae.config.families import FAMILY_DEFAULTS
+from mae.eval.encoders import load_encoder
 from mae.evaluate import main as evaluate_main
-from mae.family_defaults import FAMILY_DEFAULTS
 from mae.losses import bernoulli_kl, kl_diag_gaussians, kl_to_standard_normal
 from mae.models import MODELS, build_model
 from mae.models.dae import corrupt_pixels

@@ -52,17 +52,20 @@ def mentioned(source: str) -> set[str]:
 
 
 def map_entries(readme: str) -> set[str]:
-    """The paths the README's layout map names: the first word of each line of its ``mae/``
-    block, and the module names listed after a folder's colon (``mae/models/  ...: a, b``)."""
+    """The paths the README's layout map names: the ``mae/`` paths that open a line, and the
+    module names a folder's entry lists after its colon (``mae/models/  ...: a, b``)."""
     entries = set()
     for line in readme.splitlines():
         if not line.startswith("mae/"):
             continue
-        path, _, text = line.partition(" ")
-        entries.add(path.rstrip("/"))
-        if path.endswith("/") and ":" in text:
-            listed = text.rsplit(":", 1)[1]
-            entries |= {f"{path}{w}.py" for w in re.findall(r"[a-z_][a-z0-9_]*", listed)}
+        words = line.split()
+        paths = [
+            w for w in words[: next(i for i, w in enumerate(words) if not w.startswith("mae/"))]
+        ]
+        entries |= {p.rstrip("/") for p in paths}
+        for folder in (p for p in paths if p.endswith("/")):
+            listed = line.rsplit(":", 1)[1] if ":" in line else ""
+            entries |= {f"{folder}{w}.py" for w in re.findall(r"[a-z_][a-z0-9_]*", listed)}
     return entries
 
 
@@ -93,9 +96,16 @@ def test_functions_stay_short():
 
 
 def test_the_map_check_matches_whole_names_only():
-    readme = "mae/mae.py   the model\nmae/models/  one file per family: mae, vae\n"
+    readme = "mae/mae.py mae/b.py   two\nmae/models/  one file per family: mae, vae\n"
     entries = map_entries(readme)
-    files = ["mae/mae.py", "mae/ae.py", "mae/models/mae.py", "mae/models/ae.py", "mae/__init__.py"]
+    files = [
+        "mae/mae.py",
+        "mae/b.py",
+        "mae/ae.py",
+        "mae/models/mae.py",
+        "mae/models/ae.py",
+        "mae/__init__.py",
+    ]
     # "ae" is inside "mae" and "vae", but names neither file
     assert unmapped(files, entries) == ["mae/ae.py", "mae/models/ae.py"]
 

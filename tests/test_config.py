@@ -12,8 +12,8 @@ from mae.config import (
     load_config,
     to_dict,
 )
-from mae.eval_config import EvalConfig, load_eval_config
-from mae.presets import PRESET_KEYS, PRESETS
+from mae.config.evaluation import EvalConfig, load_eval_config
+from mae.config.presets import PRESET_KEYS, PRESETS
 
 
 def test_defaults_resolve_preset():

@@ -144,7 +144,10 @@ def test_probes_and_fine_tuning_take_the_encoder(cross_run, tmp_path, mode):
         [sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 1
+    results = json.loads((out / "results.json").read_text())
+    # the fraction of the scored images classified right: a whole number of them
+    correct = results["top1"] * results["eval_size"]
+    assert results["mode"] == mode and abs(correct - round(correct)) < 1e-3
 
 
 @pytest.mark.slow

@@ -158,7 +158,8 @@ def sources(root, *extra):
     cfg = load_config(None, [*TINY, f"data.dataset={root}", f"data.image_size={SIZE}", *extra])
     reset_accelerate()
     accelerator = Accelerator(cpu=True)
-    source = build_source(cfg, 0, 1, root.parent / "bad.jsonl", noise_length=(SIZE // 16) ** 2)
+    bad_log = root.parent / "bad.jsonl"
+    source = build_source(cfg, 0, 1, bad_log, noise_length=(SIZE // 16) ** 2).source
     prepare_with_data(accelerator, source, derive(cfg, source.size, 1))
     return source
 

@@ -111,3 +111,24 @@ def test_epoch_sampler_is_seeded_and_cut_to_whole_steps():
     s.set_epoch(1)
     second = list(s)
     assert [i for _, i in second] != [i for _, i in first] and all(e == 1 for e, _ in second)
+
+
+def test_a_samples_seed_is_the_same_in_every_process_and_for_numpy_integers():
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mae.data.images import sample_seed
+
+    here = sample_seed(7, 2, 123)
+    # another interpreter with another hash salt: ints hash alike whatever PYTHONHASHSEED is
+    code = "from mae.data.images import sample_seed; print(sample_seed(7, 2, 123))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert int(other.stdout) == here
+    assert sample_seed(np.int64(7), np.int32(2), 123) == here
+    assert sample_seed(7, 2, 124) != here

@@ -1,4 +1,4 @@
-"""``encoder=`` sources parsed once into a record (``mae.encoders.parse_source``): every form's
+"""``encoder=`` sources parsed once into a record (``mae.eval.encoders.parse_source``): every form's
 kind, location and freshness; folders recognised by the format their files declare, not by
 substrings; bad sources refused with the messages the loader gives."""
 
@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import constants
 
 from mae.config import ConfigError
-from mae.encoders import LOADERS, EncoderSource, load_encoder, parse_source
+from mae.eval.encoders import LOADERS, EncoderSource, load_encoder, parse_source
 from mae.interop import Architecture, architecture_config, is_hf_folder
 
 NOT_A_SOURCE = "is not an export directory (config.json + model.safetensors), a run directory"

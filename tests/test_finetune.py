@@ -21,14 +21,14 @@ from helpers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae import finetune as ft
 from mae import pretrain, runner
 from mae.config import Columns, ConfigError, DataConfig, derive_schedule, load_config
+from mae.config.evaluation import FinetuneConfig, load_eval_config
 from mae.data.images import ImageDataset
 from mae.data.loading import load_split
-from mae.encoders import load_encoder
-from mae.eval_config import FinetuneConfig, load_eval_config
-from mae.preemption import Preempted
+from mae.eval import finetune as ft
+from mae.eval.encoders import load_encoder
+from mae.run.signals import Preempted
 
 
 @pytest.fixture(scope="module")

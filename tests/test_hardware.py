@@ -11,10 +11,10 @@ import torch
 from helpers import TINY
 from timm.layers.attention import Attention
 
-from mae import hardware
 from mae.config import load_config
-from mae.hardware import MathAttention, resolve_attention, resolve_precision, set_attention
 from mae.models import build_model
+from mae.run import hardware
+from mae.run.hardware import MathAttention, resolve_attention, resolve_precision, set_attention
 
 CPU = torch.device("cpu")
 
@@ -95,7 +95,7 @@ def test_long_sequences_take_the_fused_path():
 
 MMAPPED_AFTER_16MB = """
 import ctypes, sys
-from mae.hardware import tune_cpu_allocator
+from mae.run.hardware import tune_cpu_allocator
 applied = tune_cpu_allocator() if sys.argv[1] == "tune" else None
 FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
 class MallInfo2(ctypes.Structure):

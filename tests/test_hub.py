@@ -27,12 +27,12 @@ from helpers import (
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from mae import finetune as ft
 from mae import pretrain, runner
-from mae import probe as probe_mod
 from mae.config import ConfigError, derive_schedule, load_config
-from mae.encoders import load_encoder
-from mae.eval_config import load_eval_config
+from mae.config.evaluation import load_eval_config
+from mae.eval import finetune as ft
+from mae.eval import probe as probe_mod
+from mae.eval.encoders import load_encoder
 from mae.interop import load_pretrain_config
 from mae.models import build_model
 

@@ -14,14 +14,14 @@ import yaml
 from helpers import TINY_ARCH, colour_folder, reset_accelerate
 from PIL import Image
 
-from mae import finetune as ft
 from mae import pretrain
 from mae.config import ConfigError, load_config
+from mae.config.evaluation import load_eval_config
 from mae.data.arrays import ArrayError
-from mae.encoders import load_encoder
-from mae.eval_config import load_eval_config
+from mae.eval import finetune as ft
+from mae.eval.encoders import load_encoder
+from mae.eval.probe import probe
 from mae.export import main as export_main
-from mae.probe import probe
 
 COMMON = [
     *TINY_ARCH,

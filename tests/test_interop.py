@@ -226,9 +226,9 @@ def test_the_hugging_face_export_serves_the_feature_extraction_pipeline(tmp_path
 
 
 def test_a_hugging_face_folder_is_an_encoder_source_for_probes_and_fine_tuning(tmp_path):
-    from mae.encoders import load_encoder
-    from mae.eval_config import load_eval_config
-    from mae.finetune import build_classifier
+    from mae.config.evaluation import load_eval_config
+    from mae.eval.encoders import load_encoder
+    from mae.eval.finetune import build_classifier
     from mae.interop import to_hf
 
     mine = tiny(5)
@@ -305,8 +305,8 @@ def test_the_architecture_is_read_off_the_checkpoint_and_conflicts_name_both(tmp
 
 
 def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decoder(tmp_path):
+    from mae.config.presets import PRESETS
     from mae.interop import infer_architecture
-    from mae.presets import PRESETS
 
     # the key layout and shapes of mae_pretrain_vit_large.pth (encoder only), on the meta device:
     # no values
@@ -329,9 +329,9 @@ def test_a_paper_sized_encoder_only_checkpoint_takes_its_presets_heads_and_decod
 
 
 def test_official_weights_are_an_encoder_source_and_finetune_takes_init(tmp_path):
-    from mae.encoders import load_encoder
-    from mae.eval_config import load_eval_config
-    from mae.finetune import build_classifier
+    from mae.config.evaluation import load_eval_config
+    from mae.eval.encoders import load_encoder
+    from mae.eval.finetune import build_classifier
 
     source = tiny(4, *ODD)
     path = tmp_path / "mae_pretrain.pth"

@@ -11,9 +11,10 @@ from helpers import TINY, colour_folder, write_image_folder
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae import checkpoint, pretrain, runner
-from mae.checkpoint import complete_checkpoints, latest_checkpoint
+from mae import pretrain, runner
 from mae.config import ConfigError, load_config
+from mae.run import checkpoint
+from mae.run.checkpoint import complete_checkpoints, latest_checkpoint
 
 
 def run(tmp_path, name, *extra):

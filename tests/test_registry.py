@@ -11,8 +11,8 @@ from torch import nn
 
 from mae import pretrain
 from mae.config import ConfigError, load_config
+from mae.config.families import CLASSIC, FAMILY_DEFAULTS
 from mae.export import load_run_model
-from mae.family_defaults import CLASSIC, FAMILY_DEFAULTS
 from mae.models import MODELS, AEOutput, Autoencoder, register
 
 

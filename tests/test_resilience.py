@@ -29,8 +29,9 @@ from helpers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from mae import checkpoint, pretrain
+from mae import pretrain
 from mae.config import load_config
+from mae.run import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resilience")]  # one reference run
 WORKER = str(Path(__file__).parent / "crash_worker.py")
@@ -490,8 +491,8 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
 
 def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys):
     from mae.cli import main
-    from mae.eval_config import load_eval_config
-    from mae.probe import probe
+    from mae.config.evaluation import load_eval_config
+    from mae.eval.probe import probe
 
     (tmp_path / "empty/a").mkdir(parents=True)
     (tmp_path / "flat").mkdir()

@@ -14,9 +14,10 @@ import torch
 from helpers import ROOT, TINY, env_without_accelerate
 from safetensors.torch import load_file
 
-from mae import checkpoint, pretrain
+from mae import pretrain
 from mae.config import load_config
-from mae.runlock import LOCK, RunDirBusyError, RunLock
+from mae.run import checkpoint
+from mae.run.lock import LOCK, RunDirBusyError, RunLock
 
 COMMON = ["train.max_steps=20", "train.checkpoint_every=10", "train.blr=1e-2", "train.log_every=1"]
 

@@ -15,7 +15,7 @@ from mae.data.base import BadImagesError
 from mae.data.images import augment_transform
 from mae.data.loading import DataError, load_stream
 from mae.data.streamed import ImageStream
-from mae.preemption import Preempted, StopSignals
+from mae.run.signals import Preempted, StopSignals
 
 EXACT = [
     *TINY,

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from mae.config import DataConfig, Derived
+from mae.config import Derived
 from mae.data.images import count_bad_images
 from mae.errors import UserError
 
@@ -68,10 +68,6 @@ class DataSource(ABC):
     bad_log: Path | None = None  # where undecodable images are recorded (None: they are errors)
     max_bad_images: int = 0  # past this many, the run stops
     bad_images_seen: int = 0
-    # the data config it was built with, data.mean=auto measured
-    data_config: DataConfig | None = None
-    # what data.mean=auto measured (mae.data.stats), else None
-    data_stats: dict[str, Any] | None = None
 
     def loader_for(self, derived: Derived) -> DataLoader | None:
         """The loader for this schedule, for Accelerate to prepare (None: the source shards

@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 from mae.config import DataConfig, Derived
 from mae.data.base import Batch
-from mae.data.images import EpochSampler, ImageRows, seeded_sample
+from mae.data.images import EpochSampler, ImageRows, sample_seed, seeded_sample
 from mae.data.loaded import LoadedSource, worker_loader
 from mae.data.loading import DataError
 
@@ -120,7 +120,7 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
         # the Pillow path's (ImageDataset): the same draws, in the same order
-        seed = hash((self.seed, epoch, i))
+        seed = sample_seed(self.seed, epoch, i)
 
         def sample(image: Any) -> tuple[np.ndarray, torch.Tensor | None]:
             return seeded_sample(self.draws, image, seed, self.noise_length)
@@ -271,8 +271,10 @@ class DaliSource(LoadedSource):
     ) -> None:
         require_dali()  # before anything is read
         data = EncodedImages(split, cfg, seed, noise_length, bad_log)
-        super().__init__(data, cfg.num_workers, batch_size, accum_steps, seed)
+        max_bad = cfg.max_bad_images
+        super().__init__(data, cfg.num_workers, batch_size, accum_steps, seed, None, max_bad)
         self.cfg = cfg
+        self.augment: DaliAugment | None = None  # on the training device, known at ``attach``
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return worker_loader(self.dataset, sampler, self.num_workers, self.batch_size, collate)

@@ -192,6 +192,15 @@ def sample_rng(seed: int) -> Iterator[None]:
                 np.random.set_state(saved[1])
 
 
+def sample_seed(*parts: int) -> int:
+    """The seed of one sample's draws in the loaders that decode on the CPU, from the integers that
+    name it (run seed, epoch, index; a stream's rank, worker and read count). Python's hash of a
+    tuple of ints is the same in every process and run (hash salting only touches str and bytes).
+    ``mae.data.on_device`` draws on the device instead, from SplitMix64 streams of the same
+    integers."""
+    return hash(tuple(int(p) for p in parts))
+
+
 def seeded_sample(
     transform: Any, image: Image.Image, seed: int, noise_length: int | None
 ) -> tuple[Any, Any]:
@@ -291,7 +300,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, ...]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        seed = hash((self.seed, epoch, i))
+        seed = sample_seed(self.seed, epoch, i)
 
         def sample(image: Any) -> tuple[Any, Any]:
             return seeded_sample(self.transform, image, seed, self.noise_length)

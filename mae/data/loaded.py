@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from mae.config import Derived
 from mae.data.base import Batch, DataSource
 from mae.data.images import EpochSampler
-from mae.preemption import ignore_in_worker
+from mae.run.signals import ignore_in_worker
 
 
 def worker_loader(
@@ -96,18 +96,19 @@ class LoadedSource(DataSource):
         accum_steps: int,
         seed: int,
         normalise: BatchNormalise | None = None,
+        max_bad_images: int = 0,
     ) -> None:
         # the split's rows, columns and bad-image log, as the dataset reads them
         rows = dataset.rows
         self.dataset, self.size = dataset, len(dataset)
         self.split, self.label_column, self.bad_log = rows.ds, rows.columns.label, rows.bad_log
-        self.num_workers, self.batch_size, self.accum_steps, self.seed = (
-            num_workers,
-            batch_size,
-            accum_steps,
-            seed,
-        )
-        self.normalise = normalise
+        self.num_workers, self.batch_size = num_workers, batch_size
+        self.accum_steps, self.seed = accum_steps, seed
+        self.normalise, self.max_bad_images = normalise, max_bad_images
+        # the prepared loader and its schedule, known at ``attach``
+        self.accelerator: Accelerator | None = None
+        self.prepared: Any = None
+        self.steps_per_epoch = 0
 
     def first_rows(self, n: int) -> datasets.Dataset:
         """The split, its images decodable where the dataset reads them undecoded
@@ -130,11 +131,8 @@ class LoadedSource(DataSource):
         )
 
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
-        self.accelerator, self.steps_per_epoch, self.prepared = (
-            accelerator,
-            derived.steps_per_epoch,
-            loader,
-        )
+        self.accelerator, self.prepared = accelerator, loader
+        self.steps_per_epoch = derived.steps_per_epoch
 
     def loaded(self, step: int) -> Iterable[tuple[torch.Tensor, ...]]:
         """The prepared loader's collated tuples from optimizer step ``step`` on."""

@@ -303,8 +303,9 @@ class DeviceSource(LoadedSource):
         noise_length: int | None,
     ) -> None:
         # its items are keys: nothing for workers
-        super().__init__(data, 0, batch_size, accum_steps, seed)
+        super().__init__(data, 0, batch_size, accum_steps, seed, max_bad_images=cfg.max_bad_images)
         self.cfg, self.noise_length = cfg, noise_length
+        self.augment: DeviceAugment | None = None  # on the training device, known at ``attach``
 
     def loader(self, sampler: EpochSampler) -> DataLoader:
         return key_loader(self.dataset, sampler, self.batch_size)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mae.config import Config
+from mae.config import Config, DataConfig
 from mae.data.base import DataSource
 from mae.data.dali import DaliSource
 from mae.data.images import ImageDataset, augment_transform
@@ -18,6 +20,16 @@ from mae.data.stats import survey
 from mae.data.streamed import ImageStream, StreamSource
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What a pretraining run reads: its source, and the data config as it was resolved from the
+    data (``data.mean=auto`` measured), with what was measured (None: nothing)."""
+
+    source: DataSource
+    config: DataConfig
+    stats: dict[str, Any] | None
+
+
 def build_source(
     cfg: Config,
     rank: int,
@@ -25,12 +37,12 @@ def build_source(
     bad_log: Path,
     noise_length: int | None,
     loading: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-) -> DataSource:
+) -> TrainingData:
     """The training split of ``cfg.data``: streamed (``data.streaming``), decoded by DALI
     (``data.decoder=dali``), decoded once onto the device (``data.on_device``), or loaded and
     decoded by loader workers. ``noise_length``: MAE's masking noise per sample (None: no noise).
-    ``source.data_config`` is ``cfg.data`` with ``data.mean=auto`` measured (``mae.data.stats``,
-    recorded in ``source.data_stats``, else None). The split is opened inside ``loading()`` (e.g.
+    The returned config is ``cfg.data`` with ``data.mean=auto`` measured (``mae.data.stats``),
+    the stats what was measured. The split is opened inside ``loading()`` (e.g.
     one process per machine first, so that it alone builds the datasets cache); decoding happens
     after it, in every process at once."""
     d, t = cfg.data, cfg.train
@@ -52,8 +64,6 @@ def build_source(
         transform, normalise = split_normalisation(augment_transform(d))  # workers hand over uint8
         dataset = ImageDataset(split, d.columns, transform, t.seed, noise_length, bad_log)
         source = LoadedSource(
-            dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise
+            dataset, d.num_workers, t.batch_size, t.accum_steps, t.seed, normalise, d.max_bad_images
         )
-    source.max_bad_images = d.max_bad_images
-    source.data_config, source.data_stats = d, stats
-    return source
+    return TrainingData(source, d, stats)

@@ -41,9 +41,16 @@ from torchvision.transforms import v2
 from mae.config import ConfigError, DataConfig, Derived
 from mae.data.arrays import ArrayError
 from mae.data.base import Batch, DataSource
-from mae.data.images import DECODE_ERRORS, ImageColumns, log_bad_image, seeded_sample, to_mode
+from mae.data.images import (
+    DECODE_ERRORS,
+    ImageColumns,
+    log_bad_image,
+    sample_seed,
+    seeded_sample,
+    to_mode,
+)
 from mae.data.loading import DataError
-from mae.preemption import ignore_in_worker
+from mae.run.signals import ignore_in_worker
 
 
 class ImageStream(IterableDataset):
@@ -139,7 +146,7 @@ class ImageStream(IterableDataset):
         x, noise = seeded_sample(
             self.transform,
             image,
-            hash((self.seed, self.rank, worker, epoch, read)),
+            sample_seed(self.seed, self.rank, worker, epoch, read),
             self.noise_length,
         )
         label = self.columns.label_of(row)
@@ -256,7 +263,9 @@ class StreamSource(DataSource):
     ) -> None:
         self.split, self.size, self.dataset = stream, size, dataset
         self.label_column, self.bad_log = dataset.columns.label, dataset.bad_log
+        self.max_bad_images = cfg.max_bad_images
         self.batches_of = StreamBatches(dataset, cfg, batch_size, dataset.num_processes)
+        self.device: torch.device | None = None  # the training device, known at ``attach``
 
     def attach(self, accelerator: Accelerator, derived: Derived, loader: Any) -> None:
         self.device = accelerator.device  # no loader: each process reads its own part of the stream

@@ -11,23 +11,25 @@ squared Frobenius norm of the Jacobian d code / d input, averaged over images.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch.func import jvp
 
-from mae.config import Config
 from mae.losses import sigmoid_layer_jacobian_norm
 from mae.models.conv import ClassicAutoencoder
 
 
 class ContractiveAutoencoder(ClassicAutoencoder):
     code_activation = "sigmoid"
+    config_keys = ("contractive_weight", "contractive_projections")
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        m = cfg.model
-        self.weight, self.projections = m.contractive_weight, m.contractive_projections
-        self.exact = m.arch == "mlp" and len(m.widths) == 0
+    def __init__(
+        self, *, contractive_weight: float = 0.1, contractive_projections: int = 1, **shared: Any
+    ) -> None:
+        super().__init__(**shared)
+        self.weight, self.projections = contractive_weight, contractive_projections
+        self.exact = self.arch == "mlp" and len(self.widths) == 0
 
     def jacobian_norm(self, x: torch.Tensor, code: torch.Tensor | None = None) -> torch.Tensor:
         """||d code / d x||_F^2 per image, (B,): exact for a single sigmoid layer, else the

@@ -14,6 +14,7 @@ output as logits of pixels in [0, 1] (the image un-normalised with the data's me
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -91,21 +92,59 @@ class MLPDecoder(nn.Module):
 
 class ClassicAutoencoder(Autoencoder):
     """Encoder -> code (``code_activation``) -> decoder, reconstruction loss, and hooks subclasses
-    fill: ``corrupt`` (the encoder's input), ``penalty`` (terms added to the loss)."""
+    fill: ``corrupt`` (the encoder's input), ``penalty`` (terms added to the loss).
+
+    Built from keywords: the images (``channels``, ``size`` (H, W), the ``mean`` and ``std`` they
+    were normalised with), the networks (``arch``, ``widths``, ``latent_dim``) and the
+    reconstruction ``loss``; each family adds its own keywords, the ``model.*`` keys of the same
+    names (``config_keys``), which ``from_config`` reads."""
 
     code_activation: str = "identity"  # identity | relu | sigmoid
+    config_keys: ClassVar[tuple[str, ...]] = ()  # the family's own model.* keys
 
-    def __init__(self, cfg: Config, encoder_out: int | None = None, nets: bool = True) -> None:
-        """``nets=False``: the subclass builds its own encoder and decoder."""
+    def __init__(
+        self,
+        *,
+        channels: int,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        arch: str = "conv",
+        widths: Sequence[int] = (32, 64, 128),
+        latent_dim: int = 128,
+        loss: str = "mse",
+        encoder_out: int | None = None,
+        nets: bool = True,
+    ) -> None:
+        """``encoder_out``: the encoder's output size when it is not the code's (a VAE's mean and
+        log-variance). ``nets=False``: the subclass builds its own encoder and decoder."""
         super().__init__()
-        m, d = cfg.model, cfg.data
+        self.channels, self.size, self.arch = channels, tuple(size), arch
+        self.widths, self.latent_dim = tuple(widths), latent_dim
         if nets:
-            enc, dec = (ConvEncoder, ConvDecoder) if m.arch == "conv" else (MLPEncoder, MLPDecoder)
-            self.encoder = enc(d.channels, d.hw, m.widths, encoder_out or m.latent_dim)
-            self.decoder = dec(d.channels, d.hw, m.widths, m.latent_dim)
-        self.feature_dim, self.loss_kind = m.latent_dim, m.loss
-        self.register_buffer("mean", torch.tensor(d.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(d.std).view(1, -1, 1, 1), persistent=False)
+            enc, dec = (ConvEncoder, ConvDecoder) if arch == "conv" else (MLPEncoder, MLPDecoder)
+            self.encoder = enc(channels, self.size, self.widths, encoder_out or latent_dim)
+            self.decoder = dec(channels, self.size, self.widths, latent_dim)
+        self.feature_dim, self.loss_kind = latent_dim, loss
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Any:
+        """The family as ``cfg`` describes it: the shared keywords from ``data`` and ``model``,
+        and the family's own ``config_keys``."""
+        m, d = cfg.model, cfg.data
+        shared = {
+            "channels": d.channels,
+            "size": d.hw,
+            "mean": d.mean,
+            "std": d.std,
+            "arch": m.arch,
+            "widths": m.widths,
+            "latent_dim": m.latent_dim,
+            "loss": m.loss,
+        }
+        return cls(**shared, **{k: getattr(m, k) for k in cls.config_keys})
 
     # --- pieces
     def activate(self, pre: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,11 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from mae import hardware
 from mae.losses import masked_mse, normalize_patches
 from mae.masking import num_kept, num_predicted, patchify, predicted_patches, unpatchify
 from mae.models.base import AEOutput
 from mae.models.mae import MaskedAutoencoder, sincos_pos_embed
+from mae.run import hardware
 
 
 class CrossAttention(nn.Module):
@@ -40,7 +40,7 @@ class CrossAttention(nn.Module):
 
     timm's ``Attention`` computes queries, keys and values from one sequence (a fused qkv) and its
     ``AttentionPoolLatent`` pools to learned latents; neither takes queries and memory apart.
-    ``mae.hardware.set_attention`` turns it into ``MathCrossAttention`` and back, as it does the
+    ``mae.run.hardware.set_attention`` turns it into ``MathCrossAttention`` and back, as it does the
     encoder's blocks.
     """
 
@@ -66,8 +66,8 @@ class CrossAttention(nn.Module):
 
 class MathCrossAttention(CrossAttention):
     """``CrossAttention`` with the core written out for memories of at most
-    ``mae.hardware.MATH_MAX_TOKENS`` tokens (the softmax in fp32), as ``mae.hardware.MathAttention``
-    does for self-attention; longer ones take the fused path."""
+    ``mae.run.hardware.MATH_MAX_TOKENS`` tokens (the softmax in fp32), as
+    ``mae.run.hardware.MathAttention`` does for self-attention; longer ones take the fused path."""
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if k.shape[2] > hardware.MATH_MAX_TOKENS:

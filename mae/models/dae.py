@@ -15,9 +15,10 @@ noisy | restored | clean).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from mae.config import Config
 from mae.models.conv import ClassicAutoencoder
 
 
@@ -41,15 +42,19 @@ def corrupt_pixels(pixels: torch.Tensor, kind: str, level: float, patch: int = 1
 
 class DenoisingAutoencoder(ClassicAutoencoder):
     code_activation = "identity"
+    config_keys = ("corruption", "noise_level", "corruption_patch")
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        m = cfg.model
-        self.corruption, self.noise_level, self.corruption_patch = (
-            m.corruption,
-            m.noise_level,
-            m.corruption_patch,
-        )
+    def __init__(
+        self,
+        *,
+        corruption: str = "gaussian",
+        noise_level: float = 0.3,
+        corruption_patch: int = 1,
+        **shared: Any,
+    ) -> None:
+        super().__init__(**shared)
+        self.corruption, self.noise_level = corruption, noise_level
+        self.corruption_patch = corruption_patch
 
     def corrupt(self, images: torch.Tensor) -> torch.Tensor:
         # not clamped: the clean image is recovered exactly at level 0

@@ -10,19 +10,28 @@ entries; kl: the mean activation).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from mae.config import Config
 from mae.losses import bernoulli_kl
 from mae.models.conv import ClassicAutoencoder
 
 
 class SparseAutoencoder(ClassicAutoencoder):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        m = cfg.model
-        self.sparsity, self.weight, self.target = m.sparsity, m.sparsity_weight, m.sparsity_target
-        self.code_activation = "relu" if m.sparsity == "l1" else "sigmoid"
+    config_keys = ("sparsity", "sparsity_weight", "sparsity_target")
+
+    def __init__(
+        self,
+        *,
+        sparsity: str = "kl",
+        sparsity_weight: float = 1e-3,
+        sparsity_target: float = 0.05,
+        **shared: Any,
+    ) -> None:
+        super().__init__(**shared)
+        self.sparsity, self.weight, self.target = sparsity, sparsity_weight, sparsity_target
+        self.code_activation = "relu" if sparsity == "l1" else "sigmoid"
 
     def penalty(self, x: torch.Tensor, code: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.sparsity == "l1":

@@ -16,49 +16,68 @@ stage boundaries. Evaluation mode always runs the whole stack.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae.config import Config
 from mae.models.base import AEOutput
 from mae.models.conv import ClassicAutoencoder
 from mae.models.dae import corrupt_pixels
 
 
-def _layers(m, channels: int, hw: tuple[int, int]) -> tuple[list[nn.Module], list[nn.Module]]:
+def _layers(
+    arch: str, widths: tuple[int, ...], latent_dim: int, channels: int, hw: tuple[int, int]
+) -> tuple[list[nn.Module], list[nn.Module]]:
     enc: list[nn.Module] = []
     dec: list[nn.Module] = []
-    if m.arch == "conv":
+    if arch == "conv":
         c, (h, wd) = channels, hw
-        for w in m.widths:
+        for w in widths:
             enc.append(nn.Sequential(nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GELU()))
             dec.append(nn.ConvTranspose2d(w, c, 4, stride=2, padding=1))
             c, h, wd = w, h // 2, wd // 2
-        enc.append(nn.Sequential(nn.Flatten(), nn.Linear(c * h * wd, m.latent_dim)))
-        dec.append(nn.Sequential(nn.Linear(m.latent_dim, c * h * wd), nn.Unflatten(1, (c, h, wd))))
+        enc.append(nn.Sequential(nn.Flatten(), nn.Linear(c * h * wd, latent_dim)))
+        dec.append(nn.Sequential(nn.Linear(latent_dim, c * h * wd), nn.Unflatten(1, (c, h, wd))))
     else:
         d = channels * hw[0] * hw[1]
         enc.append(nn.Flatten())  # no parameters: not a stage
         dec.append(nn.Unflatten(1, (channels, *hw)))
-        for w in m.widths:
+        for w in widths:
             enc.append(nn.Sequential(nn.Linear(d, w), nn.GELU()))
             dec.append(nn.Linear(w, d))
             d = w
-        enc.append(nn.Linear(d, m.latent_dim))
-        dec.append(nn.Linear(m.latent_dim, d))
+        enc.append(nn.Linear(d, latent_dim))
+        dec.append(nn.Linear(latent_dim, d))
     return enc, dec
 
 
 class StackedAutoencoder(ClassicAutoencoder):
     code_activation = "identity"
-    # a greedy stage trains one layer: data parallel must expect idle ones
-    has_unused_parameters = True
+    # a greedy stage trains one layer: data parallel must expect idle ones (registered so:
+    # mae.models.MODELS)
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg, nets=False)
-        m, d = cfg.model, cfg.data
-        enc, dec = _layers(m, d.channels, d.hw)
+    config_keys = (
+        "stage_steps",
+        "stack_denoising",
+        "corruption",
+        "noise_level",
+        "corruption_patch",
+    )
+
+    def __init__(
+        self,
+        *,
+        stage_steps: int = 100,
+        stack_denoising: bool = False,
+        corruption: str = "gaussian",
+        noise_level: float = 0.3,
+        corruption_patch: int = 1,
+        **shared: Any,
+    ) -> None:
+        super().__init__(nets=False, **shared)
+        enc, dec = _layers(self.arch, self.widths, self.latent_dim, self.channels, self.size)
         # the stages: layers with parameters (an mlp's leading Flatten has none)
         self.stages = [i for i, layer in enumerate(enc) if any(True for _ in layer.parameters())]
         # a decoder layer that reconstructs a hidden code (a GELU output) ends with a GELU too,
@@ -69,12 +88,9 @@ class StackedAutoencoder(ClassicAutoencoder):
         ]
         self.encoder = nn.Sequential(*enc)
         self.decoders = nn.ModuleList(dec)  # one decoder layer per encoder layer
-        self.stage_steps, self.denoising = m.stage_steps, m.stack_denoising
-        self.corruption, self.noise_level, self.corruption_patch = (
-            m.corruption,
-            m.noise_level,
-            m.corruption_patch,
-        )
+        self.stage_steps, self.denoising = stage_steps, stack_denoising
+        self.corruption, self.noise_level = corruption, noise_level
+        self.corruption_patch = corruption_patch
         self.step = 0
 
     def set_step(self, step: int) -> None:

@@ -16,24 +16,32 @@ dequantisation noise). ``encode`` returns the posterior mean; ``sample(n)`` deco
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae.config import Config
 from mae.losses import kl_to_standard_normal
 from mae.models.base import AEOutput
 from mae.models.conv import ClassicAutoencoder
 
 
 class VariationalAutoencoder(ClassicAutoencoder):
-    def __init__(self, cfg: Config) -> None:
-        m = cfg.model
-        super().__init__(cfg, encoder_out=2 * m.latent_dim)
-        self.likelihood, self.beta, self.warmup = m.likelihood, m.beta, m.beta_warmup_steps
-        self.latent_dim = m.latent_dim
-        self.log_sigma = nn.Parameter(torch.zeros(())) if m.likelihood == "gaussian" else None
+    config_keys = ("likelihood", "beta", "beta_warmup_steps")
+
+    def __init__(
+        self,
+        *,
+        likelihood: str = "gaussian",
+        beta: float = 1.0,
+        beta_warmup_steps: int = 0,
+        latent_dim: int = 128,
+        **shared: Any,
+    ) -> None:
+        super().__init__(latent_dim=latent_dim, encoder_out=2 * latent_dim, **shared)
+        self.likelihood, self.beta, self.warmup = likelihood, beta, beta_warmup_steps
+        self.log_sigma = nn.Parameter(torch.zeros(())) if likelihood == "gaussian" else None
         self.step = 0
 
     def set_step(self, step: int) -> None:

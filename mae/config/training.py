@@ -1,7 +1,7 @@
 """The training settings every training section shares, written once.
 
 Pretraining's ``train`` section (``mae.config.TrainConfig``) and fine-tuning's ``finetune``
-section (``mae.eval_config.FinetuneConfig``) both extend ``TrainingSettings``: the schedule,
+section (``mae.config.evaluation.FinetuneConfig``) both extend ``TrainingSettings``: the schedule,
 the optimizer's common keys, precision, attention, clipping, threads, timeouts, trackers, logging
 and checkpoints. A section states only its own defaults and keys; ``SECTION`` names it, so that
 every message about a setting names the key the user can set (``train.blr`` or
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from mae.config_checks import Check
+from mae.config.checks import Check
 
 # Accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), each with the module it needs
 TRACKERS = {
@@ -49,7 +49,7 @@ class TrainingSettings:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     clip_grad: float | None = None  # max global grad norm; None disables clipping
     # auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
-    # AVX512-BF16/AMX), else fp32 (no); see mae.hardware
+    # AVX512-BF16/AMX), else fp32 (no); see mae.run.hardware
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # the attention core: fused (torch SDPA; flash on GPU) or math (written out, fp32 softmax);
     # auto: math on CPU under bf16, where it is faster, else fused

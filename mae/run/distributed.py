@@ -36,9 +36,9 @@ from accelerate.utils import (
     parse_flag_from_env,
 )
 
-from mae import checkpoint as ckpt
 from mae.config import ConfigError
 from mae.errors import UserError
+from mae.run import checkpoint as ckpt
 
 FSDP_UNIT = "Block"  # timm's transformer block: the shard unit of configs/accelerate/fsdp.yaml
 # The Accelerate releases whose AcceleratorState.__init__ _set_fsdp_state was checked against.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mae.config_loader import ConfigError
+from mae.config.loader import ConfigError
 
 Check = tuple[bool, str, Any, str]  # (valid?, key, value, what is allowed)
 

@@ -1,7 +1,7 @@
 """Whole-network fine-tuning (``finetune.py mode=finetune``): the MAE paper's recipe on timm parts.
 
-The encoder becomes a classifier (``mae.classifier``): a timm encoder is rebuilt with a fresh head,
-global average pooling of the patch tokens followed by a trained ``fc_norm`` (the paper's;
+The encoder becomes a classifier (``mae.eval.classifier``): a timm encoder is rebuilt with a fresh
+head, global average pooling of the patch tokens followed by a trained ``fc_norm`` (the paper's;
 ``finetune.global_pool=token`` keeps the cls token and its pretrained norm), drop path, and
 position embeddings resampled when ``finetune.image_size`` differs from the encoder's; a classic
 autoencoder's ``encode`` features get a linear head and train end to end. Training: AdamW with
@@ -30,20 +30,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mae import runner
-from mae.classifier import Classifier, build_classifier, save_classifier
 from mae.config import Columns, ConfigError, Derived, derive_schedule, to_dict
-from mae.config_loader import build
+from mae.config.evaluation import EvalConfig, FinetuneConfig
+from mae.config.loader import build
 from mae.data.base import Batch
 from mae.data.images import ImageDataset
 from mae.data.loaded import LoadedSource
-from mae.distributed import check_shardable, peers_watched
-from mae.eval_config import EvalConfig, FinetuneConfig
+from mae.eval.classifier import Classifier, build_classifier, save_classifier
+from mae.eval.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.hub import fetch
-from mae.probe import accuracy, class_info, fit_and_eval_splits, write_results
-from mae.rundir import check_resumable, resumable_keys, start_run
-from mae.runlock import hold_run_dir
+from mae.run.directory import check_resumable, resumable_keys, start_run
+from mae.run.distributed import check_shardable, peers_watched
+from mae.run.lock import hold_run_dir
 
-# what may change when a fine-tuning run is resumed, beside the runner's own (``mae.rundir``)
+# what may change when a fine-tuning run is resumed, beside the runner's own (``mae.run.directory``)
 RESUMABLE = ("probe.cache_dir", "probe.extract_batch_size")
 
 
@@ -119,8 +119,8 @@ def _criterion(f: FinetuneConfig, mixup: Mixup | None) -> nn.Module:
 def evaluate_model(
     accelerator: Accelerator, model: nn.Module, loader: DataLoader, names: list[str]
 ) -> tuple[dict[str, Any], float]:
-    """Accuracy (``mae.probe.accuracy``) and mean cross-entropy on the evaluation split, over all
-    processes."""
+    """Accuracy (``mae.eval.probe.accuracy``) and mean cross-entropy on the evaluation split, over
+    all processes."""
     model.eval()
     logits, labels = [], []
     for images, y in loader:

@@ -1,5 +1,6 @@
 """The run directory's own files: ``config.yaml``, ``derived.json``, ``metrics.jsonl``, and the
-check that a relaunch resumes the same run (the checkpoints themselves are ``mae.checkpoint``'s)."""
+check that a relaunch resumes the same run (the checkpoints themselves are
+``mae.run.checkpoint``'s)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
-from mae import distributed
 from mae.config import ConfigError, Derived, read_yaml, to_dict
+from mae.run import distributed
 
 # Derived values a resumed run must share with the run it continues.
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")

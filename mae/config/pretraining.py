@@ -4,8 +4,8 @@ A recipe file holds only what differs from the defaults below; ``key=value`` arg
 override it (values are parsed as YAML, so ``train.max_steps=30`` is an int and
 ``data.crop_scale=[0.3,1.0]`` a list). Unknown keys, wrong types and invalid values raise
 ``ConfigError`` naming the key and what is allowed, before any work starts. The resolved
-config is frozen. The evaluation schema (``finetune.py``) is in ``mae.eval_config``; the
-training settings both share are in ``mae.train_settings``.
+config is frozen. The evaluation schema (``finetune.py``) is in ``mae.config.evaluation``; the
+training settings both share are in ``mae.config.training``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mae.config_checks import Check, crop_scale_check, raise_first_invalid, size_hw
-from mae.config_loader import ConfigError, build, load_raw, read_yaml, to_dict
-from mae.family_defaults import FAMILY_DEFAULTS
-from mae.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
-from mae.train_settings import TrainingSettings, training_checks
+from mae.config.checks import Check, crop_scale_check, raise_first_invalid, size_hw
+from mae.config.families import FAMILY_DEFAULTS
+from mae.config.loader import ConfigError, build, load_raw, read_yaml, to_dict
+from mae.config.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
+from mae.config.training import TrainingSettings, training_checks
 
 __all__ = [
     "Columns",
@@ -42,11 +42,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # model family in the registry (mae.models.MODELS; mae.family_defaults lists the names): mae,
+    # model family in the registry (mae.models.MODELS; mae.config.families lists the names): mae,
     # or a classic autoencoder: ae (vanilla), dae (denoising), sparse_ae, cae (contractive), vae
     # (variational), stacked_ae; or a family registered with mae.models.register
     name: str = "mae"
-    # fills the architecture keys below that are left unset (mae.presets; default
+    # fills the architecture keys below that are left unset (mae.config.presets; default
     # vit_tiny_patch4; with init=, pretraining fills them from the checkpoint instead:
     # mae.interop.load_pretrain_config)
     preset: str | None = None
@@ -123,7 +123,7 @@ class DataConfig:
     # folder of .npy)
     channels: int = 3
     # crop: RandomResizedCrop(crop_scale) + flip (hflip), MAE's; flip: the whole image, flipped
-    # half the time; none: the whole image. Default per model family (mae.family_defaults)
+    # half the time; none: the whole image. Default per model family (mae.config.families)
     augment: Literal["crop", "flip", "none"] | None = None
     # RandomResizedCrop scale range (data.augment=crop)
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -172,9 +172,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(TrainingSettings):
-    """Pretraining's ``train`` section: the shared training settings (``mae.train_settings``)
+    """Pretraining's ``train`` section: the shared training settings (``mae.config.training``)
     and what only pretraining has. ``blr``, ``weight_decay`` and ``warmup_epochs`` default per
-    model family (``mae.family_defaults``; MAE: 1e-3, 0.05, 1). The MAE blr was swept for the
+    model family (``mae.config.families``; MAE: 1e-3, 0.05, 1). The MAE blr was swept for the
     default run (20 epochs of the 3,000-image sample, docs/sweep_mae_sample.md); the paper's
     1.5e-4 is for 800 epochs (configs/mae_vit_*.yaml)."""
 

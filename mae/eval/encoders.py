@@ -45,7 +45,6 @@ from torch import nn
 from mae.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, from_dict, read_yaml
 from mae.data.images import timm_data_config
 from mae.export import load_run_model
-from mae.hardware import resolve_attention, resolve_precision, set_attention
 from mae.hub import TIMM_PREFIX, is_timm_pretrained, local_path, timm_pretrained
 from mae.interop import (
     architecture_config,
@@ -57,6 +56,7 @@ from mae.interop import (
     load_weights,
 )
 from mae.models import build_model
+from mae.run.hardware import resolve_attention, resolve_precision, set_attention
 
 
 @dataclass
@@ -81,8 +81,8 @@ class FrozenEncoder:
 
     def set_precision(self, requested: str) -> str:
         """Compute features in ``requested`` precision (``auto``: bf16 where this device computes
-        it natively, as for training; ``mae.hardware``), with the attention core that is fast for
-        it."""
+        it natively, as for training; ``mae.run.hardware``), with the attention core that is fast
+        for it."""
         self.precision = resolve_precision(requested, self.device)
         set_attention(self.module, resolve_attention("auto", self.device, self.precision))
         return self.precision

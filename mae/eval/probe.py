@@ -1,9 +1,9 @@
 """Frozen-feature evaluation: linear probe and kNN on features extracted once and cached.
 
-Features come from a frozen encoder (``mae.encoders``) with its own deterministic eval transform
-(timm's: resize, centre crop, normalise). They are cached on disk, keyed by the encoder's weight
-digest and architecture, the dataset's rows and columns, the transform's values, the pooling and
-the torch/timm versions, so a change to any of them extracts the features again.
+Features come from a frozen encoder (``mae.eval.encoders``) with its own deterministic eval
+transform (timm's: resize, centre crop, normalise). They are cached on disk, keyed by the encoder's
+weight digest and architecture, the dataset's rows and columns, the transform's values, the
+pooling and the torch/timm versions, so a change to any of them extracts the features again.
 
 - Linear probe (the MAE paper's head): ``BatchNorm1d(affine=False)`` + ``Linear``, LARS, lr = blr x
   batch / 256, linear warmup + cosine, cross-entropy; on cached features, or
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mae.config import Columns, to_dict
+from mae.config.evaluation import EvalConfig, ProbeConfig
 from mae.data.images import EpochSampler, ImageDataset, crop_transform
 from mae.data.loading import (
     DataError,
@@ -47,8 +48,7 @@ from mae.data.loading import (
     load_splits,
     pick_split,
 )
-from mae.encoders import FrozenEncoder, load_encoder
-from mae.eval_config import EvalConfig, ProbeConfig
+from mae.eval.encoders import FrozenEncoder, load_encoder
 
 # ----------------------------------------------------------------------------------------- features
 

@@ -3,8 +3,8 @@
 They would sit in ``mae/models/`` beside the model they size (DESIGN: presets next to their model),
 but the config fills the architecture keys a recipe leaves unset from a preset, so ``mae.config``
 imports them, and anything under ``mae/models/`` runs ``mae/models/__init__.py`` first, which
-imports ``mae.config`` (the builders take a Config): a cycle. So they live in this leaf module
-beside the package, which imports nothing from ``mae``; config, interop and the models can all
+imports ``mae.config`` (the builders take a Config): a cycle. So they live in this leaf module of
+the configuration, which imports nothing from ``mae``; config, interop and the models can all
 import it.
 """
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from mae.config.evaluation import ProbeConfig
 from mae.errors import UserError
-from mae.eval_config import ProbeConfig
-from mae.metrics import pixel_mse, psnr_summary
+from mae.eval.metrics import pixel_mse, psnr_summary
+from mae.eval.probe import accuracy, knn_scores, linear_probe
 from mae.models.dae import corrupt_pixels
-from mae.probe import accuracy, knn_scores, linear_probe
 from mae.visualize import pyplot
 
 # ``ev`` below is an ``mae.evaluate.Evaluation`` (a run's model and data); that module imports this

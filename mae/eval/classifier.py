@@ -20,9 +20,9 @@ from timm.models import get_model_args
 from torch import nn
 
 from mae.config import ConfigError
-from mae.config_checks import size_hw
-from mae.encoders import FrozenEncoder, load_encoder
-from mae.eval_config import EvalConfig
+from mae.config.checks import size_hw
+from mae.config.evaluation import EvalConfig
+from mae.eval.encoders import FrozenEncoder, load_encoder
 from mae.export import replace_dir, save_timm
 
 # Parameters a timm classifier may add to or drop from its encoder's weights.

@@ -4,7 +4,7 @@ and its loader.
 Loaded the same way as the pretraining config (``mae.config``): defaults <- recipe file
 (``configs/eval/``) <- ``dotted.key=value`` overrides, then validated and frozen. The
 ``finetune`` section holds the training settings pretraining's ``train`` holds
-(``mae.train_settings``), with their checks and ``mae.config.derive_schedule``.
+(``mae.config.training``), with their checks and ``mae.config.derive_schedule``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from mae.config_checks import Check, crop_scale_check, raise_first_invalid, size_hw
-from mae.config_loader import ConfigError, load_raw
-from mae.train_settings import TrainingSettings, training_checks
+from mae.config.checks import Check, crop_scale_check, raise_first_invalid, size_hw
+from mae.config.loader import ConfigError, load_raw
+from mae.config.training import TrainingSettings, training_checks
 
 __all__ = ["EvalConfig", "EvalDataConfig", "FinetuneConfig", "ProbeConfig", "load_eval_config"]
 
@@ -73,7 +73,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingSettings):
-    """Whole-network fine-tuning: the shared training settings (``mae.train_settings``) with the
+    """Whole-network fine-tuning: the shared training settings (``mae.config.training``) with the
     MAE paper's ViT-B recipe as defaults (its batch 1024 is batch_size x accum_steps x
     processes), and what only fine-tuning has."""
 

@@ -1,0 +1,2 @@
+"""How good an encoder is: encoder sources, linear probe and kNN, fine-tuning, the uses judged
+against PCA, metrics and reports."""
