@@ -9,11 +9,7 @@ import sys
 
 from mae.cli import main
 from mae.config import Config
-
-# the recipe, with the architecture of an init= checkpoint
-from mae.interop import (
-    load_pretrain_config,
-)
+from mae.interop import load_pretrain_config  # the recipe, with an init= checkpoint's architecture
 
 
 def pretrain(cfg: Config) -> None:

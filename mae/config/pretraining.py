@@ -17,25 +17,9 @@ from typing import Any, Literal
 
 from mae.config.checks import Check, crop_scale_check, raise_first_invalid, size_hw
 from mae.config.families import FAMILY_DEFAULTS
-from mae.config.loader import ConfigError, build, load_raw, read_yaml, to_dict
+from mae.config.loader import ConfigError, build, load_raw
 from mae.config.presets import DEFAULT_PRESET, PRESET_KEYS, PRESETS
 from mae.config.training import TrainingSettings, training_checks
-
-__all__ = [
-    "Columns",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "derive",
-    "derive_schedule",
-    "from_dict",
-    "load_config",
-    "read_yaml",
-    "to_dict",
-]
-
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -12,32 +12,51 @@ from typing import Any
 
 from mae.config import Config
 from mae.config.families import FAMILY_DEFAULTS, MAE
-from mae.config.presets import PRESET_KEYS
 from mae.models.ae import VanillaAutoencoder
 from mae.models.base import AEOutput, Autoencoder
 from mae.models.cae import ContractiveAutoencoder
-from mae.models.crossmae import CrossMaskedAutoencoder
+from mae.models.crossmae import CrossMaskedAutoencoder, cross_decoder
 from mae.models.dae import DenoisingAutoencoder
-from mae.models.mae import MaskedAutoencoder
+from mae.models.mae import MaskedAutoencoder, paper_decoder, vit_encoder
 from mae.models.sparse import SparseAutoencoder
 from mae.models.stacked import StackedAutoencoder
 from mae.models.vae import VariationalAutoencoder
 
 
 def _build_mae(cfg: Config) -> MaskedAutoencoder:
-    """MAE with the paper's decoder (``model.decoder=mae``) or CrossMAE's (``cross``)."""
-    m = cfg.model
-    mae = {
-        "image_size": cfg.data.image_size,
-        "channels": cfg.data.channels,
+    """MAE with the paper's decoder (``model.decoder=mae``) or CrossMAE's (``cross``): the
+    encoder, then the decoder, handed to the model."""
+    m, d = cfg.model, cfg.data
+    encoder = vit_encoder(
+        image_size=d.image_size,
+        channels=d.channels,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+    )
+    decoder = {
+        "embed_dim": m.embed_dim,
+        "width": m.decoder_embed_dim,
+        "depth": m.decoder_depth,
+        "heads": m.decoder_num_heads,
+        "grid": tuple(encoder.patch_embed.grid_size),
+        "patch_pixels": m.patch_size**2 * d.channels,
         "mlp_ratio": m.mlp_ratio,
-        "mask_ratio": m.mask_ratio,
-        "norm_pix_loss": m.norm_pix_loss,
-    } | {k: getattr(m, k) for k in PRESET_KEYS}
+    }
+    loss = {"mask_ratio": m.mask_ratio, "norm_pix_loss": m.norm_pix_loss}
     if m.decoder == "mae":
-        return MaskedAutoencoder(**mae)
-    cross = {"reconstruct_ratio": m.reconstruct_ratio, "self_attn": m.decoder_self_attn}
-    return CrossMaskedAutoencoder(**mae, **cross, features=m.decoder_features)
+        return MaskedAutoencoder(encoder=encoder, decoder=paper_decoder(**decoder), **loss)
+    cross = cross_decoder(
+        **decoder,
+        encoder_depth=m.depth,
+        self_attn=m.decoder_self_attn,
+        features=m.decoder_features,
+    )
+    return CrossMaskedAutoencoder(
+        encoder=encoder, decoder=cross, reconstruct_ratio=m.reconstruct_ratio, **loss
+    )
 
 
 @dataclass(frozen=True)

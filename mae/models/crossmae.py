@@ -30,7 +30,7 @@ from torch import nn
 from mae.losses import masked_mse, normalize_patches
 from mae.masking import num_kept, num_predicted, patchify, predicted_patches, unpatchify
 from mae.models.base import AEOutput
-from mae.models.mae import MaskedAutoencoder, sincos_pos_embed
+from mae.models.mae import NORM_LAYER, DecoderParts, MaskedAutoencoder, sincos_pos_embed
 from mae.run import hardware
 
 
@@ -100,46 +100,57 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def cross_decoder(
+    *,
+    embed_dim: int,
+    encoder_depth: int,
+    width: int,
+    depth: int,
+    heads: int,
+    grid: tuple[int, int],
+    patch_pixels: int,
+    mlp_ratio: float = 4.0,
+    self_attn: bool = False,
+    features: str = "last",
+) -> DecoderParts:
+    """CrossMAE's decoder: projection of the encoder tokens, mask token, positions, cross blocks,
+    norm, prediction; for ``features="weighted"`` the (decoder blocks x feature maps) mixing
+    weights and one norm per decoder block (``extra``: ``feature_mix``, ``feature_norms``)."""
+    embed = nn.Linear(embed_dim, width)
+    mask_token = nn.Parameter(torch.zeros(1, 1, width))
+    pos_embed = sincos_pos_embed(width, grid)
+    blocks = [CrossBlock(width, heads, mlp_ratio, NORM_LAYER, self_attn) for _ in range(depth)]
+    norm = NORM_LAYER(width)
+    extra: dict[str, nn.Module | nn.Parameter] = {}
+    if features == "weighted":
+        maps = 1 + encoder_depth  # the encoder's input and each block's output
+        extra["feature_mix"] = nn.Parameter(torch.empty(depth, maps))
+        extra["feature_norms"] = nn.ModuleList(NORM_LAYER(embed_dim) for _ in range(depth))
+    pred = nn.Linear(width, patch_pixels)
+    return DecoderParts(embed, mask_token, pos_embed, nn.ModuleList(blocks), norm, pred, extra)
+
+
 class CrossMaskedAutoencoder(MaskedAutoencoder):
-    """``MaskedAutoencoder`` with CrossMAE's decoder; ``encode`` and ``encoder`` are MAE's,
-    unchanged."""
+    """``MaskedAutoencoder`` with CrossMAE's decoder (``cross_decoder``); ``encode`` and
+    ``encoder`` are MAE's, unchanged."""
 
     def __init__(
-        self, *, reconstruct_ratio: float, self_attn: bool = False, features: str = "last", **mae
+        self,
+        *,
+        encoder: nn.Module,
+        decoder: DecoderParts,
+        reconstruct_ratio: float,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
     ) -> None:
-        self.reconstruct_ratio, self.self_attn, self.features = (
-            reconstruct_ratio,
-            self_attn,
-            features,
+        super().__init__(
+            encoder=encoder, decoder=decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss
         )
-        super().__init__(**mae)
-
-    def build_decoder(
-        self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
-    ) -> None:
-        """Projection of the encoder tokens, mask token, positions, cross blocks, norm; for weighted
-        features the (decoder blocks x feature maps) mixing weights and one norm per decoder
-        block."""
-        self.decoder_embed = nn.Linear(embed_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True
-        )
-        blocks = [
-            CrossBlock(width, heads, mlp_ratio, norm_layer, self.self_attn) for _ in range(depth)
-        ]
-        self.decoder_blocks = nn.ModuleList(blocks)
-        self.decoder_norm = norm_layer(width)
-        if self.features == "weighted":
-            maps = 1 + len(self.encoder.blocks)  # the encoder's input and each block's output
-            self.decoder_feature_mix = nn.Parameter(torch.empty(depth, maps))
-            self.decoder_feature_norms = nn.ModuleList(norm_layer(embed_dim) for _ in range(depth))
-
-    def initialize_weights(self) -> None:
-        """MAE's; the mixing weights N(0, 1/maps), as CrossMAE's."""
-        super().initialize_weights()
-        if self.features == "weighted":
-            nn.init.normal_(self.decoder_feature_mix, std=self.decoder_feature_mix.shape[1] ** -0.5)
+        self.reconstruct_ratio = reconstruct_ratio
+        self.features = "weighted" if "feature_mix" in decoder.extra else "last"
+        if self.features == "weighted":  # after MAE's: N(0, 1/maps), as CrossMAE's
+            mix = self.decoder_feature_mix
+            nn.init.normal_(mix, std=mix.shape[1] ** -0.5)
 
     def encoder_outputs(self, images: torch.Tensor, noise: torch.Tensor | None = None):
         """-> (what each decoder block reads, projected to the decoder width: (B, 1 + L_keep, Dd)

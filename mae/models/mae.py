@@ -10,6 +10,7 @@ as-is in timm's format.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import timm
@@ -53,69 +54,106 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), emb], dim=0).unsqueeze(0)
 
 
+NORM_LAYER = partial(nn.LayerNorm, eps=1e-6)  # the official decoder's (timm's ViT uses the same)
+
+
+def vit_encoder(
+    *,
+    image_size: int | tuple[int, int],
+    channels: int,
+    patch_size: int,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+) -> nn.Module:
+    """The MAE encoder: a timm ``VisionTransformer`` (num_classes=0, cls-token pooling) whose
+    fixed sin-cos position embeddings ``MaskedAutoencoder`` writes and freezes."""
+    return timm.create_model(
+        TIMM_ARCH_BY_WIDTH.get(embed_dim, "vit_base_patch16_224"),
+        pretrained=False,
+        num_classes=0,
+        global_pool="token",
+        img_size=image_size,
+        patch_size=patch_size,
+        in_chans=channels,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=True,
+    )
+
+
+@dataclass
+class DecoderParts:
+    """A masked autoencoder's decoder, built before the model and handed to it. The model
+    registers the parts under the official MAE names (``decoder_embed``, ``mask_token``,
+    ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, then ``decoder_NAME`` for each
+    of ``extra``, then ``decoder_pred``), so checkpoints, official weights and the parameter
+    order every optimizer state is indexed by stay what they were."""
+
+    embed: nn.Linear  # encoder width -> decoder width
+    mask_token: nn.Parameter  # (1, 1, width), shared by every hidden patch
+    pos_embed: torch.Tensor  # (1, 1 + L, width) fixed sin-cos
+    blocks: nn.Module
+    norm: nn.Module
+    pred: nn.Linear  # decoder width -> p*p*C pixels
+    extra: dict[str, nn.Module | nn.Parameter] = field(default_factory=dict)
+
+
+def paper_decoder(
+    *,
+    embed_dim: int,
+    width: int,
+    depth: int,
+    heads: int,
+    grid: tuple[int, int],
+    patch_pixels: int,
+    mlp_ratio: float = 4.0,
+) -> DecoderParts:
+    """The paper's decoder: embedding, mask token, positions, ``depth`` self-attention blocks
+    over every patch, norm, and the linear prediction of each patch's ``patch_pixels`` values."""
+    embed = nn.Linear(embed_dim, width)
+    mask_token = nn.Parameter(torch.zeros(1, 1, width))
+    pos_embed = sincos_pos_embed(width, grid)
+    blocks = [
+        Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=NORM_LAYER) for _ in range(depth)
+    ]
+    norm = NORM_LAYER(width)
+    pred = nn.Linear(width, patch_pixels)
+    return DecoderParts(embed, mask_token, pos_embed, nn.Sequential(*blocks), norm, pred)
+
+
 class MaskedAutoencoder(Autoencoder):
+    """An encoder (``vit_encoder``) and a decoder (``paper_decoder``), both built by the caller:
+    ``mae.models`` builds them from the config, the encoder first."""
+
     def __init__(
         self,
         *,
-        image_size: int | tuple[int, int],  # one side, or (H, W)
-        channels: int,
-        patch_size: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        decoder_embed_dim: int,
-        decoder_depth: int,
-        decoder_num_heads: int,
-        mlp_ratio: float = 4.0,
+        encoder: nn.Module,
+        decoder: DecoderParts,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
     ) -> None:
         super().__init__()
-        self.patch_size, self.channels = patch_size, channels
-        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.grid = (hw[0] // patch_size, hw[1] // patch_size)
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.channels = encoder.patch_embed.proj.in_channels
+        self.grid = tuple(encoder.patch_embed.grid_size)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.feature_dim = embed_dim
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-
-        self.encoder = timm.create_model(
-            TIMM_ARCH_BY_WIDTH.get(embed_dim, "vit_base_patch16_224"),
-            pretrained=False,
-            num_classes=0,
-            global_pool="token",
-            img_size=image_size,
-            patch_size=patch_size,
-            in_chans=channels,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=True,
-        )
+        self.feature_dim = encoder.embed_dim
+        self.encoder = encoder
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
-
-        self.build_decoder(
-            embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer
-        )
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * channels)
+        self.decoder_embed = decoder.embed
+        self.mask_token = decoder.mask_token
+        self.register_buffer("decoder_pos_embed", decoder.pos_embed, persistent=True)
+        self.decoder_blocks = decoder.blocks
+        self.decoder_norm = decoder.norm
+        for name, part in decoder.extra.items():
+            setattr(self, f"decoder_{name}", part)
+        self.decoder_pred = decoder.pred
         self.initialize_weights()
-
-    def build_decoder(
-        self, embed_dim: int, width: int, depth: int, heads: int, mlp_ratio: float, norm_layer
-    ) -> None:
-        """The paper's decoder but for its prediction head: embed, mask token, positions, blocks,
-        norm."""
-        self.decoder_embed = nn.Linear(embed_dim, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_pos_embed(width, self.grid), persistent=True
-        )
-        blocks = [
-            Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(depth)
-        ]
-        self.decoder_blocks = nn.Sequential(*blocks)
-        self.decoder_norm = norm_layer(width)
 
     def initialize_weights(self) -> None:
         """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02)
