@@ -29,10 +29,12 @@ def run(cfg: EvalConfig) -> None:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        for key in ("top1", "top5"):
+        # top-5 says something only where there are more than 5 classes
+        for key in ("top1", "top5") if len(results["per_class"]) > 5 else ("top1",):
             print(f"{key}: {results[key]:.4f}")
         print(f"results: {cfg.output_dir}/results.json")
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0], load_eval_config, run, sys.argv[1:]))
+    description = __doc__.split("\n\n")[0]
+    sys.exit(main(description, EvalConfig, load_eval_config, run, sys.argv[1:]))

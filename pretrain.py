@@ -19,4 +19,5 @@ def pretrain(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.split("\n\n")[0], load_pretrain_config, pretrain, sys.argv[1:]))
+    description = __doc__.split("\n\n")[0]
+    sys.exit(main(description, Config, load_pretrain_config, pretrain, sys.argv[1:]))

@@ -8,18 +8,25 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mae.config.help import help_text
 from mae.errors import UserError
 
 
 def main(
     description: str,
+    schema: type,
     load: Callable[..., Any],
     run: Callable[[Any], None],
     argv: Sequence[str] | None,
 ) -> int:
     """Load the config (no heavy imports before it is known to be valid), then run it. A
-    ``UserError`` becomes one ``error: ...`` line on stderr and its exit code."""
-    parser = argparse.ArgumentParser(description=description)
+    ``UserError`` becomes one ``error: ...`` line on stderr and its exit code. ``--help`` lists
+    every key of ``schema`` with its default and its comment."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=help_text(schema),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML recipe holding only what differs from the defaults")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/x")
     args = parser.parse_args(argv)

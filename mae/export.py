@@ -79,12 +79,23 @@ def replace_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
         os.replace(old, out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    readable_as_umask_allows(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a plain new file gets (0644 under the usual umask
+    022): safetensors writes its files 0600, which keeps an export from the rest of a group."""
+    umask = os.umask(0)  # reading it means setting it: put back at once
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def load_run_model(

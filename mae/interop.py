@@ -47,7 +47,6 @@ from mae.config.loader import load_raw
 from mae.config.presets import PRESETS, Preset
 from mae.errors import UserError
 from mae.hub import is_timm_pretrained, local_path, timm_heads, timm_pretrained
-from mae.run.checkpoint import read_sharded_model
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +64,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict in the project's MAE naming, from any supported file or folder."""
     import torch
     from safetensors.torch import load_file
+
+    from mae.run.checkpoint import read_sharded_model  # Accelerate and torch: see above
 
     if is_timm_pretrained(path):  # timm's model of that tag: its weights under timm's names
         return _to_ours(timm_pretrained(str(path)).state_dict())

@@ -9,6 +9,8 @@ every process (Accelerate averages gradients across processes and accumulates lo
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +236,17 @@ class Pretraining:
         net.train(was_training)
 
 
+def summary_line(run_dir: Path, step: int, seconds: float, export_dir: Path) -> str:
+    """The run's last line: its steps, this launch's training time, the last logged loss, and
+    where the encoder went."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    loss = f"final loss {json.loads(lines[-1])['loss']:.4f}" if lines else "no loss logged"
+    minutes, rest = divmod(round(seconds), 60)
+    return (
+        f"done: {step} steps ({minutes}:{rest:02d} of training), {loss}; exported to {export_dir}"
+    )
+
+
 def train(cfg: Config) -> RunResult:
     """Pretrain (or resume) the run in ``cfg.output_dir``, holding its lock; the encoder is
     exported at the end."""
@@ -285,13 +298,15 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
         accelerator.print(about_data)
     stats = {} if data.stats is None else {"data_stats": data.stats}
     start_run(accelerator, run_dir, cfg, derived, "pretrain", stats)
+    tic = time.perf_counter()
     step = Runner(accelerator, run_dir, t, derived, source, job).run(resume_from, "pretrain")
+    seconds = time.perf_counter() - tic
 
     export_dir = run_dir / "export"
     model = gathered(accelerator, job.model, lambda: build_model(cfg))
     if accelerator.is_main_process:
         export_model(model, cfg, export_dir)
-        accelerator.print(f"exported to {export_dir}")
+        accelerator.print(summary_line(run_dir, step, seconds, export_dir))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return RunResult(run_dir, export_dir, step, model)

@@ -25,11 +25,14 @@ def _offline(monkeypatch):
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
     """Accelerate keeps process-wide singletons; start every test from a clean slate. A process
-    group a test made in this process is destroyed and collected here (last, after the test's
+    group a test left in this process is destroyed and collected here (last, after the test's
     own fixtures): a DataLoader worker that a later test forks would otherwise inherit it and can
-    hang at its exit in the group's destructor."""
+    hang at its exit in the group's destructor. (Collected only then: a collection after every
+    test costs the suite minutes.)"""
     yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group:
         torch.distributed.destroy_process_group()
     reset_accelerate()
-    gc.collect()
+    if group:
+        gc.collect()

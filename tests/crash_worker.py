@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mae import export, pretrain, runner
 from mae.cli import main
-from mae.config import load_config
+from mae.config import Config, load_config
 from mae.run import checkpoint
 
 if __name__ == "__main__":
@@ -54,4 +54,4 @@ if __name__ == "__main__":
         export.save_timm = failing_save
     runner.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
     runner.Runner._after_step = crashing_after_step
-    sys.exit(main("pretrain under test", load_config, pretrain.train, sys.argv[1:]))
+    sys.exit(main("pretrain under test", Config, load_config, pretrain.train, sys.argv[1:]))

@@ -1,7 +1,10 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from mae.config import (
     Config,
@@ -183,3 +186,90 @@ def test_derived_values():
     high_floor = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_lr=1.0))
     with pytest.raises(ConfigError, match="train.min_lr=1 is above the peak lr 0.0001"):
         derive(high_floor, 1000, 2)
+
+
+def test_a_misspelt_key_gets_the_closest_one_suggested():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.blrr'; did you mean 'train.blr'"
+    ):
+        load_config(None, ["train.blrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; did you mean 'train'"):
+        load_config(None, ["trian.blr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'zzz'; valid keys here"):
+        load_config(None, ["zzz=1"])
+
+
+def test_a_home_path_is_expanded_as_a_shell_would(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.dataset=~/images", "output_dir=~/runs/a"])
+    assert cfg.data.dataset == str(tmp_path / "images")
+    assert cfg.output_dir == str(tmp_path / "runs/a")
+    (tmp_path / "recipe.yaml").write_text("train:\n  max_steps: 7\n")
+    assert load_config("~/recipe.yaml").train.max_steps == 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Documented:
+    # the first line of a comment
+    # and its second
+    width: int = 4
+    depth: int = 2  # a comment at the end of the line
+    name: str | None = None
+    shape: tuple[int, int] = (3, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Redeclared(Documented):
+    width: int = 8  # a comment of its own
+    depth: int = 3
+
+
+def test_help_reads_each_keys_comment_and_default_off_the_schema():
+    from mae.config.help import field_comments, key_lines
+
+    assert field_comments(Documented) == {
+        "width": "the first line of a comment and its second",
+        "depth": "a comment at the end of the line",
+    }
+    # a redeclared field keeps the comment it was declared with unless it brings its own
+    assert field_comments(Redeclared) == {
+        "width": "a comment of its own",
+        "depth": "a comment at the end of the line",
+    }
+    assert key_lines(Redeclared, "x.") == [
+        ("x.width", "8", "a comment of its own"),
+        ("x.depth", "3", "a comment at the end of the line"),
+        ("x.name", "null", ""),
+        ("x.shape", "[3,5]", ""),
+    ]
+
+
+def test_pretrain_help_lists_every_key_with_its_default():
+    from mae.config.help import key_lines
+
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    for key, default, _ in key_lines(Config):
+        assert f"{key}={default}" in listed
+    assert "train.blr=null" in listed and "data.augment=null (one of crop|flip|none)" in listed
+    assert "model.mask_ratio=0.75" in listed
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
+def test_help_imports_neither_torch_nor_the_data_libraries(script):
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({script!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('torch', 'datasets', 'accelerate', 'timm')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -5,6 +5,7 @@ xdist groups, FSDP and machines, which run side by side)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import timm
 import torch
-from helpers import ROOT, TINY, env_without_accelerate, free_port
+from helpers import ROOT, TINY, env_without_accelerate, free_port, reset_accelerate
 from safetensors.torch import load_file
 
 from mae import pretrain
@@ -412,6 +413,10 @@ def one_process_group(monkeypatch):
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    reset_accelerate()
+    # the group's last references can sit in reference cycles (Accelerate's state, FSDP's
+    # meshes): collected now, before a later test in this process forks DataLoader workers
+    gc.collect()
 
 
 # What ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` puts in the environment

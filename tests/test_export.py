@@ -74,3 +74,16 @@ def test_an_interrupted_swap_is_repaired_before_the_next_one(tmp_path):
     assert (out / "model.safetensors").read_text() == "new" and not (
         tmp_path / "export.old"
     ).exists()
+
+
+def test_exported_files_are_readable_as_the_umask_allows(trained):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in trained.export_dir.iterdir() if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json"}
+    # safetensors alone writes 0600
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {
+        p.name: 0o666 & ~umask for p in files
+    }

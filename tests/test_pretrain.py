@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,10 +26,17 @@ class Crash(Exception):
     pass
 
 
-def test_loss_falls_and_run_dir_is_complete(tmp_path):
+def test_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
     result = run(tmp_path, "r", "train.max_steps=30", "train.blr=1e-2", "train.checkpoint_every=10")
     d = result.run_dir
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    # the run's last line sums it up
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    loss = f"{lines[-1]['loss']:.4f}"
+    assert re.fullmatch(
+        rf"done: 30 steps \(\d+:\d\d of training\), final loss {loss}; exported to .*", last
+    )
+    assert last.endswith(str(d / "export"))
     assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30]
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert all(r["images_per_s"] > 0 and "terms/mse" in r for r in lines)

@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mae import pretrain
-from mae.config import load_config
+from mae.config import Config, load_config
 from mae.run import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resilience")]  # one reference run
@@ -491,7 +491,7 @@ def test_an_image_over_the_decompression_limit_is_a_bad_image(tmp_path, monkeypa
 
 def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys):
     from mae.cli import main
-    from mae.config.evaluation import load_eval_config
+    from mae.config.evaluation import EvalConfig, load_eval_config
     from mae.eval.probe import probe
 
     (tmp_path / "empty/a").mkdir(parents=True)
@@ -500,6 +500,7 @@ def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys
         Image.new("RGB", (8, 8)).save(tmp_path / f"flat/{i}.png")
     code = main(
         "pretrain",
+        Config,
         load_config,
         pretrain.train,
         [f"data.dataset={tmp_path / 'empty'}", f"output_dir={tmp_path / 'r'}"],
@@ -509,6 +510,7 @@ def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys
     assert not (tmp_path / "r").exists()
     code = main(
         "probe",
+        EvalConfig,
         load_eval_config,
         probe,
         ["encoder=pixels:8", f"data.dataset={tmp_path / 'flat'}", f"output_dir={tmp_path / 'p'}"],

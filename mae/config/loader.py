@@ -7,7 +7,9 @@ allowed. Override values are parsed as YAML 1.2 scalars (``train.max_steps=30`` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -82,7 +84,7 @@ def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...], sc
     """Build ``schema`` from the recipe at ``path`` (if any) with ``overrides`` applied on top."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise ConfigError(
                 f"config file {str(path)!r} does not exist; pass an existing YAML file to --config"
@@ -122,8 +124,10 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            guess = f"did you mean {prefix + close[0]!r}? " if close else ""
             raise ConfigError(
-                f"unknown config key {prefix + str(key)!r}; valid keys here: {sorted(names)}"
+                f"unknown config key {prefix + str(key)!r}; {guess}valid keys here: {sorted(names)}"
             )
     kwargs = {}
     for key, value in raw.items():
@@ -175,6 +179,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise TypeError(f"unsupported config type {kind} for {key}")
     if not ok:
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {_name(kind)}")
+    if kind is str and value.startswith("~"):  # a path in the user's home, as a shell reads it
+        return os.path.expanduser(value)
     if kind is float:
         if not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} is invalid; it must be a finite number")

@@ -41,7 +41,8 @@ class TrainingSettings:
     batch_size: int = 128  # per process, per micro-batch
     accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
     # base lr: lr = blr x effective batch / 256, the effective batch being
-    # batch_size x accum_steps x processes
+    # batch_size x accum_steps x processes (pretraining: null, the model family's, as for
+    # warmup_epochs and weight_decay: mae/config/families.py)
     blr: float | None = None
     min_lr: float = 0.0  # the cosine schedule's floor
     warmup_epochs: float | None = None  # linear warm-up from 0, in epochs of the section's data
