@@ -12,6 +12,18 @@ from mae.config.help import help_text
 from mae.errors import UserError
 
 
+class SchemaParser(argparse.ArgumentParser):
+    """argparse's parser whose help ends with every key of ``schema``: read off the schema only
+    when the help is printed, not at every launch."""
+
+    def __init__(self, schema: type, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.schema = schema
+
+    def format_help(self) -> str:
+        return f"{super().format_help()}\n{help_text(self.schema)}\n"
+
+
 def main(
     description: str,
     schema: type,
@@ -22,11 +34,7 @@ def main(
     """Load the config (no heavy imports before it is known to be valid), then run it. A
     ``UserError`` becomes one ``error: ...`` line on stderr and its exit code. ``--help`` lists
     every key of ``schema`` with its default and its comment."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog=help_text(schema),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = SchemaParser(schema, description=description)
     parser.add_argument("--config", help="YAML recipe holding only what differs from the defaults")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. output_dir=runs/x")
     args = parser.parse_args(argv)

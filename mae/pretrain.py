@@ -112,12 +112,8 @@ class Pretraining:
         derived: Derived,
     ) -> None:
         t = cfg.train
-        self.accelerator, self.cfg, self.derived, self.run_dir = (
-            accelerator,
-            cfg,
-            derived,
-            Path(cfg.output_dir),
-        )
+        self.accelerator, self.cfg, self.derived = accelerator, cfg, derived
+        self.run_dir = Path(cfg.output_dir)
         # torch's one-kernel AdamW on a GPU: 1.3% more images/s for the compiled ViT-B/16 step on an
         # H200 (bench/vs_hf.py --optimizers foreach fused); the same update up to rounding. Kept off
         # under FSDP, whose sharded parameters it was not measured with, and on CPU, so CPU runs
@@ -254,7 +250,7 @@ def train(cfg: Config) -> RunResult:
     # e.g. greedy layer-wise stages
     idle = MODELS[cfg.model.name].unused_parameters
     accelerator = accelerator_for(t, run_dir, find_unused_parameters=idle)
-    watched = peers_watched(accelerator, run_dir, "train.dist_timeout", t.dist_timeout)
+    watched = peers_watched(accelerator, run_dir, t.key("dist_timeout"), t.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
         return _train(cfg, accelerator)
 
@@ -277,7 +273,7 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     derived = derive(cfg, source.size, accelerator.num_processes)
     if resume_from is not None:
         check_resumable(
-            accelerator, run_dir, cfg, derived, resumable_keys("train", *RESUMABLE), from_dict
+            accelerator, run_dir, cfg, derived, resumable_keys(t.SECTION, *RESUMABLE), from_dict
         )
 
     with same_init_everywhere(accelerator, t.seed):

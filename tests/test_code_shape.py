@@ -4,6 +4,7 @@ Each check is tested on a small source of its own first, so that it is known to 
 claims to."""
 
 import ast
+import itertools
 import re
 from pathlib import Path
 
@@ -56,12 +57,7 @@ def map_entries(readme: str) -> set[str]:
     module names a folder's entry lists after its colon (``mae/models/  ...: a, b``)."""
     entries = set()
     for line in readme.splitlines():
-        if not line.startswith("mae/"):
-            continue
-        words = line.split()
-        paths = [
-            w for w in words[: next(i for i, w in enumerate(words) if not w.startswith("mae/"))]
-        ]
+        paths = list(itertools.takewhile(lambda w: w.startswith("mae/"), line.split()))
         entries |= {p.rstrip("/") for p in paths}
         for folder in (p for p in paths if p.endswith("/")):
             listed = line.rsplit(":", 1)[1] if ":" in line else ""

@@ -320,11 +320,11 @@ def _stats_checks(d: DataConfig) -> list[Check]:
     and ``data.grid_channels``."""
     if d.mean == "auto":
         checks = [(d.std == "auto", "data.std", d.std, "unset or auto with data.mean=auto")]
-    elif d.std == "auto":
-        own = "values of your own with a data.mean of your own; or set data.mean=auto"
-        checks = [(False, "data.std", d.std, own)]
     else:
-        checks = [
+        own = "values of your own with a data.mean of your own; or set data.mean=auto"
+        checks = [(d.std != "auto", "data.std", d.std, own)]
+    if d.mean != "auto" and d.std != "auto":  # both the user's: one value per channel each
+        checks += [
             (
                 len(d.mean) == d.channels,
                 "data.mean",

@@ -58,10 +58,8 @@ class BatchNormalise:
     give."""
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
-        self.mean, self.std = (
-            torch.tensor(mean).view(1, -1, 1, 1),
-            torch.tensor(std).view(1, -1, 1, 1),
-        )
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_subclass(torch.Tensor)

@@ -150,13 +150,8 @@ class Finetuning:
         names: list[str],
     ) -> None:
         f = cfg.finetune
-        self.accelerator, self.cfg, self.clf, self.derived, self.names = (
-            accelerator,
-            cfg,
-            clf,
-            derived,
-            names,
-        )
+        self.accelerator, self.cfg, self.clf = accelerator, cfg, clf
+        self.derived, self.names = derived, names
         self.run_dir = Path(cfg.output_dir)
         optimizer = build_optimizer(clf.model, f, derived, layered=clf.kind == "timm")
         self.scheduler = runner.cosine_schedule(optimizer, derived, f.min_lr)
@@ -222,7 +217,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     f, run_dir = cfg.finetune, Path(cfg.output_dir)
     fetch(cfg.encoder)  # a hub name that cannot be served stops here, before output_dir is made
     accelerator = runner.accelerator_for(f, run_dir)
-    watched = peers_watched(accelerator, run_dir, "finetune.dist_timeout", f.dist_timeout)
+    watched = peers_watched(accelerator, run_dir, f.key("dist_timeout"), f.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
         return _finetune(cfg, accelerator)
 
@@ -252,7 +247,7 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
     derived = derive_schedule(f, source.size, accelerator.num_processes)
     if resume_from is not None:
-        resumable = resumable_keys("finetune", *RESUMABLE)
+        resumable = resumable_keys(f.SECTION, *RESUMABLE)
         check_resumable(accelerator, run_dir, cfg, derived, resumable, partial(build, EvalConfig))
     eval_loader = DataLoader(
         eval_set, batch_size=f.batch_size, shuffle=False, num_workers=d.num_workers
