@@ -36,6 +36,7 @@ from mae.runner import (
     Runner,
     StepLoss,
     accelerator_for,
+    checkpoint_volume_warning,
     choose_attention,
     cosine_schedule,
     gathered,
@@ -292,6 +293,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     )
     if (about_data := source.describe()) is not None:
         accelerator.print(about_data)
+    checkpoints = derived.total_steps // t.checkpoint_every + 1
+    checkpoint_volume_warning(accelerator, [job.model], checkpoints, "train.checkpoint_every")
     stats = {} if data.stats is None else {"data_stats": data.stats}
     start_run(accelerator, run_dir, cfg, derived, "pretrain", stats)
     tic = time.perf_counter()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from mae.run import checkpoint as ckpt
 from mae.run import distributed
 from mae.run.directory import truncate_metrics
 from mae.run.hardware import resolve_attention, resolve_precision, set_attention, tune_cpu_allocator
-from mae.run.signals import Preempted, StopSignals
+from mae.run.signals import Preempted, StepAbandoned, StopSignals
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -210,11 +211,39 @@ def schedule_lines(
         f"effective batch {batch} = {t.batch_size} per process x {t.accum_steps} accumulation "
         f"x {derived.num_processes} processes; "
         f"lr {derived.lr:.3g} = blr {t.blr:g} x {batch} / 256\n"
-        f"{derived.total_steps} steps ({epochs:.2f} epochs), {derived.warmup_steps} warmup; "
+        f"{derived.total_steps} steps ({epochs:.2f} epochs), {derived.warmup_steps} warmup"
+        f"{_capped(t, derived)}; "
         f"mixed precision {accelerator.mixed_precision}; attention {attention}"
         f"{' (torch.compile)' if compiled else ''}; device {accelerator.device}{threads}\n"
         + distributed.summary(distributed.describe(accelerator))
     )
+
+
+def _capped(t: TrainingSettings, derived: Derived) -> str:
+    """Why the warm-up is shorter than ``warmup_epochs`` asks, when the cap made it so."""
+    asked = min(round(t.warmup_epochs * derived.steps_per_epoch), derived.total_steps - 1)
+    if derived.warmup_steps >= asked:
+        return ""
+    return f" (capped at {t.warmup_cap:g} of the run by {t.key('warmup_cap')}; {asked} asked)"
+
+
+# a run that would write more checkpoint bytes than this gets a line at start
+CHECKPOINT_VOLUME_WARNING = 5 * 1024**3
+
+
+def checkpoint_volume_warning(
+    accelerator: Accelerator, modules: list[torch.nn.Module], count: int, key: str
+) -> None:
+    """One line when ``count`` checkpoints of ``modules`` (weights and AdamW's two moments, in
+    their dtypes) add up past ``CHECKPOINT_VOLUME_WARNING``: a cadence set for a large dataset
+    meeting a small one writes gigabytes for minutes of training. ``key``: the cadence to raise."""
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    size = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in params)
+    if count * size > CHECKPOINT_VOLUME_WARNING:
+        accelerator.print(
+            f"warning: this run writes {count} checkpoints of {size / 1024**3:.2f} GB "
+            f"({count * size / 1024**3:.1f} GB in all); raise {key} to write fewer"
+        )
 
 
 class MetricLog:
@@ -227,11 +256,33 @@ class MetricLog:
         self.accelerator, self.path, self.images_per_step = accelerator, path, images_per_step
         self.loss = torch.zeros((), device=accelerator.device)
         self.terms: dict[str, torch.Tensor] = {}
-        self.count, self.last_step = 0, step
+        self.count, self.last_step, self.clock_step = 0, step, step
         self.restart_clock()
 
     def restart_clock(self) -> None:
         self.tic = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective: the running sums since the last line, averaged over processes (as a line
+        would average them), for a checkpoint written between lines."""
+        acc = self.accelerator
+        return {
+            "loss": acc.reduce(self.loss.clone(), reduction="mean").item(),
+            "terms": {
+                k: acc.reduce(v.clone(), reduction="mean").item() for k, v in self.terms.items()
+            },
+            "count": self.count,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """The sums of ``state_dict`` (None: a fresh start, or a checkpoint taken at a line)."""
+        if not state or state["count"] == 0:
+            return
+        self.loss.fill_(state["loss"])
+        dev = self.loss.device
+        self.terms = {k: torch.tensor(v, device=dev) for k, v in state["terms"].items()}
+        self.count, self.last_step = state["count"], state["last_step"]
 
     def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach()
@@ -264,7 +315,7 @@ class MetricLog:
             "epoch": epoch,
             "loss": loss,
             "lr": lr,
-            "images_per_s": (step - self.last_step) * self.images_per_step / seconds,
+            "images_per_s": (step - self.clock_step) * self.images_per_step / seconds,
             **{f"terms/{k}": v for k, v in mean.items()},
         }
         self.accelerator.log(record, step=step)
@@ -273,7 +324,7 @@ class MetricLog:
                 f.write(json.dumps(record) + "\n")
         self.loss.zero_()
         self.terms.clear()
-        self.count, self.last_step = 0, step
+        self.count, self.last_step, self.clock_step = 0, step, step
         return record
 
 
@@ -293,6 +344,9 @@ class Runner:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.section, self.derived = section, derived
         self.source, self.job = source, job
+        self.resumed_log: dict[str, Any] | None = None  # the running metric sums of a checkpoint
+        self.saved_at = 0.0  # time.monotonic() of the last checkpoint (or of the start)
+        self._acc_step = 0  # Accelerate's micro-step count before the micro-batch in flight
 
     def _resume(self, path: Path | None) -> int:
         """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric
@@ -304,6 +358,7 @@ class Runner:
             state = ckpt.read_process_state(path, self.accelerator.process_index)
             self.source.load_state_dict(state, str(path))
             self.job.load_loop_state(loop)
+            self.resumed_log = loop.get("metric_log")
             self.accelerator.print(f"resumed from {path} at step {step}")
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir / "metrics.jsonl", step)
@@ -311,31 +366,62 @@ class Runner:
 
     def run(self, resume_from: Path | None, desc: str) -> int:
         """Resume from checkpoint ``resume_from`` (None: from the start), then loop; returns the
-        last step taken. SIGTERM/SIGINT: a checkpoint at the end of the step, then
+        last step taken. SIGTERM/SIGINT: a checkpoint of the last whole step, then
         ``Preempted``."""
         acc, derived = self.accelerator, self.derived
         step = self._resume(resume_from)
         log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
+        log.load_state_dict(self.resumed_log)
         shown = acc.is_main_process
         bar = tqdm(total=derived.total_steps, initial=step, disable=not shown, desc=desc)
+        # a single process drops the step in flight on a signal (mae.run.signals); several
+        # finish it together, and so does accumulation (its first micro-batches are logged)
+        single = acc.num_processes == 1 and self.section.accum_steps == 1
+        say = self._say_stopping if shown else None
+        self.saved_at = time.monotonic()
         # however the loop ends, the data's workers stop with it
-        with StopSignals() as stop, bar, contextlib.closing(self.source):
-            while step < derived.total_steps:
-                for batch in self.source.batches(step):
-                    self._micro_step(batch, step, log)
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    bar.update(1)
-                    if self._after_step(step, log, bar, stop):
-                        break
+        with StopSignals(say) as stop, bar, contextlib.closing(self.source):
+            try:
+                while step < derived.total_steps:
+                    for batch in self.source.batches(step):
+                        self._micro_step(batch, step, log, stop.interruptible(single))
+                        if not acc.sync_gradients:
+                            continue
+                        step += 1
+                        bar.update(1)
+                        if self._after_step(step, log, bar, stop):
+                            break
+            except StepAbandoned:
+                acc.step = self._acc_step  # Accelerate's micro-step count, as the step found it
+                self.save(step, log)
+                self.stop_for_signal(step, stop.signum or signal.SIGTERM)
         return step
 
-    def _micro_step(self, batch: Batch, step: int, log: MetricLog) -> None:
+    def _say_stopping(self, name: str) -> None:
+        """Said from the signal handler, at once: what is kept if the launcher kills us first."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        print(
+            f"\n{name}: stopping; writing a checkpoint of the last whole step (if the process is "
+            f"killed first, the run resumes from {latest or 'the start'})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _micro_step(
+        self,
+        batch: Batch,
+        step: int,
+        log: MetricLog,
+        interruptible: contextlib.AbstractContextManager[None],
+    ) -> None:
+        """One micro-batch; a signal may drop it only inside ``interruptible``: the forward and
+        backward, which leave the weights and the optimizer untouched."""
         acc, job = self.accelerator, self.job
+        self._acc_step = acc.step
         with acc.accumulate(*job.modules):
-            out = job.loss(batch, step)
-            acc.backward(out.backward)
+            with interruptible:
+                out = job.loss(batch, step)
+                acc.backward(out.backward)
             if acc.sync_gradients:
                 job.scheduler.step_update(step)  # lr for the step being taken
                 if self.section.clip_grad is not None:
@@ -350,7 +436,8 @@ class Runner:
         the end."""
         done = step >= self.derived.total_steps
         due = self.job.checkpoint_due(step, done)
-        # a line at every checkpoint, so that a resumed run logs exactly what an unbroken one does
+        # a line at every due checkpoint, so that a resumed run logs exactly what an unbroken one
+        # does (the checkpoints a signal or the clock asks for carry the running sums instead)
         if step % self.section.log_every == 0 or due or done:
             loss = log.mean_loss()
             if not math.isfinite(loss):
@@ -359,19 +446,32 @@ class Runner:
             self.source.check_bad_images(self.accelerator)
         self.job.after_step(step, done)
         if due:
-            self.save(step, job_first=True)
-        signum = None if done else stop.requested(self.accelerator)
-        if signum is not None:
+            self.save(step, log, job_first=True)
+        signum, timed = (None, False) if done else self._requested(stop)
+        if signum is not None or (timed and not due):
             if not due:  # else it was just written
-                self.save(step)
-            self.stop_for_signal(step, signum)
+                self.save(step, log)
+            if signum is not None:
+                self.stop_for_signal(step, signum)
         if log.last_step == step:  # grids, evaluation and checkpoints don't count against images/s
             log.restart_clock()
         return done
 
-    def save(self, step: int, job_first: bool = False) -> None:
+    def _requested(self, stop: StopSignals) -> tuple[int | None, bool]:
+        """Collective: the signal to stop for and whether ``checkpoint_minutes`` have passed since
+        the last checkpoint, agreed by every process (any one's clock or signal counts)."""
+        minutes = self.section.checkpoint_minutes
+        timed = minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.signum, timed
+        mine = torch.tensor([stop.signum or 0, int(timed)], device=acc.device)
+        agreed = acc.reduce(mine, reduction="max").tolist()
+        return (int(agreed[0]) or None), bool(agreed[1])
+
+    def save(self, step: int, log: MetricLog, job_first: bool = False) -> None:
         """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a
-        signal asked for) the job's own work before it."""
+        signal or the clock asked for) the job's own work before it."""
         check_finite_weights(self.accelerator, self.job.model, step, self.run_dir, self.section)
         if job_first:
             self.job.before_checkpoint(step)
@@ -379,10 +479,11 @@ class Runner:
             self.accelerator,
             self.run_dir,
             step,
-            self.job.loop_state(step),
+            {**self.job.loop_state(step), "metric_log": log.state_dict()},
             self.section.keep_checkpoints,
             process_state=self.source.state_dict(),
         )
+        self.saved_at = time.monotonic()
 
     def stop_for_signal(self, step: int, signum: int) -> None:
         """Collective, after the checkpoint of ``step`` is written: ``Preempted``."""

@@ -1,5 +1,6 @@
 """Run by test_resilience.py as a real process: ``pretrain.py`` with slow-downs that leave room to
-kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to every micro-batch,
+kill it mid-step or mid-checkpoint. Environment: ``STEP_SLEEP`` seconds added to every micro-batch
+after its backward, ``LOSS_SLEEP`` seconds inside its forward (where a signal may drop the step),
 ``SAVE_SLEEP`` seconds inside every checkpoint write (after the files, before the rename that
 commits it), ``SAVE_MARK`` a file created when such a write begins. None changes what is computed.
 ``CRASH_AT_STEP`` with ``CRASH_RANK`` and ``CRASH_MARK``: that process dies (exit 3, no cleanup)
@@ -22,6 +23,11 @@ if __name__ == "__main__":
         float(os.environ.get("SAVE_SLEEP", 0)),
     )
     add, fsync = runner.MetricLog.add, checkpoint._fsync_tree
+    loss, loss_sleep = pretrain.Pretraining.loss, float(os.environ.get("LOSS_SLEEP", 0))
+
+    def slow_loss(self, *args):
+        time.sleep(loss_sleep)
+        return loss(self, *args)
 
     def slow_add(self, *args):
         time.sleep(step_sleep)
@@ -53,5 +59,6 @@ if __name__ == "__main__":
     if os.environ.get("EXPORT_FAIL"):
         export.save_timm = failing_save
     runner.MetricLog.add, checkpoint._fsync_tree = slow_add, slow_fsync
+    pretrain.Pretraining.loss = slow_loss
     runner.Runner._after_step = crashing_after_step
     sys.exit(main("pretrain under test", Config, load_config, pretrain.train, sys.argv[1:]))

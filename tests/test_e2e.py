@@ -1,5 +1,6 @@
 """The README's main job, as a user runs it (slow: minutes on 2 CPU cores)."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -65,3 +66,30 @@ def test_bad_config_fails_before_any_work(tmp_path):
         .startswith("error: unknown config key 'train.mask_ratio'")
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_through_accelerate_launch_a_bad_command_is_one_line(tmp_path):
+    """`accelerate launch -q`: the project's one line and nothing else on stderr. The launcher ends
+    with 1 whatever its process's exit code (accelerate's `_run_subprocess`), so 2 for a bad
+    config is for `python pretrain.py` (test_bad_config_fails_before_any_work)."""
+    out = tmp_path / "run"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    cases = [
+        (["train.blrr=1"], "error: unknown config key 'train.blrr'; did you mean 'train.blr'?"),
+        ([f"data.dataset={tmp_path / 'missing'}"], f"error: data.dataset='{tmp_path / 'missing'}'"),
+        (["data.image_size=3"], "error: data.image_size=3 is smaller than model.patch_size=4"),
+        ([f"output_dir={busy}"], f"error: {busy} is in use by"),  # a run that cannot go on
+    ]
+    with open(busy / "run.lock", "w") as lock:  # held, as a live run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for args, start in cases:
+            cmd = accelerate_launch("pretrain.py", f"output_dir={out}", *args)
+            cmd.insert(cmd.index("accelerate.commands.launch") + 1, "-q")
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env_without_accelerate(), capture_output=True, text=True
+            )
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+            assert lines[0].startswith(start), lines
+            assert not out.exists()

@@ -28,6 +28,7 @@ from mae.data.images import ImageDataset
 from mae.data.loading import load_split
 from mae.eval import finetune as ft
 from mae.eval.encoders import load_encoder
+from mae.run import checkpoint
 from mae.run.signals import Preempted
 
 
@@ -52,6 +53,7 @@ def ft_cfg(tmp_path, *overrides):
             "mode=finetune",
             "data.num_workers=0",
             "finetune.log_every=1",
+            "finetune.eval_min_steps=0",  # the tests' epochs are a few steps each
             *overrides,
         ],
     )
@@ -433,3 +435,23 @@ def test_the_non_finite_message_names_the_keys_of_the_section_it_trains_by(tmp_p
             "loss became inf by step 3; stopped without saving. Last good checkpoint: none. "
             f"Lower {prefix}.blr or set {prefix}.clip_grad, then relaunch to resume."
         )
+
+
+def test_a_small_dataset_is_not_evaluated_after_every_step(tmp_path, run_dir, colours):
+    """An epoch of one step: 50 steps, default cadence. One evaluation (at the end), one
+    checkpoint, not fifty."""
+    cfg = ft_cfg(
+        tmp_path,
+        f"encoder={run_dir}",
+        f"data.dataset={colours}",
+        "data.holdout_fraction=0.25",
+        "finetune.eval_min_steps=100",  # the default, which ft_cfg lowers
+        "finetune.epochs=50",
+        "finetune.batch_size=45",  # the whole fit split: one step per epoch
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "finetune.auto_augment=null",
+    )
+    res = ft.finetune(cfg)
+    assert res["steps"] == 50 and [h["step"] for h in res["history"]] == [50]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "ft")] == ["step_50"]

@@ -171,12 +171,17 @@ def test_processes_that_do_not_form_a_group_are_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run: 12 steps, a checkpoint every 3."""
+def reference_run(tmp_path_factory):
+    """An uninterrupted run: 12 steps, a checkpoint every 3; its run directory."""
     out = tmp_path_factory.mktemp("reference") / "run"
     done = run(out, "train.max_steps=12", "train.checkpoint_every=3", "data.num_workers=1")
     assert done.returncode == 0, done.stderr[-2000:]
-    return final_weights(out, 12)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return final_weights(reference_run, 12)
 
 
 def assert_same(weights, reference):
@@ -525,3 +530,95 @@ def test_an_empty_folder_and_missing_labels_are_one_line_errors(tmp_path, capsys
         and err[0].startswith("error: ")
         and "has no ClassLabel column" in err[0]
     )
+
+
+# A step of 3 s (inside the forward, where a signal may drop it) and a checkpoint write of 3 s:
+# finishing the step, then saving, takes longer than the 5 s `accelerate launch` leaves its
+# process between SIGTERM and SIGKILL.
+SLOW = {"LOSS_SLEEP": "3", "SAVE_SLEEP": "3"}
+TWELVE = ("train.max_steps=12", "train.checkpoint_every=100", "data.num_workers=1")
+
+
+def stopped_and_resumed(cmd, out, signum, reference_run):
+    """Start ``cmd`` (its own session), send ``signum`` to the launcher alone after two whole
+    steps, then relaunch without slow-downs: the checkpoint is the last whole step before the
+    signal, and the resumed run ends with the reference's export. Returns the launcher's exit."""
+    env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, **SLOW},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (
+        metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
+    ):
+        time.sleep(0.05)
+    whole = len(metrics.read_text().splitlines())  # steps done; the next one is in flight
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopping; writing a checkpoint of the last whole step" in stderr, stderr[-3000:]
+    stop = [line for line in stderr.splitlines() if "stopped by SIGTERM after step " in line]
+    assert stop, stderr[-3000:]
+    step = int(stop[-1].split("after step ")[1].split()[0])
+    assert whole <= step <= whole + 1, (whole, step)  # nothing lost but the step in flight
+    assert checkpoint.latest_checkpoint(out) == out / f"checkpoints/step_{step}"
+    again = run(out, *TWELVE)
+    assert again.returncode == 0 and f"at step {step}" in again.stdout, again.stderr[-3000:]
+    assert digests(out / "export") == digests(reference_run / "export")
+    return proc.returncode
+
+
+def test_sigint_to_accelerate_launch_keeps_every_whole_step(tmp_path, reference_run):
+    """Ctrl-C reaches `accelerate launch`, which gives its process 5 s after SIGTERM: the process
+    drops the step in flight and saves the last whole one within them."""
+    out = tmp_path / "run"
+    cmd = accelerate_launch(WORKER, *EXACT, f"output_dir={out}", *TWELVE)
+    assert stopped_and_resumed(cmd, out, signal.SIGINT, reference_run) == 130
+
+
+def test_sigterm_to_torchrun_keeps_every_whole_step(tmp_path, reference_run):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        WORKER,
+        *EXACT,
+        f"output_dir={out}",
+        *TWELVE,
+    ]
+    assert stopped_and_resumed(cmd, out, signal.SIGTERM, reference_run) != 0
+
+
+def test_a_checkpoint_between_metric_lines_resumes_the_same_lines(tmp_path, reference_run):
+    """A clock checkpoint (train.checkpoint_minutes) or a signal's lands between metric lines: it
+    keeps the running sums, so the resumed run writes the uninterrupted run's lines, bit for bit.
+    Here: a checkpoint after every step (by the clock), killed after step 7 of 12, lines every 5."""
+    out = tmp_path / "run"
+    args = (*TWELVE, "train.log_every=5", "train.checkpoint_minutes=0.0001")
+    proc = launch(out, *args, CRASH_AT_STEP="7", CRASH_MARK=str(tmp_path / "crashed"))
+    proc.communicate(timeout=300)
+    assert proc.returncode == 3 and checkpoint.latest_checkpoint(out).name == "step_7"
+    again = run(out, *args)
+    assert again.returncode == 0 and "at step 7" in again.stdout, again.stderr[-3000:]
+    mine = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # the reference logs every step; a line's loss is the fp32 running sum over its window
+    # divided by its length, which these sums redo in the same order
+    each = [
+        json.loads(x)["loss"] for x in (reference_run / "metrics.jsonl").read_text().splitlines()
+    ]
+    expected = []
+    for first, last in ((1, 5), (6, 10), (11, 12)):
+        total = torch.zeros((), dtype=torch.float32)
+        for loss in each[first - 1 : last]:
+            total += torch.tensor(loss, dtype=torch.float32)
+        expected.append((last, total.item() / (last - first + 1)))
+    assert [(r["step"], r["loss"]) for r in mine] == expected

@@ -105,6 +105,9 @@ class FinetuneConfig(TrainingSettings):
     smoothing: float = 0.1  # label smoothing
     # epochs between evaluations (each also writes a checkpoint); the last epoch always
     eval_every: int = 1
+    # ... and at least this many optimizer steps between them: a small dataset, whose epoch is a
+    # step or two, is not evaluated and checkpointed after every step
+    eval_min_steps: int = 100
 
 
 @dataclass(frozen=True)
@@ -231,4 +234,5 @@ def _finetune_checks(f: FinetuneConfig) -> list[Check]:
         ),
         (0 <= f.smoothing < 1, "finetune.smoothing", f.smoothing, "in [0, 1)"),
         (f.eval_every > 0, "finetune.eval_every", f.eval_every, "a positive integer"),
+        (f.eval_min_steps >= 0, "finetune.eval_min_steps", f.eval_min_steps, "0 or more"),
     ]

@@ -366,18 +366,23 @@ def _validate_vit(m: ModelConfig, d: DataConfig) -> None:
             raise ConfigError(
                 f"model.{key}={getattr(m, key)!r} is invalid; it must be a positive integer"
             )
+    shown = list(d.hw) if d.hw[0] != d.hw[1] else d.hw[0]
+    if min(d.hw) < m.patch_size:
+        raise ConfigError(
+            f"data.image_size={shown} is smaller than model.patch_size={m.patch_size}; "
+            f"choose a size of at least one patch, in multiples of {m.patch_size}"
+        )
+    if d.hw[0] % m.patch_size or d.hw[1] % m.patch_size:
+        raise ConfigError(
+            f"data.image_size={shown} is not divisible by model.patch_size={m.patch_size}; "
+            f"choose a height and width that are multiples of {m.patch_size}"
+        )
     patches = (d.hw[0] // m.patch_size) * (d.hw[1] // m.patch_size)
     visible = int(patches * (1 - m.mask_ratio))
     if not 0 < visible < patches:
         raise ConfigError(
             f"model.mask_ratio={m.mask_ratio} leaves {visible} of {patches} patches visible; "
             "choose a ratio that keeps at least one patch visible and hides at least one"
-        )
-    if d.hw[0] % m.patch_size or d.hw[1] % m.patch_size:
-        shown = list(d.hw) if d.hw[0] != d.hw[1] else d.hw[0]
-        raise ConfigError(
-            f"data.image_size={shown} is not divisible by model.patch_size={m.patch_size}; "
-            f"choose a height and width that are multiples of {m.patch_size}"
         )
     for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
         width, count = getattr(m, dim), getattr(m, heads)
@@ -525,7 +530,7 @@ def derive_schedule(t: TrainingSettings, dataset_size: int, num_processes: int) 
             f"({effective} = {batch} x {accum} x processes); lower {batch} or {accum}"
         )
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
-    warmup = min(round(t.warmup_epochs * per_epoch), total - 1)
+    warmup = min(round(t.warmup_epochs * per_epoch), int(t.warmup_cap * total), total - 1)
     lr = t.blr * effective / 256
     if t.min_lr > lr:
         raise ConfigError(

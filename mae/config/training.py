@@ -46,6 +46,9 @@ class TrainingSettings:
     blr: float | None = None
     min_lr: float = 0.0  # the cosine schedule's floor
     warmup_epochs: float | None = None  # linear warm-up from 0, in epochs of the section's data
+    # the warm-up never takes more than this fraction of the run's steps, so a run shortened by
+    # max_steps keeps the shape of its schedule (every recipe here warms up for 5-11%)
+    warmup_cap: float = 0.2
     weight_decay: float | None = None  # AdamW's
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     clip_grad: float | None = None  # max global grad norm; None disables clipping
@@ -65,6 +68,10 @@ class TrainingSettings:
     log_with: tuple[str, ...] = ("tensorboard",)
     log_every: int = 10  # optimizer steps between metric lines
     keep_checkpoints: int = 2  # newest complete checkpoints kept
+    # minutes between checkpoints by the clock, besides the section's own cadence: the most work
+    # a process killed before it can save (SIGKILL, a launcher's short grace, a crash) loses;
+    # null: none (docs/pretraining.md, "Stopping and resuming")
+    checkpoint_minutes: float | None = 30.0
 
     def key(self, name: str) -> str:
         """The dotted config key of this section's setting ``name``, for messages."""
@@ -110,4 +117,11 @@ def training_checks(t: TrainingSettings) -> list[Check]:
         ),
         (t.log_every > 0, k("log_every"), t.log_every, "a positive integer"),
         (t.keep_checkpoints > 0, k("keep_checkpoints"), t.keep_checkpoints, "a positive integer"),
+        (0 < t.warmup_cap <= 1, k("warmup_cap"), t.warmup_cap, "a fraction in (0, 1]"),
+        (
+            t.checkpoint_minutes is None or t.checkpoint_minutes > 0,
+            k("checkpoint_minutes"),
+            t.checkpoint_minutes,
+            "a positive number of minutes or null",
+        ),
     ]

@@ -176,10 +176,14 @@ class Finetuning:
         pass
 
     def checkpoint_due(self, step: int, done: bool) -> bool:
-        epochs = step / self.derived.steps_per_epoch
+        """Every ``eval_every`` epochs, never sooner than ``eval_min_steps`` after the last
+        evaluation (a small dataset has epochs of one step), and at the end."""
+        f, epochs = self.cfg.finetune, step / self.derived.steps_per_epoch
+        last = self.history[-1]["step"] if self.history else 0
         return done or (
             step % self.derived.steps_per_epoch == 0
-            and round(epochs) % self.cfg.finetune.eval_every == 0
+            and round(epochs) % f.eval_every == 0
+            and step - last >= f.eval_min_steps
         )
 
     def before_checkpoint(self, step: int) -> None:
@@ -256,6 +260,10 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     attention = runner.choose_attention(accelerator, clf.model, f.attention)
     job = Finetuning(accelerator, cfg, clf, source, eval_loader, derived, names)
     _print_setup(accelerator, cfg, clf, derived, len(eval_set), num_classes, attention)
+    every = max(f.eval_every * derived.steps_per_epoch, f.eval_min_steps, 1)
+    runner.checkpoint_volume_warning(
+        accelerator, [job.model], derived.total_steps // every + 1, f.key("eval_every")
+    )
     start_run(accelerator, run_dir, cfg, derived, "finetune")
     step = runner.Runner(accelerator, run_dir, f, derived, source, job).run(resume_from, "finetune")
     if job.last_eval is None:  # resumed at the very end: evaluate what was trained

@@ -25,6 +25,7 @@ SECTION_RESUMABLE = (
     "max_steps",
     "log_every",
     "keep_checkpoints",
+    "checkpoint_minutes",
     "cpu_threads",
     "dist_timeout",
     "log_with",

@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT: finish the optimizer step, write a checkpoint, exit.
+"""SIGTERM / SIGINT: write a checkpoint, exit.
 
 Schedulers announce preemption with SIGTERM (SLURM at the time limit or on preemption, Kubernetes,
 ``torchrun`` forwarding its own), and Ctrl-C sends SIGINT. ``StopSignals`` turns the first one
@@ -7,15 +7,24 @@ into a request that the training loop polls between optimizer steps; every proce
 the same checkpoint. A second signal of the same kind ends the process at once (the usual way).
 DataLoader workers ignore both (``ignore_in_worker``): a signal sent to the whole process group
 must not kill the workers the final checkpoint still needs.
+
+Launchers give a stopping process a grace period before SIGKILL: ``accelerate launch`` of one
+process 5 s, ``torchrun`` 30 s, SLURM its ``KillWait``. A slow step eats into it, so a single
+process does not finish the step it is in: inside ``interruptible`` (the forward and backward) the
+signal raises ``StepAbandoned``, the weights and the optimizer are still those of the last whole
+step, and the runner writes that step's checkpoint at once. Several processes cannot do that (the
+others would wait in the step's collectives), so they finish the step first.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
 import torch
@@ -34,13 +43,23 @@ class Preempted(UserError):
         self.exit_code = 128 + signum
 
 
+class StepAbandoned(BaseException):
+    """A stop signal came inside ``StopSignals.interruptible``: the step in flight is dropped.
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no library's ``except Exception``
+    takes it for an error of its own."""
+
+
 class StopSignals:
     """Context manager: while active, SIGTERM/SIGINT only set ``signum`` (main thread only;
-    elsewhere signals keep their handlers)."""
+    elsewhere signals keep their handlers), and say so on stderr at once: a launcher that kills
+    the process before the checkpoint is written leaves that line as the last word."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.signum: int | None = None
+        self.abandoned = False
         self._previous: dict[int, object] = {}
+        self._interruptible = False
+        self._say = say
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -58,7 +77,25 @@ class StopSignals:
         if self.signum == signum:  # the second one: stop now, as without this handler
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        first = self.signum is None
         self.signum = signum
+        if first and self._say is not None:
+            self._say(signal.Signals(signum).name)
+        if self._interruptible:
+            self._interruptible, self.abandoned = False, True
+            raise StepAbandoned
+
+    @contextlib.contextmanager
+    def interruptible(self, allowed: bool = True) -> Iterator[None]:
+        """While inside (and ``allowed``), a stop signal abandons the step (``StepAbandoned``)."""
+        if self.signum is not None and allowed:  # a signal came between steps: stop before this
+            self.abandoned = True
+            raise StepAbandoned
+        self._interruptible = allowed
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def requested(self, accelerator: Accelerator) -> int | None:
         """The signal to stop for, agreed by every process (collective with several processes)."""
