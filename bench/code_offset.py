@@ -50,7 +50,7 @@ def training_features(source: str, data: str) -> torch.Tensor:
         str(ROOT / "configs/eval/knn_cifar10.yaml"), [f"encoder={source}", f"data.dataset={data}"]
     )
     encoder, pool = probe_encoder(cfg)
-    fit, _, _ = fit_and_eval_splits(cfg)
+    fit = fit_and_eval_splits(cfg).fit
     return cached_features(encoder, fit, cfg.data.split, cfg, pool)[0]["features"]
 
 

@@ -3,7 +3,7 @@
 
 Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/evaluate/TASK``):
 
-- ``reconstruct``: MSE, PSNR and SSIM (pixels in [0, 1]) between a split's images and their
+- ``reconstruct``: MSE, PSNR and SSIM (pixels in [0, 1]) between the scored images and their
   reconstructions, and a grid (input as the encoder saw it | reconstruction | original). For MAE
   the reconstruction keeps the visible patches and predicts the hidden ones (``--mask-ratio``).
 - ``denoise``: corrupt the split (``--corruption``, ``--level``; default the corruption a denoising
@@ -22,6 +22,12 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
 - ``report``: the tables of ``mae.eval.report`` (runs with their probes and the tasks above;
   every ``results.json`` under ``--results``) as ``report.md`` + ``report.json`` in ``--out``.
 
+The rows scored are those of ``--split``; by default ``test``, else ``validation``, else a seeded
+holdout of ``--fit-split``, which is also what ``--split`` naming the fit split means, so that a
+baseline is never fitted on an image it is scored on. The rule and its defaults are
+``finetune.py``'s (``mae.data.holdout``): for the same folder both hold out the same images, say
+so in one line, and record the held-out indices in their results.
+
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
 (``"inf"`` when every image is reproduced exactly), ``psnr_db_mean`` the mean over the images
 that differ, and ``identical`` counts the others.
@@ -36,12 +42,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from mae.config import Config, DataConfig
+from mae.config.evaluation import EvalConfig, EvalDataConfig
+from mae.data.holdout import evaluation_rows
 from mae.data.images import ImageDataset, eval_transform
-from mae.data.loading import DataError, load_splits, pick_split
+from mae.data.loading import DataError, load_splits
 from mae.errors import UserError
 from mae.eval.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
 from mae.eval.pca import denoise, reduce
@@ -60,10 +69,20 @@ class EvaluateError(UserError, ValueError):
 
 
 class Evaluation:
-    """A run's model in eval mode and its data, as the run preprocessed it."""
+    """A run's model in eval mode and its data, as the run preprocessed it: the rows scored and the
+    rows a baseline is fitted on, never the same ones (``mae.data.holdout``, the rule
+    ``finetune.py`` follows too)."""
 
     def __init__(
-        self, run: str, dataset: str | None, split: str, max_images: int, batch: int, seed: int
+        self,
+        run: str,
+        dataset: str | None,
+        split: str | None,
+        fit_split: str,
+        holdout_fraction: float,
+        max_images: int,
+        batch: int,
+        seed: int,
     ) -> None:
         try:
             self.model, cfg = load_run_model(run)
@@ -73,14 +92,44 @@ class Evaluation:
         self.cfg: Config = cfg
         self.data: DataConfig = cfg.data  # the run's own preprocessing
         self.dataset = cfg.data.dataset if dataset is None else dataset
-        self.splits = load_splits(self.dataset)
-        self.split, self.max_images, self.batch, self.seed = split, max_images, batch, seed
+        self.fit_split = fit_split
+        self.rows = evaluation_rows(
+            load_splits(self.dataset),
+            self.dataset,
+            fit_split,
+            split,
+            holdout_fraction,
+            seed,
+            self.data.label_column,
+            fit_key="--fit-split",
+            eval_key="--split",
+        )
+        if self.rows.line:
+            print(self.rows.line)
+        self.max_images, self.batch, self.seed = max_images, batch, seed
+        # the rows a task took, as indices into their split
+        self.used: dict[str, list[int]] = {}
 
-    def images(self, split: str | None = None, limit: int | None = None) -> ImageDataset:
-        name = split or self.split
-        ds = pick_split(self.splits, self.dataset, name, "--split")
-        n = min(len(ds), limit or self.max_images)
-        return ImageDataset(ds.select(range(n)), self.data.columns, eval_transform(self.data))
+    def images(self, limit: int | None = None) -> ImageDataset:
+        """The first ``limit`` (default ``--max-images``) of the rows scored."""
+        n = min(len(self.rows.scored), limit or self.max_images)
+        self.used["scored_indices"] = self.rows.scored_indices[:n]
+        return self._image_dataset(self.rows.scored.select(range(n)))
+
+    def fit_images(self, limit: int) -> ImageDataset:
+        """The first ``limit`` of the rows a baseline is fitted on."""
+        n = min(len(self.rows.fit), limit)
+        self.used["fit_indices"] = self.rows.fit_indices[:n]
+        return self._image_dataset(self.rows.fit.select(range(n)))
+
+    def _image_dataset(self, rows: datasets.Dataset) -> ImageDataset:
+        return ImageDataset(rows, self.data.columns, eval_transform(self.data))
+
+    def record(self) -> dict[str, Any]:
+        """How the rows were chosen, for ``metrics.json``; when held out of the fit split, also
+        the rows scored and fitted on (indices into it), whose being apart is then the point."""
+        held_out = "holdout_indices" in self.rows.record
+        return {**self.rows.record, **(self.used if held_out else {})}
 
     def batches(self, data: ImageDataset):
         return DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0)
@@ -220,12 +269,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="output folder (default RUN/evaluate/TASK)")
     parser.add_argument("--dataset", help="data.dataset to evaluate on (default: the run's)")
-    parser.add_argument("--split", default="test")
     parser.add_argument(
-        "--max-images", type=int, default=2000, help="the first N images of the split"
+        "--split",
+        help="the split scored (default: test, else validation, else a holdout of --fit-split; "
+        "--fit-split itself: a holdout of it)",
+    )
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=EvalDataConfig.holdout_fraction,
+        help="the share of --fit-split held out to score when it is the split scored "
+        "(finetune.py's data.holdout_fraction)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=2000, help="the first N images of the rows scored"
     )
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    # finetune.py's default: the same seed holds out the same images
+    parser.add_argument("--seed", type=int, default=EvalConfig.seed)
     parser.add_argument(
         "--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)"
     )
@@ -242,10 +303,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--normal", default="0", help="anomaly: comma-separated normal class ids")
     parser.add_argument(
-        "--fit-split", default="train", help="reduce, denoise: the split PCA (and probes) fit on"
+        "--fit-split",
+        default=EvalDataConfig.split,
+        help="the split baselines fit on (reduce, denoise: PCA and probes), and the one held out "
+        "of where there is no test split; never on a row scored",
     )
     parser.add_argument(
-        "--fit-images", type=int, default=20000, help="reduce, denoise: images of --fit-split"
+        "--fit-images",
+        type=int,
+        default=20000,
+        help="reduce, denoise: the first N of --fit-split's rows that are not scored",
     )
     parser.add_argument("-n", type=int, default=64, help="sample: images to generate")
     return parser
@@ -256,9 +323,7 @@ def _run_task(args: argparse.Namespace, ev: Evaluation, out: Path) -> dict:
     if args.task == "reconstruct":
         return reconstruct(ev, out, args.mask_ratio)
     if args.task == "denoise":
-        return denoise(
-            ev, out, args.corruption, args.level, args.patch, args.fit_split, args.fit_images
-        )
+        return denoise(ev, out, args.corruption, args.level, args.patch, args.fit_images)
     if args.task == "anomaly":
         try:
             normal = [int(c) for c in args.normal.split(",")]
@@ -268,7 +333,7 @@ def _run_task(args: argparse.Namespace, ev: Evaluation, out: Path) -> dict:
             ) from e
         return anomaly(ev, out, normal)
     if args.task == "reduce":
-        return reduce(ev, out, args.fit_split, args.fit_images)
+        return reduce(ev, out, args.fit_images)
     return sample(ev, out, args.n)
 
 
@@ -285,22 +350,27 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.run) != 1:
             raise EvaluateError(f"{args.task} evaluates one run; pass --run RUN_DIR once")
         run = args.run[0]
-        if args.max_images <= 0 or args.batch_size <= 0:
-            raise EvaluateError("--max-images and --batch-size must be positive")
-        ev = Evaluation(run, args.dataset, args.split, args.max_images, args.batch_size, args.seed)
+        if args.max_images <= 0 or args.batch_size <= 0 or args.fit_images <= 0:
+            raise EvaluateError("--max-images, --fit-images and --batch-size must be positive")
+        if not 0 < args.holdout_fraction < 1:
+            raise EvaluateError(f"--holdout-fraction={args.holdout_fraction} must be in (0, 1)")
+        ev = Evaluation(
+            run,
+            args.dataset,
+            args.split,
+            args.fit_split,
+            args.holdout_fraction,
+            args.max_images,
+            args.batch_size,
+            args.seed,
+        )
         out = Path(args.out) if args.out else Path(run) / "evaluate" / args.task
         out.mkdir(parents=True, exist_ok=True)
         result = _run_task(args, ev, out)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    record = {
-        "task": args.task,
-        "run": run,
-        "split": args.split,
-        "dataset": ev.dataset,
-        **result,
-    }
+    record = {"task": args.task, "run": run, "dataset": ev.dataset, **ev.record(), **result}
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(result, indent=1))
     print(f"written to {out}")

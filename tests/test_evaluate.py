@@ -90,8 +90,12 @@ def run_task(tmp_path, run, task, *args):
 
 
 def test_every_task_end_to_end(tmp_path, vae_run):
+    # --split train is the fit split: every task scores the 6 images held out of its 60
     rec, out = run_task(tmp_path, vae_run, "reconstruct")
-    assert rec["images"] == 60 and (out / "reconstruct.png").is_file()
+    assert rec["images"] == 6 and (out / "reconstruct.png").is_file()
+    assert (
+        rec["eval_split"] == "holdout of train" and rec["scored_indices"] == rec["holdout_indices"]
+    )
     # psnr_db is 10 log10(1 / the split's mean MSE), of pixels in [0, 1]
     assert rec["psnr_db"] == pytest.approx(-10 * math.log10(rec["mse"]), rel=1e-12)
     assert 0 < rec["mse"] < 1 and rec["ssim"] < 1
@@ -104,6 +108,9 @@ def test_every_task_end_to_end(tmp_path, vae_run):
         and (out / "denoise.png").is_file()
     )
     assert den["pca_dims"] == 8 and den["pca"]["mse"] > 0  # the noisy image projected on PCA-8
+    # PCA fitted on the 54 others, the true count (--fit-images asks up to 20,000)
+    assert den["fit_images"] == len(den["fit_indices"]) == 54 and den["images"] == 6
+    assert not set(den["fit_indices"]) & set(den["scored_indices"])
     ano, out = run_task(tmp_path, vae_run, "anomaly", "--normal", "0")
     assert set(ano["per_class"]) == {"1", "2"}
     # AUROC is P(anomalous score > normal score) (ties counting half): the AUROC of both anomalous
@@ -121,8 +128,45 @@ def test_every_task_end_to_end(tmp_path, vae_run):
     )
     assert red["reconstruction"]["pca"]["mse"] < 0.2 and (out / "codes_pca.png").is_file()
     smp, out = run_task(tmp_path, vae_run, "sample", "-n", "9")
-    assert (smp["samples"], smp["interpolations"], smp["steps"], smp["task"]) == (9, 4, 8, "sample")
+    assert (smp["samples"], smp["interpolations"], smp["steps"], smp["task"]) == (9, 3, 8, "sample")
     assert (out / "samples.png").is_file() and (out / "interpolations.png").is_file()
+
+
+def test_both_tools_hold_out_the_same_images_and_fit_on_none_of_them(tmp_path, vae_run, capsys):
+    """A folder without a test split: at their defaults, python -m mae.evaluate and finetune.py
+    hold out the same images of train, each says so in one line, and PCA (and reduce's probes)
+    fit only on the others."""
+    from mae.config.evaluation import load_eval_config
+    from mae.eval.probe import fit_and_eval_splits, probe
+
+    out = tmp_path / "reduce"
+    assert main(["reduce", "--run", str(vae_run), "--out", str(out)]) == 0
+    red = json.loads((out / "metrics.json").read_text())
+    folder = red["dataset"]
+    line = (
+        f"no test or validation split in {folder}: holding out 10% of train "
+        "(6 of 60 images, stratified, seed 0)"
+    )
+    assert capsys.readouterr().out.splitlines().count(line) == 1
+    held = red["holdout_indices"]
+    assert red["eval_split"] == "holdout of train" and red["scored_indices"] == held
+    assert red["images"] == 6 and red["fit_split"] == "train"
+    assert red["fit_images"] == len(red["fit_indices"]) == 54  # not the 20,000 asked
+    assert not set(red["fit_indices"]) & set(held) and len(set(red["fit_indices"])) == 54
+    common = [f"encoder={vae_run}", f"data.dataset={folder}", "data.num_workers=0"]
+    cfg = load_eval_config(
+        None,
+        [*common, "mode=knn", f"output_dir={tmp_path / 'knn'}", f"probe.cache_dir={tmp_path}"],
+    )
+    probe(cfg)
+    assert capsys.readouterr().out.splitlines().count(line) == 1
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert res["holdout_indices"] == held and res["eval_size"] == 6 and res["train_size"] == 54
+    assert res["holdout_indices_sha256"] == red["holdout_indices_sha256"]
+    # the linear probe and fine-tuning take their rows from the same call
+    for mode in ("linear", "finetune"):
+        rows = fit_and_eval_splits(load_eval_config(None, [*common, f"mode={mode}"]))
+        assert rows.record["holdout_indices"] == held and rows.line == line
 
 
 def test_bad_requests_are_one_clear_line(tmp_path, vae_run, capsys):
@@ -216,6 +260,11 @@ def test_report_gathers_probes_and_tasks_per_run(tmp_path, vae_run):
     # and one row per results.json
     results = json.loads((out / "report.json").read_text())["results"]
     assert sorted(r["encoder"] for r in results) == [str(vae_run), f"random:{vae_run}"]
+    # 3 classes: top-5 would always hold the right one, so it is not shown
+    assert (
+        all(r["top5"] is None for r in results)
+        and f"| {vae_run} | knn | {100 * knn:.2f}% | – |" in table
+    )
     # a kNN on standardised features is a column of its own, beside the plain one
     std_dir = tmp_path / "probes" / "run_standardised"
     overrides = [

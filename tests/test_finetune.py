@@ -202,7 +202,7 @@ def test_finetuning_learns_and_exports_timm_classifiers(tmp_path, run_dir, colou
     model = timm.create_model(f"local-dir:{out / 'last'}", pretrained=True).eval()
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (3, 16, 16)
-    _, held, _ = ft.fit_and_eval_splits(cfg)
+    held = ft.fit_and_eval_splits(cfg).scored
     images = ImageDataset(held, Columns(), timm.data.create_transform(**data))
     x = torch.stack([images[i][0] for i in range(len(images))])
     y = torch.tensor([images[i][1] for i in range(len(images))])

@@ -24,7 +24,6 @@ from mae.eval.probe import (
     knn_scores,
     linear_probe,
     probe,
-    stratified_holdout,
 )
 
 
@@ -152,19 +151,6 @@ def test_accuracy_known_answers():
     out = accuracy(scores, torch.tensor([0, 1, 1, 0]), ["x", "y", "z"])
     assert out["top1"] == 0.5 and out["top5"] == 1.0  # top-3 here: fewer than 5 classes
     assert out["per_class"] == {"x": 0.5, "y": 0.5}
-
-
-def test_stratified_holdout_is_seeded_and_keeps_proportions():
-    labels = [0] * 50 + [1] * 30 + [2] * 20
-    fit, held = stratified_holdout(labels, 0.1, seed=3)
-    assert sorted(fit + held) == list(range(100)) and not set(fit) & set(held)
-    assert [sum(labels[i] == c for i in held) for c in range(3)] == [5, 3, 2]
-    assert stratified_holdout(labels, 0.1, seed=3) == (fit, held)
-    assert stratified_holdout(labels, 0.1, seed=4)[1] != held
-    small = [0, 0, 1, 1, 1, 2]
-    # a big fraction still leaves every class a fit image
-    fit, held = stratified_holdout(small, 0.75, seed=0)
-    assert {small[i] for i in fit} == {0, 1, 2} and {small[i] for i in held} == {0, 1}
 
 
 def test_cache_is_exact_and_never_stale(tmp_path, run_dir):

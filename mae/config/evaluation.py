@@ -27,7 +27,7 @@ class EvalDataConfig:
 
     dataset: str = "sample"  # as data.dataset of pretraining
     split: str = "train"  # the split the probe is fitted on
-    # default: test, else validation, else a stratified holdout of `split`
+    # default: test, else validation, else a seeded holdout of `split` (mae.data.holdout)
     eval_split: str | None = None
     holdout_fraction: float = 0.1  # only when there is no evaluation split
     image_column: str | None = None

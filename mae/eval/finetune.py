@@ -197,7 +197,9 @@ class Finetuning:
         acc.log(
             {"eval/top1": scores["top1"], "eval/top5": scores["top5"], "eval/loss": eval_loss}, step
         )
-        acc.print(f"epoch {epochs:.2f}: top1 {scores['top1']:.4f} top5 {scores['top5']:.4f}")
+        # top-5 says something only where there are more than 5 classes
+        top5 = f" top5 {scores['top5']:.4f}" if len(self.names) > 5 else ""
+        acc.print(f"epoch {epochs:.2f}: top1 {scores['top1']:.4f}{top5}")
         improved = self.best is None or scores["top1"] > self.best["top1"]
         if improved:
             self.best = entry
@@ -231,7 +233,10 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     resume_from = runner.open_run_dir(accelerator, run_dir)
 
     with accelerator.local_main_process_first():
-        fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
+        rows = fit_and_eval_splits(cfg)
+    if rows.line:
+        accelerator.print(rows.line)
+    fit_ds, eval_ds, split_record = rows.fit, rows.scored, rows.record
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     clf = build_classifier(cfg, num_classes)  # the same initial weights on every process
     check_shardable(accelerator, clf.model, f"the {clf.kind} classifier")

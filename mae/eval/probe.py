@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -40,14 +39,9 @@ from tqdm.auto import tqdm
 
 from mae.config import Columns, to_dict
 from mae.config.evaluation import EvalConfig, ProbeConfig
+from mae.data.holdout import EvalRows, evaluation_rows
 from mae.data.images import EpochSampler, ImageDataset, crop_transform
-from mae.data.loading import (
-    DataError,
-    dataset_fingerprint,
-    label_column,
-    load_splits,
-    pick_split,
-)
+from mae.data.loading import DataError, dataset_fingerprint, label_column, load_splits
 from mae.eval.encoders import FrozenEncoder, load_encoder
 
 # ----------------------------------------------------------------------------------------- features
@@ -136,56 +130,19 @@ def cached_features(
 # ------------------------------------------------------------------------------------------- splits
 
 
-def stratified_holdout(
-    labels: list[int], fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """Seeded split of indices keeping class proportions: (fit, held out). Every class with at least
-    two images keeps one in each part."""
-    rng = np.random.default_rng(seed)
-    labels_np = np.asarray(labels)
-    fit, held = [], []
-    for c in np.unique(labels_np):
-        idx = rng.permutation(np.flatnonzero(labels_np == c))
-        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
-        held.extend(idx[:n].tolist())
-        fit.extend(idx[n:].tolist())
-    return sorted(fit), sorted(held)
-
-
-def fit_and_eval_splits(
-    cfg: EvalConfig,
-) -> tuple[datasets.Dataset, datasets.Dataset, dict[str, Any]]:
-    """The fitting split, the evaluation split, and a record of how the latter was chosen."""
+def fit_and_eval_splits(cfg: EvalConfig) -> EvalRows:
+    """The fitting rows, the evaluation rows, and a record of how the latter were chosen
+    (``mae.data.holdout``: the rule ``python -m mae.evaluate`` follows too)."""
     d = cfg.data
-    splits = load_splits(d.dataset)  # once: a hub id would be resolved again for every split
-    fit = pick_split(splits, d.dataset, d.split)
-    if d.eval_split:
-        return (
-            fit,
-            pick_split(splits, d.dataset, d.eval_split, "data.eval_split"),
-            {"eval_split": d.eval_split},
-        )
-    for name in (n for n in ("test", "validation") if n != d.split and n in splits):
-        held = pick_split(splits, d.dataset, name)
-        col = label_column(held, d.label_column)
-        # hub test splits often come without labels (-1)
-        if col is not None and max(held[col]) >= 0:
-            return fit, held, {"eval_split": name}
-    col = label_column(fit, d.label_column)
-    if col is None:
-        raise DataError(
-            f"{d.dataset!r} has no ClassLabel column to stratify a holdout; name it: "
-            "data.label_column=NAME"
-        )
-    keep, held = stratified_holdout(fit[col], d.holdout_fraction, cfg.seed)
-    record = {
-        "eval_split": f"holdout of {d.split}",
-        "holdout_fraction": d.holdout_fraction,
-        "holdout_seed": cfg.seed,
-        "holdout_size": len(held),
-        "holdout_indices_sha256": hashlib.sha256(json.dumps(held).encode()).hexdigest(),
-    }
-    return fit.select(keep), fit.select(held), record
+    return evaluation_rows(
+        load_splits(d.dataset),  # once: a hub id would be resolved again for every split
+        d.dataset,
+        d.split,
+        d.eval_split,
+        d.holdout_fraction,
+        cfg.seed,
+        d.label_column,
+    )
 
 
 def class_info(
@@ -388,7 +345,10 @@ def probe_encoder(cfg: EvalConfig) -> tuple[FrozenEncoder, str]:
 def probe(cfg: EvalConfig) -> dict[str, Any]:
     """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
     encoder, pool = probe_encoder(cfg)
-    fit_ds, eval_ds, split_record = fit_and_eval_splits(cfg)
+    rows = fit_and_eval_splits(cfg)
+    if rows.line:
+        print(rows.line)
+    fit_ds, eval_ds, split_record = rows.fit, rows.scored, rows.record
     num_classes, names = class_info(fit_ds, eval_ds, cfg)
     test, test_cached = cached_features(encoder, eval_ds, split_record["eval_split"], cfg, pool)
     batch = min(cfg.probe.batch_size, len(fit_ds))

@@ -96,7 +96,8 @@ def result_row(results: dict[str, Any], path: Path) -> dict[str, Any]:
         "encoder": results["encoder"]["source"],
         "mode": mode,
         "top1": results["top1"],
-        "top5": results["top5"],
+        # top-5 says something only where there are more than 5 classes (finetune.py prints it so)
+        "top5": results["top5"] if len(results["per_class"]) > 5 else None,
         "features": results.get(
             "features", results.get("config", {}).get("finetune", {}).get("global_pool", "")
         ),
@@ -125,7 +126,10 @@ def results_markdown(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         cells = [
-            f"{100 * r[c]:.2f}%" if c in ("top1", "top5") else str(r[c]) for c in RESULT_COLUMNS
+            (f"{100 * r[c]:.2f}%" if r[c] is not None else "–")
+            if c in ("top1", "top5")
+            else str(r[c])
+            for c in RESULT_COLUMNS
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
