@@ -30,9 +30,8 @@ class EvalRows:
     fit: datasets.Dataset
     scored: datasets.Dataset
     fit_indices: list[int]  # rows of the fit split, as indices into it
-    scored_indices: list[
-        int
-    ]  # rows scored, as indices into their split (the fit split's: held out)
+    # rows scored, as indices into their split (into the fit split when held out of it)
+    scored_indices: list[int]
     record: dict[str, Any]  # for results.json: eval_split, and holdout_* when rows were held out
     line: str | None  # what was held out and why, for the console; None when nothing was
 
