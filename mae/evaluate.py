@@ -50,7 +50,7 @@ from mae.config import Config, DataConfig
 from mae.config.evaluation import EvalConfig, EvalDataConfig
 from mae.data.holdout import evaluation_rows
 from mae.data.images import ImageDataset, eval_transform
-from mae.data.loading import DataError, load_splits
+from mae.data.loading import DataError, label_column, load_splits
 from mae.errors import UserError
 from mae.eval.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
 from mae.eval.pca import denoise, reduce
@@ -122,6 +122,14 @@ class Evaluation:
         self.used["fit_indices"] = self.rows.fit_indices[:n]
         return self._image_dataset(self.rows.fit.select(range(n)))
 
+    def class_names(self, count: int) -> list[str]:
+        """The names of classes 0..``count``-1 for figures and per-class results: the label
+        column's ``ClassLabel`` names (a folder's subfolder names), else the class ids."""
+        column = label_column(self.rows.fit, self.data.label_column)
+        feature = self.rows.fit.features.get(column) if column else None
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
+        return [names[c] if c < len(names) else str(c) for c in range(count)]
+
     def _image_dataset(self, rows: datasets.Dataset) -> ImageDataset:
         return ImageDataset(rows, self.data.columns, eval_transform(self.data))
 
@@ -142,10 +150,12 @@ class Evaluation:
         std = torch.tensor(self.data.std).view(1, -1, 1, 1)
         return (pixels - mean) / std
 
-    def grid(self, path: Path, panels: list[torch.Tensor], rows: int = 8) -> None:
-        """One row per image, one column per panel (pixels in [0, 1])."""
+    def grid(
+        self, path: Path, panels: list[torch.Tensor], titles: list[str], rows: int = 8
+    ) -> None:
+        """One row per image, one column per panel (pixels in [0, 1]), each column titled."""
         stacked = torch.stack([p[:rows].clamp(0, 1) for p in panels], dim=1).flatten(0, 1)
-        save_tiles(stacked, path, nrow=len(panels))
+        save_tiles(stacked, path, nrow=len(panels), titles=titles)
 
 
 # ------------------------------------------------------------------------------------- tasks
@@ -171,12 +181,13 @@ def reconstruct(ev: Evaluation, out: Path, mask_ratio: float | None) -> dict[str
         if first is None:
             first = (images, pixels, target)
     images, pixels, target = first
-    panels = [pixels, target]
+    panels, titles = [pixels, target], ["reconstruction", "original"]
     if hasattr(ev.model, "mask_ratio"):  # show what the encoder saw: the visible patches
         torch.manual_seed(ev.seed)
         seen = ev.model(images)
         panels = [ev.to_pixels(images * (1 - seen.mask)), pixels, target]
-    ev.grid(out / "reconstruct.png", panels)
+        titles = ["masked input", *titles]
+    ev.grid(out / "reconstruct.png", panels, titles)
     result = {
         **psnr_summary(torch.cat(mse)),
         "ssim": torch.cat(ssim).mean().item(),
@@ -214,7 +225,9 @@ def anomaly(ev: Evaluation, out: Path, normal: list[int]) -> dict[str, Any]:
     is_normal = torch.isin(y, torch.tensor(normal))
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = torch.linspace(s.min().item(), s.max().item(), 50).tolist()
-    ax.hist(s[is_normal].tolist(), bins=bins, alpha=0.6, density=True, label=f"normal {normal}")
+    names = ev.class_names(max(present) + 1)
+    shown = ", ".join(names[c] for c in normal)
+    ax.hist(s[is_normal].tolist(), bins=bins, alpha=0.6, density=True, label=f"normal: {shown}")
     ax.hist(s[~is_normal].tolist(), bins=bins, alpha=0.6, density=True, label="anomalous")
     ax.set_xlabel("reconstruction MSE")
     ax.set_ylabel("density")

@@ -29,6 +29,7 @@ from mae.export import export_model
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
+from mae.run.console import console_log
 from mae.run.directory import check_resumable, resumable_keys, start_run
 from mae.run.distributed import check_shardable, is_sharded, peers_watched, same_init_everywhere
 from mae.run.lock import hold_run_dir
@@ -130,13 +131,10 @@ class Pretraining:
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # compiled apart from what Accelerate holds, so checkpoints keep the plain parameter names
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # fixed images for reconstruction grids: the first ones of the split, deterministic
-        # transform
-        rows = source.first_rows(t.recon_images)
+        # fixed images for reconstruction grids, across the classes; deterministic transform
+        rows = source.grid_rows(t.recon_images)
         shown = ImageDataset(rows, cfg.data.columns, eval_transform(cfg.data))
-        self.recon_images = torch.stack(
-            [shown[i][0] for i in range(min(t.recon_images, len(shown)))]
-        )
+        self.recon_images = torch.stack([shown[i][0] for i in range(len(shown))])
         self.arrays = shown.rows.columns.arrays  # grids of arrays are stretched to their range
 
     def _online_probe(self, source: DataSource) -> torch.nn.Module | None:
@@ -253,7 +251,8 @@ def train(cfg: Config) -> RunResult:
     accelerator = accelerator_for(t, run_dir, find_unused_parameters=idle)
     watched = peers_watched(accelerator, run_dir, t.key("dist_timeout"), t.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
-        return _train(cfg, accelerator)
+        with console_log(run_dir, accelerator.is_main_process):
+            return _train(cfg, accelerator)
 
 
 def _train(cfg: Config, accelerator: Accelerator) -> RunResult:

@@ -11,23 +11,49 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from mae.config import DataConfig
 from mae.models.base import AEOutput
 
 MIN_TILE = 96  # pixels: the shorter side of a tile in a saved grid, at least
+PADDING = 2  # pixels between tiles
+TITLE_HEIGHT = 16  # pixels: the strip of column titles
 
 
-def save_tiles(tiles: torch.Tensor, path: str | Path, nrow: int) -> None:
+def save_tiles(
+    tiles: torch.Tensor, path: str | Path, nrow: int, titles: Sequence[str] | None = None
+) -> None:
     """(N, C, H, W) in [0, 1] as one image of ``nrow`` tiles a row, each enlarged to at least
-    MIN_TILE px (an array of other than 1, 3 or 4 channels: its first three, ``shown_channels``)."""
+    MIN_TILE px (an array of other than 1, 3 or 4 channels: its first three, ``shown_channels``);
+    ``titles``: one per column, written above it."""
     tiles = shown_channels(tiles, None)
     factor = -(-MIN_TILE // min(tiles.shape[-2:]))  # ceil
     if factor > 1:
         # nearest neighbour
         tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    save_image(tiles, str(path), nrow=nrow, padding=2, pad_value=1.0)
+    grid = make_grid(tiles, nrow=nrow, padding=PADDING, pad_value=1.0)
+    # rounded to 8 bits as torchvision's save_image does
+    image = to_pil_image(grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8))
+    if titles:
+        image = with_titles(image, titles, tiles.shape[-1])
+    image.save(path)
+
+
+def with_titles(image: Image.Image, titles: Sequence[str], tile_width: int) -> Image.Image:
+    """``image`` with a white strip on top holding each column's title, centred over it."""
+    font = ImageFont.load_default()
+    strip = Image.new(image.mode, (image.width, TITLE_HEIGHT), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, title in enumerate(titles):
+        centre = PADDING + i * (tile_width + PADDING) + tile_width / 2
+        draw.text((centre, TITLE_HEIGHT / 2), title, fill="black", font=font, anchor="mm")
+    titled = Image.new(image.mode, (image.width, image.height + TITLE_HEIGHT), "white")
+    titled.paste(strip, (0, 0))
+    titled.paste(image, (0, TITLE_HEIGHT))
+    return titled
 
 
 def denormalize(
@@ -58,6 +84,15 @@ def stretch(panels: list[torch.Tensor], reference: torch.Tensor) -> list[torch.T
     return [((p - lo.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)).clamp(0, 1) for p in panels]
 
 
+def recon_titles(out: AEOutput) -> list[str]:
+    """The column titles of ``recon_panels``' panels, in their order."""
+    if out.corrupted is not None:
+        return ["noisy input", "restored", "original"]
+    if out.mask is None:
+        return ["reconstruction", "original"]
+    return ["masked input", "reconstruction", "original"]
+
+
 def recon_panels(images: torch.Tensor, out: AEOutput) -> list[torch.Tensor]:
     """Panels in normalised space. With a mask: masked input (hidden parts grey), reconstruction
     with the visible patches pasted back, original; without: reconstruction, original."""
@@ -86,7 +121,7 @@ def save_recon_grid(
     if arrays:
         panels = stretch(panels, panels[-1])
     rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * panels, C, H, W), row-major
-    save_tiles(rows, path, nrow=len(panels))
+    save_tiles(rows, path, nrow=len(panels), titles=recon_titles(out))
 
 
 def pyplot() -> Any:

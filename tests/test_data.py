@@ -132,3 +132,20 @@ def test_a_samples_seed_is_the_same_in_every_process_and_for_numpy_integers():
     assert int(other.stdout) == here
     assert sample_seed(np.int64(7), np.int32(2), 123) == here
     assert sample_seed(7, 2, 124) != here
+
+
+def test_grid_rows_go_across_the_classes_of_a_sorted_folder():
+    """Reconstruction grids of a folder sorted by class show every class, the same rows every
+    time; without labels, rows evenly spaced through the split."""
+    from types import SimpleNamespace
+
+    from mae.data.base import DataSource
+
+    labels = [0] * 5 + [1] * 5 + [2] * 5
+    ds = datasets.Dataset.from_dict({"label": labels, "i": list(range(15))})
+    source = SimpleNamespace(split=ds, label_column="label")
+    rows = DataSource.grid_rows(source, 7)
+    assert rows["label"] == [0, 1, 2, 0, 1, 2, 0] and rows["i"] == [0, 5, 10, 1, 6, 11, 2]
+    assert DataSource.grid_rows(source, 40)["i"] == sorted(range(15), key=lambda i: (i % 5, i))
+    unlabelled = SimpleNamespace(split=ds, label_column=None)
+    assert DataSource.grid_rows(unlabelled, 3)["i"] == [0, 7, 14]

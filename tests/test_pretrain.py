@@ -44,11 +44,18 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
     assert (d / "recon_30.png").is_file() and (d / "config.yaml").is_file()
     grid = np.asarray(Image.open(d / "recon_30.png").convert("RGB"))
     # 2 images x (masked | reconstruction | original), 16-px tiles enlarged 6x to 96 px,
-    # 2-px padding
-    assert grid.shape == (2 + 2 * (96 + 2), 2 + 3 * (96 + 2), 3)
-    tile = grid[2 : 2 + 96, 2 * 98 + 2 : 2 * 98 + 2 + 96]  # the first original
+    # 2-px padding, under a 16-px strip of column titles
+    assert grid.shape == (16 + 2 + 2 * (96 + 2), 2 + 3 * (96 + 2), 3)
+    tile = grid[18 : 18 + 96, 2 * 98 + 2 : 2 * 98 + 2 + 96]  # the first original
     # nearest neighbour
     assert (tile == np.repeat(np.repeat(tile[::6, ::6], 6, axis=0), 6, axis=1)).all()
+    for column in range(3):  # a title, in dark text on white, over every column
+        strip = grid[:16, 2 + column * 98 : 2 + column * 98 + 96]
+        assert (strip.min(axis=2) < 100).any() and (strip == 255).mean() > 0.5
+    # the console, kept: the setup, the bar's last state (not its redraws) and the summary line
+    log = (d / "train.log").read_text()
+    assert "\r" not in log and log.count("pretrain: 100%") == 1, log
+    assert "data sample[train]: 3000 images" in log and log.rstrip().endswith(last)
     derived = json.loads((d / "derived.json").read_text())
     single = {"type": "single", "backend": None, "world_size": 1, "machines": 1, "device": "cpu"}
     assert derived["distributed"] == single
@@ -62,13 +69,14 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, capsys):
 
 
 def test_lr_schedule_warmup_then_cosine(tmp_path):
-    # 3000 // 8 = 375 steps/epoch -> 8 warmup steps
+    # 3000 // 8 = 375 steps/epoch -> 8 warmup steps (under the cap: 0.5 of 20 steps)
     result = run(
         tmp_path,
         "r",
         "train.max_steps=20",
         "train.log_every=1",
         "train.warmup_epochs=0.02",
+        "train.warmup_cap=0.5",
         "train.min_lr=1e-6",
         "train.blr=2.56e-2",
     )

@@ -9,6 +9,7 @@ never asks which kind it holds; a new kind of data is a new subclass.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -127,9 +129,20 @@ class DataSource(ABC):
         features = self.split.features or {}
         return features.get(self.label_column) if self.label_column else None
 
-    def first_rows(self, n: int) -> datasets.Dataset:
-        """A map-style dataset whose first ``n`` rows are the split's (e.g. for reconstruction
-        grids): the split itself, or the first ``n`` examples of a stream."""
-        if isinstance(self.split, datasets.Dataset):
-            return self.split
-        return datasets.Dataset.from_list(list(self.split.take(n)), features=self.split.features)
+    def grid_rows(self, n: int) -> datasets.Dataset:
+        """``n`` rows to show in reconstruction grids, the same every time: across the classes
+        where there are labels (the first of each class in turn: a folder sorted by class would
+        otherwise show one class), evenly spaced through a map-style split without them, the
+        first ``n`` examples of a stream."""
+        split = self.split
+        if not isinstance(split, datasets.Dataset):
+            return datasets.Dataset.from_list(list(split.take(n)), features=split.features)
+        n = min(n, len(split))
+        if self.label_column is None:
+            return split.select(np.linspace(0, len(split) - 1, n).round().astype(int).tolist())
+        by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(split[self.label_column]):
+            by_class.setdefault(label, []).append(i)
+        turns = itertools.zip_longest(*by_class.values())
+        order = [i for turn in turns for i in turn if i is not None]
+        return split.select(order[:n])

@@ -10,6 +10,9 @@ loaded whole (map-style, ``load_split``) or opened as a stream (``load_stream``)
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,30 @@ def select_classes(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
     return ds
 
 
+def _is_path(source: str) -> bool:
+    """A name that can only be a path (a hub id is ``NAME`` or ``ORG/NAME``)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+@contextlib.contextmanager
+def _quiet_local_load() -> Iterator[None]:
+    """Loading a local folder: without datasets' "Downloading data" and "Generating split" bars
+    (nothing is downloaded; a folder of images is indexed in seconds) and huggingface_hub's
+    warning about a README.md without a metadata block (a folder's own notes, not a dataset
+    card)."""
+    bars = datasets.is_progress_bar_enabled()
+    card = logging.getLogger("huggingface_hub.repocard")
+    level = card.level
+    datasets.disable_progress_bars()
+    card.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        card.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def load_splits(
     source: str, streaming: bool = False
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
@@ -95,10 +122,16 @@ def load_splits(
                 else dsd
             )
         elif Path(source).is_dir():
-            dsd = datasets.load_dataset(str(Path(source).resolve()), streaming=streaming)
+            with _quiet_local_load():
+                dsd = datasets.load_dataset(str(Path(source).resolve()), streaming=streaming)
         elif Path(source).exists():
             raise DataError(
                 f"data.dataset={source!r} is a file; give a directory, a hub id or 'sample'"
+            )
+        elif _is_path(source):
+            raise DataError(
+                f"data.dataset={source!r}: no such folder; give an existing directory, a hub id "
+                "(ORG/NAME) or 'sample'"
             )
         else:
             dsd = datasets.load_dataset(source, streaming=streaming)

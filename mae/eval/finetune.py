@@ -39,6 +39,7 @@ from mae.data.loaded import LoadedSource
 from mae.eval.classifier import Classifier, build_classifier, save_classifier
 from mae.eval.probe import accuracy, class_info, fit_and_eval_splits, write_results
 from mae.hub import fetch
+from mae.run.console import console_log
 from mae.run.directory import check_resumable, resumable_keys, start_run
 from mae.run.distributed import check_shardable, peers_watched
 from mae.run.lock import hold_run_dir
@@ -225,7 +226,8 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     accelerator = runner.accelerator_for(f, run_dir)
     watched = peers_watched(accelerator, run_dir, f.key("dist_timeout"), f.dist_timeout)
     with hold_run_dir(accelerator, run_dir), watched:
-        return _finetune(cfg, accelerator)
+        with console_log(run_dir, accelerator.is_main_process):
+            return _finetune(cfg, accelerator)
 
 
 def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def denoise(
         projected.append(pixel_mse(by_pca, clean))
         if first is None:
             first = [noisy, restored, by_pca, clean]
-    ev.grid(out / "denoise.png", first)
+    ev.grid(out / "denoise.png", first, ["noisy input", "restored", "PCA", "original"])
     summary = {
         k: psnr_summary(torch.cat(v))
         for k, v in {"noisy": before, "restored": after, "pca": projected}.items()
@@ -162,7 +162,7 @@ def reduce(ev: Evaluation, out: Path, fit_images: int) -> dict[str, Any]:
     )
     if (labels >= 0).all() and (fit_labels >= 0).all():
         classes = int(max(labels.max(), fit_labels.max())) + 1
-        names = [str(c) for c in range(classes)]
+        names = ev.class_names(classes)
         probe = ProbeConfig(epochs=50, warmup_epochs=5, batch_size=min(256, len(fit_labels)))
         features = {
             "encoder": (fit_codes, codes),
@@ -174,19 +174,34 @@ def reduce(ev: Evaluation, out: Path, fit_images: int) -> dict[str, Any]:
             result.setdefault("linear", {})[name] = accuracy(logits, labels, names)["top1"]
             scores = knn_scores(train, test, classes, 20, 0.07)
             result.setdefault("knn", {})[name] = accuracy(scores, labels, names)["top1"]
-    scatter_codes(codes, labels, out / "codes_pca.png")
+    names = ev.class_names(int(labels.max()) + 1) if (labels >= 0).all() else None
+    scatter_codes(codes, labels, out / "codes_pca.png", names)
     return result
 
 
-def scatter_codes(codes: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
-    """2-D view of the codes: their first two principal components, coloured by class."""
+def scatter_codes(
+    codes: torch.Tensor, labels: torch.Tensor, path: Path, names: list[str] | None
+) -> None:
+    """2-D view of the codes: their first two principal components, coloured by class and
+    labelled with the classes' ``names`` (None: unlabelled, one colour)."""
     plt = pyplot()
     xy = PCA(codes.double(), 2).codes(codes.double())
     fig, ax = plt.subplots(figsize=(5, 5))
-    sc = ax.scatter(xy[:, 0].tolist(), xy[:, 1].tolist(), c=labels.tolist(), s=4, cmap="tab10")
+    if names is None:
+        ax.scatter(xy[:, 0].tolist(), xy[:, 1].tolist(), s=4)
+    else:
+        colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+        for c in labels.unique().tolist():
+            at = labels == c
+            ax.scatter(
+                xy[at, 0].tolist(),
+                xy[at, 1].tolist(),
+                s=4,
+                color=colours(c % colours.N),
+                label=names[c],
+            )
+        ax.legend(fontsize=6, loc="best", title="class", markerscale=3)
     ax.set_title(f"codes ({codes.shape[1]}-d), first two principal components")
-    if (labels >= 0).all():
-        ax.legend(*sc.legend_elements(), fontsize=6, loc="best", title="class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
