@@ -22,6 +22,10 @@ Tasks (each writes ``metrics.json`` and PNGs into ``--out``, default ``RUN_DIR/e
 - ``report``: the tables of ``mae.eval.report`` (runs with their probes and the tasks above;
   every ``results.json`` under ``--results``) as ``report.md`` + ``report.json`` in ``--out``.
 
+An image that cannot be decoded is left out of every task, listed once in ``bad_images.jsonl`` in
+``--out`` and named in ``metrics.json``; more than ``--max-bad-images`` (default: the run's
+``data.max_bad_images``) stop the task with exit code 1.
+
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
 (``"inf"`` when every image is reproduced exactly), ``psnr_db_mean`` the mean over the images
 that differ, and ``identical`` counts the others.
@@ -33,6 +37,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +45,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mae.config import Config, DataConfig
-from mae.data.images import ImageDataset, eval_transform
+from mae.data.bad_images import BAD_IMAGES, bad_images, count_within_limit
+from mae.data.images import ImageDataset, eval_transform, kept
 from mae.data.loading import DataError, load_splits, pick_split
-from mae.errors import UserError
+from mae.errors import UserError, user_message
 from mae.eval.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
 from mae.eval.pca import denoise, reduce
 from mae.eval.report import write_report
@@ -60,10 +66,21 @@ class EvaluateError(UserError, ValueError):
 
 
 class Evaluation:
-    """A run's model in eval mode and its data, as the run preprocessed it."""
+    """A run's model in eval mode and its data, as the run preprocessed it. Undecodable images are
+    left out, not replaced (a replacement would count its neighbour twice), and recorded in
+    ``bad_log``; more than ``max_bad_images`` (None: the run's ``data.max_bad_images``) stop the
+    task."""
 
     def __init__(
-        self, run: str, dataset: str | None, split: str, max_images: int, batch: int, seed: int
+        self,
+        run: str,
+        dataset: str | None,
+        split: str,
+        max_images: int,
+        batch: int,
+        seed: int,
+        bad_log: Path,
+        max_bad_images: int | None = None,
     ) -> None:
         try:
             self.model, cfg = load_run_model(run)
@@ -75,15 +92,30 @@ class Evaluation:
         self.dataset = cfg.data.dataset if dataset is None else dataset
         self.splits = load_splits(self.dataset)
         self.split, self.max_images, self.batch, self.seed = split, max_images, batch, seed
+        self.bad_log = bad_log
+        self.max_bad_images = cfg.data.max_bad_images if max_bad_images is None else max_bad_images
 
     def images(self, split: str | None = None, limit: int | None = None) -> ImageDataset:
         name = split or self.split
         ds = pick_split(self.splits, self.dataset, name, "--split")
         n = min(len(ds), limit or self.max_images)
-        return ImageDataset(ds.select(range(n)), self.data.columns, eval_transform(self.data))
+        return ImageDataset(
+            ds.select(range(n)),
+            self.data.columns,
+            eval_transform(self.data),
+            bad_log=self.bad_log,
+            drop_bad=True,
+            name=f"split {name!r}",
+        )
 
-    def batches(self, data: ImageDataset):
-        return DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0)
+    def batches(self, data: ImageDataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``data``'s (images, labels) batches without its undecodable images; past
+        ``max_bad_images`` of them, a ``BadImagesError``."""
+        for batch in DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0):
+            images, labels = kept(*batch)
+            count_within_limit(self.bad_log, self.max_bad_images, "--max-bad-images")
+            if len(labels):
+                yield images, labels
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return denormalize(x, self.data.mean, self.data.std)
@@ -227,6 +259,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--max-bad-images",
+        type=int,
+        help="undecodable images skipped before the task stops (default: the run's "
+        "data.max_bad_images)",
+    )
+    parser.add_argument(
         "--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)"
     )
     parser.add_argument(
@@ -287,19 +325,32 @@ def main(argv: list[str] | None = None) -> int:
         run = args.run[0]
         if args.max_images <= 0 or args.batch_size <= 0:
             raise EvaluateError("--max-images and --batch-size must be positive")
-        ev = Evaluation(run, args.dataset, args.split, args.max_images, args.batch_size, args.seed)
+        if args.max_bad_images is not None and args.max_bad_images < 0:
+            raise EvaluateError(f"--max-bad-images={args.max_bad_images}: give 0 or more")
         out = Path(args.out) if args.out else Path(run) / "evaluate" / args.task
+        (out / BAD_IMAGES).unlink(missing_ok=True)  # a task starts afresh: its record lists its own
+        ev = Evaluation(
+            run,
+            args.dataset,
+            args.split,
+            args.max_images,
+            args.batch_size,
+            args.seed,
+            out / BAD_IMAGES,
+            args.max_bad_images,
+        )
         out.mkdir(parents=True, exist_ok=True)
         result = _run_task(args, ev, out)
     except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return e.exit_code
     record = {
         "task": args.task,
         "run": run,
         "split": args.split,
         "dataset": ev.dataset,
         **result,
+        "bad_images": [r["source"] for r in bad_images(ev.bad_log)],
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(result, indent=1))
