@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mae.config.help import help_text
-from mae.errors import UserError
+from mae.errors import UserError, user_message
 
 
 class SchemaParser(argparse.ArgumentParser):
@@ -41,6 +41,6 @@ def main(
     try:
         run(load(args.config, args.overrides))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return e.exit_code
     return 0

@@ -28,6 +28,10 @@ baseline is never fitted on an image it is scored on. The rule and its defaults 
 ``finetune.py``'s (``mae.data.holdout``): for the same folder both hold out the same images, say
 so in one line, and record the held-out indices in their results.
 
+An image that cannot be decoded is left out of every task, listed once in ``bad_images.jsonl`` in
+``--out`` and named in ``metrics.json``; more than ``--max-bad-images`` (default: the run's
+``data.max_bad_images``) stop the task with exit code 1.
+
 PSNR of identical images is infinite: ``psnr_db`` is 10 log10(1 / mean MSE) over the split
 (``"inf"`` when every image is reproduced exactly), ``psnr_db_mean`` the mean over the images
 that differ, and ``identical`` counts the others.
@@ -39,6 +43,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +53,11 @@ from torch.utils.data import DataLoader
 
 from mae.config import Config, DataConfig
 from mae.config.evaluation import EvalConfig, EvalDataConfig
+from mae.data.bad_images import BAD_IMAGES, bad_images, count_within_limit
 from mae.data.holdout import evaluation_rows
-from mae.data.images import ImageDataset, eval_transform
+from mae.data.images import ImageDataset, eval_transform, kept
 from mae.data.loading import DataError, label_column, load_splits
-from mae.errors import UserError
+from mae.errors import UserError, user_message
 from mae.eval.metrics import detection_scores, image_metrics, pixel_mse, psnr_summary
 from mae.eval.pca import denoise, reduce
 from mae.eval.report import write_report
@@ -71,7 +77,9 @@ class EvaluateError(UserError, ValueError):
 class Evaluation:
     """A run's model in eval mode and its data, as the run preprocessed it: the rows scored and the
     rows a baseline is fitted on, never the same ones (``mae.data.holdout``, the rule
-    ``finetune.py`` follows too)."""
+    ``finetune.py`` follows too). Undecodable images are left out, not replaced (a replacement
+    would count its neighbour twice), and recorded in ``bad_log``; more than ``max_bad_images``
+    (None: the run's ``data.max_bad_images``) stop the task."""
 
     def __init__(
         self,
@@ -83,6 +91,8 @@ class Evaluation:
         max_images: int,
         batch: int,
         seed: int,
+        bad_log: Path,
+        max_bad_images: int | None = None,
     ) -> None:
         try:
             self.model, cfg = load_run_model(run)
@@ -107,6 +117,8 @@ class Evaluation:
         if self.rows.line:
             print(self.rows.line)
         self.max_images, self.batch, self.seed = max_images, batch, seed
+        self.bad_log = bad_log
+        self.max_bad_images = cfg.data.max_bad_images if max_bad_images is None else max_bad_images
         # the rows a task took, as indices into their split
         self.used: dict[str, list[int]] = {}
 
@@ -114,13 +126,13 @@ class Evaluation:
         """The first ``limit`` (default ``--max-images``) of the rows scored."""
         n = min(len(self.rows.scored), limit or self.max_images)
         self.used["scored_indices"] = self.rows.scored_indices[:n]
-        return self._image_dataset(self.rows.scored.select(range(n)))
+        return self._image_dataset(self.rows.scored.select(range(n)), "the rows scored")
 
     def fit_images(self, limit: int) -> ImageDataset:
         """The first ``limit`` of the rows a baseline is fitted on."""
         n = min(len(self.rows.fit), limit)
         self.used["fit_indices"] = self.rows.fit_indices[:n]
-        return self._image_dataset(self.rows.fit.select(range(n)))
+        return self._image_dataset(self.rows.fit.select(range(n)), f"split {self.fit_split!r}")
 
     def class_names(self, count: int) -> list[str]:
         """The names of classes 0..``count``-1 for figures and per-class results: the label
@@ -130,8 +142,15 @@ class Evaluation:
         names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
         return [names[c] if c < len(names) else str(c) for c in range(count)]
 
-    def _image_dataset(self, rows: datasets.Dataset) -> ImageDataset:
-        return ImageDataset(rows, self.data.columns, eval_transform(self.data))
+    def _image_dataset(self, rows: datasets.Dataset, name: str) -> ImageDataset:
+        return ImageDataset(
+            rows,
+            self.data.columns,
+            eval_transform(self.data),
+            bad_log=self.bad_log,
+            drop_bad=True,
+            name=name,
+        )
 
     def record(self) -> dict[str, Any]:
         """How the rows were chosen, for ``metrics.json``; when held out of the fit split, also
@@ -139,8 +158,14 @@ class Evaluation:
         held_out = "holdout_indices" in self.rows.record
         return {**self.rows.record, **(self.used if held_out else {})}
 
-    def batches(self, data: ImageDataset):
-        return DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0)
+    def batches(self, data: ImageDataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``data``'s (images, labels) batches without its undecodable images; past
+        ``max_bad_images`` of them, a ``BadImagesError``."""
+        for batch in DataLoader(data, batch_size=self.batch, shuffle=False, num_workers=0):
+            images, labels = kept(*batch)
+            count_within_limit(self.bad_log, self.max_bad_images, "--max-bad-images")
+            if len(labels):
+                yield images, labels
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return denormalize(x, self.data.mean, self.data.std)
@@ -301,6 +326,12 @@ def _parser() -> argparse.ArgumentParser:
     # finetune.py's default: the same seed holds out the same images
     parser.add_argument("--seed", type=int, default=EvalConfig.seed)
     parser.add_argument(
+        "--max-bad-images",
+        type=int,
+        help="undecodable images skipped before the task stops (default: the run's "
+        "data.max_bad_images)",
+    )
+    parser.add_argument(
         "--mask-ratio", type=float, help="reconstruct: MAE mask ratio (default: the run's)"
     )
     parser.add_argument(
@@ -367,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluateError("--max-images, --fit-images and --batch-size must be positive")
         if not 0 < args.holdout_fraction < 1:
             raise EvaluateError(f"--holdout-fraction={args.holdout_fraction} must be in (0, 1)")
+        if args.max_bad_images is not None and args.max_bad_images < 0:
+            raise EvaluateError(f"--max-bad-images={args.max_bad_images}: give 0 or more")
+        out = Path(args.out) if args.out else Path(run) / "evaluate" / args.task
+        (out / BAD_IMAGES).unlink(missing_ok=True)  # a task starts afresh: its record lists its own
         ev = Evaluation(
             run,
             args.dataset,
@@ -376,14 +411,22 @@ def main(argv: list[str] | None = None) -> int:
             args.max_images,
             args.batch_size,
             args.seed,
+            out / BAD_IMAGES,
+            args.max_bad_images,
         )
-        out = Path(args.out) if args.out else Path(run) / "evaluate" / args.task
         out.mkdir(parents=True, exist_ok=True)
         result = _run_task(args, ev, out)
     except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    record = {"task": args.task, "run": run, "dataset": ev.dataset, **ev.record(), **result}
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return e.exit_code
+    record = {
+        "task": args.task,
+        "run": run,
+        "dataset": ev.dataset,
+        **ev.record(),
+        **result,
+        "bad_images": [r["source"] for r in bad_images(ev.bad_log)],
+    }
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(result, indent=1))
     print(f"written to {out}")

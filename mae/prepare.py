@@ -3,6 +3,7 @@ less.
 
     python -m mae.prepare SOURCE OUT --max-side 256 --quality 90 [--workers N]
         [--shard-size 10000] [--overwrite]
+    python -m mae.prepare --check FOLDER [--workers N]
 
 SOURCE is anything ``data.dataset`` takes (an image folder, a parquet folder, a hub id, ``sample``);
 every split is written. Each image is resized so that its longer side is at most ``--max-side``
@@ -23,6 +24,11 @@ split, the time, the package version). Training reads it as any parquet folder:
   command, is refused unless ``--overwrite``. The same source with the same settings is a no-op;
   with other settings OUT is rewritten.
 - An image that cannot be decoded is skipped and listed in the manifest (``skipped``).
+- ``--check FOLDER`` writes nothing: it fully decodes every image file under FOLDER (the files
+  Pillow can open by their extension, as an image folder dataset reads them) and prints one line
+  per file that cannot be decoded (corrupt, empty, truncated) with its error, then a summary line;
+  the exit code is 1 when there is such a file, else 0. These are the files a run would skip
+  (``mae.data.bad_images``), found before it starts.
 - The fingerprint of a local folder hashes its files' relative paths, sizes and modification times
   (a copy with new times counts as another source); of a hub dataset, the ``datasets`` fingerprints
   of its splits.
@@ -48,6 +54,7 @@ from typing import Any, NamedTuple
 import datasets
 from PIL import ExifTags, Image, ImageOps
 
+from mae.data.bad_images import error_text
 from mae.data.images import DECODE_ERRORS, to_mode
 from mae.data.loading import (
     SAMPLE_DIR,
@@ -56,7 +63,7 @@ from mae.data.loading import (
     label_column,
     load_splits,
 )
-from mae.errors import UserError
+from mae.errors import UserError, user_message
 from mae.export import replace_dir
 
 FORMAT = 1  # the layout and resizing rules; a manifest of another format is rewritten
@@ -172,7 +179,7 @@ def _convert(chunk: Chunk) -> list[Converted]:
         try:
             out.append(Converted(resized_jpeg(raw, job.max_side, job.quality), label, where, None))
         except DECODE_ERRORS as e:
-            out.append(Converted(None, label, where, f"{type(e).__name__}: {e}"[:300]))
+            out.append(Converted(None, label, where, error_text(e)))
     return out
 
 
@@ -314,14 +321,59 @@ def prepare(args: argparse.Namespace) -> Path:
     return out
 
 
+def decode_error(path: Path) -> str | None:
+    """What a full decode of the file ``path`` raises, as one line; None when it decodes."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # the header alone opens a truncated file
+    except DECODE_ERRORS as e:
+        return error_text(e)
+    return None
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` that Pillow opens by their extension, sorted."""
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in readable)
+
+
+def check_folder(folder: Path, workers: int) -> int:
+    """Print each image file under ``folder`` that cannot be decoded, with its error, and a summary
+    line; returns how many there are. A big folder is decoded by ``workers`` processes."""
+    if not folder.is_dir():
+        raise PrepareError(f"--check {folder}: not a folder; give an image folder")
+    files = image_files(folder)
+    parallel = workers > 1 and len(files) > 4 * CHUNK
+    bad = 0
+    with multiprocessing.Pool(workers) if parallel else nullcontext() as pool:
+        # in order, so that the listing is the same however many processes decode it
+        errors = pool.imap(decode_error, files, CHUNK) if pool else map(decode_error, files)
+        for path, error in zip(files, errors, strict=True):
+            if error is not None:
+                bad += 1
+                print(f"{path}: {error}")
+    if bad:
+        print(f"{bad} of {len(files)} image files under {folder} cannot be decoded")
+    else:
+        print(f"all {len(files)} image files under {folder} decode")
+    return bad
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mae.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "source", help="an image folder, a parquet folder, a hub id or 'sample' (as data.dataset)"
+        "source",
+        nargs="?",
+        help="an image folder, a parquet folder, a hub id or 'sample' (as data.dataset)",
     )
-    p.add_argument("out", help="the folder to write (data/{split}-*.parquet and manifest.json)")
     p.add_argument(
-        "--max-side", type=int, required=True, help="the longer side of every image at most this"
+        "out", nargs="?", help="the folder to write (data/{split}-*.parquet and manifest.json)"
+    )
+    p.add_argument("--max-side", type=int, help="the longer side of every image at most this")
+    p.add_argument(
+        "--check",
+        metavar="FOLDER",
+        help="write nothing: list the image files under FOLDER that cannot be decoded",
     )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-95 (default 90)")
     p.add_argument(
@@ -334,6 +386,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace OUT even when another source wrote it"
     )
     args = p.parse_args(argv)
+    if args.check is not None:
+        if args.source is not None:
+            p.error("--check FOLDER takes no SOURCE or OUT")
+        return args
+    if args.out is None or args.max_side is None:
+        p.error("SOURCE, OUT and --max-side are required (or --check FOLDER)")
     for key, value, low, high in (
         ("max-side", args.max_side, 1, None),
         ("quality", args.quality, 1, 95),
@@ -352,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     datasets.disable_progress_bars()  # one line per shard instead
     try:
+        if args.check is not None:
+            return 1 if check_folder(Path(args.check).expanduser(), args.workers) else 0
         prepare(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 
 from mae import pretrain
 from mae.config import load_config
-from mae.data.images import ImageDataset, augment_transform, count_bad_images, eval_transform
+from mae.data.bad_images import count_bad_images
+from mae.data.images import ImageDataset, augment_transform, eval_transform
 from mae.data.loaded import split_normalisation
 from mae.data.loading import load_split
 from mae.prepare import main as prepare_main

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -450,11 +451,16 @@ def test_more_bad_images_than_allowed_stop_the_run_and_keep_its_checkpoints(tmp_
     before = digests(out / "checkpoints/step_2")
     stopped = run(out, *args, "train.max_steps=12", "train.checkpoint_every=2")
     assert stopped.returncode == 1
-    assert (
-        stopped.stderr.strip().splitlines()[-1].startswith("error: ")
-        and "data.max_bad_images=1" in stopped.stderr
-    )
+    error = stopped.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "more than data.max_bad_images=1" in error
+    # the line names the first bad file met, and the fix
+    assert re.search(r"(empty.png|truncated.jpg|notes.jpg) cannot be decoded", error), error
+    assert "raise data.max_bad_images, and launch again to resume" in error
     assert digests(out / "checkpoints/step_2") == before
+    # as the line says: raised, the run resumes and ends
+    raised = [a.replace("max_bad_images=1", "max_bad_images=3") for a in args]
+    resumed = run(out, *raised, "train.max_steps=12", "train.checkpoint_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 def test_other_modes_and_depths_become_the_configured_channels():

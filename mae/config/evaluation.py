@@ -33,6 +33,10 @@ class EvalDataConfig:
     image_column: str | None = None
     label_column: str | None = None  # default: the first ClassLabel feature (labels are required)
     num_workers: int = 2
+    # an image that cannot be decoded is skipped (not scored; a training image is replaced by the
+    # next one) and listed in OUTPUT/bad_images.jsonl; more distinct bad images than this stop the
+    # run (0: stop at the first), as pretraining's data.max_bad_images
+    max_bad_images: int = 100
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ def _top_checks(cfg: EvalConfig) -> list[Check]:
             "a fraction in (0, 1)",
         ),
         (d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more"),
+        (d.max_bad_images >= 0, "data.max_bad_images", d.max_bad_images, "0 or more"),
         (
             cfg.num_heads is None or cfg.num_heads > 0,
             "num_heads",

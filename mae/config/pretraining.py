@@ -123,8 +123,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per training process
     # train on images of these label ids only (e.g. anomaly detection)
     classes: tuple[int, ...] | None = None
-    # pretraining replaces an image that cannot be decoded by the next one and lists it in
-    # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first)
+    # an image that cannot be decoded is replaced by the next one and listed once in
+    # RUN/bad_images.jsonl; more distinct bad images than this stop the run (0: stop at the first).
+    # Also mae.evaluate's default --max-bad-images
     max_bad_images: int = 100
     # pretraining reads the split as a stream (datasets streaming mode: never stored whole;
     # mae.data.streamed)

@@ -23,14 +23,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from mae.config import Derived
-from mae.data.images import count_bad_images
-from mae.errors import UserError
-
-
-class BadImagesError(UserError, RuntimeError):
-    """More undecodable images than ``data.max_bad_images``; checkpoints up to here are kept."""
-
-    exit_code = 1
+from mae.data.bad_images import count_bad_images, too_many
 
 
 @dataclass(frozen=True)
@@ -114,11 +107,8 @@ class DataSource(ABC):
             ).item()
         )
         if count > self.max_bad_images:
-            raise BadImagesError(
-                f"{count} images could not be decoded (data.max_bad_images={self.max_bad_images}); "
-                f"they are listed in {self.bad_log}: fix or remove them, or raise "
-                "data.max_bad_images, and launch again to resume"
-            )
+            key, then = "data.max_bad_images", ", and launch again to resume"
+            raise too_many(self.bad_log, count, self.max_bad_images, key, then)
         if count != self.bad_images_seen:
             self.bad_images_seen = count
             accelerator.print(f"\n{count} undecodable images skipped so far (see {self.bad_log})")

@@ -1,4 +1,5 @@
-"""Images from a dataset's rows: columns, decoding, bad images, transforms, the epoch order.
+"""Images from a dataset's rows: columns, decoding, skipping bad images, transforms, the epoch
+order.
 
 Augmentation is a pure function of (seed, epoch, index): each sample's crop and flip are
 drawn from its own seeded RNG, so data order and augmentations are identical whatever the
@@ -9,7 +10,6 @@ would have.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from mae.config import Columns, DataConfig
 from mae.data.arrays import ArrayError, to_tensor
+from mae.data.bad_images import error_text, log_bad_image
 from mae.data.draft import DraftResizedCrop, open_jpeg, takes_undecoded
 from mae.data.loading import DataError, image_column, label_column
 
@@ -213,13 +214,21 @@ def seeded_sample(
     return x, noise
 
 
+# the label of an item whose own image could not be decoded, where the reader drops such images
+# (``ImageDataset(drop_bad=True)``): the item holds the next decodable image, which is not to be
+# counted (-1 stays "the split has no labels")
+DROPPED = -2
+
+
 class ImageRows:
     """The rows of a map-style split with their images decoded in ``data.channels``' mode.
 
     An image that cannot be decoded (corrupt, truncated, empty, not an image, over Pillow's
-    decompression-bomb limit) raises ``DataError`` naming it; with ``bad_log`` set it is replaced by
-    the next decodable image instead and recorded as one JSON line in ``bad_log`` (which
-    ``count_bad_images`` reads). ``undecoded``: JPEGs are only opened (``ImageColumns``)."""
+    decompression-bomb limit) raises ``DataError`` naming it; with ``bad_log`` set it is skipped
+    instead (``decodable`` gives the next decodable row) and recorded once in ``bad_log``
+    (``mae.data.bad_images``): by its file where it is one, else as a row of ``name``, so that two
+    splits recorded in one log keep their rows apart. ``undecoded``: JPEGs are only opened
+    (``ImageColumns``)."""
 
     def __init__(
         self,
@@ -227,10 +236,11 @@ class ImageRows:
         columns: Columns,
         bad_log: Path | None = None,
         undecoded: bool = False,
+        name: str = "the dataset",
     ) -> None:
         self.columns = ImageColumns(ds, columns, undecoded)
         self.ds = self.columns.select(ds)
-        self.bad_log = bad_log
+        self.bad_log, self.name = bad_log, name
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -240,36 +250,49 @@ class ImageRows:
     ) -> tuple[dict[str, Any], Any]:
         """Row ``i`` and its image (passed through ``finish``, whose decoding errors count as the
         image's); past an undecodable one, the next decodable row."""
+        _, row, image = self.first_decodable(i, finish)
+        return row, image
+
+    def first_decodable(
+        self, i: int, finish: Callable[[Any], Any] | None = None
+    ) -> tuple[int, dict[str, Any], Any]:
+        """``decodable``, with the index of the row it gives (``i`` unless that was skipped)."""
         for attempt in range(min(len(self.ds), 1000)):
             j = (i + attempt) % len(self.ds)
             try:
                 row = self.ds[j]
-                image = self.columns.decode(row, f"image {j} of the dataset")
-                return row, image if finish is None else finish(image)
+                image = self.columns.decode(row, f"image {j} of {self.name}")
+                return j, row, image if finish is None else finish(image)
             # a wrong array is the data's mistake, not a damaged file: not skipped
             except ArrayError:
                 raise
             except DECODE_ERRORS as e:
-                where = self._source(j)
-                if self.bad_log is None:
-                    raise DataError(
-                        f"image {j} of the dataset ({where}) cannot be decoded "
-                        f"({type(e).__name__}: {e}); remove or replace it"
-                    ) from e
-                log_bad_image(self.bad_log, j, where, e)
+                self._skip(j, e)
         raise DataError(
-            f"no decodable image among 1000 rows from row {i} of the dataset; check the data"
+            f"no decodable image among 1000 rows from row {i} of {self.name}; check the data"
         )
 
-    def _source(self, j: int) -> str:
-        """The file an image came from, when the dataset knows it."""
+    def _skip(self, j: int, error: Exception) -> None:
+        """Record row ``j``'s image in ``bad_log``, or raise an error naming it."""
+        raw = self._raw(j)
+        # an image read from a file is named by it; embedded bytes only by their row
+        file = raw.get("path") if not raw.get("bytes") else None
+        where = file or f"image {j} of {self.name} ({raw.get('path') or 'embedded bytes'})"
+        if self.bad_log is None:
+            raise DataError(
+                f"{where} cannot be decoded ({error_text(error)}); remove or replace it"
+            ) from error
+        log_bad_image(self.bad_log, file or f"row {j} of {self.name}", where, error_text(error))
+
+    def _raw(self, j: int) -> dict[str, Any]:
+        """Row ``j``'s image undecoded (``path``, ``bytes``), as far as the dataset knows them."""
         try:
             raw = self.ds.cast_column(self.columns.image, datasets.Image(decode=False))[j][
                 self.columns.image
             ]
-            return raw.get("path") or "embedded bytes"
-        except Exception:  # noqa: BLE001 - only for the error message
-            return "unknown source"
+        except Exception:  # noqa: BLE001 - only to name the image
+            return {}
+        return {"path": raw} if isinstance(raw, str) else dict(raw or {})
 
 
 class ImageDataset(Dataset):
@@ -281,6 +304,13 @@ class ImageDataset(Dataset):
     32-bit grayscale images are scaled to 8 bits; every mode is converted to ``data.channels``. A
     transform that starts with ``DraftResizedCrop`` gets JPEGs opened, not decoded, and decodes
     them.
+
+    A skipped image is replaced by the next decodable row with that row's own label, so that no
+    label is ever paired with another image: what training wants (batches keep their size, the
+    schedule its steps). What is measured (features for the probes, evaluation accuracy,
+    ``mae.evaluate``) must not count one image twice, so there ``drop_bad`` labels the replacement
+    ``DROPPED`` and the reader leaves it out. A label, not a shorter batch: batches keep their size,
+    so an evaluation gathered across processes (Accelerate pads and trims by count) stays exact.
     """
 
     def __init__(
@@ -291,9 +321,13 @@ class ImageDataset(Dataset):
         seed: int = 0,
         noise_length: int | None = None,
         bad_log: Path | None = None,
+        drop_bad: bool = False,
+        name: str = "the dataset",
     ) -> None:
-        self.rows = ImageRows(ds, columns, bad_log, undecoded=takes_undecoded(transform))
+        undecoded = takes_undecoded(transform)
+        self.rows = ImageRows(ds, columns, bad_log, undecoded=undecoded, name=name)
         self.transform, self.seed, self.noise_length = transform, seed, noise_length
+        self.drop_bad = drop_bad
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -306,12 +340,18 @@ class ImageDataset(Dataset):
             return seeded_sample(self.transform, image, seed, self.noise_length)
 
         if self.rows.columns.undecoded:  # the transform decodes: its errors are the image's
-            row, (x, noise) = self.rows.decodable(i, sample)
+            j, row, (x, noise) = self.rows.first_decodable(i, sample)
         else:
-            row, image = self.rows.decodable(i)
+            j, row, image = self.rows.first_decodable(i)
             x, noise = sample(image)
-        label = self.rows.columns.label_of(row)
+        label = DROPPED if self.drop_bad and j != i else self.rows.columns.label_of(row)
         return (x, label) if noise is None else (x, label, noise)
+
+
+def kept(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of a ``drop_bad`` dataset without its ``DROPPED`` items."""
+    keep = labels != DROPPED
+    return images[keep], labels[keep]
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -326,26 +366,6 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
             top = 65535.0 if peak <= 65535 else peak
         image = Image.fromarray((np.clip(a / top, 0, 1) * 255).round().astype(np.uint8), mode="L")
     return image if image.mode == mode else image.convert(mode)
-
-
-def log_bad_image(bad_log: Path, key: int | str, where: str, error: Exception) -> None:
-    """One JSON line in ``bad_log``; ``key`` identifies the image for ``count_bad_images``."""
-    record = {"index": key, "source": where, "error": f"{type(error).__name__}: {error}"[:300]}
-    bad_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(bad_log, "a") as f:  # one short append per line: whole lines from every worker
-        f.write(json.dumps(record) + "\n")
-
-
-def count_bad_images(bad_log: Path) -> int:
-    """Distinct dataset rows recorded in ``bad_log`` (a row hit again after a resume counts
-    once)."""
-    if not bad_log.is_file():
-        return 0
-    rows = set()
-    for line in bad_log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rows.add(json.loads(line)["index"])
-    return len(rows)
 
 
 class EpochSampler(Sampler):

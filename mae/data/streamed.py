@@ -40,11 +40,11 @@ from torchvision.transforms import v2
 
 from mae.config import ConfigError, DataConfig, Derived
 from mae.data.arrays import ArrayError
+from mae.data.bad_images import error_text, log_bad_image
 from mae.data.base import Batch, DataSource
 from mae.data.images import (
     DECODE_ERRORS,
     ImageColumns,
-    log_bad_image,
     sample_seed,
     seeded_sample,
     to_mode,
@@ -141,7 +141,7 @@ class ImageStream(IterableDataset):
                     f"an image of the stream ({where}) cannot be decoded ({type(e).__name__}: {e})"
                 ) from e
             key = (raw or {}).get("path") or f"{self.rank}:{worker}:{epoch}:{read}"  # once per file
-            log_bad_image(self.bad_log, key, where, e)
+            log_bad_image(self.bad_log, key, where, error_text(e))
             return None
         x, noise = seeded_sample(
             self.transform,

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -33,8 +34,9 @@ from mae import runner
 from mae.config import Columns, ConfigError, Derived, derive_schedule, to_dict
 from mae.config.evaluation import EvalConfig, FinetuneConfig
 from mae.config.loader import build
+from mae.data.bad_images import BAD_IMAGES, bad_images
 from mae.data.base import Batch
-from mae.data.images import ImageDataset
+from mae.data.images import DROPPED, ImageDataset
 from mae.data.loaded import LoadedSource
 from mae.eval.classifier import Classifier, build_classifier, save_classifier
 from mae.eval.probe import accuracy, class_info, fit_and_eval_splits, write_results
@@ -121,7 +123,8 @@ def evaluate_model(
     accelerator: Accelerator, model: nn.Module, loader: DataLoader, names: list[str]
 ) -> tuple[dict[str, Any], float]:
     """Accuracy (``mae.eval.probe.accuracy``) and mean cross-entropy on the evaluation split, over
-    all processes."""
+    all processes; its undecodable images (labelled ``DROPPED``) are left out after the gather,
+    where every process's batches still have their full size."""
     model.eval()
     logits, labels = [], []
     for images, y in loader:
@@ -130,6 +133,8 @@ def evaluate_model(
         labels.append(y.cpu())
     model.train()
     scores, targets = torch.cat(logits), torch.cat(labels)
+    scored = targets != DROPPED
+    scores, targets = scores[scored], targets[scored]
     # every image once, over all processes
     result = accuracy(scores, targets, names) | {"scored": len(targets)}
     return result, nn.functional.cross_entropy(scores, targets.long()).item()
@@ -245,17 +250,15 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     # drop path and mixup differ per process; data order does not
     set_seed(cfg.seed, device_specific=True)
     d = cfg.data
-    columns = Columns(d.image_column, d.label_column, clf.data_config["input_size"][0])
-    train_set = ImageDataset(fit_ds, columns, train_transform(f, clf.data_config), seed=cfg.seed)
-    if train_set.rows.columns.arrays and f.auto_augment is not None:  # RandAugment is Pillow's
-        raise ConfigError(
-            f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} "
-            "holds arrays; set finetune.auto_augment=null"
-        )
-    eval_set = ImageDataset(
-        eval_ds, columns, create_transform(**clf.data_config, is_training=False)
+    train_set, eval_set = _datasets(cfg, clf, fit_ds, eval_ds, split_record["eval_split"])
+    source = LoadedSource(
+        train_set,
+        d.num_workers,
+        f.batch_size,
+        f.accum_steps,
+        cfg.seed,
+        max_bad_images=d.max_bad_images,
     )
-    source = LoadedSource(train_set, d.num_workers, f.batch_size, f.accum_steps, cfg.seed)
     derived = derive_schedule(f, source.size, accelerator.num_processes)
     if resume_from is not None:
         resumable = resumable_keys(f.SECTION, *RESUMABLE)
@@ -275,6 +278,7 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     step = runner.Runner(accelerator, run_dir, f, derived, source, job).run(resume_from, "finetune")
     if job.last_eval is None:  # resumed at the very end: evaluate what was trained
         job.last_eval, _ = evaluate_model(accelerator, job.model, job.eval_loader, names)
+    source.check_bad_images(accelerator)  # those of the last evaluation too
     results = {
         "mode": "finetune",
         **job.last_eval,
@@ -286,6 +290,7 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
         "effective_batch": derived.effective_batch,
         "train_size": len(train_set),
         "eval_size": len(eval_set),
+        "bad_images": [r["source"] for r in bad_images(source.bad_log)],
         **split_record,
         "encoder": {"source": cfg.encoder, "kind": clf.kind, "sha256": clf.init["sha256"]},
         "init": clf.init,
@@ -298,6 +303,42 @@ def _finetune(cfg: EvalConfig, accelerator: Accelerator) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # (ends the process group too)
     return results
+
+
+def _datasets(
+    cfg: EvalConfig,
+    clf: Classifier,
+    fit_ds: datasets.Dataset,
+    eval_ds: datasets.Dataset,
+    eval_name: str,
+) -> tuple[ImageDataset, ImageDataset]:
+    """The training and evaluation images, in the classifier's channels and transforms. An
+    undecodable image is replaced in training by the next one (with that one's label), and left out
+    of the evaluation (``DROPPED``: not scored); both are recorded once in RUN/bad_images.jsonl."""
+    f, d, bad_log = cfg.finetune, cfg.data, Path(cfg.output_dir) / BAD_IMAGES
+    columns = Columns(d.image_column, d.label_column, clf.data_config["input_size"][0])
+    train_set = ImageDataset(
+        fit_ds,
+        columns,
+        train_transform(f, clf.data_config),
+        cfg.seed,
+        bad_log=bad_log,
+        name=f"split {d.split!r}",
+    )
+    if train_set.rows.columns.arrays and f.auto_augment is not None:  # RandAugment is Pillow's
+        raise ConfigError(
+            f"finetune.auto_augment={f.auto_augment!r} works on Pillow images and {d.dataset!r} "
+            "holds arrays; set finetune.auto_augment=null"
+        )
+    eval_set = ImageDataset(
+        eval_ds,
+        columns,
+        create_transform(**clf.data_config, is_training=False),
+        bad_log=bad_log,
+        drop_bad=True,
+        name=eval_name,
+    )
+    return train_set, eval_set
 
 
 def _print_setup(

@@ -29,6 +29,7 @@ import datasets
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from timm.optim import Lars
@@ -39,19 +40,35 @@ from tqdm.auto import tqdm
 
 from mae.config import Columns, to_dict
 from mae.config.evaluation import EvalConfig, ProbeConfig
+from mae.data.bad_images import BAD_IMAGES, bad_images, count_within_limit, log_bad_image
 from mae.data.holdout import EvalRows, evaluation_rows
-from mae.data.images import EpochSampler, ImageDataset, crop_transform
+from mae.data.images import EpochSampler, ImageDataset, crop_transform, kept
 from mae.data.loading import DataError, dataset_fingerprint, label_column, load_splits
 from mae.eval.encoders import FrozenEncoder, load_encoder
 
 # ----------------------------------------------------------------------------------------- features
 
 
-def image_dataset(ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder) -> ImageDataset:
+def image_dataset(
+    ds: datasets.Dataset, cfg: EvalConfig, encoder: FrozenEncoder, name: str = "the dataset"
+) -> ImageDataset:
     """Images converted to the encoder's channels, through its eval transform (labels: -1 when the
-    split has none, which ``probe`` refuses)."""
+    split has none, which ``probe`` refuses). An undecodable image is dropped, not replaced
+    (``ImageDataset``'s ``drop_bad``): a replacement would count its neighbour twice, in the kNN
+    bank and in the accuracy; it is recorded in ``bad_log(cfg)`` as a row of ``name``."""
     transform = create_transform(**encoder.data_config, is_training=False)
-    return ImageDataset(ds, encoder_columns(cfg, encoder), transform)
+    columns = encoder_columns(cfg, encoder)
+    return ImageDataset(ds, columns, transform, bad_log=bad_log(cfg), drop_bad=True, name=name)
+
+
+def bad_log(cfg: EvalConfig) -> Path:
+    """Where the evaluation records its undecodable images: beside its ``results.json``."""
+    return Path(cfg.output_dir) / BAD_IMAGES
+
+
+def within_limit(cfg: EvalConfig) -> int:
+    """The bad images recorded so far; more than ``data.max_bad_images`` stop the evaluation."""
+    return count_within_limit(bad_log(cfg), cfg.data.max_bad_images, "data.max_bad_images")
 
 
 def encoder_columns(cfg: EvalConfig, encoder: FrozenEncoder) -> Columns:
@@ -91,36 +108,71 @@ def cache_key(
 
 
 def extract(
-    encoder: FrozenEncoder, data: ImageDataset, pool: str, batch_size: int, workers: int
+    encoder: FrozenEncoder,
+    data: ImageDataset,
+    pool: str,
+    batch_size: int,
+    workers: int,
+    check: Callable[[], Any] | None = None,
 ) -> dict:
+    """Features (N, D) and labels (N,) of ``data``'s decodable images (its dropped ones left out);
+    ``check`` runs after every batch (e.g. to stop past a number of bad images)."""
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     feats, labels = [], []
-    for images, y in tqdm(loader, desc="features", leave=False):
-        feats.append(encoder.features(images, pool))
-        labels.append(y)
+    for batch in tqdm(loader, desc="features", leave=False):
+        images, y = kept(*batch)
+        if len(y):
+            feats.append(encoder.features(images, pool))
+            labels.append(y)
+        if check is not None:
+            check()
+    if not labels:
+        raise DataError(f"no image of {data.rows.name} could be decoded; see {data.rows.bad_log}")
     return {"features": torch.cat(feats), "labels": torch.cat(labels)}
+
+
+def cached_bad_images(path: Path) -> list[dict[str, Any]]:
+    """The bad images recorded in a cache entry's metadata when its features were extracted."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("bad_images", "[]"))
 
 
 def cached_features(
     encoder: FrozenEncoder, ds: datasets.Dataset, split: str, cfg: EvalConfig, pool: str
 ) -> tuple[dict, bool]:
-    """(features (N, D) + labels (N,), whether they came from the cache)."""
-    data = image_dataset(ds, cfg, encoder)
+    """(features (N, D) + labels (N,), whether they came from the cache). The images that could
+    not be decoded are kept with the features (in the entry's metadata), so that a cached split
+    records them in ``bad_log(cfg)`` as an extraction would."""
+    data = image_dataset(ds, cfg, encoder, f"split {split!r}")
     path = (
         Path(cfg.probe.cache_dir).expanduser()
         / f"{cache_key(encoder, data, cfg.data.dataset, split, pool)}.safetensors"
     )
     if path.is_file():
         try:
-            return load_file(str(path)), True
+            out, skipped = load_file(str(path)), cached_bad_images(path)
         except Exception:  # a damaged entry (e.g. a full disk): extract again
             path.unlink(missing_ok=True)
-    out = extract(encoder, data, pool, cfg.probe.extract_batch_size, cfg.data.num_workers)
+        else:
+            for r in skipped:
+                log_bad_image(bad_log(cfg), r["key"], r["source"], r["error"])
+            within_limit(cfg)
+            return out, True
+    known = {r["key"] for r in bad_images(bad_log(cfg))}
+    out = extract(
+        encoder,
+        data,
+        pool,
+        cfg.probe.extract_batch_size,
+        cfg.data.num_workers,
+        check=lambda: within_limit(cfg),
+    )
+    skipped = [r for r in bad_images(bad_log(cfg)) if r["key"] not in known]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(out, tmp)
+        save_file(out, tmp, metadata={"bad_images": json.dumps(skipped)})
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -257,12 +309,14 @@ def augmented_linear_probe(
     num_classes: int,
 ) -> torch.Tensor:
     """The paper's protocol: every epoch the training images pass, freshly cropped and flipped
-    (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head."""
+    (RandomResizedCrop(0.08-1) + flip), through the frozen encoder into the head. An undecodable
+    training image is replaced by the next one, with that one's label (as in pretraining)."""
     p = cfg.probe
     _, h, w = encoder.data_config["input_size"]
     mean, std = tuple(encoder.data_config["mean"]), tuple(encoder.data_config["std"])
     transform = crop_transform((h, w), (0.08, 1.0), mean, std)
-    data = ImageDataset(ds, encoder_columns(cfg, encoder), transform, seed=cfg.seed)
+    columns, name = encoder_columns(cfg, encoder), f"split {cfg.data.split!r}"
+    data = ImageDataset(ds, columns, transform, cfg.seed, bad_log=bad_log(cfg), name=name)
     batch = min(p.batch_size, len(data))
     steps = len(data) // batch
     sampler = EpochSampler(len(data), steps * batch, seed=cfg.seed)
@@ -275,6 +329,7 @@ def augmented_linear_probe(
         for images, labels in loader:
             chunks = images.split(p.extract_batch_size)
             yield torch.cat([encoder.features(chunk, pool) for chunk in chunks]), labels
+            within_limit(cfg)
 
     dim = int(test["features"].shape[1])
     head = fit_linear_head(batches, steps, batch, dim, num_classes, p, cfg.seed)
@@ -343,8 +398,11 @@ def probe_encoder(cfg: EvalConfig) -> tuple[FrozenEncoder, str]:
 
 
 def probe(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the configured probe; write ``results.json`` into ``output_dir`` and return it."""
+    """Run the configured probe; write ``results.json`` into ``output_dir`` and return it. Images
+    that cannot be decoded are left out (``image_dataset``), listed in ``bad_images.jsonl`` beside
+    it and named in it; ``scored`` (and ``fitted``, on cached features) count the images used."""
     encoder, pool = probe_encoder(cfg)
+    bad_log(cfg).unlink(missing_ok=True)  # a probe starts afresh: its record lists its own
     rows = fit_and_eval_splits(cfg)
     if rows.line:
         print(rows.line)
@@ -366,6 +424,7 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
         train_cached = None
     else:
         train, train_cached = cached_features(encoder, fit_ds, cfg.data.split, cfg, pool)
+        settings["fitted"] = len(train["labels"])
         if cfg.mode == "linear":
             scores = linear_probe(train, test, num_classes, cfg.probe, cfg.seed)
         else:
@@ -382,7 +441,9 @@ def probe(cfg: EvalConfig) -> dict[str, Any]:
         "blocks": encoder.blocks,
         "feature_dim": int(test["features"].shape[1]),
         "train_size": len(fit_ds),
-        "eval_size": len(test["labels"]),
+        "eval_size": len(eval_ds),
+        "scored": len(test["labels"]),
+        "bad_images": [r["source"] for r in bad_images(bad_log(cfg))],
         **split_record,
         "encoder": {"source": cfg.encoder, "kind": encoder.kind, "sha256": encoder.sha256},
         "features_from_cache": {"train": train_cached, "eval": test_cached},

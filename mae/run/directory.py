@@ -38,6 +38,8 @@ def resumable_keys(section: str, *extra: str) -> set[str]:
     return {
         "output_dir",
         "data.num_workers",
+        # the fix a run stopped by its bad images names: raise it and launch again
+        "data.max_bad_images",
         *(f"{section}.{k}" for k in SECTION_RESUMABLE),
         *extra,
     }
