@@ -66,6 +66,22 @@ def random_masking(
     return kept, mask, ids_restore
 
 
+def mask_views(noise: torch.Tensor, views: int, mask_ratio: float) -> torch.Tensor:
+    """(B, L) noise -> (views * B, L) noise for ``views`` masks of each sample, view-major (the
+    k-th block of B rows is every sample's k-th mask).
+
+    The patches are ranked once by the sample's noise; mask k keeps those ranked
+    ``k * L_keep`` to ``(k + 1) * L_keep - 1`` (cyclically past L). So the visible sets of the
+    masks are disjoint while ``views * L_keep <= L``, and at ``views = L / L_keep`` every patch is
+    visible in exactly one mask and hidden in the others. Mask 0 is the sample's own mask. The
+    returned values are ranks / L: distinct, so ``random_masking``'s argsort has no ties."""
+    length = noise.shape[1]
+    keep = num_kept(length, mask_ratio)
+    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    shifted = [(ranks - k * keep) % length for k in range(views)]
+    return torch.cat(shifted).to(noise.dtype) / length
+
+
 def num_predicted(num_patches: int, reconstruct_ratio: float) -> int:
     """How many patches a decoder predicts and the loss scores: ``int(L * reconstruct_ratio)``."""
     return int(num_patches * reconstruct_ratio)

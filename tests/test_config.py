@@ -169,6 +169,7 @@ def test_derived_values():
             "train.blr=1e-4",
             "train.epochs=3",
             "train.warmup_epochs=0.5",
+            "train.warmup_cap=0.5",
         ],
     )
     d = derive(cfg, dataset_size=1000, num_processes=2)
@@ -177,10 +178,12 @@ def test_derived_values():
     assert d.steps_per_epoch == 3  # 1000 // 256, whole steps only
     assert d.total_steps == 9
     assert d.warmup_steps == 2  # round(0.5 * 3)
-    capped = derive(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5)), 1000, 2
-    )
-    assert capped.total_steps == 5
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5))
+    capped = derive(short, 1000, 2)
+    assert capped.total_steps == 5 and capped.warmup_steps == 2  # as asked: under 0.5 of 5
+    # a shortened run keeps its shape: the warm-up is at most warmup_cap of it (0.2: 1 of 5)
+    default_cap = dataclasses.replace(short.train, warmup_cap=0.2)
+    assert derive(dataclasses.replace(short, train=default_cap), 1000, 2).warmup_steps == 1
     with pytest.raises(ConfigError, match="fewer than one optimizer step"):
         derive(cfg, dataset_size=100, num_processes=2)
     high_floor = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_lr=1.0))

@@ -176,6 +176,9 @@ class TrainConfig(TrainingSettings):
     recon_images: int = 8
     # train a linear head on each step's detached features (needs labels)
     online_probe: bool = False
+    # MAE: each image masked this many times per step (disjoint visible sets while they fit),
+    # the loss averaged over the masks; the batch and the lr count images (docs/pretraining.md)
+    masks_per_image: int = 1
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,7 @@ def _train_checks(t: TrainConfig) -> list[Check]:
         ),
         (t.recon_every > 0, "train.recon_every", t.recon_every, "a positive integer"),
         (t.recon_images > 0, "train.recon_images", t.recon_images, "a positive integer"),
+        (t.masks_per_image > 0, "train.masks_per_image", t.masks_per_image, "a positive integer"),
     ]
 
 
@@ -469,6 +473,11 @@ def _validate_combinations(cfg: Config) -> None:
     if cfg.init is not None and m.name != "mae":
         raise ConfigError(
             f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}"
+        )
+    if t.masks_per_image > 1 and m.name != "mae":
+        raise ConfigError(
+            f"train.masks_per_image={t.masks_per_image} masks the patches of a ViT; "
+            f"model.name={m.name} sees whole images: set train.masks_per_image=1"
         )
     if t.compile and m.name in ("vae", "stacked_ae"):
         raise ConfigError(

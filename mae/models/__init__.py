@@ -45,7 +45,11 @@ def _build_mae(cfg: Config) -> MaskedAutoencoder:
         "patch_pixels": m.patch_size**2 * d.channels,
         "mlp_ratio": m.mlp_ratio,
     }
-    loss = {"mask_ratio": m.mask_ratio, "norm_pix_loss": m.norm_pix_loss}
+    loss = {
+        "mask_ratio": m.mask_ratio,
+        "norm_pix_loss": m.norm_pix_loss,
+        "masks_per_image": cfg.train.masks_per_image,
+    }
     if m.decoder == "mae":
         return MaskedAutoencoder(encoder=encoder, decoder=paper_decoder(**decoder), **loss)
     cross = cross_decoder(

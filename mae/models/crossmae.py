@@ -142,9 +142,14 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         reconstruct_ratio: float,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        masks_per_image: int = 1,
     ) -> None:
         super().__init__(
-            encoder=encoder, decoder=decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss
+            encoder=encoder,
+            decoder=decoder,
+            mask_ratio=mask_ratio,
+            norm_pix_loss=norm_pix_loss,
+            masks_per_image=masks_per_image,
         )
         self.reconstruct_ratio = reconstruct_ratio
         self.features = "weighted" if "feature_mix" in decoder.extra else "last"
@@ -202,14 +207,15 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         memories, latent, mask, ids_restore = self.encoder_outputs(images, noise)
         ids_pred = self.predicted(ids_restore)
         pred = self.forward_decoder(memories, ids_pred).float()  # (B, Q, p*p*C)
-        target = patchify(images, self.patch_size)
+        target = patchify(images, self.patch_size).repeat(self.views, 1, 1)  # every view's
         target = torch.gather(target, 1, ids_pred.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         pixels = pred.detach()
         if self.norm_pix_loss:
             target, mean, std = normalize_patches(target)
             pixels = pixels * std + mean
         loss = masked_mse(pred, target, torch.ones(pred.shape[:2], device=pred.device))
-        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=latent[:, 0].detach())
+        features = latent[: len(images), 0].detach()  # the first mask's, one per image
+        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=features)
         if not self.training:
             p, c = self.patch_size, self.channels
             index = ids_pred.unsqueeze(-1).expand(-1, -1, pixels.shape[-1])

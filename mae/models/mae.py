@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mae.losses import masked_mse, normalize_patches
-from mae.masking import patchify, random_masking, unpatchify
+from mae.masking import mask_views, patchify, random_masking, unpatchify
 from mae.models.base import AEOutput, Autoencoder
 
 # timm builds a VisionTransformer from any registered ViT name plus explicit arguments; every
@@ -127,7 +127,12 @@ def paper_decoder(
 
 class MaskedAutoencoder(Autoencoder):
     """An encoder (``vit_encoder``) and a decoder (``paper_decoder``), both built by the caller:
-    ``mae.models`` builds them from the config, the encoder first."""
+    ``mae.models`` builds them from the config, the encoder first.
+
+    ``masks_per_image`` K > 1: in training, each image is embedded once and masked K times
+    (``mae.masking.mask_views``: disjoint visible sets while they fit); the encoder and decoder
+    see the K * B masked views, view-major, and the loss is the mean over them. Evaluation
+    (``eval()``) masks each image once."""
 
     def __init__(
         self,
@@ -136,12 +141,14 @@ class MaskedAutoencoder(Autoencoder):
         decoder: DecoderParts,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        masks_per_image: int = 1,
     ) -> None:
         super().__init__()
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.channels = encoder.patch_embed.proj.in_channels
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.masks_per_image = masks_per_image
         self.feature_dim = encoder.embed_dim
         self.encoder = encoder
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
@@ -181,13 +188,23 @@ class MaskedAutoencoder(Autoencoder):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def views(self) -> int:
+        """Masks per image in this forward: ``masks_per_image`` in training, else 1."""
+        return self.masks_per_image if self.training else 1
+
     def embed_and_mask(self, images: torch.Tensor, noise: torch.Tensor | None = None):
-        """images (B, C, H, W) -> the encoder's input (B, 1 + L_keep, D), mask (B, L),
-        ids_restore (B, L)."""
+        """images (B, C, H, W) -> the encoder's input (V * B, 1 + L_keep, D), mask (V * B, L),
+        ids_restore (V * B, L), for V = ``views`` masks of each image."""
         enc = self.encoder
         x = enc.patch_embed(images)  # (B, L, D)
         x = x + enc.pos_embed[:, 1:]
-        x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (B, L_keep, D)
+        if self.views > 1:  # the image embedded once, masked V times
+            if noise is None:
+                noise = torch.rand(x.shape[:2], device=x.device)
+            noise = mask_views(noise, self.views, self.mask_ratio)
+            x = x.repeat(self.views, 1, 1)
+        x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)  # (V * B, L_keep, D)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1), mask, ids_restore
 
@@ -213,8 +230,9 @@ class MaskedAutoencoder(Autoencoder):
     def forward_loss(
         self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE on removed patches. Returns (loss, pred in pixel space (B, L, p*p*C), detached)."""
-        target = patchify(images, self.patch_size)  # (B, L, p*p*C)
+        """MSE on removed patches (of every view). Returns (loss, pred in pixel space
+        (V * B, L, p*p*C), detached)."""
+        target = patchify(images, self.patch_size).repeat(self.views, 1, 1)  # (V * B, L, p*p*C)
         if not self.norm_pix_loss:
             return masked_mse(pred, target, mask), pred.detach()
         target, mean, std = normalize_patches(target)
@@ -225,8 +243,10 @@ class MaskedAutoencoder(Autoencoder):
         latent, mask, ids_restore = self.forward_encoder(images, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss, pixels = self.forward_loss(images, pred.float(), mask)
-        # features: the cls token of the visible patches (what this step's encoder saw)
-        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=latent[:, 0].detach())
+        # features: the cls token of the visible patches (what this step's encoder saw; the first
+        # mask's, one per image)
+        features = latent[: len(images), 0].detach()
+        out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=features)
         if not self.training:
             p, c = self.patch_size, self.channels
             out.recon = unpatchify(pixels, p, c, self.grid)
