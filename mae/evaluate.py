@@ -364,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_task(args: argparse.Namespace, ev: Evaluation, out: Path) -> dict:
     """The task's metrics, its files written into ``out``."""
+    if getattr(ev.model, "teacher", None) is not None:  # every task compares pixels
+        raise EvaluateError(
+            f"{args.task} needs the run's reconstructions and this run predicts teacher features "
+            "(model.target=teacher), not pixels; probe its encoder with finetune.py"
+        )
     if args.task == "reconstruct":
         return reconstruct(ev, out, args.mask_ratio)
     if args.task == "denoise":

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 _DECODER = ("decoder_", "mask_token")
+_TEACHER = "teacher."
 _POS = ("encoder.pos_embed", "decoder_pos_embed")
 
 
@@ -310,6 +311,9 @@ def _to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     """Load ``state`` into ``model`` strictly (see the module docstring); returns what was done."""
     ours = model.state_dict()
+    # a teacher (model.target=teacher) follows the encoder it is loaded beside: the file's is not
+    # needed, and one the model lacks is left out
+    state = {k: v for k, v in state.items() if not k.startswith(_TEACHER)}
     other_decoder = _decoder_kind(state) not in (None, _decoder_kind(ours))
     if other_decoder:  # MAE's decoder into CrossMAE's or back: the encoder alone carries over
         state = {k: v for k, v in state.items() if not k.startswith(_DECODER)}
@@ -334,17 +338,19 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                 )
         merged[k] = v.to(ours[k].dtype)
     missing = sorted(k for k in ours if k not in state)
-    bad = [k for k in missing if not k.startswith(_DECODER)]
+    bad = [k for k in missing if not k.startswith((*_DECODER, _TEACHER))]
     if bad:
         raise WeightsError(
             f"init={source}: the file lacks encoder weights {bad[:5]}; "
             "is it an MAE / ViT checkpoint?"
         )
     model.load_state_dict(merged, strict=True)
+    if getattr(model, "teacher", None) is not None:  # the teacher starts where the student does
+        model.teacher.copy_from(model.encoder)
     done = {
         "source": source,
         "loaded": len(state) - len(resampled),
-        "fresh": missing,
+        "fresh": [k for k in missing if not k.startswith(_TEACHER)],
         "pos_embed_regrid": resampled,
     }
     return done | {"other_decoder": other_decoder}

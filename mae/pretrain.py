@@ -215,7 +215,7 @@ class Pretraining:
             torch.manual_seed(cfg.train.seed)  # the same masks in every grid of the run
             images = self.recon_images.to(acc.device)
             out = net(images)
-            if acc.is_main_process:
+            if acc.is_main_process and out.recon is not None:  # teacher targets: no pixels
                 save_recon_grid(path, images, out, cfg.data, self.arrays)
                 # a generative model: prior samples beside it
                 if hasattr(net, "sample") and not sharded:
@@ -240,6 +240,23 @@ def summary_line(run_dir: Path, step: int, seconds: float, export_dir: Path) -> 
     return (
         f"done: {step} steps ({minutes}:{rest:02d} of training), {loss}; exported to {export_dir}"
     )
+
+
+def describe_masks(cfg: Config, derived: Derived) -> str | None:
+    """A line for masks per image and teacher targets, when the run uses either."""
+    m, k = cfg.model, cfg.train.masks_per_image
+    parts = []
+    if k > 1:
+        parts.append(
+            f"{k} masks per image: {k * derived.effective_batch} masked views per optimizer "
+            f"step; the batch and the lr count the {derived.effective_batch} images"
+        )
+    if m.target == "teacher":
+        parts.append(
+            f"targets: an EMA teacher's top {m.teacher_layers} blocks, decay {m.ema_decay:g} -> "
+            f"{m.ema_end_decay:g} over {m.ema_anneal_steps} steps, once per image"
+        )
+    return "; ".join(parts) or None
 
 
 def train(cfg: Config) -> RunResult:
@@ -292,6 +309,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     )
     if (about_data := source.describe()) is not None:
         accelerator.print(about_data)
+    if (about_masks := describe_masks(cfg, derived)) is not None:
+        accelerator.print(about_masks)
     checkpoints = derived.total_steps // t.checkpoint_every + 1
     checkpoint_volume_warning(accelerator, [job.model], checkpoints, "train.checkpoint_every")
     stats = {} if data.stats is None else {"data_stats": data.stats}

@@ -464,7 +464,7 @@ class Runner:
         timed = minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
         acc = self.accelerator
         if acc.num_processes == 1:
-            return stop.signum, timed
+            return stop.requested(acc), timed
         mine = torch.tensor([stop.signum or 0, int(timed)], device=acc.device)
         agreed = acc.reduce(mine, reduction="max").tolist()
         return (int(agreed[0]) or None), bool(agreed[1])

@@ -143,9 +143,14 @@ def test_grid_rows_go_across_the_classes_of_a_sorted_folder():
 
     labels = [0] * 5 + [1] * 5 + [2] * 5
     ds = datasets.Dataset.from_dict({"label": labels, "i": list(range(15))})
-    source = SimpleNamespace(split=ds, label_column="label")
-    rows = DataSource.grid_rows(source, 7)
+
+    def source(label_column):
+        view = SimpleNamespace(split=ds, label_column=label_column)
+        view.first_rows = lambda n: DataSource.first_rows(view, n)
+        return view
+
+    rows = DataSource.grid_rows(source("label"), 7)
     assert rows["label"] == [0, 1, 2, 0, 1, 2, 0] and rows["i"] == [0, 5, 10, 1, 6, 11, 2]
-    assert DataSource.grid_rows(source, 40)["i"] == sorted(range(15), key=lambda i: (i % 5, i))
-    unlabelled = SimpleNamespace(split=ds, label_column=None)
-    assert DataSource.grid_rows(unlabelled, 3)["i"] == [0, 7, 14]
+    every = DataSource.grid_rows(source("label"), 40)["i"]
+    assert every == sorted(range(15), key=lambda i: (i % 5, i))
+    assert DataSource.grid_rows(source(None), 3)["i"] == [0, 7, 14]

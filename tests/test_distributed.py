@@ -491,3 +491,19 @@ def test_one_fsdp_process_on_cpu_trains_and_records_it(tmp_path, monkeypatch, on
     derived = json.loads((tmp_path / "run" / "derived.json").read_text())["distributed"]
     assert derived["type"] == "fsdp" and derived["world_size"] == 1 and result.steps == 2
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "pytorch_model_fsdp_0").is_dir()
+
+
+def test_one_fsdp_process_trains_masks_and_a_teacher(tmp_path, monkeypatch, one_process_group):
+    """Under FSDP the teacher's parameters are shards (DTensors) too: it follows the student shard
+    by shard, and the checkpoint holds it."""
+    fsdp_env(monkeypatch)
+    extra = ["model.target=teacher", "model.teacher_layers=2", "train.masks_per_image=2"]
+    run = tmp_path / "run"
+    result = pretrain.train(
+        load_config(None, [*ARGS, f"output_dir={run}", "train.max_steps=3", *extra])
+    )
+    assert result.steps == 3 and (run / "checkpoints/step_3/pytorch_model_fsdp_0").is_dir()
+    teacher = dict(result.model.teacher.encoder.named_parameters())
+    student = dict(result.model.encoder.named_parameters())
+    assert teacher.keys() == student.keys()
+    assert not all(torch.equal(teacher[k], student[k]) for k in student)  # behind it

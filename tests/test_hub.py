@@ -304,6 +304,7 @@ def test_the_fine_tuning_recipes_run_small_and_resume(tmp_path, mae_repo, colour
         "finetune.accum_steps=1",
         "finetune.mixed_precision=no",
         "finetune.keep_checkpoints=1",
+        "finetune.eval_min_steps=0",  # evaluate after every 6-step epoch, as the recipe would
     ]
     as_written = load_eval_config(recipe, [f"encoder=hf-hub:{MAE_REPO}"])
     # ImageNet-1k, 8 processes

@@ -115,6 +115,18 @@ def _steps_and_losses(run_dir):
                 "train.online_probe=true",
             ],
         ),
+        # several masks per image and a teacher (in the checkpoint, followed once per step)
+        (
+            "sample",
+            6,
+            9,
+            [
+                "train.masks_per_image=2",
+                "model.target=teacher",
+                "model.teacher_layers=2",
+                "train.accum_steps=2",
+            ],
+        ),
         # CrossMAE's decoder: the predicted subset comes from the same per-sample noise as the mask
         (
             "sample",
@@ -152,9 +164,14 @@ def test_exact_resume_after_crash(tmp_path, monkeypatch, where, save_at, crash_a
         path = real_save(accelerator, output_dir, step, loop_state, keep, **kwargs)
         calls.append(step)
         if step == save_at:  # die a few steps after the checkpoint; those steps are lost
-            monkeypatch.setattr(
-                pretrain, "save_recon_grid", lambda *a, **k: (_ for _ in ()).throw(Crash())
-            )
+            real_after = pretrain.Pretraining.after_step
+
+            def after_step_then_crash(self, step, done):
+                real_after(self, step, done)
+                if step == crash_at:
+                    raise Crash
+
+            monkeypatch.setattr(pretrain.Pretraining, "after_step", after_step_then_crash)
         return path
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)

@@ -74,7 +74,13 @@ def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "decoder", [[], ["model.decoder=cross", "model.reconstruct_ratio=0.25"]], ids=["mae", "cross"]
+    "decoder",
+    [
+        [],
+        ["model.decoder=cross", "model.reconstruct_ratio=0.25"],
+        ["train.masks_per_image=2", "model.target=teacher", "model.teacher_layers=2"],
+    ],
+    ids=["mae", "cross", "masks+teacher"],
 )
 def test_two_processes_end_where_one_process_with_the_same_global_batch_ends(tmp_path, decoder):
     """2 processes x batch 4 (gloo) against 1 process x batch 8: the same samples per step, the same

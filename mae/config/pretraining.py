@@ -55,6 +55,16 @@ class ModelConfig:
     # cross: the encoder's output, or a mix per block
     decoder_features: Literal["last", "weighted"] = "last"
     norm_pix_loss: bool = True  # regress per-patch normalised pixels (the paper's best setting)
+    # what the decoder predicts at the hidden patches: their pixels, or an EMA teacher's features
+    # of the whole image (data2vec 2.0; mae.models.teacher)
+    target: Literal["pixels", "teacher"] = "pixels"
+    teacher_layers: int = 10  # teacher: the top blocks averaged (at most model.depth)
+    # teacher: EMA decay, annealed linearly from ema_decay to ema_end_decay over ema_anneal_steps
+    # optimizer steps (data2vec 2.0 on ImageNet: 0.9998 -> 0.99999 over 100,000; the defaults
+    # suit a run of a few thousand steps)
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.9999
+    ema_anneal_steps: int = 2000
     # --- classic autoencoders (ae, dae, sparse_ae, cae, vae)
     # conv: stride-2 conv stages; mlp: for small grayscale data
     arch: Literal["conv", "mlp"] = "conv"
@@ -291,6 +301,15 @@ def validate(cfg: Config) -> None:
 
 def _model_checks(m: ModelConfig) -> list[Check]:
     return [
+        (0 < m.teacher_layers, "model.teacher_layers", m.teacher_layers, "a positive integer"),
+        (0 <= m.ema_decay < 1, "model.ema_decay", m.ema_decay, "a decay in [0, 1)"),
+        (0 <= m.ema_end_decay <= 1, "model.ema_end_decay", m.ema_end_decay, "a decay in [0, 1]"),
+        (
+            m.ema_anneal_steps > 0,
+            "model.ema_anneal_steps",
+            m.ema_anneal_steps,
+            "a positive integer",
+        ),
         (
             0.0 < m.mask_ratio < 1.0,
             "model.mask_ratio",
@@ -473,6 +492,16 @@ def _validate_combinations(cfg: Config) -> None:
     if cfg.init is not None and m.name != "mae":
         raise ConfigError(
             f"init={cfg.init!r} loads MAE / ViT weights; it needs model.name=mae, not {m.name!r}"
+        )
+    if m.target == "teacher" and m.name != "mae":
+        raise ConfigError(
+            f"model.target=teacher distils a ViT's own features; model.name={m.name} has no "
+            "teacher to follow: set model.target=pixels"
+        )
+    if m.target == "teacher" and m.name == "mae" and m.teacher_layers > m.depth:
+        raise ConfigError(
+            f"model.teacher_layers={m.teacher_layers} is more than the encoder's "
+            f"{m.depth} blocks; choose at most {m.depth}"
         )
     if t.masks_per_image > 1 and m.name != "mae":
         raise ConfigError(

@@ -119,20 +119,24 @@ class DataSource(ABC):
         features = self.split.features or {}
         return features.get(self.label_column) if self.label_column else None
 
-    def grid_rows(self, n: int) -> datasets.Dataset:
-        """``n`` rows to show in reconstruction grids, the same every time: across the classes
-        where there are labels (the first of each class in turn: a folder sorted by class would
-        otherwise show one class), evenly spaced through a map-style split without them, the
+    def first_rows(self, n: int) -> datasets.Dataset:
+        """A map-style dataset whose first ``n`` rows are the split's: the split itself, or the
         first ``n`` examples of a stream."""
-        split = self.split
-        if not isinstance(split, datasets.Dataset):
-            return datasets.Dataset.from_list(list(split.take(n)), features=split.features)
-        n = min(n, len(split))
+        if isinstance(self.split, datasets.Dataset):
+            return self.split
+        return datasets.Dataset.from_list(list(self.split.take(n)), features=self.split.features)
+
+    def grid_rows(self, n: int) -> datasets.Dataset:
+        """``n`` rows of ``first_rows`` to show in reconstruction grids, the same every time:
+        across the classes where there are labels (the first of each class in turn: a folder
+        sorted by class would otherwise show one class), else evenly spaced through them."""
+        rows = self.first_rows(n)
+        n = min(n, len(rows))
         if self.label_column is None:
-            return split.select(np.linspace(0, len(split) - 1, n).round().astype(int).tolist())
+            return rows.select(np.linspace(0, len(rows) - 1, n).round().astype(int).tolist())
         by_class: dict[int, list[int]] = {}
-        for i, label in enumerate(split[self.label_column]):
+        for i, label in enumerate(rows[self.label_column]):
             by_class.setdefault(label, []).append(i)
         turns = itertools.zip_longest(*by_class.values())
         order = [i for turn in turns for i in turn if i is not None]
-        return split.select(order[:n])
+        return rows.select(order[:n])

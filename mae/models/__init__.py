@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mae.config import Config
+from mae.config import Config, ModelConfig
 from mae.config.families import FAMILY_DEFAULTS, MAE
 from mae.models.ae import VanillaAutoencoder
 from mae.models.base import AEOutput, Autoencoder
@@ -42,13 +42,15 @@ def _build_mae(cfg: Config) -> MaskedAutoencoder:
         "depth": m.decoder_depth,
         "heads": m.decoder_num_heads,
         "grid": tuple(encoder.patch_embed.grid_size),
-        "patch_pixels": m.patch_size**2 * d.channels,
+        # what each patch's prediction is: its pixels, or the teacher's features there
+        "patch_pixels": m.embed_dim if m.target == "teacher" else m.patch_size**2 * d.channels,
         "mlp_ratio": m.mlp_ratio,
     }
     loss = {
         "mask_ratio": m.mask_ratio,
         "norm_pix_loss": m.norm_pix_loss,
         "masks_per_image": cfg.train.masks_per_image,
+        "teacher": None if m.target == "pixels" else _teacher_settings(m),
     }
     if m.decoder == "mae":
         return MaskedAutoencoder(encoder=encoder, decoder=paper_decoder(**decoder), **loss)
@@ -61,6 +63,16 @@ def _build_mae(cfg: Config) -> MaskedAutoencoder:
     return CrossMaskedAutoencoder(
         encoder=encoder, decoder=cross, reconstruct_ratio=m.reconstruct_ratio, **loss
     )
+
+
+def _teacher_settings(m: ModelConfig) -> dict[str, float]:
+    """``mae.models.teacher.Teacher``'s settings from the ``model`` keys."""
+    return {
+        "layers": m.teacher_layers,
+        "decay": m.ema_decay,
+        "end_decay": m.ema_end_decay,
+        "anneal_steps": m.ema_anneal_steps,
+    }
 
 
 @dataclass(frozen=True)

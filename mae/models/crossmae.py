@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from mae.losses import masked_mse, normalize_patches
-from mae.masking import num_kept, num_predicted, patchify, predicted_patches, unpatchify
+from mae.masking import num_kept, num_predicted, predicted_patches, unpatchify
 from mae.models.base import AEOutput
 from mae.models.mae import NORM_LAYER, DecoderParts, MaskedAutoencoder, sincos_pos_embed
 from mae.run import hardware
@@ -143,6 +143,7 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         masks_per_image: int = 1,
+        teacher: dict[str, float] | None = None,
     ) -> None:
         super().__init__(
             encoder=encoder,
@@ -150,6 +151,7 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
             mask_ratio=mask_ratio,
             norm_pix_loss=norm_pix_loss,
             masks_per_image=masks_per_image,
+            teacher=teacher,
         )
         self.reconstruct_ratio = reconstruct_ratio
         self.features = "weighted" if "feature_mix" in decoder.extra else "last"
@@ -207,16 +209,16 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
         memories, latent, mask, ids_restore = self.encoder_outputs(images, noise)
         ids_pred = self.predicted(ids_restore)
         pred = self.forward_decoder(memories, ids_pred).float()  # (B, Q, p*p*C)
-        target = patchify(images, self.patch_size).repeat(self.views, 1, 1)  # every view's
+        target = self.targets(images)  # every view's
         target = torch.gather(target, 1, ids_pred.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-        pixels = pred.detach()
-        if self.norm_pix_loss:
+        pixels = None if self.teacher is not None else pred.detach()
+        if self.norm_pix_loss and pixels is not None:
             target, mean, std = normalize_patches(target)
             pixels = pixels * std + mean
         loss = masked_mse(pred, target, torch.ones(pred.shape[:2], device=pred.device))
         features = latent[: len(images), 0].detach()  # the first mask's, one per image
         out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=features)
-        if not self.training:
+        if not self.training and pixels is not None:
             p, c = self.patch_size, self.channels
             index = ids_pred.unsqueeze(-1).expand(-1, -1, pixels.shape[-1])
             full = torch.zeros(*mask.shape, pixels.shape[-1], device=pixels.device).scatter(

@@ -21,6 +21,7 @@ from torch import nn
 from mae.losses import masked_mse, normalize_patches
 from mae.masking import mask_views, patchify, random_masking, unpatchify
 from mae.models.base import AEOutput, Autoencoder
+from mae.models.teacher import Teacher
 
 # timm builds a VisionTransformer from any registered ViT name plus explicit arguments; every
 # architecture argument below overrides the named model's, so the name only labels the export
@@ -132,7 +133,11 @@ class MaskedAutoencoder(Autoencoder):
     ``masks_per_image`` K > 1: in training, each image is embedded once and masked K times
     (``mae.masking.mask_views``: disjoint visible sets while they fit); the encoder and decoder
     see the K * B masked views, view-major, and the loss is the mean over them. Evaluation
-    (``eval()``) masks each image once."""
+    (``eval()``) masks each image once.
+
+    ``teacher``: the settings of a ``Teacher`` (``mae.models.teacher``), whose targets the
+    decoder predicts at the hidden patches instead of their pixels (its prediction layer is then
+    as wide as the encoder). No reconstruction in pixels then."""
 
     def __init__(
         self,
@@ -142,6 +147,7 @@ class MaskedAutoencoder(Autoencoder):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         masks_per_image: int = 1,
+        teacher: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -161,6 +167,8 @@ class MaskedAutoencoder(Autoencoder):
             setattr(self, f"decoder_{name}", part)
         self.decoder_pred = decoder.pred
         self.initialize_weights()
+        # after the initialisation, which it must not draw from: a copy of the student as built
+        self.teacher = None if teacher is None else Teacher(self.encoder, **teacher)
 
     def initialize_weights(self) -> None:
         """The official initialisation: sin-cos positions, xavier Linear/patch conv, N(0, .02)
@@ -183,6 +191,18 @@ class MaskedAutoencoder(Autoencoder):
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (biases and norms are exempted by ndim)."""
         return {"encoder.cls_token", "encoder.pos_embed", "mask_token"}
+
+    def set_step(self, step: int) -> None:
+        """The teacher follows the student before each optimizer step's forward passes."""
+        if self.teacher is not None:
+            self.teacher.follow(self.encoder, step)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """What is predicted at each patch, for every view: (V * B, L, dim): the teacher's
+        targets, else the patches' pixels."""
+        if self.teacher is not None:
+            return self.teacher.targets(images).repeat(self.views, 1, 1)
+        return patchify(images, self.patch_size).repeat(self.views, 1, 1)
 
     @property
     def num_patches(self) -> int:
@@ -231,8 +251,10 @@ class MaskedAutoencoder(Autoencoder):
         self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MSE on removed patches (of every view). Returns (loss, pred in pixel space
-        (V * B, L, p*p*C), detached)."""
-        target = patchify(images, self.patch_size).repeat(self.views, 1, 1)  # (V * B, L, p*p*C)
+        (V * B, L, p*p*C), detached; None for teacher targets)."""
+        target = self.targets(images)  # (V * B, L, p*p*C or D)
+        if self.teacher is not None:
+            return masked_mse(pred, target, mask), None
         if not self.norm_pix_loss:
             return masked_mse(pred, target, mask), pred.detach()
         target, mean, std = normalize_patches(target)
@@ -247,7 +269,7 @@ class MaskedAutoencoder(Autoencoder):
         # mask's, one per image)
         features = latent[: len(images), 0].detach()
         out = AEOutput(loss=loss, terms={"mse": loss.detach()}, features=features)
-        if not self.training:
+        if not self.training and pixels is not None:
             p, c = self.patch_size, self.channels
             out.recon = unpatchify(pixels, p, c, self.grid)
             out.mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p), p, 1, self.grid)
@@ -257,6 +279,10 @@ class MaskedAutoencoder(Autoencoder):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """The visible patches as they are, the hidden ones (``mask_ratio``, global RNG)
         predicted."""
+        if self.teacher is not None:
+            raise ValueError(
+                "this model predicts teacher targets, not pixels: it reconstructs none"
+            )
         out = self.forward(images)
         return images * (1 - out.mask) + out.recon * out.mask
 

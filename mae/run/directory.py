@@ -14,7 +14,7 @@ import yaml
 from accelerate import Accelerator
 
 from mae.config import ConfigError, Derived, read_yaml, to_dict
-from mae.run import distributed
+from mae.run import console, distributed
 
 # Derived values a resumed run must share with the run it continues.
 RESUME_INVARIANTS = ("num_processes", "dataset_size", "effective_batch", "steps_per_epoch")
@@ -122,6 +122,7 @@ def start_run(
             | (extra or {})
         )
         (run_dir / "derived.json").write_text(json.dumps(record, indent=1))
+        console.keep()  # a run now: its console goes into train.log
     hparams = {
         k: v if isinstance(v, (int, float, str, bool)) else str(v)
         for k, v in flat(to_dict(cfg)).items()
