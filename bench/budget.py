@@ -72,6 +72,27 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - tic
 
 
+def flops_per_image(config: list[str], overrides: Sequence[str] = ()) -> float:
+    """Training FLOPs per image of the run ``pretrain.py`` would make of ``config`` (its
+    ``--config`` arguments) and ``overrides``: ``bench/flops.py``, in a process of its own."""
+    cmd = [sys.executable, str(ROOT / "bench/flops.py"), *config, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["flops_per_image"]
+
+
+def flops_cells(row: dict) -> str:
+    """A table's two FLOP columns: training GFLOPs per image, and in all (images x per image)."""
+    per_image = row.get("flops_per_image")
+    if per_image is None:
+        return "– | –"
+    return f"{per_image / 1e9:.2f} | {per_image * row['images'] / 1e15:.2f}"
+
+
+FLOPS_TITLES = "train GFLOPs / image | train PFLOPs"
+
+
 def stage_overrides(method: str, steps: int, overrides: Sequence[str] = ()) -> list[str]:
     """A stacked autoencoder's greedy stages for a run of ``steps``: a sixth of them each (four
     stages, then end to end for the last third), unless ``overrides`` set ``model.stage_steps``;
@@ -202,14 +223,14 @@ def budget_table(record: dict) -> str:
         "of the features less the training mean, divided by the training std "
         "(`configs/eval/knn_standardised_cifar10.yaml`).",
         "",
-        "| method | steps | images seen | pretraining wall | "
+        f"| method | steps | images seen | {FLOPS_TITLES} | pretraining wall | "
         + " | ".join(t for _, t in PROBE_COLUMNS)
         + " |",
-        "| --- | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
+        "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(PROBE_COLUMNS),
     ]
     for method, r in rows.items():
         lines.append(
-            f"| {method} | {r['steps']} | {r['images']:,} | "
+            f"| {method} | {r['steps']} | {r['images']:,} | {flops_cells(r)} | "
             + (f"{r['wall_s']:.0f} s" if r["wall_s"] is not None else "not recorded")
             + " | "
             + " | ".join(f"{100 * r[k]:.1f}%" for k, _ in PROBE_COLUMNS)
@@ -299,6 +320,8 @@ def main() -> int:
                 work / f"{method}.log",
             )
             row = run_size(run_dir) | {"steps_per_s": rate, "wall_s": seconds}
+        if "flops_per_image" not in row:
+            row["flops_per_image"] = flops_per_image(["--config", str(recipe(method))])
         for mode in PROBES:
             for kind, res in probe_pair(method, run_dir, mode, args.data, work).items():
                 row[f"{kind}_{mode}"] = res["top1"]

@@ -2,12 +2,14 @@
 the machine recorded beside a result, and writing the result.
 
 ``budget.py`` and ``sweep.py`` do not import this module: they only launch other processes, and
-importing torch here would have them hold its memory for the hours their runs train.
+importing torch here would have them hold its memory for the hours their runs train (``flops.py``
+counts a recipe's FLOPs for them in a process of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -97,3 +99,24 @@ def write_json(path: str | Path, result: Mapping[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def step_flops(model: torch.nn.Module, cfg: Any, device: torch.device) -> float:
+    """FLOPs of one training forward + backward of ``model`` per image (attention counted as
+    matmuls; with the model's masks per image and its teacher's forward, where it has them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mae.run import hardware
+    from mae.run.hardware import set_attention
+
+    probe = copy.deepcopy(model)
+    set_attention(probe, "math")
+    images = torch.randn(2, cfg.data.channels, *cfg.data.hw, device=device)
+    limit, hardware.MATH_MAX_TOKENS = hardware.MATH_MAX_TOKENS, 1 << 30  # every sequence as matmuls
+    try:
+        with FlopCounterMode(display=False) as counter:
+            probe.set_step(0)
+            probe(images).loss.backward()
+    finally:
+        hardware.MATH_MAX_TOKENS = limit
+    return counter.get_total_flops() / len(images)

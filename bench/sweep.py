@@ -31,10 +31,13 @@ import sys
 from pathlib import Path
 
 from budget import (
+    FLOPS_TITLES,
     METHODS,
     PROBE_COLUMNS,
     PROBES,
     ROOT,
+    flops_cells,
+    flops_per_image,
     open_record,
     probe_pair,
     recipe,
@@ -193,6 +196,8 @@ def main() -> int:
                 "steps_per_s": rate,
                 "wall_s": seconds,
             }
+        if "flops_per_image" not in row:
+            row["flops_per_image"] = flops_per_image(config, overrides)
         for mode in () if args.no_probes else PROBES:
             for kind, res in probe_pair(name, run_dir, mode, args.data, work, first).items():
                 row[f"{kind}_{mode}"] = res["top1"]
@@ -217,18 +222,21 @@ def main() -> int:
         )
         + f", probed on `{relative(Path(args.data))}`.",
         "",
-        "| variant | overrides | steps | images seen | "
+        f"| variant | overrides | steps | images seen | {FLOPS_TITLES} | "
         + " | ".join(t for _, t in PROBE_COLUMNS)
         + " |"
         + "".join(f" {TASK_COLUMNS[t]} |" for t in args.evaluate),
-        "| --- | --- | ---: | ---: |" + " ---: |" * (len(PROBE_COLUMNS) + len(args.evaluate)),
+        "| --- | --- | ---: | ---: | ---: | ---: |"
+        + " ---: |" * (len(PROBE_COLUMNS) + len(args.evaluate)),
     ]
     for name, r in rows.items():
         cells = [f"{100 * r[k]:.1f}%" if k in r else "–" for k, _ in PROBE_COLUMNS]
         cells += [f"{r[t][0]:.2f} / {r[t][1]:.2f}" if t in r else "–" for t in args.evaluate]
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "(the recipe)"
         lines.append(
-            f"| {name} | {shown} | {r['steps']} | {r['images']:,} | " + " | ".join(cells) + " |"
+            f"| {name} | {shown} | {r['steps']} | {r['images']:,} | {flops_cells(r)} | "
+            + " | ".join(cells)
+            + " |"
         )
     table = "\n".join(lines) + "\n"
     (work / "table.md").write_text(table)

@@ -49,6 +49,7 @@ from common import (
     medians,
     rate_cells,
     rate_header,
+    step_flops,
     timestamp,
     torch_device,
     write_json,
@@ -232,26 +233,6 @@ def same_results(
             "the comparison would be meaningless"
         )
     return diffs
-
-
-def step_flops(model: torch.nn.Module, cfg: Config, device: torch.device) -> float:
-    """FLOPs of one forward + backward of ``model`` per image (attention counted as matmuls)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mae.run import hardware
-
-    probe = copy.deepcopy(model)
-    set_attention(probe, "math")
-    images = torch.randn(
-        2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device
-    )
-    limit, hardware.MATH_MAX_TOKENS = hardware.MATH_MAX_TOKENS, 1 << 30  # every sequence as matmuls
-    try:
-        with FlopCounterMode(display=False) as counter:
-            probe(images).loss.backward()
-    finally:
-        hardware.MATH_MAX_TOKENS = limit
-    return counter.get_total_flops() / len(images)
 
 
 def matmul_tflops(

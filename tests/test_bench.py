@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, TINY
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from budget import budget_table, in_order, stage_overrides  # noqa: E402
+from budget import budget_table, flops_per_image, in_order, stage_overrides  # noqa: E402
 from common import (  # noqa: E402
     add_out,
     add_step_comparison,
@@ -55,7 +55,12 @@ def test_a_method_pretrained_again_keeps_its_place_in_the_budget_table():
     table = budget_table({"budget": 300.0, "pixels": pixels, "methods": rows})
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [line.split(" | ")[0] for line in body] == ["| ae", "| sparse_ae", "| cae"]
-    assert body[1] == "| sparse_ae | 10 | 1,280 | 5 s | " + " | ".join(["40.0%"] * 6) + " |"
+    # a row from before FLOPs were counted shows none
+    assert body[1] == "| sparse_ae | 10 | 1,280 | – | – | 5 s | " + " | ".join(["40.0%"] * 6) + " |"
+    # 1,280 images of 500 GFLOPs each: 0.64 PFLOPs in all
+    rows["ae"]["flops_per_image"] = 5e11
+    table = budget_table({"budget": 300.0, "pixels": pixels, "methods": rows})
+    assert "| ae | 10 | 1,280 | 500.00 | 0.64 | 5 s |" in table
     assert "Budget: 300 s" in table and "linear 38.7%" in table
 
 
@@ -126,3 +131,19 @@ def test_the_machine_recorded_beside_a_result():
     stamp = datetime.datetime.fromisoformat(timestamp())
     assert stamp.tzinfo is not None and stamp.microsecond == 0
     assert abs((datetime.datetime.now().astimezone() - stamp).total_seconds()) < 60
+
+
+def test_the_flops_column_counts_masks_per_image_and_the_teacher():
+    """K masks cost K passes of the encoder and decoder (the patch embedding and the targets are
+    computed once per image, so a little under K times); a teacher adds its forward over the whole
+    image. FlopCounterMode: no noise moves these numbers."""
+    one, two, teacher = (
+        flops_per_image([], [*TINY, *extra])
+        for extra in (
+            [],
+            ["train.masks_per_image=2"],
+            ["model.target=teacher", "model.teacher_layers=2"],
+        )
+    )
+    assert one < two < 2 * one
+    assert teacher > one
