@@ -7,6 +7,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class EvaluateError(UserError, ValueError):
+    """A ``python -m mae.evaluate`` task that cannot run as asked; the message says what to
+    change."""
+
+
 def user_message(error: UserError) -> str:
     """``error``'s own message. Raised in a DataLoader worker, the error reaches the main process
     rebuilt by torch as the same class around a whole traceback (``Caught DataError in DataLoader

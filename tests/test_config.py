@@ -257,17 +257,22 @@ def test_pretrain_help_lists_every_key_with_its_default():
     listed = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
     for key, default, _ in key_lines(Config):
         assert f"{key}={default}" in listed
-    assert "train.blr=null" in listed and "data.augment=null (one of crop|flip|none)" in listed
+    # a default the model family fills is shown with each family's value
+    blr = "train.blr=null (by model.name: mae 0.001, ae/dae/sparse_ae/cae/vae/stacked_ae 0.005)"
+    assert blr in listed and "data.augment=null (one of crop|flip|none)" in listed
     assert "model.mask_ratio=0.75" in listed
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
-def test_help_imports_neither_torch_nor_the_data_libraries(script):
+@pytest.mark.parametrize(
+    "script, run",
+    [("pretrain.py", "run_path"), ("finetune.py", "run_path"), ("mae.evaluate", "run_module")],
+)
+def test_help_imports_neither_torch_nor_the_data_libraries(script, run):
     code = (
         "import runpy, sys\n"
         f"sys.argv = [{script!r}, '--help']\n"
         "try:\n"
-        f"    runpy.run_path({script!r}, run_name='__main__')\n"
+        f"    runpy.{run}({script!r}, run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
         "heavy = ('torch', 'datasets', 'accelerate', 'timm')\n"

@@ -82,10 +82,22 @@ def key_lines(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         value = shown(default)
+        if default is None and f.name in getattr(schema, "FAMILY_KEYS", ()):
+            value += f" ({family_defaults(f.name)})"
         if options := choices(kind):
             value += f" (one of {options})"
         lines.append((f"{prefix}{f.name}", value, comments.get(f.name, "")))
     return lines
+
+
+def family_defaults(key: str) -> str:
+    """What a ``null`` key resolves to, by model family (``mae.config.families``)."""
+    from mae.config.families import FAMILY_DEFAULTS
+
+    families: dict[str, list[str]] = {}
+    for name, defaults in FAMILY_DEFAULTS.items():
+        families.setdefault(shown(defaults[key]), []).append(name)
+    return "by model.name: " + ", ".join(f"{'/'.join(n)} {v}" for v, n in families.items())
 
 
 def help_text(schema: type) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mae.config.checks import Check, crop_scale_check, raise_first_invalid, size_hw
 from mae.config.families import FAMILY_DEFAULTS
@@ -172,6 +172,9 @@ class TrainConfig(TrainingSettings):
     model family (``mae.config.families``; MAE: 1e-3, 0.05, 1). The MAE blr was swept for the
     default run (20 epochs of the 3,000-image sample, docs/sweep_mae_sample.md); the paper's
     1.5e-4 is for 800 epochs (configs/mae_vit_*.yaml)."""
+
+    # the keys whose null default is the model family's (shown by --help)
+    FAMILY_KEYS: ClassVar[tuple[str, ...]] = ("blr", "weight_decay", "warmup_epochs")
 
     # torch.compile the training forward (and so its backward). Pays on a GPU: ViT-B/16, bf16,
     # batch 512 on an H200 1.32x the eager step (bench/vs_hf.py --compile); on a CPU it only adds

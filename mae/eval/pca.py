@@ -25,8 +25,8 @@ from mae.eval.probe import accuracy, knn_scores, linear_probe
 from mae.models.dae import corrupt_pixels
 from mae.visualize import pyplot
 
-# ``ev`` below is an ``mae.evaluate.Evaluation`` (a run's model and data); that module imports this
-# one, so the type is written as Any rather than imported back.
+# ``ev`` below is an ``mae.eval.tasks.Evaluation`` (a run's model and data); that module imports
+# this one, so the type is written as Any rather than imported back.
 Evaluation = Any
 
 
