@@ -10,6 +10,7 @@ Command line: ``python -m mae.export RUN_DIR [--checkpoint PATH] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -24,12 +25,17 @@ from timm.models import save_for_hf
 from mae.config import Config, from_dict, read_yaml, to_dict
 from mae.data.images import timm_data_config
 from mae.interop import to_hf
+from mae.model_card import write_card
 from mae.models import build_model
 from mae.run import checkpoint as ckpt
 
 
-def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-    """Write ``model.encoder`` (a timm model) with the run's preprocessing into ``out_dir``."""
+def export_encoder(
+    model: torch.nn.Module, cfg: Config, out_dir: str | Path, trained: dict | None = None
+) -> Path:
+    """Write ``model.encoder`` (a timm model) with the run's preprocessing into ``out_dir``, and
+    with ``trained`` (steps, epochs, images, effective batch) its model card
+    (``mae.model_card``)."""
     encoder = model.encoder
     if not hasattr(encoder, "pretrained_cfg"):
         raise TypeError(
@@ -37,15 +43,19 @@ def export_encoder(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> 
         )
     d = cfg.data
     data_config = timm_data_config(d.channels, d.hw, d.mean, d.std)
-    return save_timm(encoder, out_dir, data_config, f"mae_{cfg.model.preset or 'custom'}")
+    card = None if trained is None else (lambda tmp: write_card(tmp, cfg, trained))
+    tag = f"mae_{cfg.model.preset or 'custom'}"
+    return save_timm(encoder, out_dir, data_config, tag, card)
 
 
-def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+def export_model(
+    model: torch.nn.Module, cfg: Config, out_dir: str | Path, trained: dict | None = None
+) -> Path:
     """A run's export: timm's format when the encoder is a timm model (MAE); otherwise the project's
     own — the whole autoencoder's weights (``model.safetensors``, decoder included) beside the run's
     ``config.yaml`` — which ``finetune.py encoder=`` and ``mae.export.load_run_model`` read."""
     if hasattr(model.encoder, "pretrained_cfg"):
-        return export_encoder(model, cfg, out_dir)
+        return export_encoder(model, cfg, out_dir, trained)
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
@@ -56,8 +66,37 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | Path) -> Pa
     return replace_dir(Path(out_dir), write)
 
 
-def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, tag: str) -> Path:
-    """``save_for_hf`` into a temporary folder, swapped in for ``out_dir`` only once complete."""
+def trained_record(steps: int, derived: dict) -> dict:
+    """What a model card says of a run's length: its steps, epochs, images and batch
+    (``derived``: the run's ``derived.json``)."""
+    return {
+        "steps": steps,
+        "epochs": steps / derived["steps_per_epoch"],
+        "images": derived["dataset_size"],
+        "effective_batch": derived["effective_batch"],
+    }
+
+
+def run_trained(run_dir: Path, checkpoint: str | None) -> dict | None:
+    """``trained_record`` of the checkpoint ``python -m mae.export`` reads (None for a folder
+    that is not a run with checkpoints)."""
+    folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    derived = run_dir / "derived.json"
+    if folder is None or not derived.is_file() or not (folder / ckpt.LOOP_STATE).is_file():
+        return None
+    steps = json.loads((folder / ckpt.LOOP_STATE).read_text())["step"]
+    return trained_record(steps, json.loads(derived.read_text()))
+
+
+def save_timm(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    data_config: dict,
+    tag: str,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """``save_for_hf`` into a temporary folder (``extra`` adds to it), swapped in for ``out_dir``
+    only once complete."""
 
     def write(tmp: Path) -> None:
         save_for_hf(
@@ -67,6 +106,8 @@ def save_timm(model: torch.nn.Module, out_dir: str | Path, data_config: dict, ta
             model_config={"pretrained_cfg": {"tag": tag, "license": None}},
             data_config=data_config,
         )
+        if extra is not None:
+            extra(tmp)
 
     return replace_dir(Path(out_dir), write)
 
@@ -185,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out or Path(args.run_dir) / "export_hf")
             replace_dir(out, lambda tmp: save_hf(model, cfg, tmp))
         else:
-            out = export_model(model, cfg, args.out or Path(args.run_dir) / "export")
+            trained = run_trained(Path(args.run_dir), args.checkpoint)
+            out = export_model(model, cfg, args.out or Path(args.run_dir) / "export", trained)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

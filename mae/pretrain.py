@@ -25,7 +25,7 @@ from mae.data.base import Batch, DataSource
 from mae.data.images import ImageDataset, eval_transform
 from mae.data.loading import DataError
 from mae.data.sources import build_source
-from mae.export import export_model
+from mae.export import export_model, trained_record
 from mae.interop import infer_architecture, load_into, load_weights
 from mae.models import MODELS, Autoencoder, build_model
 from mae.online_probe import OnlineProbe
@@ -322,7 +322,8 @@ def _train(cfg: Config, accelerator: Accelerator) -> RunResult:
     export_dir = run_dir / "export"
     model = gathered(accelerator, job.model, lambda: build_model(cfg))
     if accelerator.is_main_process:
-        export_model(model, cfg, export_dir)
+        trained = trained_record(step, dataclasses.asdict(derived))
+        export_model(model, cfg, export_dir, trained)
         accelerator.print(summary_line(run_dir, step, seconds, export_dir))
     accelerator.wait_for_everyone()
     accelerator.end_training()

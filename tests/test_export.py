@@ -87,3 +87,19 @@ def test_exported_files_are_readable_as_the_umask_allows(trained):
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {
         p.name: 0o666 & ~umask for p in files
     }
+
+
+def test_every_export_has_a_model_card_the_hub_reads(trained, tmp_path):
+    """export/README.md in the Hugging Face card format: YAML metadata ModelCard.load parses, what
+    was trained and for how long, how to load it; python -m mae.export writes the same card."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained.export_dir / "README.md")
+    assert card.data.library_name == "timm" and "masked-autoencoder" in card.data.tags
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert "| length | 3 optimizer steps of 8 images (0.01 epochs) |" in card.text
+    assert "at 16x16 px, 1 channel |" in card.text and 'timm.create_model("local-dir:' in card.text
+    assert export_main([str(trained.run_dir), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again/README.md").read_text() == (
+        trained.export_dir / "README.md"
+    ).read_text()
