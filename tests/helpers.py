@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +149,36 @@ def accelerate_launch(
         script,
         *args,
     ]
+
+
+def torchrun(script: str, *args: str, processes: int, restarts: int = 0) -> list[str]:
+    """A ``torchrun --standalone`` command line (``restarts``: its ``--max-restarts``)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "--max-restarts",
+        str(restarts),
+        script,
+        *args,
+    ]
+
+
+def start_session(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``cmd`` from the repository root in a session (process group) of its own, so that a test can
+    signal or kill it whole; its output captured as text."""
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def free_port() -> int:

@@ -17,7 +17,15 @@ import psutil
 import pytest
 import timm
 import torch
-from helpers import ROOT, TINY, env_without_accelerate, free_port, reset_accelerate
+from helpers import (
+    ROOT,
+    TINY,
+    env_without_accelerate,
+    free_port,
+    reset_accelerate,
+    start_session,
+    torchrun,
+)
 from safetensors.torch import load_file
 
 from mae import pretrain
@@ -74,15 +82,7 @@ def launch_cmd(
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**ENV, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return start_session(cmd, {**ENV, **env})
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -369,19 +369,7 @@ def test_a_machine_that_stops_answering_stops_the_other_at_the_timeout(tmp_path)
 def test_torchrun_restarts_a_crashed_job_which_resumes_by_itself(ddp, tmp_path):
     out = tmp_path / "restarted"
     mark = tmp_path / "crashed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "--max-restarts",
-        "1",
-        CRASHER,
-        *ARGS,
-        f"output_dir={out}",
-    ]
+    cmd = torchrun(CRASHER, *ARGS, f"output_dir={out}", processes=2, restarts=1)
     stdout = run(
         cmd,
         CRASH_AT_STEP="13",

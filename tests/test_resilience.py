@@ -25,6 +25,8 @@ from helpers import (
     env_without_accelerate,
     parquet_stream,
     reset_accelerate,
+    start_session,
+    torchrun,
     write_image_folder,
 )
 from PIL import Image
@@ -56,15 +58,7 @@ def launch(out: Path, *args: str, **env: str) -> subprocess.Popen:
     """``pretrain.py`` in its own process (group), through ``crash_worker.py``."""
     environ = {**env_without_accelerate(), "OMP_NUM_THREADS": "2", **env}
     cmd = [sys.executable, WORKER, *EXACT, f"output_dir={out}", *args]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return start_session(cmd, environ)
 
 
 def run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -240,15 +234,7 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path):
         "STEP_SLEEP": "0.3",
     }
     cmd = accelerate_launch(WORKER, *args, processes=2, multi=True)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_session(cmd, env)
     metrics, deadline = out / "metrics.jsonl", time.time() + 180
     while time.time() < deadline and not (
         metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
@@ -556,15 +542,7 @@ def stopped_and_resumed(cmd, out, signum, reference_run):
     steps, then relaunch without slow-downs: the checkpoint is the last whole step before the
     signal, and the resumed run ends with the reference's export. Returns the launcher's exit."""
     env = {**env_without_accelerate(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**env, **SLOW},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_session(cmd, {**env, **SLOW})
     metrics, deadline = out / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and not (
         metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
@@ -595,18 +573,7 @@ def test_sigint_to_accelerate_launch_keeps_every_whole_step(tmp_path, reference_
 
 def test_sigterm_to_torchrun_keeps_every_whole_step(tmp_path, reference_run):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "1",
-        WORKER,
-        *EXACT,
-        f"output_dir={out}",
-        *TWELVE,
-    ]
+    cmd = torchrun(WORKER, *EXACT, f"output_dir={out}", *TWELVE, processes=1)
     assert stopped_and_resumed(cmd, out, signal.SIGTERM, reference_run) != 0
 
 

@@ -21,6 +21,8 @@ can query any position), so reconstructions are whole whatever the training rati
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -135,24 +137,11 @@ class CrossMaskedAutoencoder(MaskedAutoencoder):
     ``encoder`` are MAE's, unchanged."""
 
     def __init__(
-        self,
-        *,
-        encoder: nn.Module,
-        decoder: DecoderParts,
-        reconstruct_ratio: float,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = True,
-        masks_per_image: int = 1,
-        teacher: dict[str, float] | None = None,
+        self, *, encoder: nn.Module, decoder: DecoderParts, reconstruct_ratio: float, **mae: Any
     ) -> None:
-        super().__init__(
-            encoder=encoder,
-            decoder=decoder,
-            mask_ratio=mask_ratio,
-            norm_pix_loss=norm_pix_loss,
-            masks_per_image=masks_per_image,
-            teacher=teacher,
-        )
+        """``mae``: the rest of ``MaskedAutoencoder``'s keywords (mask ratio, loss, masks per
+        image, teacher)."""
+        super().__init__(encoder=encoder, decoder=decoder, **mae)
         self.reconstruct_ratio = reconstruct_ratio
         self.features = "weighted" if "feature_mix" in decoder.extra else "last"
         if self.features == "weighted":  # after MAE's: N(0, 1/maps), as CrossMAE's
