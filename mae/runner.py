@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from mae.config import ConfigError, Derived
+from mae.config.pretraining import warmup_steps
 from mae.config.training import TRACKERS, TrainingSettings
 from mae.data.base import Batch, DataSource
 from mae.errors import UserError
@@ -221,7 +222,7 @@ def schedule_lines(
 
 def _capped(t: TrainingSettings, derived: Derived) -> str:
     """Why the warm-up is shorter than ``warmup_epochs`` asks, when the cap made it so."""
-    asked = min(round(t.warmup_epochs * derived.steps_per_epoch), derived.total_steps - 1)
+    asked = warmup_steps(t, derived.steps_per_epoch, derived.total_steps, capped=False)
     if derived.warmup_steps >= asked:
         return ""
     return f" (capped at {t.warmup_cap:g} of the run by {t.key('warmup_cap')}; {asked} asked)"
@@ -344,34 +345,34 @@ class Runner:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.section, self.derived = section, derived
         self.source, self.job = source, job
-        self.resumed_log: dict[str, Any] | None = None  # the running metric sums of a checkpoint
         self.saved_at = 0.0  # time.monotonic() of the last checkpoint (or of the start)
         self._acc_step = 0  # Accelerate's micro-step count before the micro-batch in flight
 
-    def _resume(self, path: Path | None) -> int:
-        """Restore the checkpoint at ``path`` (None: a fresh run) and return its step; metric
-        lines past it are dropped."""
-        step = 0
+    def _resume(self, path: Path | None) -> tuple[int, dict[str, Any] | None]:
+        """Restore the checkpoint at ``path`` (None: a fresh run) and return its step and the
+        running metric sums it kept (``MetricLog.state_dict``); metric lines past it are
+        dropped."""
+        step, sums = 0, None
         if path is not None:
             loop = ckpt.load_checkpoint(self.accelerator, path)
             step = loop["step"]
             state = ckpt.read_process_state(path, self.accelerator.process_index)
             self.source.load_state_dict(state, str(path))
             self.job.load_loop_state(loop)
-            self.resumed_log = loop.get("metric_log")
+            sums = loop.get("metric_log")
             self.accelerator.print(f"resumed from {path} at step {step}")
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir / "metrics.jsonl", step)
-        return step
+        return step, sums
 
     def run(self, resume_from: Path | None, desc: str) -> int:
         """Resume from checkpoint ``resume_from`` (None: from the start), then loop; returns the
         last step taken. SIGTERM/SIGINT: a checkpoint of the last whole step, then
         ``Preempted``."""
         acc, derived = self.accelerator, self.derived
-        step = self._resume(resume_from)
+        step, sums = self._resume(resume_from)
         log = MetricLog(acc, self.run_dir / "metrics.jsonl", step, derived.effective_batch)
-        log.load_state_dict(self.resumed_log)
+        log.load_state_dict(sums)
         shown = acc.is_main_process
         bar = tqdm(total=derived.total_steps, initial=step, disable=not shown, desc=desc)
         # a single process drops the step in flight on a signal (mae.run.signals); several
@@ -447,7 +448,9 @@ class Runner:
         self.job.after_step(step, done)
         if due:
             self.save(step, log, job_first=True)
-        signum, timed = (None, False) if done else self._requested(stop)
+        minutes = self.section.checkpoint_minutes
+        timed = minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
+        signum, timed = (None, False) if done else stop.requested(self.accelerator, timed)
         if signum is not None or (timed and not due):
             if not due:  # else it was just written
                 self.save(step, log)
@@ -456,18 +459,6 @@ class Runner:
         if log.last_step == step:  # grids, evaluation and checkpoints don't count against images/s
             log.restart_clock()
         return done
-
-    def _requested(self, stop: StopSignals) -> tuple[int | None, bool]:
-        """Collective: the signal to stop for and whether ``checkpoint_minutes`` have passed since
-        the last checkpoint, agreed by every process (any one's clock or signal counts)."""
-        minutes = self.section.checkpoint_minutes
-        timed = minutes is not None and time.monotonic() - self.saved_at >= 60 * minutes
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return stop.requested(acc), timed
-        mine = torch.tensor([stop.signum or 0, int(timed)], device=acc.device)
-        agreed = acc.reduce(mine, reduction="max").tolist()
-        return (int(agreed[0]) or None), bool(agreed[1])
 
     def save(self, step: int, log: MetricLog, job_first: bool = False) -> None:
         """Collective: the checkpoint of ``step``; with ``job_first`` (a due checkpoint, not one a

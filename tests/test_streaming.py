@@ -74,9 +74,9 @@ def test_stopped_mid_epoch_and_mid_round_the_resumed_stream_ends_bit_identical(
 
     calls = {"n": 0}
 
-    def after_five(self, accelerator):
+    def after_five(self, accelerator, timed=False):
         calls["n"] += 1
-        return signal.SIGTERM if calls["n"] == 5 else None
+        return (signal.SIGTERM if calls["n"] == 5 else None), timed
 
     monkeypatch.setattr(StopSignals, "requested", after_five)
     with pytest.raises(Preempted, match="after step 5"):

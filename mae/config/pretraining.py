@@ -561,6 +561,14 @@ def derive(cfg: Config, dataset_size: int, num_processes: int) -> Derived:
     return derive_schedule(cfg.train, dataset_size, num_processes)
 
 
+def warmup_steps(t: TrainingSettings, per_epoch: int, total: int, capped: bool = True) -> int:
+    """The warm-up of a run of ``total`` steps: ``warmup_epochs`` of them, at most
+    ``warmup_cap`` of the run (unless not ``capped``: what the epochs alone ask), and at least one
+    step of the cosine after it."""
+    asked = round(t.warmup_epochs * per_epoch)
+    return min(asked, int(t.warmup_cap * total) if capped else asked, total - 1)
+
+
 def derive_schedule(t: TrainingSettings, dataset_size: int, num_processes: int) -> Derived:
     """Batch, lr and step counts of a training section (its keys named in errors)."""
     effective = t.batch_size * t.accum_steps * num_processes
@@ -572,7 +580,7 @@ def derive_schedule(t: TrainingSettings, dataset_size: int, num_processes: int) 
             f"({effective} = {batch} x {accum} x processes); lower {batch} or {accum}"
         )
     total = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
-    warmup = min(round(t.warmup_epochs * per_epoch), int(t.warmup_cap * total), total - 1)
+    warmup = warmup_steps(t, per_epoch, total)
     lr = t.blr * effective / 256
     if t.min_lr > lr:
         raise ConfigError(

@@ -56,7 +56,6 @@ class StopSignals:
 
     def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.signum: int | None = None
-        self.abandoned = False
         self._previous: dict[int, object] = {}
         self._interruptible = False
         self._say = say
@@ -82,14 +81,13 @@ class StopSignals:
         if first and self._say is not None:
             self._say(signal.Signals(signum).name)
         if self._interruptible:
-            self._interruptible, self.abandoned = False, True
+            self._interruptible = False
             raise StepAbandoned
 
     @contextlib.contextmanager
     def interruptible(self, allowed: bool = True) -> Iterator[None]:
         """While inside (and ``allowed``), a stop signal abandons the step (``StepAbandoned``)."""
         if self.signum is not None and allowed:  # a signal came between steps: stop before this
-            self.abandoned = True
             raise StepAbandoned
         self._interruptible = allowed
         try:
@@ -97,13 +95,15 @@ class StopSignals:
         finally:
             self._interruptible = False
 
-    def requested(self, accelerator: Accelerator) -> int | None:
-        """The signal to stop for, agreed by every process (collective with several processes)."""
+    def requested(self, accelerator: Accelerator, timed: bool = False) -> tuple[int | None, bool]:
+        """The signal to stop for, and whether a checkpoint is due by the clock (``timed``: this
+        process's clock says so), agreed by every process: any one's signal or clock counts (one
+        collective with several processes)."""
         if accelerator.num_processes == 1:
-            return self.signum
-        mine = torch.tensor(self.signum or 0, device=accelerator.device)
-        agreed = int(accelerator.reduce(mine, reduction="max").item())
-        return agreed or None
+            return self.signum, timed
+        mine = torch.tensor([self.signum or 0, int(timed)], device=accelerator.device)
+        signum, clock = accelerator.reduce(mine, reduction="max").tolist()
+        return (int(signum) or None), bool(clock)
 
 
 def ignore_in_worker(worker_id: int) -> None:
